@@ -1,0 +1,57 @@
+/**
+ * `pairgate <command>`: the one CLI. Each role contributes its sub-commands from its own
+ * `cli.ts` (a `register(program)` export), so this file only wires them together and turns
+ * errors into one readable line and an exit code (2 for bad config or usage).
+ */
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Command, CommanderError } from 'commander';
+import { ConfigError, PairgateError } from '../common/errors.ts';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+/** Command modules, in the order their commands appear in `--help`. */
+const COMMAND_MODULES = [
+  'loadbalancer/cli.ts',
+  'proxy/cli.ts',
+  'pair-agent/cli.ts',
+  'pair-agent/volume/cli.ts',
+  'pair-agent/store/cli.ts',
+  'directory/cli.ts',
+  'bin/status.ts',
+  'bin/user.ts',
+  'bin/lab.ts',
+];
+
+export type Register = (program: Command) => void;
+
+function fail(err: unknown): never {
+  if (err instanceof CommanderError) process.exit(err.exitCode === 0 ? 0 : 2);
+  if (err instanceof ConfigError) {
+    process.stderr.write(`pairgate: config error: ${err.message}\n`);
+    process.exit(2);
+  }
+  if (err instanceof PairgateError) {
+    process.stderr.write(`pairgate: ${err.code}: ${err.message}\n`);
+    process.exit(err.code === 'BAD_INPUT' ? 2 : 1);
+  }
+  process.stderr.write(`pairgate: ${(err as Error)?.stack ?? String(err)}\n`);
+  process.exit(1);
+}
+
+async function main(): Promise<void> {
+  const program = new Command('pairgate')
+    .description('Scale-out mail gateway over two-node HA pairs')
+    .showHelpAfterError()
+    .exitOverride();
+  for (const rel of COMMAND_MODULES) {
+    const file = join(root, rel);
+    if (!existsSync(file)) continue;
+    const mod = (await import(pathToFileURL(file).href)) as { register?: Register };
+    mod.register?.(program);
+  }
+  await program.parseAsync(process.argv);
+}
+
+main().catch(fail);

@@ -1,0 +1,164 @@
+/**
+ * A session's view of its selected mailbox: the messages in sequence-number order as this client
+ * knows them. Changes made elsewhere (other sessions, deliveries) reach the view only through
+ * `sync`, which compares it with the store and reports the difference as untagged EXPUNGE,
+ * EXISTS, RECENT and FETCH responses, so a client never sees a wrong sequence number: an
+ * expunge stays in the view (and keeps its number) until its EXPUNGE has been sent.
+ */
+import type { MailStore, MessageMeta } from '../types.ts';
+import type { Value } from './writer.ts';
+import { atom } from './writer.ts';
+
+export interface ViewUpdateSink {
+  untagged(values: Value[]): void;
+}
+
+/** Recent (\Recent) bookkeeping shared by the sessions of one server: the first session to see a new message gets it. */
+export class RecentTracker {
+  private readonly claimed = new Map<string, { uidValidity: number; uid: number }>();
+
+  /** Returns the UIDs (of `uids`, ascending) that become recent for the caller. */
+  claim(user: string, mailbox: string, uidValidity: number, uids: number[]): Set<number> {
+    const key = `${user}\0${mailbox}`;
+    let c = this.claimed.get(key);
+    if (!c || c.uidValidity !== uidValidity) {
+      c = { uidValidity, uid: 0 };
+      this.claimed.set(key, c);
+    }
+    const out = new Set<number>();
+    for (const uid of uids) if (uid > c.uid) out.add(uid);
+    if (uids.length) c.uid = Math.max(c.uid, uids[uids.length - 1]!);
+    return out;
+  }
+
+  countUnclaimed(user: string, mailbox: string, uidValidity: number, uids: number[]): number {
+    const c = this.claimed.get(`${user}\0${mailbox}`);
+    const floor = c && c.uidValidity === uidValidity ? c.uid : 0;
+    return uids.filter((u) => u > floor).length;
+  }
+
+  forget(user: string, mailbox: string): void {
+    this.claimed.delete(`${user}\0${mailbox}`);
+  }
+}
+
+export function flagValues(flags: string[], recent: boolean): Value[] {
+  const out: Value[] = flags.map((f) => atom(f));
+  if (recent) out.push(atom('\\Recent'));
+  return out;
+}
+
+export class MailboxView {
+  messages: MessageMeta[];
+  private index = new Map<number, number>();
+  /** UIDs removed from the store whose EXPUNGE has not been sent yet. */
+  readonly pendingExpunge = new Set<number>();
+  readonly recent: Set<number>;
+  /** Set by store change events; the next sync reads the mailbox again. */
+  dirty = false;
+  highestModseq: number;
+
+  constructor(
+    readonly user: string,
+    readonly name: string,
+    readonly readOnly: boolean,
+    readonly uidValidity: number,
+    messages: MessageMeta[],
+    highestModseq: number,
+    recent: Set<number>,
+    private readonly recentTracker: RecentTracker,
+  ) {
+    this.messages = messages;
+    this.highestModseq = highestModseq;
+    this.recent = recent;
+    this.reindex();
+  }
+
+  private reindex(): void {
+    this.index = new Map();
+    this.messages.forEach((m, i) => this.index.set(m.uid, i));
+  }
+
+  get exists(): number {
+    return this.messages.length;
+  }
+
+  get maxUid(): number {
+    return this.messages.length ? this.messages[this.messages.length - 1]!.uid : 0;
+  }
+
+  /** 1-based sequence number of a UID, or 0. */
+  seqOf(uid: number): number {
+    const i = this.index.get(uid);
+    return i === undefined ? 0 : i + 1;
+  }
+
+  meta(uid: number): MessageMeta | undefined {
+    const i = this.index.get(uid);
+    return i === undefined ? undefined : this.messages[i];
+  }
+
+  /** Records flag changes this session made itself (no untagged FETCH needed for them later). */
+  applyUpdates(updated: MessageMeta[]): void {
+    for (const m of updated) {
+      const i = this.index.get(m.uid);
+      if (i !== undefined) this.messages[i] = m;
+      if (m.modseq > this.highestModseq) this.highestModseq = m.modseq;
+    }
+  }
+
+  /** Removes UIDs and reports each EXPUNGE, highest sequence number first so numbers stay right. */
+  removeAndReport(uids: number[], sink: ViewUpdateSink): void {
+    const seqs = uids
+      .map((u) => this.seqOf(u))
+      .filter((s) => s > 0)
+      .sort((a, b) => b - a);
+    for (const seq of seqs) {
+      const m = this.messages[seq - 1]!;
+      this.pendingExpunge.delete(m.uid);
+      this.recent.delete(m.uid);
+      this.messages.splice(seq - 1, 1);
+      sink.untagged([seq, atom('EXPUNGE')]);
+    }
+    if (seqs.length) this.reindex();
+  }
+
+  /**
+   * Reads the mailbox from the store and reports what changed. With `allowExpunge` false
+   * (during FETCH, STORE, SEARCH) removed messages keep their sequence numbers until later.
+   */
+  async sync(store: MailStore, sink: ViewUpdateSink, opts: { allowExpunge: boolean; condstore: boolean }): Promise<void> {
+    if (!this.dirty && (!opts.allowExpunge || this.pendingExpunge.size === 0)) return;
+    this.dirty = false;
+    const current = await store.listMessages(this.user, this.name);
+    const byUid = new Map<number, MessageMeta>();
+    for (const m of current) byUid.set(m.uid, m);
+    for (const m of this.messages) if (!byUid.has(m.uid)) this.pendingExpunge.add(m.uid);
+    if (opts.allowExpunge && this.pendingExpunge.size) this.removeAndReport([...this.pendingExpunge], sink);
+
+    // Flag changes of messages the client knows.
+    this.messages.forEach((m, i) => {
+      const now = byUid.get(m.uid);
+      if (!now || now.modseq === m.modseq) return;
+      this.messages[i] = now;
+      const items: Value[] = [atom('UID'), now.uid, atom('FLAGS'), flagValues(now.flags, this.recent.has(now.uid))];
+      if (opts.condstore) items.push(atom('MODSEQ'), [now.modseq]);
+      sink.untagged([i + 1, atom('FETCH'), items]);
+    });
+
+    // New messages: UIDs above the highest the client knows, in UID order.
+    const max = this.maxUid;
+    const added = current.filter((m) => m.uid > max);
+    if (added.length) {
+      const recent = this.readOnly ? new Set<number>() : this.recentTracker.claim(this.user, this.name, this.uidValidity, added.map((m) => m.uid));
+      for (const m of added) {
+        this.messages.push(m);
+        if (recent.has(m.uid)) this.recent.add(m.uid);
+      }
+      this.reindex();
+      sink.untagged([this.messages.length, atom('EXISTS')]);
+      sink.untagged([this.recent.size, atom('RECENT')]);
+    }
+    for (const m of current) if (m.modseq > this.highestModseq) this.highestModseq = m.modseq;
+  }
+}

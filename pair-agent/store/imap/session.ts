@@ -1,0 +1,477 @@
+/**
+ * One IMAP connection: feeds socket bytes to the framer, runs commands one at a time through
+ * the command table (state and argument checks first, then the handler, whose returned state
+ * the dispatcher applies and logs), reports other sessions' changes at the points RFC 3501
+ * allows, and enforces the session's bounds (pipelined commands, bad commands, idle time,
+ * write buffer). Storage is reached only through the MailStore interface.
+ */
+import type { Socket } from 'node:net';
+import { TLSSocket, type SecureContext } from 'node:tls';
+import type { Counter } from 'prom-client';
+import type { Logger } from '../../../common/log.ts';
+import type { MailStore } from '../types.ts';
+import type { AuthConfig } from './auth.ts';
+import { replyForError } from './errors.ts';
+import type { ImapLimits } from './limits.ts';
+import { RecentTracker } from './mailbox-view.ts';
+import { ImapFramer, ParseError, parseCommand, type CommandUnit, type FrameEvent, type Token } from './parser.ts';
+import { parseSeqSet, SeqSetError } from './seqset.ts';
+import type { ArgKind, ArgSpec, ArgValue, CommandDef, ImapState, Reply } from './state.ts';
+import { encodeSequence, safeText, type Value } from './writer.ts';
+
+export interface ServerContext {
+  store: MailStore;
+  log: Logger;
+  limits: ImapLimits;
+  auth: AuthConfig;
+  secureContext?: SecureContext | undefined;
+  idleTimeoutMs: number;
+  recent: RecentTracker;
+  commands: Map<string, CommandDef>;
+  commandsTotal: Counter<'command' | 'result'>;
+  /** Counts a user's sessions; false when the per-user limit is reached. */
+  acquireUser(user: string): boolean;
+  releaseUser(user: string): void;
+  onClose(session: Session): void;
+}
+
+export class ArgError extends Error {}
+
+const MAILBOX_MAX_BYTES = 255;
+
+let nextCid = 1;
+
+export class Session {
+  readonly cid: string;
+  state: ImapState = { name: 'not-authenticated' };
+  socket: Socket;
+  log: Logger;
+  readonly remoteAddress: string | undefined;
+  readonly remotePort: number | undefined;
+  /** CONDSTORE enabled for this session (ENABLE, SELECT (CONDSTORE) or a CONDSTORE-only item). */
+  condstore = false;
+  readonly enabled = new Set<string>();
+  tlsActive = false;
+  private framer: ImapFramer;
+  private queue: FrameEvent[] = [];
+  private running = false;
+  private rawWaiter: ((ev: FrameEvent | null) => void) | null = null;
+  private badCount = 0;
+  private closed = false;
+  private userHeld: string | null = null;
+  private paused = false;
+  /** Set while IDLE runs: wakes it to report changes. */
+  idleWake: (() => void) | null = null;
+  private readonly onData = (chunk: Buffer) => this.receive(chunk);
+
+  constructor(
+    socket: Socket,
+    readonly ctx: ServerContext,
+  ) {
+    this.cid = `imap-${process.pid.toString(36)}-${(nextCid++).toString(36)}`;
+    this.socket = socket;
+    this.remoteAddress = socket.remoteAddress;
+    this.remotePort = socket.remotePort;
+    this.log = ctx.log.child({ cid: this.cid, remote: this.remoteAddress });
+    this.framer = new ImapFramer(ctx.limits);
+    this.attach(socket);
+  }
+
+  get store(): MailStore {
+    return this.ctx.store;
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  private attach(socket: Socket): void {
+    socket.on('data', this.onData);
+    socket.on('error', (err) => this.log.debug({ err: err.message }, 'socket error'));
+    socket.on('close', () => this.cleanup());
+    socket.setTimeout(this.ctx.idleTimeoutMs);
+    socket.on('timeout', () => {
+      if (this.closed) return;
+      this.log.info({ idleMs: this.ctx.idleTimeoutMs, idling: this.idleWake !== null }, 'idle timeout');
+      this.bye('Autologout; idle for too long');
+    });
+  }
+
+  start(greeting: string): void {
+    this.writeLine(`* OK [CAPABILITY ${this.capabilities().join(' ')}] ${greeting}`);
+  }
+
+  capabilities(stateName: ImapState['name'] = this.state.name): string[] {
+    const caps = ['IMAP4rev1', 'LITERAL+', 'SASL-IR', 'ID', 'ENABLE', 'IDLE', 'NAMESPACE', 'UIDPLUS', 'MOVE', 'UNSELECT', 'CHILDREN', 'SPECIAL-USE', 'CONDSTORE', 'QUOTA'];
+    if (stateName === 'not-authenticated') {
+      if (this.ctx.secureContext && !this.tlsActive) caps.push('STARTTLS');
+      caps.push('AUTH=PLAIN');
+    }
+    return caps;
+  }
+
+  // ---- output -------------------------------------------------------------------------
+
+  writeLine(text: string): void {
+    if (this.closed) return;
+    if (this.log.isLevelEnabled('debug')) this.log.debug(`S: ${text.slice(0, 300)}`);
+    this.socket.write(text + '\r\n');
+  }
+
+  /** Writes an untagged response `* v1 v2 …`. */
+  untagged(values: Value[]): void {
+    this.writeParts(['* ', ...encodeSequence(values), '\r\n']);
+  }
+
+  writeParts(parts: Array<Buffer | string>): void {
+    if (this.closed) return;
+    if (this.log.isLevelEnabled('debug')) {
+      const text = parts.map((p) => (typeof p === 'string' ? p : p.length > 200 ? `<${p.length} bytes>` : p.toString('latin1'))).join('');
+      this.log.debug(`S: ${text.slice(0, 300).replace(/\r\n$/, '')}`);
+    }
+    this.socket.cork();
+    for (const p of parts) this.socket.write(p);
+    this.socket.uncork();
+  }
+
+  /** Waits while more than the write limit is buffered (a slow reader), bounded by the idle timeout. */
+  async drain(): Promise<void> {
+    if (this.closed || this.socket.writableLength <= this.ctx.limits.maxWriteBufferBytes) return;
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.socket.off('drain', done);
+        this.socket.off('close', done);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        this.log.info('client stopped reading; closing');
+        this.socket.destroy();
+        done();
+      }, this.ctx.idleTimeoutMs);
+      this.socket.once('drain', done);
+      this.socket.once('close', done);
+    });
+  }
+
+  bye(text: string): void {
+    if (this.closed) return;
+    this.writeLine(`* BYE ${safeText(text)}`);
+    this.close();
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.socket.end();
+    // A peer that never reads must not keep the socket: destroy after a grace period.
+    setTimeout(() => this.socket.destroy(), 2000).unref();
+    this.cleanup();
+  }
+
+  private cleanup(): void {
+    if (this.closed) return;
+    this.closed = true;
+    const prev = this.state.name;
+    this.state = { name: 'logout' };
+    if (prev !== 'logout') this.log.info({ from: prev, to: 'logout', reason: 'connection closed' }, 'state change');
+    if (this.userHeld) this.ctx.releaseUser(this.userHeld);
+    this.userHeld = null;
+    this.rawWaiter?.(null);
+    this.rawWaiter = null;
+    this.idleWake?.();
+    this.ctx.onClose(this);
+  }
+
+  /** Counts the session against the user's limit; false when the limit is reached. */
+  holdUser(user: string): boolean {
+    if (this.userHeld === user) return true;
+    if (!this.ctx.acquireUser(user)) return false;
+    if (this.userHeld) this.ctx.releaseUser(this.userHeld);
+    this.userHeld = user;
+    return true;
+  }
+
+  // ---- input --------------------------------------------------------------------------
+
+  private receive(chunk: Buffer): void {
+    if (this.closed) return;
+    let events: FrameEvent[];
+    try {
+      events = this.framer.push(chunk);
+    } catch (err) {
+      this.log.error({ err }, 'framer failed');
+      this.bye('Internal error');
+      return;
+    }
+    for (const ev of events) {
+      if (ev.kind === 'continue') {
+        this.writeLine('+ Ready for literal data');
+        continue;
+      }
+      if (this.rawWaiter) {
+        const w = this.rawWaiter;
+        this.rawWaiter = null;
+        w(ev);
+        continue;
+      }
+      this.queue.push(ev);
+    }
+    if (this.queue.length >= this.ctx.limits.maxPipelined && !this.paused) {
+      // Backpressure: stop reading until the pipeline drains.
+      this.paused = true;
+      this.socket.pause();
+    }
+    void this.run();
+  }
+
+  /** The next input line for a handler that reads one itself (IDLE's DONE, an AUTHENTICATE response). */
+  readRawLine(): Promise<{ line: string } | { error: string } | null> {
+    const toResult = (ev: FrameEvent | null) => {
+      if (!ev) return null;
+      if (ev.kind === 'error') return { error: ev.reason };
+      if (ev.kind === 'unit') {
+        if (ev.unit.segments.length > 1) return { error: 'unexpected literal' };
+        return { line: ev.unit.segments[0]!.toString('utf8') };
+      }
+      return null;
+    };
+    const ev = this.queue.shift();
+    if (ev) return Promise.resolve(toResult(ev));
+    if (this.closed) return Promise.resolve(null);
+    return new Promise((resolve) => {
+      this.rawWaiter = (e) => resolve(toResult(e));
+    });
+  }
+
+  private async run(): Promise<void> {
+    if (this.running) return;
+    this.running = true;
+    try {
+      while (!this.closed && this.queue.length) {
+        const ev = this.queue.shift()!;
+        if (this.paused && this.queue.length < this.ctx.limits.maxPipelined / 2) {
+          this.paused = false;
+          this.socket.resume();
+        }
+        if (ev.kind === 'error') {
+          this.replyBad(ev.tag, ev.reason, 'PARSE');
+          continue;
+        }
+        if (ev.kind === 'unit') await this.execute(ev.unit);
+      }
+    } catch (err) {
+      this.log.error({ err }, 'session failed');
+      this.bye('Internal error');
+    } finally {
+      this.running = false;
+    }
+  }
+
+  private replyBad(tag: string, reason: string, command: string): void {
+    this.writeLine(`${tag} BAD ${safeText(reason)}`);
+    this.ctx.commandsTotal.inc({ command, result: 'BAD' });
+    this.badCount++;
+    if (this.badCount >= this.ctx.limits.maxBadCommands) {
+      this.log.info({ bad: this.badCount }, 'too many bad commands');
+      this.bye('Too many invalid commands');
+    }
+  }
+
+  private async execute(unit: CommandUnit): Promise<void> {
+    let parsed;
+    try {
+      parsed = parseCommand(unit, this.ctx.limits.maxListDepth);
+    } catch (err) {
+      if (err instanceof ParseError) return this.replyBad(err.tag, `Error in IMAP command: ${err.message}`, 'PARSE');
+      throw err;
+    }
+    const { tag } = parsed;
+    let name = parsed.name;
+    let tokens = parsed.args;
+    let uid = false;
+    if (name === 'UID') {
+      const sub = tokens[0];
+      if (!sub || sub.type !== 'atom') return this.replyBad(tag, 'UID needs a command', 'UID');
+      name = sub.value.toUpperCase();
+      tokens = tokens.slice(1);
+      uid = true;
+    }
+    const def = this.ctx.commands.get(name);
+    const label = def ? (uid ? `UID ${def.name}` : def.name) : 'UNKNOWN';
+    if (this.log.isLevelEnabled('debug')) {
+      this.log.debug(`C: ${tag} ${uid ? 'UID ' : ''}${name}${def?.secretArgs ? ' [redacted]' : ' ' + unit.segments[0]!.toString('latin1').slice(tag.length + name.length + 2, 300)}`);
+    }
+    if (!def || (uid && !def.uid)) return this.replyBad(tag, `Unknown command ${name.slice(0, 40)}`, 'UNKNOWN');
+    if (!(def.states as readonly string[]).includes(this.state.name)) {
+      return this.replyBad(tag, `${label} is not allowed in the ${this.state.name} state`, label);
+    }
+    let args: ArgValue[];
+    try {
+      args = convertArgs(def.args, tokens);
+    } catch (err) {
+      if (err instanceof ArgError) return this.replyBad(tag, `${label}: ${err.message}`, label);
+      throw err;
+    }
+    let reply: Reply;
+    const before = this.state;
+    try {
+      reply = await def.handler({ session: this, tag, name: label, uid, state: this.state as never, args, tokens });
+    } catch (err) {
+      if (err instanceof ArgError || err instanceof SeqSetError) {
+        return this.replyBad(tag, `${label}: ${err.message}`, label);
+      }
+      const { reply: r, internal } = replyForError(err);
+      if (internal) this.log.error({ err, command: label }, 'command failed');
+      else this.log.info({ command: label, code: r.code, err: (err as Error).message }, 'command refused');
+      reply = r;
+    }
+    if (this.closed) return;
+    if (reply.next && reply.next !== before) this.setState(reply.next, label);
+    if (reply.status === 'BAD') return this.replyBad(tag, reply.text, label);
+    this.badCount = 0;
+    if (this.state.name === 'selected') {
+      try {
+        await this.state.view.sync(this.store, this, { allowExpunge: def.expungeAfter !== false || uid, condstore: this.condstore });
+      } catch (err) {
+        return this.lostMailbox(err);
+      }
+    }
+    this.ctx.commandsTotal.inc({ command: label, result: reply.status });
+    this.writeLine(`${tag} ${reply.status} ${reply.code ? `[${reply.code}] ` : ''}${safeText(reply.text)}`);
+    if (reply.after) await reply.after();
+  }
+
+  setState(next: ImapState, reason: string): void {
+    const from = this.state;
+    this.state = next;
+    if (from.name !== next.name || next.name === 'selected') {
+      const mailbox = next.name === 'selected' ? next.view.name : undefined;
+      this.log.info({ from: from.name, to: next.name, reason, ...(mailbox ? { mailbox } : {}) }, 'state change');
+    }
+  }
+
+  /** The selected mailbox vanished or changed identity (deleted, renamed, UIDVALIDITY changed). */
+  lostMailbox(err: unknown): void {
+    const { reply, internal } = replyForError(err);
+    if (internal) this.log.error({ err }, 'mailbox sync failed');
+    if (reply.code === 'UNAVAILABLE') this.bye('Mailbox store unavailable, please reconnect');
+    else this.bye('Selected mailbox was removed');
+  }
+
+  /** Called by the server for store changes on this session's selected mailbox. */
+  mailboxChanged(): void {
+    if (this.state.name !== 'selected') return;
+    this.state.view.dirty = true;
+    this.idleWake?.();
+  }
+
+  /** STARTTLS: switches the connection to TLS after the tagged OK went out in plaintext. */
+  upgradeTls(): void {
+    if (!this.ctx.secureContext) return;
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    plain.removeAllListeners('timeout');
+    plain.setTimeout(0);
+    // Anything pipelined after STARTTLS in plaintext is discarded (CVE-2011-0411 class of bug).
+    this.queue = [];
+    this.framer = new ImapFramer(this.ctx.limits);
+    const secure = new TLSSocket(plain, { isServer: true, secureContext: this.ctx.secureContext });
+    this.socket = secure;
+    this.tlsActive = true;
+    secure.on('secure', () => this.log.info({ protocol: secure.getProtocol() }, 'tls established'));
+    this.attach(secure);
+  }
+
+  get framerPending(): boolean {
+    return this.framer.pending || this.queue.length > 0;
+  }
+}
+
+// ---- argument conversion ----------------------------------------------------------------
+
+export function tokenString(t: Token | undefined, what = 'string'): string {
+  if (!t) throw new ArgError(`missing ${what}`);
+  if (t.type === 'string') return t.value.toString('utf8');
+  if (t.type === 'atom') return t.value;
+  throw new ArgError(`expected ${what}, got a list`);
+}
+
+export function normalizeMailbox(name: string): string {
+  if (name.toUpperCase() === 'INBOX') return 'INBOX';
+  if (name.toUpperCase().startsWith('INBOX/')) return 'INBOX' + name.slice(5);
+  return name;
+}
+
+function checkMailboxName(name: string): string {
+  if (Buffer.byteLength(name) > MAILBOX_MAX_BYTES) throw new ArgError('mailbox name too long');
+  if (/[\0\r\n]/.test(name)) throw new ArgError('invalid characters in mailbox name');
+  return normalizeMailbox(name);
+}
+
+function convertOne(kind: ArgKind, t: Token): ArgValue {
+  switch (kind) {
+    case 'any':
+      return t;
+    case 'list':
+      if (t.type !== 'list') throw new ArgError('expected a parenthesised list');
+      return t.items;
+    case 'atom':
+      if (t.type !== 'atom') throw new ArgError('expected an atom');
+      return t.value;
+    case 'string':
+      if (t.type !== 'string') throw new ArgError('expected a string');
+      return t.value.toString('utf8');
+    case 'nstring':
+      if (t.type === 'atom' && t.value.toUpperCase() === 'NIL') return null;
+      if (t.type !== 'string') throw new ArgError('expected a string or NIL');
+      return t.value.toString('utf8');
+    case 'astring':
+      return tokenString(t, 'a string');
+    case 'pattern':
+      return tokenString(t, 'a mailbox pattern');
+    case 'mailbox': {
+      const s = tokenString(t, 'a mailbox name');
+      if (t.type === 'atom' && /[%*]/.test(s)) throw new ArgError('wildcards are not allowed in a mailbox name');
+      return checkMailboxName(s);
+    }
+    case 'seqset':
+      if (t.type !== 'atom') throw new ArgError('expected a sequence set');
+      try {
+        return parseSeqSet(t.value);
+      } catch (err) {
+        throw new ArgError((err as Error).message);
+      }
+    case 'number': {
+      if (t.type !== 'atom' || !/^\d{1,20}$/.test(t.value)) throw new ArgError('expected a number');
+      const n = Number(t.value);
+      if (!Number.isSafeInteger(n)) throw new ArgError('number too large');
+      return n;
+    }
+  }
+}
+
+export function convertArgs(specs: readonly ArgSpec[], tokens: Token[]): ArgValue[] {
+  const out: ArgValue[] = [];
+  let i = 0;
+  for (const spec of specs) {
+    const rest = spec.endsWith('*');
+    const optional = spec.endsWith('?');
+    const kind = (rest || optional ? spec.slice(0, -1) : spec) as ArgKind;
+    if (rest) {
+      while (i < tokens.length) out.push(convertOne(kind, tokens[i++]!));
+      return out;
+    }
+    const t = tokens[i];
+    if (!t) {
+      if (optional) {
+        out.push(null);
+        continue;
+      }
+      throw new ArgError('missing arguments');
+    }
+    out.push(convertOne(kind, t));
+    i++;
+  }
+  if (i < tokens.length) throw new ArgError('too many arguments');
+  return out;
+}

@@ -1,0 +1,130 @@
+/**
+ * The block device contract the mail store writes through, and its simplest implementation:
+ * a local file with no peer. The replicated volume implements the same interface, so the
+ * store runs unchanged on a local file (tests, `pairgate store check` on a copy) or on the
+ * pair's replicated volume (production, where `write` resolves per the DRBD-style protocol).
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import { BadInputError, IntegrityError, UnavailableError } from '../../common/errors.ts';
+
+export const BLOCK_SIZE = 4096;
+
+export interface BlockDevice {
+  /** Usable size in bytes (a multiple of BLOCK_SIZE). */
+  readonly size: number;
+  /** Reads `length` bytes at `offset`; any alignment. UnavailableError when not readable (secondary, detached). */
+  read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Writes `data` at `offset`. Offset and length must be multiples of BLOCK_SIZE. Resolves when
+   * the write is durable as the device promises (local: fdatasync'd; protocol C: on both disks).
+   */
+  write(offset: number, data: Buffer): Promise<void>;
+  /** Resolves when every write issued before it is durable. */
+  flush(): Promise<void>;
+  /** True when the store may read and write now (primary, disk attached). */
+  readonly writable: boolean;
+}
+
+export function checkRange(size: number, offset: number, length: number, aligned: boolean): void {
+  if (!Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0) {
+    throw new BadInputError(`bad range offset=${offset} length=${length}`);
+  }
+  if (offset + length > size) throw new BadInputError(`range ${offset}+${length} is past the end of the volume (${size} bytes)`);
+  if (aligned && (offset % BLOCK_SIZE !== 0 || length % BLOCK_SIZE !== 0)) {
+    throw new BadInputError(`write at ${offset}+${length} is not aligned to ${BLOCK_SIZE}-byte blocks`);
+  }
+}
+
+/**
+ * A local file as a block device. Each write is followed by fdatasync; concurrent writers share
+ * one fdatasync (group commit), so many small deliveries cost one flush between them.
+ */
+export class FileBlockDevice implements BlockDevice {
+  private fh: FileHandle | null;
+  private syncing: Promise<void> | null = null;
+  private syncWanted = false;
+  private waiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = [];
+
+  private constructor(fh: FileHandle, readonly size: number, private readonly path: string) {
+    this.fh = fh;
+  }
+
+  /** Opens (and with `create`, creates or extends to `size`) the backing file. */
+  static async open(path: string, opts: { size?: number; create?: boolean } = {}): Promise<FileBlockDevice> {
+    const fh = await open(path, opts.create ? 'a+' : 'r+').then(async (h) => {
+      if (!opts.create) return h;
+      await h.close();
+      return open(path, 'r+');
+    });
+    let size = (await fh.stat()).size;
+    if (opts.size !== undefined) {
+      if (opts.size % BLOCK_SIZE !== 0) throw new BadInputError(`volume size ${opts.size} is not a multiple of ${BLOCK_SIZE}`);
+      if (size < opts.size) await fh.truncate(opts.size);
+      size = opts.size;
+    }
+    size -= size % BLOCK_SIZE;
+    return new FileBlockDevice(fh, size, path);
+  }
+
+  get writable(): boolean {
+    return this.fh !== null;
+  }
+
+  private handle(): FileHandle {
+    if (!this.fh) throw new UnavailableError(`block device ${this.path} is closed`);
+    return this.fh;
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    checkRange(this.size, offset, length, false);
+    const buf = Buffer.allocUnsafe(length);
+    const { bytesRead } = await this.handle().read(buf, 0, length, offset);
+    if (bytesRead !== length) throw new IntegrityError(`short read at ${offset}: ${bytesRead} of ${length} bytes`);
+    return buf;
+  }
+
+  /** Writes without waiting for durability (the replicated volume sequences its own flushes). */
+  async writeNoSync(offset: number, data: Buffer): Promise<void> {
+    checkRange(this.size, offset, data.length, true);
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.handle().write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    await this.writeNoSync(offset, data);
+    await this.flush();
+  }
+
+  /** Group commit: callers arriving while a sync runs share the next one. */
+  flush(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.waiters.push({ resolve, reject });
+      this.syncWanted = true;
+      if (!this.syncing) this.syncing = this.runSyncs();
+    });
+  }
+
+  private async runSyncs(): Promise<void> {
+    while (this.syncWanted) {
+      this.syncWanted = false;
+      const batch = this.waiters;
+      this.waiters = [];
+      try {
+        await this.handle().datasync();
+        for (const w of batch) w.resolve();
+      } catch (err) {
+        for (const w of batch) w.reject(err);
+      }
+    }
+    this.syncing = null;
+  }
+
+  async close(): Promise<void> {
+    const fh = this.fh;
+    this.fh = null;
+    await fh?.close();
+  }
+}
