@@ -108,13 +108,19 @@ olcAccess: {1}to * by users read by * none
 `;
 }
 
-export async function startSlapd(opts: SlapdOptions = {}): Promise<Slapd> {
-  const tmp = tempDir('pairgate-slapd-');
-  const dir = tmp.path;
+/**
+ * Builds a slapd instance in `dir` (cn=config and the MDB database seeded from `ldif`) and
+ * returns the arguments that run it in the foreground. The lab runs these under its own
+ * supervisor; tests use startSlapd below.
+ */
+export function prepareSlapdDir(
+  dir: string,
+  opts: SlapdOptions & { urls: string[] },
+): { confDir: string; cert?: TestCert; args: string[] } {
   const suffix = opts.suffix ?? BASE_DN;
   const confDir = join(dir, 'slapd.d');
-  mkdirSync(confDir);
-  mkdirSync(join(dir, 'data'));
+  mkdirSync(confDir, { recursive: true });
+  mkdirSync(join(dir, 'data'), { recursive: true });
   const cert = opts.tls ? makeTestCert(dir, 'slapd') : undefined;
   writeFileSync(join(dir, 'config.ldif'), configLdif(dir, suffix, cert));
   execFileSync('slapadd', ['-n', '0', '-F', confDir, '-l', join(dir, 'config.ldif')], { stdio: 'pipe' });
@@ -122,13 +128,21 @@ export async function startSlapd(opts: SlapdOptions = {}): Promise<Slapd> {
     // -q: no consistency checks beyond schema, as for bulk loads; fine for generated data.
     execFileSync('slapadd', ['-q', '-n', '1', '-F', confDir, '-l', file], { stdio: 'pipe' });
   }
+  // -d 0 keeps slapd in the foreground so that its starter owns the process.
+  return { confDir, ...(cert ? { cert } : {}), args: ['-d', '0', '-F', confDir, '-h', opts.urls.join(' ')] };
+}
+
+export async function startSlapd(opts: SlapdOptions = {}): Promise<Slapd> {
+  const tmp = tempDir('pairgate-slapd-');
+  const dir = tmp.path;
+  const suffix = opts.suffix ?? BASE_DN;
   const host = '127.0.0.1';
   const port = await freePort();
-  const tlsPort = cert ? await freePort() : undefined;
+  const tlsPort = opts.tls ? await freePort() : undefined;
   const urls = [`ldap://${host}:${port}/`, ...(tlsPort ? [`ldaps://${host}:${tlsPort}/`] : [])];
+  const { cert, args } = prepareSlapdDir(dir, { ...opts, urls });
   const launch = async () => {
-    // -d 0 keeps slapd in the foreground so that the test owns the process.
-    const proc = startProcess('slapd', '/usr/sbin/slapd', ['-d', '0', '-F', confDir, '-h', urls.join(' ')]);
+    const proc = startProcess('slapd', '/usr/sbin/slapd', args);
     await waitForPort(host, port, 15_000, proc.alive).catch((err) => {
       throw new Error(`${err.message}\n${proc.output()}`);
     });
