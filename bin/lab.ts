@@ -105,7 +105,7 @@ async function startRoles(sup: Supervisor, plan: LabPlan): Promise<void> {
   sup.start('loadbalancer', ['lb', '--config', configs.loadbalancer]);
   const lbHealth = `http://${plan.loadbalancer.host}:${plan.loadbalancer.adminPort}/health`;
   if (!(await waitUntil(() => httpOk(lbHealth), 20_000, 200))) throw new Error('the load balancer did not become healthy: see logs/loadbalancer.log');
-  writeFileSync(join(plan.dir, 'cluster.json'), JSON.stringify(clusterFile(plan), null, 2));
+  writeFileSync(join(plan.dir, 'cluster.json'), JSON.stringify(clusterFile(plan), null, 2), { mode: 0o600 });
 }
 
 function printWelcome(plan: LabPlan): void {

@@ -20,6 +20,7 @@ const COMMAND_MODULES = [
   'pair-agent/store/cli.ts',
   'directory/cli.ts',
   'bin/status.ts',
+  'bin/maintain.ts',
   'bin/user.ts',
   'bin/lab.ts',
 ];

@@ -13,6 +13,8 @@ import { waitUntil } from './lab/wait.ts';
 
 export interface ClusterFile {
   redis?: string;
+  /** The pair-agents' admin token (the lab writes it here; production passes it by environment). */
+  adminToken?: string;
   pairs?: Array<{ id: string; healthUrl: string; nodes?: Array<{ node: string; adminUrl: string }> }>;
   proxies?: Array<{ name: string; adminUrl: string }>;
   loadbalancers?: Array<{ name: string; adminUrl: string }>;

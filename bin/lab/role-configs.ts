@@ -123,7 +123,7 @@ export function loadbalancerConfig(plan: LabPlan): Record<string, unknown> {
 export function writeRoleConfigs(plan: LabPlan): RoleConfigFiles {
   const dir = join(plan.dir, 'config');
   mkdirSync(dir, { recursive: true });
-  const write = (name: string, config: Record<string, unknown>) => {
+  const write = (name: string, config: Record<string, unknown>): string => {
     const file = join(dir, `${name}.yaml`);
     writeFileSync(file, `# written by \`pairgate lab up\` from ${join(plan.dir, 'plan.json')}\n${stringify(config)}`, { mode: 0o600 });
     return file;
@@ -144,6 +144,7 @@ export function writeRoleConfigs(plan: LabPlan): RoleConfigFiles {
 export function clusterFile(plan: LabPlan): ClusterFile {
   return {
     ...(plan.redis.url ? { redis: plan.redis.url } : {}),
+    adminToken: plan.adminToken,
     pairs: plan.pairs.map((p) => ({
       id: p.id,
       healthUrl: `http://${p.address}:${p.ports.admin}/health`,
