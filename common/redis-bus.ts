@@ -19,6 +19,11 @@ export const keys = {
   route: (login: string) => `${KEY_PREFIX}route:${login}`,
   authFailIp: (addr: string) => `${KEY_PREFIX}authfail:ip:${addr}`,
   authFailUser: (login: string) => `${KEY_PREFIX}authfail:user:${login}`,
+  /**
+   * Set while `pairgate user move` copies a user's final delta: proxies hold (bounded) new
+   * logins and deliveries for that user until it is gone.
+   */
+  userMove: (uid: string) => `${KEY_PREFIX}usermove:${uid}`,
   /** Directory cache entries; not in the contract table because only `directory/` reads them. */
   directory: (kind: string, id: string) => `${KEY_PREFIX}dir:${kind}:${id}`,
 };
@@ -27,6 +32,8 @@ export type BusEvent =
   | { type: 'health'; pair: string; state: string; at: number }
   | { type: 'route-invalidate'; user?: string; logins?: string[]; pair?: string }
   | { type: 'state'; pair?: string; node?: string; from?: string; to?: string; reason?: string }
+  /** Proxies close every session of this user (after a user move switched the home pair). */
+  | { type: 'user-close-sessions'; user: string }
   | { type: string; [field: string]: unknown };
 
 export interface RedisBusOptions {
