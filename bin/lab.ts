@@ -9,8 +9,8 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { REPO_ROOT, Supervisor, pidAlive, stopFromState, type LabState } from './lab/supervisor.ts';
-import { labLdif, loadPlan, makePlan, portBusy, savePlan, type LabPlan } from './lab/plan.ts';
-import { writeRoleConfigs, clusterFile } from './lab/role-configs.ts';
+import { MAX_INSTANCE, labLdif, lbPorts, loadPlan, makePlan, portBusy, savePlan, type LabPlan } from './lab/plan.ts';
+import { writeRoleConfigs, clusterFile, prometheusTargets } from './lab/role-configs.ts';
 import { waitUntil } from './lab/wait.ts';
 import { runTour } from './lab/tour.ts';
 import { collectStatus, renderStatus } from './status.ts';
@@ -106,6 +106,7 @@ async function startRoles(sup: Supervisor, plan: LabPlan): Promise<void> {
   const lbHealth = `http://${plan.loadbalancer.host}:${plan.loadbalancer.adminPort}/health`;
   if (!(await waitUntil(() => httpOk(lbHealth), 20_000, 200))) throw new Error('the load balancer did not become healthy: see logs/loadbalancer.log');
   writeFileSync(join(plan.dir, 'cluster.json'), JSON.stringify(clusterFile(plan), null, 2), { mode: 0o600 });
+  writeFileSync(join(plan.dir, 'prometheus-targets.json'), JSON.stringify(prometheusTargets(plan), null, 2));
 }
 
 function printWelcome(plan: LabPlan): void {
@@ -151,16 +152,20 @@ function keepPairAgentsRunning(sup: Supervisor, plan: LabPlan, configs: ReturnTy
   }
 }
 
-export async function labUp(opts: { dir: string; tour: boolean; users: number }): Promise<void> {
+export async function labUp(opts: { dir: string; tour: boolean; users: number; instance: number }): Promise<void> {
   const dir = resolve(opts.dir);
   if (runningLab(dir)) throw new Error(`a lab is already running in ${dir}: stop it with \`pairgate lab down\``);
-  for (const [name, port] of Object.entries({ smtp: 2525, submission: 2587, imap: 2143, pop3: 2110 })) {
-    if (await portBusy('127.0.0.1', port)) throw new Error(`port 127.0.0.1:${port} (${name}) is taken: is another lab or service running?`);
+  if (!Number.isInteger(opts.instance) || opts.instance < 0 || opts.instance > MAX_INSTANCE) {
+    throw new Error(`--instance must be an integer from 0 to ${MAX_INSTANCE}`);
+  }
+  for (const [name, port] of Object.entries(lbPorts(opts.instance))) {
+    if (await portBusy('127.0.0.1', port)) throw new Error(`port 127.0.0.1:${port} (${name}) is taken: is another lab running? (\`--instance N\` runs a second one)`);
   }
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
   const plan = await makePlan({
     dir,
+    instance: opts.instance,
     pairs: 2,
     proxies: 2,
     users: opts.users,
@@ -207,7 +212,8 @@ export function register(program: Command): void {
     .option('--dir <dir>', 'lab folder (configs, data, logs)', DEFAULT_DIR)
     .option('--no-tour', 'skip the guided tour')
     .option('--users <n>', 'users to create, spread over the pairs', (v) => Number.parseInt(v, 10), 6)
-    .action(async (o: { dir: string; tour: boolean; users: number }) => labUp(o));
+    .option('--instance <n>', `run beside another lab: addresses 127.N.x.1, client ports + N (0-${MAX_INSTANCE})`, (v) => Number.parseInt(v, 10), 0)
+    .action(async (o: { dir: string; tour: boolean; users: number; instance: number }) => labUp(o));
   lab
     .command('tour')
     .description('run the tour again against a running lab')

@@ -49,6 +49,7 @@ export interface LabUser {
 
 export interface LabPlan {
   dir: string;
+  instance: number;
   createdAt: string;
   directory: { mode: 'slapd' | 'ldif'; ldifFile: string; url?: string; bindDn: string; bindPassword: string; baseDn: string };
   redis: { mode: 'redis' | 'none'; url?: string };
@@ -107,8 +108,21 @@ export function labUsers(count: number, pairIds: string[], domain: string): LabU
   });
 }
 
+/** A second lab on the same machine (e.g. a test while a lab runs) takes another instance number. */
+export const MAX_INSTANCE = 30;
+
+export function lbPorts(instance: number): typeof LAB_LB_PORTS {
+  return {
+    smtpPort: LAB_LB_PORTS.smtpPort + instance,
+    submissionPort: LAB_LB_PORTS.submissionPort + instance,
+    imapPort: LAB_LB_PORTS.imapPort + instance,
+    pop3Port: LAB_LB_PORTS.pop3Port + instance,
+  } as typeof LAB_LB_PORTS;
+}
+
 export async function makePlan(opts: {
   dir: string;
+  instance: number;
   pairs: number;
   proxies: number;
   users: number;
@@ -126,7 +140,7 @@ export async function makePlan(opts: {
       replicationPort: await freePort(),
       dir: join(opts.dir, id, n),
     });
-    pairs.push({ id, address: `127.0.${i}.1`, ports: { ...LAB_PAIR_PORTS }, nodes: [await node('a'), await node('b')], weight: 100 });
+    pairs.push({ id, address: `127.${opts.instance}.${i}.1`, ports: { ...LAB_PAIR_PORTS }, nodes: [await node('a'), await node('b')], weight: 100 });
   }
   const proxies: LabProxyPlan[] = [];
   for (let i = 1; i <= opts.proxies; i++) {
@@ -142,6 +156,7 @@ export async function makePlan(opts: {
   }
   return {
     dir: opts.dir,
+    instance: opts.instance,
     createdAt: new Date().toISOString(),
     directory: {
       mode: opts.directory,
@@ -159,7 +174,7 @@ export async function makePlan(opts: {
     adminToken: secret(),
     pairs,
     proxies,
-    loadbalancer: { host: '127.0.0.1', adminPort: await freePort(), ...LAB_LB_PORTS },
+    loadbalancer: { host: '127.0.0.1', adminPort: await freePort(), ...lbPorts(opts.instance) },
     users: labUsers(opts.users, pairs.map((p) => p.id), domain),
   };
 }

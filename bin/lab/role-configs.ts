@@ -154,3 +154,14 @@ export function clusterFile(plan: LabPlan): ClusterFile {
     loadbalancers: [{ name: 'loadbalancer', adminUrl: `http://${plan.loadbalancer.host}:${plan.loadbalancer.adminPort}` }],
   };
 }
+
+/** Prometheus file_sd targets for every process of the lab (infra/prometheus/prometheus-lab.yml). */
+export function prometheusTargets(plan: LabPlan): Array<{ targets: string[]; labels: Record<string, string> }> {
+  return [
+    ...plan.pairs.flatMap((p) =>
+      p.nodes.map((n) => ({ targets: [`127.0.0.1:${n.adminPort}`], labels: { role: 'pair-agent', pair: p.id, node: n.node } })),
+    ),
+    ...plan.proxies.map((p) => ({ targets: [`${p.host}:${p.adminPort}`], labels: { role: 'proxy', instance_name: p.name } })),
+    { targets: [`${plan.loadbalancer.host}:${plan.loadbalancer.adminPort}`], labels: { role: 'loadbalancer' } },
+  ];
+}
