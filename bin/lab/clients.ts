@@ -15,6 +15,8 @@ export interface Endpoint {
 export interface Credentials {
   user: string;
   password: string;
+  /** Master login: authenticate as `user` on behalf of `authzid` (SASL PLAIN). */
+  authzid?: string;
 }
 
 const TIMEOUT_MS = 10_000;
@@ -66,7 +68,9 @@ export async function imapListInbox(at: Endpoint, creds: Credentials): Promise<I
     port: at.port,
     secure: false,
     doSTARTTLS: false,
-    auth: { user: creds.user, pass: creds.password },
+    auth: creds.authzid
+      ? { user: creds.user, pass: creds.password, authzid: creds.authzid, loginMethod: 'AUTH=PLAIN' }
+      : { user: creds.user, pass: creds.password },
     logger: false,
     connectionTimeout: TIMEOUT_MS,
     greetingTimeout: TIMEOUT_MS,
