@@ -6,7 +6,8 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
+import { makeTestCert } from '../test/helpers/tls.ts';
 import type { Command } from 'commander';
 import { REPO_ROOT, Supervisor, pidAlive, stopFromState, type LabState } from './lab/supervisor.ts';
 import { MAX_INSTANCE, labLdif, lbPorts, loadPlan, makePlan, portBusy, savePlan, type LabPlan } from './lab/plan.ts';
@@ -52,6 +53,8 @@ const say = (line: string) => process.stdout.write(`${line}\n`);
 /** Starts the directory and Redis the lab's roles depend on (private servers when installed). */
 async function startDependencies(sup: Supervisor, plan: LabPlan): Promise<void> {
   writeFileSync(plan.directory.ldifFile, labLdif(plan), { mode: 0o600 });
+  mkdirSync(dirname(plan.tls.certFile), { recursive: true });
+  makeTestCert(dirname(plan.tls.certFile), 'lab');
   if (plan.directory.mode === 'slapd') {
     const { prepareSlapdDir } = await import('../test/helpers/slapd.ts');
     const { freePort } = await import('./lab/plan.ts');

@@ -59,6 +59,8 @@ export interface LabPlan {
   heartbeatKey: string;
   replicationSecret: string;
   adminToken: string;
+  /** Self-signed certificate for the lab's TLS listeners (STARTTLS, implicit TLS). */
+  tls: { certFile: string; keyFile: string };
   pairs: LabPairPlan[];
   proxies: LabProxyPlan[];
   loadbalancer: { host: string; adminPort: number; smtpPort: number; submissionPort: number; imapPort: number; pop3Port: number };
@@ -172,6 +174,7 @@ export async function makePlan(opts: {
     heartbeatKey: secret(),
     replicationSecret: secret(),
     adminToken: secret(),
+    tls: { certFile: join(opts.dir, 'tls', 'lab.crt'), keyFile: join(opts.dir, 'tls', 'lab.key') },
     pairs,
     proxies,
     loadbalancer: { host: '127.0.0.1', adminPort: await freePort(), ...lbPorts(opts.instance) },

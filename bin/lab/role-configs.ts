@@ -40,7 +40,7 @@ export function pairAgentConfig(plan: LabPlan, pair: LabPairPlan, node: NodeId):
     node,
     preferred: 'a',
     logLevel: 'info',
-    admin: { listen: `127.0.0.1:${self.adminPort}`, token: plan.adminToken },
+    admin: { host: '127.0.0.1', port: self.adminPort, token: plan.adminToken },
     ...(plan.redis.url ? { redis: redisConfig(plan) } : {}),
     heartbeat: {
       key: plan.heartbeatKey,
@@ -77,21 +77,22 @@ export function pairAgentConfig(plan: LabPlan, pair: LabPairPlan, node: NodeId):
 
 export function proxyConfig(plan: LabPlan, name: string): Record<string, unknown> {
   const p = plan.proxies.find((x) => x.name === name)!;
+  // STARTTLS is offered with the lab's self-signed certificate, but not required, so that the
+  // tour's plain clients (and a newcomer's telnet) work.
+  const listener = (protocol: 'imap' | 'pop3', port: number) => ({ protocol, host: p.host, port, tls: 'starttls', requireTls: false });
   return {
-    name,
-    logLevel: 'info',
-    admin: { listen: `${p.host}:${p.adminPort}`, token: plan.adminToken },
+    id: name,
+    log: { level: 'info' },
+    admin: { host: p.host, port: p.adminPort, token: plan.adminToken },
     directory: directoryConfig(plan),
     ...(plan.redis.url ? { redis: redisConfig(plan) } : {}),
-    proxyProtocol: { trusted: ['127.0.0.1/32'] },
-    backend: { masterUser: plan.masterUser, masterSecret: plan.masterSecret },
-    listeners: {
-      imap: { listen: `${p.host}:${p.imapPort}` },
-      pop3: { listen: `${p.host}:${p.pop3Port}` },
-    },
+    tls: { cert: plan.tls.certFile, key: plan.tls.keyFile },
+    listeners: [listener('imap', p.imapPort), listener('pop3', p.pop3Port)],
+    loadBalancers: ['127.0.0.1/32'],
+    backend: { masterUser: plan.masterUser, masterSecret: plan.masterSecret, trustedNetworks: ['127.0.0.0/8'] },
     smtp: {
-      mx: { listen: `${p.host}:${p.smtpPort}` },
-      submission: { listen: `${p.host}:${p.submissionPort}` },
+      mx: { host: p.host, port: p.smtpPort },
+      submission: { host: p.host, port: p.submissionPort },
       localDomains: [plan.domain],
     },
   };
@@ -103,7 +104,7 @@ export function loadbalancerConfig(plan: LabPlan): Record<string, unknown> {
     plan.proxies.map((p) => ({ name: p.name, address: `${p.host}:${port(p)}`, healthUrl: `http://${p.host}:${p.adminPort}/health` }));
   return {
     logLevel: 'info',
-    admin: { listen: `${lb.host}:${lb.adminPort}`, token: plan.adminToken },
+    admin: { host: lb.host, port: lb.adminPort, token: plan.adminToken },
     listeners: [
       { name: 'smtp', listen: `${lb.host}:${lb.smtpPort}`, pool: 'smtp' },
       { name: 'submission', listen: `${lb.host}:${lb.submissionPort}`, pool: 'submission' },
