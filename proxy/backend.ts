@@ -1,0 +1,239 @@
+/**
+ * The proxy's side of a pair's IMAP/POP3 service: connect to the pair's floating address,
+ * read the greeting, forward the client's address (IMAP `ID x-originating-ip/port`, POP3
+ * `XCLIENT ADDR/PORT`), and log in as the master account on the user's behalf with SASL PLAIN
+ * (authorization identity = uid). Works with Dovecot and with pairgate's own store, which
+ * behaves the same way. Every wait is bounded; failures are typed:
+ * UnavailableError (connect, greeting, [UNAVAILABLE]: worth retrying while holding) or
+ * AuthError (the pair refused the master login: configuration, never retried).
+ */
+import net from 'node:net';
+import { AuthError, ProtocolError, TimeoutError, UnavailableError } from '../common/errors.ts';
+
+export interface Endpoint {
+  host: string;
+  port: number;
+}
+
+export interface ClientAddress {
+  address: string;
+  port: number;
+}
+
+export interface MasterLogin {
+  uid: string;
+  masterUser: string;
+  masterSecret: string;
+  /** Client address to forward; omitted = not forwarded. */
+  client?: ClientAddress | undefined;
+  /** Bound on the whole dialogue after connect. */
+  timeoutMs: number;
+}
+
+export interface BackendSession {
+  socket: net.Socket;
+  /** IMAP: the backend's post-login CAPABILITY list (without the word CAPABILITY); null if it sent none. */
+  capabilities: string | null;
+  /** POP3: the backend's answer to AUTH (e.g. `+OK Logged in.`), sent on to the client. */
+  okLine: string;
+  /** Bytes the backend sent after its login answer (rare), to be forwarded first. */
+  leftover: Buffer;
+}
+
+const MAX_LINE = 64 * 1024;
+
+export function connectTcp(ep: Endpoint, timeoutMs: number): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: ep.host, port: ep.port });
+    socket.setNoDelay(true);
+    const done = (err: Error | null) => {
+      clearTimeout(timer);
+      socket.off('connect', onConnect);
+      socket.off('error', onError);
+      if (err) {
+        socket.destroy();
+        reject(err);
+      } else resolve(socket);
+    };
+    const onConnect = () => done(null);
+    const onError = (err: Error) => done(new UnavailableError(`cannot connect to ${ep.host}:${ep.port}: ${(err as NodeJS.ErrnoException).code ?? err.message}`, { cause: err }));
+    const timer = setTimeout(() => done(new UnavailableError(`connect to ${ep.host}:${ep.port} timed out after ${timeoutMs} ms`)), timeoutMs);
+    socket.once('connect', onConnect);
+    socket.once('error', onError);
+  });
+}
+
+/** Reads CRLF lines (IMAP literals at a line end are read and appended) from a socket, with a deadline. */
+export class LineReader {
+  private buf: Buffer = Buffer.alloc(0);
+  private waiter: (() => void) | null = null;
+  private ended: Error | null = null;
+  private readonly onData = (chunk: Buffer) => {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+    if (this.buf.length > MAX_LINE * 2) this.ended = new ProtocolError('backend line too long');
+    this.waiter?.();
+  };
+  private readonly onEnd = () => {
+    this.ended ??= new UnavailableError('backend closed the connection');
+    this.waiter?.();
+  };
+
+  constructor(
+    private readonly socket: net.Socket,
+    private readonly deadline: number,
+  ) {
+    socket.on('data', this.onData);
+    socket.once('end', this.onEnd);
+    socket.once('close', this.onEnd);
+    socket.on('error', this.onEnd);
+  }
+
+  private async waitMore(): Promise<void> {
+    if (this.ended) throw this.ended;
+    const left = this.deadline - Date.now();
+    if (left <= 0) throw new TimeoutError('backend did not answer in time');
+    await new Promise<void>((resolve) => {
+      const t = setTimeout(() => {
+        this.waiter = null;
+        resolve();
+      }, left);
+      this.waiter = () => {
+        clearTimeout(t);
+        this.waiter = null;
+        resolve();
+      };
+    });
+  }
+
+  async line(imapLiterals = false): Promise<string> {
+    let out = '';
+    for (;;) {
+      const lf = this.buf.indexOf(0x0a);
+      if (lf < 0) {
+        if (this.buf.length > MAX_LINE) throw new ProtocolError('backend line too long');
+        await this.waitMore();
+        continue;
+      }
+      const text = this.buf.subarray(0, lf).toString('utf8').replace(/\r$/, '');
+      this.buf = this.buf.subarray(lf + 1);
+      out += text;
+      const lit = imapLiterals ? /\{(\d{1,9})\}$/.exec(text) : null;
+      if (!lit) return out;
+      const size = Number(lit[1]);
+      if (size > MAX_LINE) throw new ProtocolError('backend literal too large');
+      while (this.buf.length < size) await this.waitMore();
+      out += this.buf.subarray(0, size).toString('utf8');
+      this.buf = this.buf.subarray(size);
+    }
+  }
+
+  /** Stops reading; returns what was read past the last line. */
+  detach(): Buffer {
+    this.socket.off('data', this.onData);
+    this.socket.off('end', this.onEnd);
+    this.socket.off('close', this.onEnd);
+    this.socket.off('error', this.onEnd);
+    const rest = this.buf;
+    this.buf = Buffer.alloc(0);
+    return rest;
+  }
+}
+
+export function saslPlain(authzid: string, authcid: string, password: string): string {
+  return Buffer.from(`${authzid}\0${authcid}\0${password}`, 'utf8').toString('base64');
+}
+
+function imapQuote(s: string): string {
+  return `"${s.replace(/[\\"]/g, (c) => `\\${c}`)}"`;
+}
+
+/** IMAP: greeting, ID with the client address, AUTHENTICATE PLAIN as master for uid. */
+export async function imapMasterLogin(socket: net.Socket, login: MasterLogin): Promise<BackendSession> {
+  const reader = new LineReader(socket, Date.now() + login.timeoutMs);
+  try {
+    const greeting = await reader.line(true);
+    if (!/^\* OK\b/i.test(greeting)) {
+      throw new UnavailableError(`backend greeting is not OK: ${greeting.slice(0, 120)}`);
+    }
+    let caps = /\[CAPABILITY ([^\]]*)\]/i.exec(greeting)?.[1] ?? null;
+    let n = 0;
+    const command = async (text: string, continuation?: string): Promise<{ status: string; line: string }> => {
+      const tag = `pg${++n}`;
+      socket.write(`${tag} ${text}\r\n`);
+      for (;;) {
+        const line = await reader.line(true);
+        if (line.startsWith('+') && continuation !== undefined) {
+          socket.write(`${continuation}\r\n`);
+          continuation = undefined;
+          continue;
+        }
+        if (line.startsWith('+')) {
+          socket.write('*\r\n'); // cancel an unexpected continuation
+          continue;
+        }
+        const cap = /^\* CAPABILITY (.*)$/i.exec(line);
+        if (cap) caps = cap[1]!;
+        if (line.startsWith(`${tag} `)) {
+          const status = line.slice(tag.length + 1).split(' ')[0]!.toUpperCase();
+          return { status, line };
+        }
+      }
+    };
+    if (!caps) {
+      await command('CAPABILITY');
+    }
+    if (login.client) {
+      const id = await command(
+        `ID (${imapQuote('x-originating-ip')} ${imapQuote(login.client.address)} ${imapQuote('x-originating-port')} ${imapQuote(String(login.client.port))})`,
+      );
+      if (id.status !== 'OK') throw new UnavailableError(`backend refused ID: ${id.line.slice(0, 120)}`);
+    }
+    const ir = caps ? /(^| )SASL-IR( |$)/i.test(caps) : false;
+    const creds = saslPlain(login.uid, login.masterUser, login.masterSecret);
+    caps = null; // pre-login capabilities do not count; the login answer (or a CAPABILITY after it) does
+    const auth = ir ? await command(`AUTHENTICATE PLAIN ${creds}`) : await command('AUTHENTICATE PLAIN', creds);
+    if (auth.status !== 'OK') {
+      const text = auth.line.replace(/^\S+ /, '');
+      if (/\[(UNAVAILABLE|SERVERBUG|INUSE|LIMIT)\]/i.test(text) || /temporar/i.test(text)) throw new UnavailableError(`backend login failed: ${text.slice(0, 160)}`);
+      throw new AuthError(`backend refused the master login: ${text.slice(0, 160)}`);
+    }
+    const fromOk = /\[CAPABILITY ([^\]]*)\]/i.exec(auth.line)?.[1] ?? null;
+    caps = fromOk ?? caps;
+    if (!caps) {
+      await command('CAPABILITY');
+    }
+    return { socket, capabilities: caps, okLine: auth.line, leftover: reader.detach() };
+  } catch (err) {
+    reader.detach();
+    throw err;
+  }
+}
+
+/** POP3: greeting, XCLIENT with the client address, AUTH PLAIN as master for uid. */
+export async function pop3MasterLogin(socket: net.Socket, login: MasterLogin): Promise<BackendSession> {
+  const reader = new LineReader(socket, Date.now() + login.timeoutMs);
+  try {
+    const greeting = await reader.line();
+    if (!greeting.startsWith('+OK')) throw new UnavailableError(`backend greeting is not +OK: ${greeting.slice(0, 120)}`);
+    if (login.client) {
+      socket.write(`XCLIENT ADDR=${login.client.address} PORT=${login.client.port}\r\n`);
+      const x = await reader.line();
+      if (!x.startsWith('+OK')) throw new UnavailableError(`backend refused XCLIENT: ${x.slice(0, 120)}`);
+    }
+    socket.write(`AUTH PLAIN ${saslPlain(login.uid, login.masterUser, login.masterSecret)}\r\n`);
+    let answer = await reader.line();
+    if (answer.startsWith('+ ')) {
+      // A server without initial-response support asks again: send the credentials once more.
+      socket.write(`${saslPlain(login.uid, login.masterUser, login.masterSecret)}\r\n`);
+      answer = await reader.line();
+    }
+    if (!answer.startsWith('+OK')) {
+      if (/\[(SYS\/TEMP|IN-USE|LOGIN-DELAY)\]/i.test(answer)) throw new UnavailableError(`backend login failed: ${answer.slice(0, 160)}`);
+      throw new AuthError(`backend refused the master login: ${answer.slice(0, 160)}`);
+    }
+    return { socket, capabilities: null, okLine: answer, leftover: reader.detach() };
+  } catch (err) {
+    reader.detach();
+    throw err;
+  }
+}

@@ -1,0 +1,109 @@
+/**
+ * What every client session of one proxy shares: config, directory, pair health, limits,
+ * metrics, the TLS certificate and the registry of open sessions (for per-user caps, for
+ * closing a pair's sessions when it goes down, and for the graceful stop).
+ */
+import type { Logger } from '../common/log.ts';
+import type { AddressList } from '../common/cidr.ts';
+import type { Directory } from '../directory/types.ts';
+import type { ProxyConfig } from './config.ts';
+import type { PairHealth } from './pair-health.ts';
+import type { AuthLimiter } from './rate-limit.ts';
+import type { ProxyMetrics } from './metrics.ts';
+import type { TlsStore } from './tls.ts';
+
+export type Protocol = 'imap' | 'pop3';
+
+/** One open client session, as the registry sees it. */
+export interface SessionHandle {
+  cid: string;
+  protocol: Protocol;
+  clientAddress: string;
+  /** Set once logged in. */
+  uid: string | null;
+  pair: string | null;
+  /** Closes the session with the protocol's goodbye. */
+  kick(reason: string): void;
+  /** Resolves when the session is gone. */
+  closed: Promise<void>;
+}
+
+export class SessionRegistry {
+  private readonly all = new Set<SessionHandle>();
+  private readonly perUser = new Map<string, number>();
+
+  add(s: SessionHandle): void {
+    this.all.add(s);
+    void s.closed.then(() => this.remove(s));
+  }
+
+  private remove(s: SessionHandle): void {
+    if (!this.all.delete(s)) return;
+    if (s.uid) this.decUser(s.uid);
+  }
+
+  /** Marks a session logged in; returns false (and changes nothing) when the user's cap is reached. */
+  bindUser(s: SessionHandle, uid: string, cap: number): boolean {
+    const n = this.perUser.get(uid) ?? 0;
+    if (cap > 0 && n >= cap) return false;
+    this.perUser.set(uid, n + 1);
+    s.uid = uid;
+    return true;
+  }
+
+  /** Undoes bindUser (a login that failed after the cap check). */
+  unbindUser(s: SessionHandle): void {
+    if (!s.uid) return;
+    this.decUser(s.uid);
+    s.uid = null;
+  }
+
+  private decUser(uid: string): void {
+    const n = (this.perUser.get(uid) ?? 1) - 1;
+    if (n <= 0) this.perUser.delete(uid);
+    else this.perUser.set(uid, n);
+  }
+
+  userSessions(uid: string): number {
+    return this.perUser.get(uid) ?? 0;
+  }
+
+  byPair(pair: string): SessionHandle[] {
+    return [...this.all].filter((s) => s.pair === pair);
+  }
+
+  list(): SessionHandle[] {
+    return [...this.all];
+  }
+
+  get size(): number {
+    return this.all.size;
+  }
+
+  counts(): Record<string, Record<string, number>> {
+    const out: Record<string, Record<string, number>> = {};
+    for (const s of this.all) {
+      const p = s.pair ?? '(pre-login)';
+      out[s.protocol] ??= {};
+      out[s.protocol]![p] = (out[s.protocol]![p] ?? 0) + 1;
+    }
+    return out;
+  }
+}
+
+export interface ProxyContext {
+  config: ProxyConfig;
+  directory: Directory;
+  pairHealth: PairHealth;
+  limiter: AuthLimiter;
+  metrics: ProxyMetrics;
+  log: Logger;
+  /** Load-balancer addresses: PROXY header required from them, refused from others. */
+  loadBalancers: AddressList;
+  /** Pair addresses the master secret may be sent to. */
+  trustedBackends: AddressList;
+  tls: TlsStore | null;
+  sessions: SessionRegistry;
+  /** True once the graceful stop began: no new logins. */
+  stopping: boolean;
+}

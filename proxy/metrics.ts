@@ -1,0 +1,25 @@
+/**
+ * The proxy tier's metrics (names are a contract with the Grafana dashboards). proxy/smtp
+ * uses the same objects through `proxyMetrics(registry)`, so labels stay the same everywhere.
+ */
+import { counter, gauge, histogram, type MetricsRegistry } from '../common/metrics.ts';
+
+export function proxyMetrics(registry: MetricsRegistry) {
+  return {
+    sessions: gauge(registry, 'sessions', 'Open proxied sessions', ['protocol', 'pair', 'role']),
+    sessionsTotal: counter(registry, 'sessions_total', 'Proxied sessions started', ['protocol', 'pair', 'role']),
+    logins: counter(registry, 'logins_total', 'Login attempts by outcome', ['protocol', 'result']),
+    loginSeconds: histogram(registry, 'login_seconds', 'Time from login command to the backend session being ready', ['protocol']),
+    backendConnectFailures: counter(registry, 'backend_connect_failures_total', 'Failed connects or master logins to a pair', ['pair']),
+    heldLogins: counter(registry, 'held_logins_total', 'Logins that waited for their pair (failing-over or connect failure)', ['pair']),
+    heldSeconds: histogram(registry, 'held_login_seconds', 'How long held logins waited', ['pair']),
+    bytes: counter(registry, 'proxy_bytes_total', 'Bytes spliced between clients and pairs', ['direction', 'protocol']),
+    connections: gauge(registry, 'proxy_connections', 'Open client connections (before and after login)', ['protocol']),
+    rejected: counter(registry, 'proxy_connections_rejected_total', 'Client connections refused before a session', ['protocol', 'reason']),
+    throttled: counter(registry, 'proxy_auth_throttled_total', 'Logins refused or delayed by failed-login limits', ['scope']),
+    closed: counter(registry, 'proxy_sessions_closed_total', 'Proxied sessions ended, by reason', ['protocol', 'reason']),
+    tlsReloads: counter(registry, 'proxy_tls_reloads_total', 'Certificate reloads by outcome', ['result']),
+  };
+}
+
+export type ProxyMetrics = ReturnType<typeof proxyMetrics>;

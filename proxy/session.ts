@@ -1,0 +1,278 @@
+/**
+ * What IMAP and POP3 client sessions share: the socket (replaced after STARTTLS/STLS), the
+ * pre-login idle timer, the refusal of PROXY headers from untrusted peers, the login call,
+ * and, once logged in, the splice: bytes both ways with backpressure (stream pipes), byte
+ * counters, idle timeouts on both sides, a clean client close when the backend goes away,
+ * and one log line at the end with user, pair, client address, bytes and duration.
+ */
+import type net from 'node:net';
+import { randomBytes } from 'node:crypto';
+import type { Logger } from '../common/log.ts';
+import type { ListenerConfig } from './config.ts';
+import type { ProxyContext, Protocol, SessionHandle } from './context.ts';
+import type { BackendSession, ClientAddress } from './backend.ts';
+import { looksLikeProxyHeader } from './proxy-protocol.ts';
+import { upgradeToTls } from './tls.ts';
+import { proxyLogin, type LoginResult } from './login.ts';
+
+export interface AcceptedConnection {
+  socket: net.Socket;
+  /** The client as the session sees it: from the PROXY header when behind a load balancer. */
+  remote: ClientAddress;
+  /** The address the client connected to (this proxy or the LB). */
+  local: ClientAddress;
+  secure: boolean;
+  listener: ListenerConfig;
+  /** True when the connection came from a configured load balancer (PROXY header read). */
+  viaLb: boolean;
+}
+
+type Phase = 'pre-login' | 'tls' | 'logging-in' | 'proxying' | 'closed';
+
+export abstract class ClientSession implements SessionHandle {
+  readonly cid = randomBytes(6).toString('base64url');
+  abstract readonly protocol: Protocol;
+  uid: string | null = null;
+  pair: string | null = null;
+  readonly clientAddress: string;
+  readonly closed: Promise<void>;
+  protected socket: net.Socket;
+  protected secure: boolean;
+  protected phase: Phase = 'pre-login';
+  protected log: Logger;
+  protected readonly started = Date.now();
+  private resolveClosed!: () => void;
+  private idleTimer: NodeJS.Timeout | null = null;
+  private sawData = false;
+  private backend: net.Socket | null = null;
+  private bytesIn = 0;
+  private bytesOut = 0;
+  private endReason = 'client closed';
+  private readonly onDataBound = (chunk: Buffer) => this.handleData(chunk);
+
+  constructor(
+    protected readonly ctx: ProxyContext,
+    protected readonly conn: AcceptedConnection,
+  ) {
+    this.socket = conn.socket;
+    this.secure = conn.secure;
+    this.clientAddress = conn.remote.address;
+    this.closed = new Promise((r) => (this.resolveClosed = r));
+    this.log = ctx.log.child({ cid: this.cid, client: conn.remote.address });
+  }
+
+  /** The first line the server sends. */
+  protected abstract greeting(): string;
+  /** Bytes from the client before login (after the PROXY/TLS layers). */
+  protected abstract onInput(chunk: Buffer): void;
+  /** Line sent when the proxy closes the session on its own (pair down, stop); null = none. */
+  protected abstract goodbye(reason: string): string | null;
+  /** Line for a client whose first bytes are a PROXY header it may not send. */
+  protected abstract refuseLine(text: string): string;
+
+  start(): void {
+    this.ctx.sessions.add(this);
+    this.ctx.metrics.connections.inc({ protocol: this.protocol });
+    this.attach(this.socket);
+    this.write(this.greeting());
+    this.armIdle(this.ctx.config.timeouts.preLoginMs);
+  }
+
+  private attach(socket: net.Socket): void {
+    socket.on('data', this.onDataBound);
+    socket.on('error', (err) => {
+      this.log.debug({ err: err.message }, 'client socket error');
+      this.finish(`client error: ${(err as NodeJS.ErrnoException).code ?? err.message}`);
+    });
+    socket.on('close', () => this.finish(this.phase === 'proxying' ? this.endReason : 'client closed before login'));
+    socket.resume();
+  }
+
+  private handleData(chunk: Buffer): void {
+    if (this.phase === 'proxying' || this.phase === 'closed') return;
+    if (!this.sawData) {
+      this.sawData = true;
+      if (!this.conn.viaLb && looksLikeProxyHeader(chunk)) {
+        this.log.warn({ peer: this.socket.remoteAddress }, 'PROXY header from an address that is not a configured load balancer: refused');
+        this.ctx.metrics.rejected.inc({ protocol: this.protocol, reason: 'proxy-header-untrusted' });
+        this.write(this.refuseLine('PROXY header not accepted from this address'));
+        this.close('untrusted PROXY header');
+        return;
+      }
+    }
+    this.onInput(chunk);
+  }
+
+  protected armIdle(ms: number): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    if (ms <= 0) return;
+    this.idleTimer = setTimeout(() => {
+      this.log.info({ phase: this.phase }, 'pre-login idle timeout');
+      const line = this.goodbye('idle timeout');
+      if (line) this.write(line);
+      this.close('pre-login idle timeout');
+    }, ms);
+    this.idleTimer.unref();
+  }
+
+  protected write(text: string): void {
+    if (this.phase === 'closed' || this.socket.destroyed || this.socket.writableEnded) return;
+    if (this.log.isLevelEnabled('debug')) this.log.debug({ line: text.replace(/\r\n$/, '') }, 'S:');
+    this.socket.write(text);
+  }
+
+  get isSecure(): boolean {
+    return this.secure;
+  }
+
+  /** STARTTLS/STLS after the OK was written: drops pipelined plaintext, runs the handshake, re-attaches. */
+  protected async startTls(): Promise<boolean> {
+    const store = this.ctx.tls;
+    if (!store) return false;
+    this.phase = 'tls';
+    const plain = this.socket;
+    plain.off('data', this.onDataBound);
+    plain.removeAllListeners('close');
+    plain.removeAllListeners('error');
+    plain.pause();
+    try {
+      const secure = await upgradeToTls(plain, store, this.ctx.config.timeouts.tlsHandshakeMs);
+      this.socket = secure;
+      this.secure = true;
+      this.phase = 'pre-login';
+      this.attach(secure);
+      return true;
+    } catch (err) {
+      this.log.info({ err: (err as Error).message }, 'STARTTLS handshake failed');
+      plain.destroy();
+      this.finish('tls handshake failed');
+      return false;
+    }
+  }
+
+  /** Runs the login; on success sends `okText` (built from the backend answer) and splices. */
+  protected async login(loginName: string, password: string, clientLeftover: () => Buffer, okText: (r: Extract<LoginResult, { ok: true }>) => string): Promise<LoginResult> {
+    this.phase = 'logging-in';
+    this.socket.pause();
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    const result = await proxyLogin(this.ctx, { protocol: this.protocol, login: loginName, password, client: this.conn.remote, session: this, log: this.log });
+    if ((this.phase as Phase) === 'closed' || this.socket.destroyed) {
+      if (result.ok) result.backend.socket.destroy();
+      return result;
+    }
+    if (!result.ok) {
+      this.phase = 'pre-login';
+      this.armIdle(this.ctx.config.timeouts.preLoginMs);
+      this.socket.resume();
+      return result;
+    }
+    this.log = this.log.child({ user: result.user.uid, pair: result.pair.id });
+    this.write(okText(result));
+    this.splice(result.backend, clientLeftover());
+    return result;
+  }
+
+  private splice(backend: BackendSession, clientLeftover: Buffer): void {
+    const c = this.socket;
+    const b = backend.socket;
+    this.backend = b;
+    this.phase = 'proxying';
+    const labels = { protocol: this.protocol, pair: this.pair ?? 'unknown', role: 'proxy' };
+    this.ctx.metrics.sessions.inc(labels);
+    this.ctx.metrics.sessionsTotal.inc(labels);
+    void this.closed.then(() => this.ctx.metrics.sessions.dec(labels));
+    this.log.info('session proxied');
+    c.off('data', this.onDataBound);
+    const bytes = this.ctx.metrics.bytes;
+    c.on('data', (d: Buffer) => {
+      this.bytesIn += d.length;
+      bytes.inc({ direction: 'in', protocol: this.protocol }, d.length);
+    });
+    b.on('data', (d: Buffer) => {
+      this.bytesOut += d.length;
+      bytes.inc({ direction: 'out', protocol: this.protocol }, d.length);
+    });
+    const idle = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
+    if (idle > 0) {
+      const onIdle = () => {
+        this.log.info({ idleMs: idle }, 'session idle timeout');
+        this.kick('idle timeout');
+      };
+      c.setTimeout(idle, onIdle);
+      b.setTimeout(idle, onIdle);
+    }
+    b.on('error', (err) => {
+      this.endReason = `backend error: ${(err as NodeJS.ErrnoException).code ?? err.message}`;
+    });
+    b.on('end', () => {
+      if (this.endReason === 'client closed') this.endReason = 'backend closed';
+    });
+    b.on('close', () => {
+      // Backend gone (logout, crash, kill): close the client cleanly, never with a reset.
+      if (this.endReason === 'client closed') this.endReason = 'backend closed';
+      if (!c.destroyed && !c.writableEnded) {
+        c.unpipe(b);
+        if (this.endReason.startsWith('backend error')) {
+          const line = this.goodbye('backend lost');
+          if (line) c.write(line);
+        }
+        this.endClient();
+      }
+    });
+    if (backend.leftover.length) c.write(backend.leftover);
+    if (clientLeftover.length) b.write(clientLeftover);
+    c.pipe(b);
+    b.pipe(c);
+    c.resume();
+  }
+
+  /** Ends the client side and destroys it if the client does not close within a bound. */
+  private endClient(): void {
+    const c = this.socket;
+    c.end();
+    const t = setTimeout(() => c.destroy(), 5000);
+    t.unref();
+    c.once('close', () => clearTimeout(t));
+  }
+
+  /** Closes the session with the protocol's goodbye (pair down, graceful stop, idle). */
+  kick(reason: string): void {
+    if (this.phase === 'closed') return;
+    this.endReason = reason;
+    this.log.info({ reason }, 'closing session');
+    if (this.backend) {
+      this.socket.unpipe(this.backend);
+      this.backend.unpipe(this.socket);
+      this.backend.destroy();
+    }
+    const line = this.goodbye(reason);
+    if (line && !this.socket.destroyed && !this.socket.writableEnded) this.socket.write(line);
+    this.endClient();
+  }
+
+  protected close(reason: string): void {
+    this.endReason = reason;
+    if (this.phase === 'closed') return;
+    this.endClient();
+  }
+
+  private finish(reason: string): void {
+    if (this.phase === 'closed') return;
+    const wasProxying = this.phase === 'proxying';
+    this.phase = 'closed';
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.backend?.destroy();
+    if (!this.socket.destroyed) this.socket.destroy();
+    this.ctx.metrics.connections.dec({ protocol: this.protocol });
+    if (wasProxying) {
+      this.ctx.metrics.closed.inc({ protocol: this.protocol, reason: reason.split(':')[0]! });
+      this.log.info(
+        { user: this.uid, pair: this.pair, client: this.clientAddress, bytesIn: this.bytesIn, bytesOut: this.bytesOut, durationMs: Date.now() - this.started, reason },
+        'session ended',
+      );
+    } else {
+      this.log.debug({ reason, durationMs: Date.now() - this.started }, 'connection ended before login');
+    }
+    this.resolveClosed();
+  }
+}
