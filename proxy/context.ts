@@ -6,6 +6,7 @@
 import type { Logger } from '../common/log.ts';
 import type { AddressList } from '../common/cidr.ts';
 import type { Directory } from '../directory/types.ts';
+import type { RedisBus } from '../common/redis-bus.ts';
 import type { ProxyConfig } from './config.ts';
 import type { PairHealth } from './pair-health.ts';
 import type { AuthLimiter } from './rate-limit.ts';
@@ -103,6 +104,8 @@ export interface ProxyContext {
   /** Pair addresses the master secret may be sent to. */
   trustedBackends: AddressList;
   tls: TlsStore | null;
+  /** Shared Redis (null when not configured). */
+  bus: RedisBus | null;
   sessions: SessionRegistry;
   /** True once the graceful stop began: no new logins. */
   stopping: boolean;

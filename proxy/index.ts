@@ -114,7 +114,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     const limiter = new AuthLimiter(config.authLimits, bus, log, metrics);
     cleanup.push(() => limiter.close());
     const sessions = new SessionRegistry();
-    const ctx: ProxyContext = { config, directory, pairHealth, limiter, metrics, log, loadBalancers, trustedBackends, tls, sessions, stopping: false };
+    const ctx: ProxyContext = { config, directory, pairHealth, limiter, metrics, log, loadBalancers, trustedBackends, tls, bus, sessions, stopping: false };
 
     pairHealth.on('change', (c) => {
       if (c.to !== 'down') return;

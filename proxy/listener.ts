@@ -19,7 +19,7 @@ export interface Listener {
   name: string;
   config: ListenerConfig;
   address: AddressInfo;
-  /** Stops accepting (open sessions go on). */
+  /** Stops accepting (open sessions go on; the stop closes them). */
   close(): Promise<void>;
 }
 
@@ -150,6 +150,9 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
     name,
     config: lc,
     address,
-    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+    // Stops listening at once; net.Server's own callback would wait for every open session.
+    close: async () => {
+      if (server.listening) server.close();
+    },
   };
 }

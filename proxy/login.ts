@@ -9,6 +9,7 @@
 import type { Logger } from '../common/log.ts';
 import { AuthError, NotFoundError, UnavailableError, errorCode } from '../common/errors.ts';
 import type { PairRecord, UserRecord } from '../directory/types.ts';
+import { keys } from '../common/redis-bus.ts';
 import { connectTcp, imapMasterLogin, pop3MasterLogin, type BackendSession, type ClientAddress } from './backend.ts';
 import type { ProxyContext, Protocol, SessionHandle } from './context.ts';
 
@@ -80,6 +81,31 @@ export async function proxyLogin(
     return done({ ok: false, kind: 'temp', message: 'directory unavailable' });
   }
   const ulog = log.child({ user: user.uid });
+
+  // A user move in its final copy blocks new sessions for the user (Redis `usermove:<uid>`):
+  // wait, bounded by the hold, then route afresh (the move switches the home pair).
+  if (ctx.bus?.connected) {
+    const deadline = started + ctx.config.hold.maxMs;
+    let waited = false;
+    for (;;) {
+      let blocked = false;
+      try {
+        blocked = (await ctx.bus.get(keys.userMove(user.uid))) !== null;
+      } catch {
+        break; // Redis went away: nothing to wait for that we can see.
+      }
+      if (!blocked) break;
+      if (!waited) {
+        waited = true;
+        ulog.info('login held: user move in progress');
+      }
+      if (Date.now() + 200 >= deadline) {
+        ulog.warn('login failed: user move still in progress after the hold bound');
+        return done({ ok: false, kind: 'temp', message: 'user move in progress' });
+      }
+      await sleep(200);
+    }
+  }
 
   let pair: PairRecord;
   try {
