@@ -1,0 +1,348 @@
+/**
+ * bench/imap: the store agent's IMAP server against Dovecot on the same machine, same run.
+ *
+ *   npm run bench -- imap [--seconds 5] [--messages 10000] [--concurrency 8] [--big-mib 10]
+ *
+ * Figures: login+SELECT+FETCH+LOGOUT sessions per second (several clients at once), FETCH of
+ * 100 message headers (fetches/s and MiB/s), FETCH of one big body (MiB/s), and SEARCH over a
+ * mailbox of --messages messages (a flag key and a header substring key, ms per search).
+ * pairgate's server runs in a child process (this file with --serve) on a FileBlockDevice in a
+ * temp dir, so that client and server do not share an event loop, as with Dovecot.
+ * Targets (issue #6): session rate and FETCH throughput at least 0.8x Dovecot's.
+ * Ends with one JSON line.
+ */
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import { chownSync, mkdirSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { fileURLToPath } from 'node:url';
+
+const { values: args } = parseArgs({
+  options: {
+    seconds: { type: 'string', default: '5' },
+    messages: { type: 'string', default: '10000' },
+    concurrency: { type: 'string', default: '8' },
+    'big-mib': { type: 'string', default: '10' },
+    serve: { type: 'boolean', default: false },
+    help: { type: 'boolean', default: false },
+  },
+});
+
+const SECONDS = Number(args.seconds);
+const MESSAGES = Number(args.messages);
+const CONCURRENCY = Number(args.concurrency);
+const BIG_MIB = Number(args['big-mib']);
+const USER = 'benchuser';
+const PASSWORD = 'bench-pw';
+const NEEDLE_EVERY = 1000;
+
+function benchMessage(i: number): Buffer {
+  const from = i % NEEDLE_EVERY === 0 ? 'Needle Person <needle@example.org>' : `Sender ${i % 97} <sender${i % 97}@example.net>`;
+  const filler = `Line ${i} of a benchmark message body with some ordinary text in it.\r\n`.repeat(20);
+  return Buffer.from(
+    `From: ${from}\r\nTo: ${USER}@example.net\r\nSubject: Benchmark message number ${i}\r\nDate: Mon, 23 Nov 2026 01:00:00 +0000\r\nMessage-ID: <bench-${i}@example.net>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n${filler}`,
+  );
+}
+
+function bigMessage(mib: number): Buffer {
+  const line = 'x'.repeat(74) + '\r\n';
+  const body = line.repeat(Math.ceil((mib * 1024 * 1024) / line.length));
+  return Buffer.from(`From: big@example.net\r\nTo: ${USER}@example.net\r\nSubject: big\r\n\r\n${body}`);
+}
+
+// ---- server side (child process) --------------------------------------------------------
+
+async function serve(): Promise<void> {
+  const { FileBlockDevice } = await import('../pair-agent/volume/block-device.ts');
+  const { openMailStore } = await import('../pair-agent/store/index.ts');
+  const { startImapServer } = await import('../pair-agent/store/imap/index.ts');
+  const { AddressList } = await import('../common/cidr.ts');
+  const { createLogger } = await import('../common/log.ts');
+  const { createRegistry } = await import('../common/metrics.ts');
+  const { tempDir } = await import('../test/helpers/proc.ts');
+  const tmp = tempDir('pairgate-bench-imap-');
+  const log = createLogger({ role: 'bench', level: 'warn' });
+  const volumeBytes = Math.ceil((MESSAGES * 4096 * 1.5 + BIG_MIB * 1024 * 1024 * 3 + 64 * 1024 * 1024) / 4096) * 4096;
+  const device = await FileBlockDevice.open(join(tmp.path, 'volume.img'), { size: volumeBytes, create: true });
+  const store = await openMailStore(device, { log, registry: createRegistry({}, false) });
+  await store.ensureUser(USER);
+  const t0 = Date.now();
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: 16 }, async () => {
+      while (next < MESSAGES) {
+        const i = next++;
+        await store.append(USER, 'INBOX', benchMessage(i), { flags: i % 3 === 0 ? ['\\Seen'] : [] });
+      }
+    }),
+  );
+  await store.createMailbox(USER, 'Big');
+  await store.append(USER, 'Big', bigMessage(BIG_MIB));
+  const server = await startImapServer({
+    store,
+    host: '127.0.0.1',
+    port: 0,
+    masterUser: 'master',
+    masterSecret: 'bench-master-secret',
+    trusted: new AddressList(['127.0.0.0/8']),
+    log,
+    registry: createRegistry({}, false),
+    users: { [USER]: PASSWORD },
+    limits: { maxSessionsPerUser: 1000 },
+  });
+  process.stdout.write(JSON.stringify({ port: server.port, populateMs: Date.now() - t0 }) + '\n');
+  const stop = async () => {
+    await server.close();
+    await store.close();
+    await device.close();
+    tmp.cleanup();
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void stop());
+  process.stdin.on('end', () => void stop());
+  process.stdin.resume();
+}
+
+// ---- a minimal pipelining IMAP client -----------------------------------------------------
+
+class Client {
+  private buf: Buffer = Buffer.alloc(0);
+  private wake: (() => void) | null = null;
+  private closed = false;
+  private n = 0;
+  bytes = 0;
+  private constructor(private readonly sock: net.Socket) {
+    sock.on('data', (d: Buffer) => {
+      this.bytes += d.length;
+      this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+      this.wake?.();
+    });
+    sock.on('close', () => {
+      this.closed = true;
+      this.wake?.();
+    });
+    sock.on('error', () => undefined);
+  }
+
+  static async open(port: number): Promise<Client> {
+    const sock = net.connect({ host: '127.0.0.1', port });
+    sock.setNoDelay(true);
+    await new Promise<void>((res, rej) => {
+      sock.once('connect', res);
+      sock.once('error', rej);
+    });
+    const c = new Client(sock);
+    await c.waitFor(() => c.buf.indexOf('\r\n') >= 0);
+    c.buf = Buffer.alloc(0);
+    return c;
+  }
+
+  private async waitFor(pred: () => boolean): Promise<void> {
+    const deadline = Date.now() + 60_000;
+    while (!pred()) {
+      if (this.closed) throw new Error('connection closed');
+      if (Date.now() > deadline) throw new Error('timeout');
+      await new Promise<void>((r) => {
+        this.wake = r;
+        setTimeout(r, 1000);
+      });
+      this.wake = null;
+    }
+  }
+
+  /** Sends a command and waits for its tagged reply; returns the bytes of the whole response. */
+  async cmd(command: string): Promise<number> {
+    const tag = `b${++this.n}`;
+    const marker = Buffer.from(`${tag} `);
+    this.sock.write(`${tag} ${command}\r\n`);
+    let from = 0;
+    let size = 0;
+    // The tagged reply starts a line: look for "\r\n<tag> " (or the tag at the very start).
+    await this.waitFor(() => {
+      if (this.buf.subarray(0, marker.length).equals(marker)) return this.buf.indexOf('\r\n') >= 0;
+      const i = this.buf.indexOf(Buffer.concat([Buffer.from('\r\n'), marker]), Math.max(0, from - marker.length - 2));
+      from = this.buf.length;
+      if (i < 0) return false;
+      return this.buf.indexOf('\r\n', i + 2) >= 0;
+    });
+    const start = this.buf.subarray(0, marker.length).equals(marker) ? 0 : this.buf.indexOf(Buffer.concat([Buffer.from('\r\n'), marker])) + 2;
+    const end = this.buf.indexOf('\r\n', start) + 2;
+    const line = this.buf.subarray(start, end).toString();
+    if (!line.startsWith(`${tag} OK`)) throw new Error(`${command.slice(0, 40)}: ${line.trim()}`);
+    size = end;
+    this.buf = this.buf.subarray(end);
+    return size;
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+interface Target {
+  name: string;
+  port: number;
+}
+
+async function forSeconds(seconds: number, concurrency: number, fn: () => Promise<number>): Promise<{ ops: number; bytes: number; secs: number }> {
+  const end = Date.now() + seconds * 1000;
+  const t0 = process.hrtime.bigint();
+  let ops = 0;
+  let bytes = 0;
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (Date.now() < end) {
+        bytes += await fn();
+        ops++;
+      }
+    }),
+  );
+  return { ops, bytes, secs: Number(process.hrtime.bigint() - t0) / 1e9 };
+}
+
+async function measure(t: Target): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  // 1. Sessions: connect, LOGIN, SELECT INBOX, FETCH one message's flags and size, LOGOUT.
+  const s = await forSeconds(SECONDS, CONCURRENCY, async () => {
+    const c = await Client.open(t.port);
+    await c.cmd(`LOGIN ${USER} ${PASSWORD}`);
+    await c.cmd('SELECT INBOX');
+    await c.cmd('FETCH 1 (FLAGS RFC822.SIZE)');
+    await c.cmd('LOGOUT').catch(() => 0);
+    c.close();
+    return 0;
+  });
+  out.sessionsPerSec = s.ops / s.secs;
+
+  const c = await Client.open(t.port);
+  await c.cmd(`LOGIN ${USER} ${PASSWORD}`);
+  await c.cmd('EXAMINE INBOX');
+  // 2. FETCH of 100 headers (warm once first: both servers cache parsed headers).
+  await c.cmd('FETCH 1:100 (UID BODY.PEEK[HEADER])');
+  const h = await forSeconds(SECONDS, 1, () => c.cmd('FETCH 1:100 (UID BODY.PEEK[HEADER])'));
+  out.headerFetchesPerSec = h.ops / h.secs;
+  out.headerMiBPerSec = h.bytes / h.secs / 1048576;
+  // 3. SEARCH over the whole mailbox: a flag key, and a header substring key.
+  const searches: Array<[string, string]> = [
+    ['searchFlagMs', 'SEARCH UNSEEN'],
+    ['searchFromMs', 'SEARCH FROM "needle@example.org"'],
+  ];
+  for (const [name, q] of searches) {
+    await c.cmd(q);
+    const n = 3;
+    const t0 = Date.now();
+    for (let i = 0; i < n; i++) await c.cmd(q);
+    out[name] = (Date.now() - t0) / n;
+  }
+  // 4. FETCH of one big body.
+  await c.cmd('EXAMINE Big');
+  await c.cmd('FETCH 1 BODY.PEEK[]');
+  const b = await forSeconds(Math.max(2, SECONDS), 1, () => c.cmd('FETCH 1 BODY.PEEK[]'));
+  out.bigFetchMiBPerSec = b.bytes / b.secs / 1048576;
+  await c.cmd('LOGOUT').catch(() => 0);
+  c.close();
+  return out;
+}
+
+async function startPairgate(): Promise<{ port: number; populateMs: number; child: ChildProcess }> {
+  const self = fileURLToPath(import.meta.url);
+  const child = spawn(process.execPath, ['--import', 'tsx', self, '--serve', '--messages', String(MESSAGES), '--big-mib', String(BIG_MIB)], {
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  const line = await new Promise<string>((resolve, reject) => {
+    let acc = '';
+    child.stdout!.on('data', (d: Buffer) => {
+      acc += d.toString();
+      const i = acc.indexOf('\n');
+      if (i >= 0) resolve(acc.slice(0, i));
+    });
+    child.once('exit', (code) => reject(new Error(`pairgate bench server exited with ${code}`)));
+  });
+  const info = JSON.parse(line) as { port: number; populateMs: number };
+  return { ...info, child };
+}
+
+async function startDovecotBaseline() {
+  const { startDovecot } = await import('../test/helpers/dovecot.ts');
+  const dovecot = await startDovecot({ users: [{ user: USER, password: PASSWORD }] });
+  // Fill the user's Maildir directly (cur/ files with flags in their names), then let Dovecot
+  // index it on the first SELECT (done in the warm-up, not measured).
+  const uid = Number(execFileSync('id', ['-u', 'dovecot']).toString());
+  const gid = Number(execFileSync('id', ['-g', 'dovecot']).toString());
+  const home = join(dovecot.dir, 'mail', USER);
+  const t0 = Date.now();
+  const mk = (p: string) => {
+    mkdirSync(p, { recursive: true });
+    chownSync(p, uid, gid);
+  };
+  mk(home);
+  for (const box of ['Maildir', 'Maildir/.Big']) for (const sub of ['', '/cur', '/new', '/tmp']) mk(join(home, box + sub));
+  const now = Math.floor(Date.now() / 1000);
+  for (let i = 0; i < MESSAGES; i++) {
+    const f = join(home, 'Maildir', 'cur', `${now}.M${i}P1.bench:2,${i % 3 === 0 ? 'S' : ''}`);
+    writeFileSync(f, benchMessage(i));
+    chownSync(f, uid, gid);
+  }
+  const big = join(home, 'Maildir', '.Big', 'cur', `${now}.Mbig.bench:2,`);
+  writeFileSync(big, bigMessage(BIG_MIB));
+  chownSync(big, uid, gid);
+  // Let Dovecot build its index once before measuring.
+  const c = await Client.open(dovecot.imapPort);
+  await c.cmd(`LOGIN ${USER} ${PASSWORD}`);
+  await c.cmd('SELECT INBOX');
+  await c.cmd('SELECT Big');
+  c.close();
+  return { dovecot, populateMs: Date.now() - t0 };
+}
+
+async function main(): Promise<void> {
+  if (args.help) {
+    process.stdout.write(
+      (await import('node:fs')).readFileSync(fileURLToPath(import.meta.url), 'utf8').split('*/')[0]!.replace(/^\/\*\*?|^ \* ?/gm, '') + '\n',
+    );
+    return;
+  }
+  if (args.serve) return serve();
+  console.log(`bench imap: ${MESSAGES} messages, ${BIG_MIB} MiB big body, ${SECONDS}s per figure, ${CONCURRENCY} concurrent sessions`);
+  const pg = await startPairgate();
+  let pgFigures: Record<string, number>;
+  try {
+    pgFigures = await measure({ name: 'pairgate', port: pg.port });
+  } finally {
+    pg.child.kill('SIGTERM');
+  }
+  const dv = await startDovecotBaseline();
+  let dvFigures: Record<string, number>;
+  try {
+    dvFigures = await measure({ name: 'dovecot', port: dv.dovecot.imapPort });
+  } finally {
+    await dv.dovecot.close();
+  }
+  const rows: Array<[string, string, number, number]> = [
+    ['sessions/s (login+select+fetch+logout)', 'sessionsPerSec', pgFigures.sessionsPerSec!, dvFigures.sessionsPerSec!],
+    ['FETCH 100 headers: fetches/s', 'headerFetchesPerSec', pgFigures.headerFetchesPerSec!, dvFigures.headerFetchesPerSec!],
+    ['FETCH 100 headers: MiB/s', 'headerMiBPerSec', pgFigures.headerMiBPerSec!, dvFigures.headerMiBPerSec!],
+    [`FETCH ${BIG_MIB} MiB body: MiB/s`, 'bigFetchMiBPerSec', pgFigures.bigFetchMiBPerSec!, dvFigures.bigFetchMiBPerSec!],
+    [`SEARCH UNSEEN over ${MESSAGES}: ms`, 'searchFlagMs', pgFigures.searchFlagMs!, dvFigures.searchFlagMs!],
+    [`SEARCH FROM over ${MESSAGES}: ms`, 'searchFromMs', pgFigures.searchFromMs!, dvFigures.searchFromMs!],
+  ];
+  const w = 44;
+  console.log(`\n${'figure'.padEnd(w)} ${'pairgate'.padStart(10)} ${'dovecot'.padStart(10)} ${'ratio'.padStart(7)}`);
+  for (const [label, , a, b] of rows) console.log(`${label.padEnd(w)} ${a.toFixed(1).padStart(10)} ${b.toFixed(1).padStart(10)} ${(a / b).toFixed(2).padStart(7)}`);
+  console.log(`(populate: pairgate ${pg.populateMs} ms through the store, dovecot ${dv.populateMs} ms writing Maildir files + indexing)`);
+  const targets = {
+    sessionRate: { value: +(pgFigures.sessionsPerSec! / dvFigures.sessionsPerSec!).toFixed(3), min: 0.8 },
+    headerFetch: { value: +(pgFigures.headerMiBPerSec! / dvFigures.headerMiBPerSec!).toFixed(3), min: 0.8 },
+    bigFetch: { value: +(pgFigures.bigFetchMiBPerSec! / dvFigures.bigFetchMiBPerSec!).toFixed(3), min: 0.8 },
+  };
+  const figures: Record<string, number> = {};
+  for (const [, key, a, b] of rows) {
+    figures[`pairgate_${key}`] = +a.toFixed(2);
+    figures[`dovecot_${key}`] = +b.toFixed(2);
+  }
+  const met = Object.values(targets).every((t) => t.value >= t.min);
+  console.log(JSON.stringify({ bench: 'imap', figures, targets, met }));
+}
+
+await main();
