@@ -1,0 +1,541 @@
+/**
+ * One node of a pair: heartbeat, membership and the node state machine, fencing, the resources
+ * (floating IP, store, command resources, health endpoint) and the health reporter.
+ *
+ * Every change goes through `evaluate()`: build the facts, ask the pure state machine, commit
+ * the proposal (checked against the transition table, logged, counted), then run its side
+ * effect (fence, start or stop resources). After every await the state is checked again, so a
+ * result that arrives late (a fence that finished after the peer came back, a start that ended
+ * after maintenance was switched on) is never acted on.
+ */
+import { existsSync, readFileSync, unlinkSync, writeFileSync } from 'node:fs';
+import type { HealthAnswer } from '../common/admin-http.ts';
+import { startAdminServer, type AdminServer } from '../common/admin-http.ts';
+import { PairgateError } from '../common/errors.ts';
+import { HEALTH_PUBLISH_INTERVAL_MS, HEALTH_TTL_MS, pairServes, type HealthRecord, type PairState } from '../common/health.ts';
+import type { Logger } from '../common/log.ts';
+import { counter, gauge, type MetricsRegistry } from '../common/metrics.ts';
+import { RedisBus, keys } from '../common/redis-bus.ts';
+import type { Resource } from './resource.ts';
+import { checkPairAgentConfig, pairAgentConfigSchema, type PairAgentConfig } from './config.ts';
+import { createFenceDevice, Fencer } from './fencing/index.ts';
+import { Heartbeat, splitHostPort, type PeerStatus } from './ha/heartbeat.ts';
+import type { NodeView } from './ha/heartbeat-codec.ts';
+import { checkTransition, decide, NODE_STATES, other, roleOf, type Decision, type Facts, type NodeId, type NodeState, type OperatorRequest } from './ha/state-machine.ts';
+import { CommandResource } from './resources/command.ts';
+import { FloatingIpResource } from './resources/floating-ip.ts';
+import { HealthEndpointResource } from './resources/health-endpoint.ts';
+import { ResourceManager } from './resources/manager.ts';
+import { PingMonitor } from './resources/ping.ts';
+import { loadOptionalResources, type OptionalResources } from './resources/optional.ts';
+
+export { pairAgentConfigSchema, type PairAgentConfig };
+
+export interface PairAgentDeps {
+  log: Logger;
+  registry: MetricsRegistry;
+}
+
+export interface PairAgentStatus {
+  pair: string;
+  node: NodeId;
+  state: NodeState;
+  holds: boolean;
+  request: OperatorRequest;
+  maintenance: boolean;
+  ping: boolean;
+  fencing: string;
+  fencingDetail: string | null;
+  peer: PeerStatus & { state: string | null };
+  resources: string[];
+  health: HealthRecord;
+}
+
+export interface PairAgent {
+  readonly adminUrl: string;
+  state(): NodeState;
+  status(): PairAgentStatus;
+  health(): HealthRecord;
+  standby(): Promise<PairAgentStatus>;
+  takeover(): Promise<PairAgentStatus>;
+  maintenance(on: boolean): Promise<PairAgentStatus>;
+  stop(): Promise<void>;
+}
+
+class Agent implements PairAgent {
+  private current: NodeState = 'starting';
+  private holds = false;
+  private request: OperatorRequest = 'none';
+  private maintenanceOn = false;
+  private resourcesFailed = false;
+  private peerFenced = false;
+  private readonly startedAt = Date.now();
+  private evaluating = false;
+  private again = false;
+  private epoch = 0;
+  private publishTimer: NodeJS.Timeout | null = null;
+  private tickTimer: NodeJS.Timeout | null = null;
+  private lastPublished = '';
+  private admin: AdminServer | null = null;
+  private bus: RedisBus | null = null;
+  private backgroundFence = false;
+  private readonly heartbeat: Heartbeat;
+  private readonly fencer: Fencer;
+  private readonly manager: ResourceManager;
+  private readonly ping: PingMonitor | null;
+  private readonly m;
+
+  constructor(
+    private readonly config: PairAgentConfig,
+    private readonly log: Logger,
+    private readonly registry: MetricsRegistry,
+    private readonly optional: OptionalResources,
+    private readonly floating: FloatingIpResource,
+  ) {
+    const c = config;
+    this.heartbeat = new Heartbeat({
+      pair: c.pair,
+      node: c.node,
+      key: Buffer.from(c.heartbeat.key, 'utf8'),
+      listen: c.heartbeat.listen,
+      peers: c.heartbeat.peers,
+      keepaliveMs: c.heartbeat.keepaliveMs,
+      warntimeMs: c.heartbeat.warntimeMs,
+      deadtimeMs: c.heartbeat.deadtimeMs,
+      initdeadMs: c.heartbeat.initdeadMs,
+      view: () => this.selfView(),
+      log,
+      registry,
+    });
+    this.fencer = new Fencer(c.fencing, createFenceDevice(c.fencing, log), log, registry);
+    const serviceAddress = c.serviceAddress ?? c.floatingIp.address;
+    const resources: Resource[] = [];
+    if (optional.volume) resources.push(optional.volume);
+    resources.push(floating);
+    if (optional.store) resources.push(optional.store);
+    for (const r of c.resources) resources.push(new CommandResource(r, log));
+    resources.push(new HealthEndpointResource(serviceAddress, c.healthPort, () => this.healthAnswer(), registry, log));
+    this.manager = new ResourceManager(resources, { monitorIntervalMs: c.monitor.intervalMs, maxRestarts: c.monitor.maxRestarts, failureWindowMs: c.monitor.failureWindowMs, log, registry });
+    this.manager.on('failed', () => {
+      this.resourcesFailed = true;
+      this.changed('resources failed');
+    });
+    this.ping = c.ping ? new PingMonitor(c.ping, log) : null;
+    this.ping?.on('change', () => this.changed('ping'));
+    this.m = {
+      failovers: counter(registry, 'failovers_total', 'Takeovers of the pair resources by this node', ['kind']),
+      transitions: counter(registry, 'pair_state_transitions_total', 'Node state transitions', ['from', 'to']),
+      nodeState: gauge(registry, 'pair_node_state', 'Current node state (1 for the current one)', ['state']),
+      peerAlive: gauge(registry, 'pair_peer_alive', '1 while the peer is alive on the heartbeat'),
+      fencingFailed: gauge(registry, 'pair_fencing_failed', '1 while the last fencing attempt failed'),
+    };
+    this.setStateGauge();
+  }
+
+  async start(): Promise<void> {
+    const c = this.config;
+    if (c.pidFile) writeFileSync(c.pidFile, `${process.pid}\n`);
+    const { host, port } = splitHostPort(c.admin.listen);
+    this.admin = await startAdminServer({
+      host,
+      port,
+      registry: this.registry,
+      token: c.admin.token,
+      log: this.log,
+      health: () => this.healthAnswer(),
+      routes: {
+        'GET /status': () => this.status(),
+        'POST /standby': () => this.standby(),
+        'POST /takeover': () => this.takeover(),
+        'POST /maintenance': ({ body }) => {
+          const on = (body as { on?: unknown }).on;
+          if (typeof on !== 'boolean') throw new PairgateError('BAD_INPUT', 'body must be {"on": true|false}', false);
+          return this.maintenance(on);
+        },
+      },
+    });
+    if (c.redis) this.bus = new RedisBus({ url: c.redis.url, connectTimeoutMs: c.redis.connectTimeoutMs, commandTimeoutMs: c.redis.commandTimeoutMs, log: this.log });
+    this.heartbeat.on('peer-alive', () => {
+      this.peerFenced = false;
+      this.fencer.reset();
+      this.changed('peer alive');
+    });
+    this.heartbeat.on('peer-restarted', () => {
+      this.peerFenced = false;
+      this.changed('peer restarted');
+    });
+    this.heartbeat.on('peer-dead', () => this.changed('peer dead'));
+    this.heartbeat.on('peer-view', () => this.changed('peer view'));
+    await this.heartbeat.start();
+    this.ping?.start();
+    // initdead and other timers: re-evaluate every keepalive
+    this.tickTimer = setInterval(() => this.evaluate(), this.config.heartbeat.keepaliveMs);
+    this.publishTimer = setInterval(() => void this.publish(false), HEALTH_PUBLISH_INTERVAL_MS);
+    this.log.info({ admin: this.admin.url, generation: this.heartbeat.generation, initdeadMs: c.heartbeat.initdeadMs }, 'pair-agent started');
+    this.evaluate();
+  }
+
+  get adminUrl(): string {
+    return this.admin?.url ?? '';
+  }
+
+  state(): NodeState {
+    return this.current;
+  }
+
+  private selfView(): NodeView {
+    return {
+      state: this.current,
+      holds: this.holds,
+      disk: this.diskState(),
+      ping: this.ping ? this.ping.reachable : true,
+      request: this.request,
+      failed: this.resourcesFailed,
+    };
+  }
+
+  private diskState(): string {
+    return this.optional.volumeDisk?.() ?? 'none';
+  }
+
+  /** The peer as the state machine sees it: a peer that said it stopped is treated as gone. */
+  private peerFacts(): Facts['peer'] {
+    const s = this.heartbeat.status();
+    const stopped = s.view?.state === 'stopped';
+    return { alive: s.alive && !stopped, everSeen: s.everSeen, view: s.view };
+  }
+
+  private facts(): Facts {
+    const v = this.selfView();
+    return {
+      node: this.config.node,
+      preferred: this.config.preferred,
+      autoFailback: this.config.autoFailback,
+      initdeadOver: Date.now() - this.startedAt >= this.config.heartbeat.initdeadMs,
+      self: { holds: v.holds, disk: v.disk, ping: v.ping, request: v.request, failed: v.failed, maintenance: this.maintenanceOn },
+      peer: this.peerFacts(),
+      peerFenced: this.peerFenced,
+    };
+  }
+
+  private changed(why: string): void {
+    this.log.debug({ why }, 're-evaluating');
+    this.evaluate();
+    this.heartbeat.sendNow();
+  }
+
+  /** Asks the state machine and commits its proposal; serialised, re-run when something changed meanwhile. */
+  evaluate(): void {
+    if (this.current === 'stopped') return;
+    if (this.evaluating) {
+      this.again = true;
+      return;
+    }
+    this.evaluating = true;
+    try {
+      for (let i = 0; i < 10; i++) {
+        this.again = false;
+        const f = this.facts();
+        this.maybeBackgroundFence(f);
+        const d = decide(this.current, f);
+        if (d) this.commit(d);
+        if (!d && !this.again) break;
+      }
+    } finally {
+      this.evaluating = false;
+    }
+  }
+
+  private commit(d: Decision): void {
+    const from = this.current;
+    const ok = checkTransition(from, d.to);
+    if (!ok.ok) {
+      this.log.error({ from, to: d.to, reason: d.reason, refused: ok.reason }, 'state transition refused');
+      return;
+    }
+    this.current = d.to;
+    this.epoch += 1;
+    this.m.transitions.inc({ from, to: d.to });
+    this.setStateGauge();
+    this.log.info({ from, to: d.to, reason: d.reason, kind: d.kind }, 'state change');
+    this.bus?.publishQuietly({ type: 'state', pair: this.config.pair, node: this.config.node, from, to: d.to, reason: d.reason });
+    this.heartbeat.sendNow();
+    void this.publish(true);
+    this.enter(d.to, from);
+  }
+
+  private setStateGauge(): void {
+    for (const s of NODE_STATES) this.m.nodeState.set({ state: s }, s === this.current ? 1 : 0);
+  }
+
+  /** Side effects of entering a state; each checks the epoch after its awaits. */
+  private enter(state: NodeState, from: NodeState): void {
+    const epoch = this.epoch;
+    const still = () => this.epoch === epoch;
+    switch (state) {
+      case 'fencing':
+        void this.fencer
+          .fencePeer(() => still() && !this.peerFacts().alive)
+          .then((ok) => {
+            this.m.fencingFailed.set(this.fencer.status === 'failed' ? 1 : 0);
+            if (ok && still()) {
+              this.peerFenced = true;
+              this.evaluate();
+            }
+          });
+        // a failed attempt changes health (fencing: failed) while the loop retries
+        this.watchFencing(still);
+        return;
+      case 'taking-over':
+        this.holds = true;
+        this.m.failovers.inc({ kind: from === 'fencing' ? 'peer-dead' : 'handover' });
+        void this.manager.startAll().then(
+          () => {
+            if (!still()) return;
+            if (this.request !== 'none') this.request = 'none';
+            this.commit({ to: 'primary', reason: 'resources started', kind: 'soft' });
+          },
+          (err) => {
+            this.log.error({ err: (err as Error).message }, 'takeover failed: releasing');
+            this.markFailed();
+            if (still()) this.commit({ to: 'releasing', reason: 'resources failed to start', kind: 'hard' });
+          },
+        );
+        return;
+      case 'releasing':
+        this.fencer.cancel();
+        void this.release(still);
+        return;
+      case 'maintenance':
+        this.manager.stopMonitor();
+        return;
+      case 'primary':
+        if (from === 'maintenance') void this.manager.monitorOnce();
+        return;
+      default:
+        return;
+    }
+  }
+
+  private watchFencing(still: () => boolean): void {
+    let last = this.fencer.status;
+    const t = setInterval(() => {
+      if (!still() || this.current === 'stopped') {
+        clearInterval(t);
+        return;
+      }
+      if (this.fencer.status !== last) {
+        last = this.fencer.status;
+        this.m.fencingFailed.set(last === 'failed' ? 1 : 0);
+        void this.publish(true);
+        this.heartbeat.sendNow();
+      }
+    }, 50);
+  }
+
+  private markFailed(): void {
+    this.resourcesFailed = true;
+    setTimeout(() => {
+      this.resourcesFailed = false;
+      this.changed('resource failure window over');
+    }, this.config.monitor.failureWindowMs).unref();
+  }
+
+  private async release(still: () => boolean): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.manager.stopAll();
+        this.holds = false;
+        if (still()) this.commit({ to: 'standby', reason: 'resources stopped', kind: 'soft' });
+        return;
+      } catch (err) {
+        this.log.error({ err: (err as Error).message, attempt }, 'releasing: a resource did not stop; retrying (the peer cannot take over until it does)');
+        await new Promise((r) => setTimeout(r, Math.min(1000 * attempt, 5000)));
+        if (!still()) return;
+      }
+    }
+  }
+
+  /** A primary also fences a dead peer (so that in a partition exactly one node survives, thanks to the delay). */
+  private maybeBackgroundFence(f: Facts): void {
+    if (this.backgroundFence || f.peer.alive || !f.peer.everSeen || this.peerFenced) return;
+    if (this.current !== 'primary') return;
+    this.backgroundFence = true;
+    const epoch = this.epoch;
+    void this.fencer
+      .fencePeer(() => this.current === 'primary' && this.epoch === epoch && !this.peerFacts().alive)
+      .then((ok) => {
+        this.backgroundFence = false;
+        this.m.fencingFailed.set(this.fencer.status === 'failed' ? 1 : 0);
+        if (ok) this.peerFenced = true;
+        void this.publish(true);
+      });
+  }
+
+  // ---- health ----
+
+  health(): HealthRecord {
+    const peerId = other(this.config.node);
+    const hb = this.heartbeat.status();
+    const pf = this.peerFacts();
+    const peerView = hb.view;
+    const selfRole = roleOf(this.current, this.holds);
+    const peerRole = pf.alive && peerView ? roleOf(peerView.state, peerView.holds) : 'unknown';
+    const iAmPrimary = this.current === 'primary';
+    const peerPrimary = pf.alive && peerView?.state === 'primary';
+    const transitional = (s: string | undefined) => s === 'taking-over' || s === 'fencing' || s === 'releasing';
+    const fencingFailed = this.fencer.status === 'failed';
+    let state: PairState;
+    if (this.current === 'maintenance' || (pf.alive && peerView?.state === 'maintenance')) state = 'maintenance';
+    else if (fencingFailed && !iAmPrimary && !peerPrimary) state = 'down';
+    else if (transitional(this.current) || (pf.alive && transitional(peerView?.state))) state = 'failing-over';
+    else if (iAmPrimary || peerPrimary) state = pf.alive && !fencingFailed && !this.resourcesFailed ? 'ok' : 'degraded';
+    else state = 'down';
+    const heartbeatWord = pf.alive ? 'up' : hb.everSeen ? 'down' : 'unknown';
+    const nodes = {
+      [this.config.node]: { heartbeat: 'self', role: selfRole, disk: this.diskState(), state: this.current },
+      [peerId]: { heartbeat: heartbeatWord, role: peerRole, disk: pf.alive && peerView ? peerView.disk : 'unknown', state: pf.alive && peerView ? peerView.state : 'unknown' },
+    };
+    const extra = this.optional.healthExtras?.() ?? {};
+    return {
+      pair: this.config.pair,
+      at: Date.now(),
+      state,
+      primary: iAmPrimary ? this.config.node : peerPrimary ? peerId : null,
+      nodes,
+      replication: extra.replication ?? { connection: 'none', protocol: 'none', outOfSyncBytes: 0 },
+      store: extra.store ?? { mailboxes: 0, messages: 0, bytesUsed: 0, bytesTotal: 0 },
+      sessions: extra.sessions ?? { imap: 0, pop3: 0, lmtp: 0 },
+      fencing: this.fencer.status,
+      address: this.config.serviceAddress ?? this.config.floatingIp.address,
+    };
+  }
+
+  private healthAnswer(): HealthAnswer {
+    const h = this.health();
+    return { healthy: pairServes(h.state), body: h };
+  }
+
+  /** The node that holds or is getting the resources (or that sees nobody doing so) writes the pair's record. */
+  private shouldPublish(): boolean {
+    if (this.current === 'stopped' || this.current === 'starting') return false;
+    if (this.holds || this.current === 'fencing' || this.current === 'taking-over' || this.current === 'releasing') return true;
+    if (this.current === 'maintenance') return true;
+    return !this.peerFacts().alive;
+  }
+
+  private async publish(onChange: boolean): Promise<void> {
+    if (!this.bus || !this.shouldPublish()) return;
+    const h = this.health();
+    const sig = `${h.state}|${h.primary}|${h.fencing}|${h.nodes.a?.heartbeat}|${h.nodes.b?.heartbeat}`;
+    if (onChange && sig === this.lastPublished) return;
+    const changed = sig !== this.lastPublished;
+    this.lastPublished = sig;
+    try {
+      await this.bus.set(keys.pairHealth(this.config.pair), JSON.stringify(h), HEALTH_TTL_MS);
+      if (changed) await this.bus.publish({ type: 'health', pair: this.config.pair, state: h.state, at: h.at });
+    } catch (err) {
+      this.log.debug({ err: (err as Error).message }, 'health not published (redis unavailable)');
+    }
+  }
+
+  // ---- operator ----
+
+  status(): PairAgentStatus {
+    const hb = this.heartbeat.status();
+    return {
+      pair: this.config.pair,
+      node: this.config.node,
+      state: this.current,
+      holds: this.holds,
+      request: this.request,
+      maintenance: this.maintenanceOn,
+      ping: this.ping ? this.ping.reachable : true,
+      fencing: this.fencer.status,
+      fencingDetail: this.fencer.last?.detail ?? null,
+      peer: { ...hb, state: hb.view?.state ?? null },
+      resources: this.manager.resources.map((r) => r.name),
+      health: this.health(),
+    };
+  }
+
+  async standby(): Promise<PairAgentStatus> {
+    if (this.maintenanceOn) throw new PairgateError('CONFLICT', 'the node is in maintenance: switch maintenance off first', false);
+    if (this.holds && !this.peerFacts().alive) throw new PairgateError('CONFLICT', 'the peer is not up: nobody to hand the resources to', false);
+    this.request = 'standby';
+    this.log.info('operator: standby');
+    this.changed('operator standby');
+    return this.status();
+  }
+
+  async takeover(): Promise<PairAgentStatus> {
+    if (this.maintenanceOn) throw new PairgateError('CONFLICT', 'the node is in maintenance: switch maintenance off first', false);
+    if (this.diskState() !== 'UpToDate' && this.diskState() !== 'none') throw new PairgateError('CONFLICT', `local disk is ${this.diskState()}: refusing to take over`, false);
+    this.request = this.current === 'primary' ? 'none' : 'takeover';
+    this.resourcesFailed = false;
+    this.log.info('operator: takeover');
+    this.changed('operator takeover');
+    return this.status();
+  }
+
+  async maintenance(on: boolean): Promise<PairAgentStatus> {
+    if (on === this.maintenanceOn) return this.status();
+    this.maintenanceOn = on;
+    this.log.info({ on }, 'operator: maintenance');
+    this.changed(`operator maintenance ${on ? 'on' : 'off'}`);
+    return this.status();
+  }
+
+  async stop(): Promise<void> {
+    if (this.current === 'stopped') return;
+    const from = this.current;
+    this.epoch += 1;
+    this.fencer.cancel();
+    if (this.tickTimer) clearInterval(this.tickTimer);
+    if (this.publishTimer) clearInterval(this.publishTimer);
+    if (from !== 'maintenance' && this.holds) {
+      try {
+        await this.manager.stopAll();
+        this.holds = false;
+      } catch (err) {
+        this.log.error({ err: (err as Error).message }, 'a resource did not stop cleanly');
+      }
+    }
+    this.manager.stopMonitor();
+    const c = this.config;
+    if (c.pidFile && existsSync(c.pidFile)) {
+      try {
+        if (readFileSync(c.pidFile, 'utf8').trim() === String(process.pid)) unlinkSync(c.pidFile);
+      } catch {
+        // best effort
+      }
+    }
+    this.current = 'stopped';
+    this.setStateGauge();
+    this.log.info({ from, to: 'stopped' }, 'state change');
+    // tell the peer at once, so it takes over without waiting for deadtime
+    this.heartbeat.sendNow();
+    await this.publish(true);
+    await this.heartbeat.close();
+    this.ping?.stop();
+    await this.optional.close?.();
+    await this.admin?.close();
+    await this.bus?.close();
+  }
+}
+
+/** Starts the agent; rejects (ConfigError, exit 2) on a bad config, or when a socket cannot be bound. */
+export async function startPairAgent(config: PairAgentConfig, deps: PairAgentDeps): Promise<PairAgent> {
+  checkPairAgentConfig(config);
+  const log = deps.log.child({ pair: config.pair, node: config.node });
+  const floating = new FloatingIpResource(config.floatingIp, log);
+  const optional = await loadOptionalResources(config, { log, registry: deps.registry, listenHost: config.serviceAddress ?? config.floatingIp.address });
+  const agent = new Agent(config, log, deps.registry, optional, floating);
+  try {
+    await agent.start();
+  } catch (err) {
+    await agent.stop().catch(() => undefined);
+    throw err;
+  }
+  return agent;
+}

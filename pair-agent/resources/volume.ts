@@ -1,0 +1,93 @@
+/**
+ * The replicated volume as a pair resource: start = promote (primary), stop = demote
+ * (secondary), monitor = the volume still primary with its disk attached. Its disk state goes
+ * into the heartbeat view (so a stale node never takes over from an UpToDate one) and its
+ * replication state into the health record. Written against the exported API of
+ * pair-agent/volume/index.ts (volumeConfigSchema, openReplicatedVolume).
+ */
+import type { ZodTypeAny } from 'zod';
+import { validateConfig } from '../../common/config.ts';
+import { ConfigError } from '../../common/errors.ts';
+import type { Logger } from '../../common/log.ts';
+import type { MetricsRegistry } from '../../common/metrics.ts';
+import type { MonitorResult, Resource } from '../resource.ts';
+import type { OptionalResources } from './optional.ts';
+
+/** The part of ReplicatedVolume the agent uses. */
+export interface VolumeLike {
+  promote(opts?: { force?: boolean }): Promise<unknown>;
+  demote(): Promise<unknown>;
+  status(): unknown;
+  close(): Promise<unknown>;
+}
+
+function field(obj: unknown, ...names: string[]): unknown {
+  for (const n of names) {
+    const v = (obj as Record<string, unknown> | null)?.[n];
+    if (v !== undefined) return v;
+  }
+  return undefined;
+}
+
+export function volumeView(status: unknown): { role: string; disk: string; connection: string; protocol: string; outOfSyncBytes: number } {
+  const str = (v: unknown, d: string) => (typeof v === 'string' ? v : d);
+  const num = (v: unknown) => (typeof v === 'number' ? v : 0);
+  return {
+    role: str(field(status, 'role'), 'unknown'),
+    disk: str(field(status, 'disk', 'diskState'), 'unknown'),
+    connection: str(field(status, 'connection', 'connectionState'), 'unknown'),
+    protocol: str(field(status, 'protocol'), 'C'),
+    outOfSyncBytes: num(field(status, 'outOfSyncBytes')),
+  };
+}
+
+export class VolumeResource implements Resource {
+  readonly name = 'volume';
+  constructor(readonly volume: VolumeLike) {}
+
+  async start(): Promise<void> {
+    if (volumeView(this.volume.status()).role === 'primary') return;
+    await this.volume.promote();
+  }
+
+  async stop(): Promise<void> {
+    if (volumeView(this.volume.status()).role !== 'primary') return;
+    await this.volume.demote();
+  }
+
+  async monitor(): Promise<MonitorResult> {
+    const v = volumeView(this.volume.status());
+    if (v.role !== 'primary') return 'stopped';
+    return v.disk === 'UpToDate' ? 'running' : 'failed';
+  }
+}
+
+export async function volumeResource(
+  mod: Record<string, unknown>,
+  raw: Record<string, unknown>,
+  deps: { log: Logger; registry: MetricsRegistry },
+): Promise<OptionalResources> {
+  const schema = mod.volumeConfigSchema as ZodTypeAny | undefined;
+  const open = mod.openReplicatedVolume as ((c: unknown, d: { log: Logger; registry: MetricsRegistry }) => Promise<VolumeLike>) | undefined;
+  if (!schema || typeof open !== 'function') throw new ConfigError('volume', 'pair-agent/volume/index.ts does not export volumeConfigSchema and openReplicatedVolume');
+  let cfg: unknown;
+  try {
+    cfg = validateConfig(schema, raw, 'volume');
+  } catch (err) {
+    const e = err as ConfigError;
+    throw new ConfigError(`volume.${e.key ?? ''}`.replace(/\.$/, ''), e.message.replace(/^[^:]*: /, ''));
+  }
+  const volume = await open(cfg, { log: deps.log.child({ part: 'volume' }), registry: deps.registry });
+  const resource = new VolumeResource(volume);
+  return {
+    volume: resource,
+    volumeDisk: () => volumeView(volume.status()).disk,
+    healthExtras: () => {
+      const v = volumeView(volume.status());
+      return { replication: { connection: v.connection, protocol: v.protocol, outOfSyncBytes: v.outOfSyncBytes } };
+    },
+    close: async () => {
+      await volume.close();
+    },
+  };
+}
