@@ -19,6 +19,7 @@ import { RedisBus, keys } from '../common/redis-bus.ts';
 import type { Resource } from './resource.ts';
 import { checkPairAgentConfig, pairAgentConfigSchema, type PairAgentConfig } from './config.ts';
 import { createFenceDevice, Fencer } from './fencing/index.ts';
+import { processState } from './fencing/process.ts';
 import { Heartbeat, splitHostPort, type PeerStatus } from './ha/heartbeat.ts';
 import type { NodeView } from './ha/heartbeat-codec.ts';
 import { checkTransition, decide, NODE_STATES, other, roleOf, type Decision, type Facts, type NodeId, type NodeState, type OperatorRequest } from './ha/state-machine.ts';
@@ -134,7 +135,12 @@ class Agent implements PairAgent {
 
   async start(): Promise<void> {
     const c = this.config;
-    if (c.pidFile) writeFileSync(c.pidFile, `${process.pid}\n`);
+    if (c.pidFile) {
+      const other = readPid(c.pidFile);
+      if (other !== null && other !== process.pid && processState(other) === 'running') {
+        throw new PairgateError('CONFLICT', `another pair-agent runs with pid ${other} (${c.pidFile})`, false);
+      }
+    }
     const { host, port } = splitHostPort(c.admin.listen);
     this.admin = await startAdminServer({
       host,
@@ -167,6 +173,7 @@ class Agent implements PairAgent {
     this.heartbeat.on('peer-dead', () => this.changed('peer dead'));
     this.heartbeat.on('peer-view', () => this.changed('peer view'));
     await this.heartbeat.start();
+    if (c.pidFile) writeFileSync(c.pidFile, `${process.pid}\n`);
     this.ping?.start();
     // initdead and other timers: re-evaluate every keepalive
     this.tickTimer = setInterval(() => this.evaluate(), this.config.heartbeat.keepaliveMs);
@@ -521,6 +528,15 @@ class Agent implements PairAgent {
     await this.optional.close?.();
     await this.admin?.close();
     await this.bus?.close();
+  }
+}
+
+function readPid(file: string): number | null {
+  try {
+    const n = Number.parseInt(readFileSync(file, 'utf8').trim(), 10);
+    return Number.isInteger(n) && n > 1 ? n : null;
+  } catch {
+    return null;
   }
 }
 

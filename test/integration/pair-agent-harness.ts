@@ -1,0 +1,223 @@
+/**
+ * Test harness for the pair-agent fault tests: two real `pairgate pair-agent` processes on
+ * loopback, with local-process fencing, a floating address of their own in 127.0.0.0/8, and
+ * optionally a UDP relay on the heartbeat path that the test can cut.
+ */
+import dgram from 'node:dgram';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { stringify } from 'yaml';
+import { freePort, sleep, waitFor } from '../helpers/net.ts';
+import { startProcess, tempDir, type Managed } from '../helpers/proc.ts';
+
+export const REPO = join(import.meta.dirname, '..', '..');
+export const HB_KEY = 'test-heartbeat-key-0123456789';
+
+export type NodeId = 'a' | 'b';
+
+export interface AgentStatus {
+  state: string;
+  holds: boolean;
+  fencing: string;
+  peer: { alive: boolean; generation: number | null; state: string | null };
+  health: { state: string; primary: string | null; fencing?: string };
+}
+
+export interface TestNode {
+  id: NodeId;
+  proc: Managed | null;
+  configFile: string;
+  adminUrl: string;
+  pidFile: string;
+  hbPort: number;
+  start(): Promise<void>;
+  status(timeoutMs?: number): Promise<AgentStatus | null>;
+  post(path: string, body?: unknown): Promise<{ status: number; body: unknown }>;
+  metrics(): Promise<string>;
+}
+
+export interface UdpRelay {
+  /** Address the node sends to. */
+  port: number;
+  cut: boolean;
+  close(): Promise<void>;
+}
+
+/** Forwards datagrams to `to` while not cut. */
+export async function startRelay(toPort: number): Promise<UdpRelay> {
+  const sock = dgram.createSocket('udp4');
+  const relay: UdpRelay = {
+    port: 0,
+    cut: false,
+    close: () => new Promise((r) => sock.close(() => r())),
+  };
+  sock.on('message', (msg) => {
+    if (!relay.cut) sock.send(msg, toPort, '127.0.0.1');
+  });
+  await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+  relay.port = sock.address().port;
+  return relay;
+}
+
+export interface PairOptions {
+  /** Per-node overrides merged into the generated config. */
+  a?: Record<string, unknown>;
+  b?: Record<string, unknown>;
+  /** Put a cuttable UDP relay on each direction of the heartbeat. */
+  relay?: boolean;
+  timings?: { keepaliveMs: number; warntimeMs: number; deadtimeMs: number; initdeadMs: number };
+}
+
+export const TEST_TIMINGS = { keepaliveMs: 100, warntimeMs: 300, deadtimeMs: 800, initdeadMs: 4000 };
+
+export interface TestPair {
+  dir: string;
+  address: string;
+  healthPort: number;
+  a: TestNode;
+  b: TestNode;
+  relays: { toA: UdpRelay; toB: UdpRelay } | null;
+  node(id: NodeId): TestNode;
+  /** GET the pair health on the floating address; null when nothing answers. */
+  floatingHealth(timeoutMs?: number): Promise<{ status: number; body: { state: string; primary: string | null } } | null>;
+  waitPrimary(timeoutMs?: number): Promise<NodeId>;
+  stop(): Promise<void>;
+}
+
+async function getJson(url: string, timeoutMs: number): Promise<{ status: number; body: unknown } | null> {
+  try {
+    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    return { status: res.status, body: await res.json() };
+  } catch {
+    return null;
+  }
+}
+
+let addrCounter = 0;
+function pickAddress(): string {
+  // a /24-ish spread per test process so parallel test files never share an address
+  const x = 100 + (process.pid % 100);
+  const y = 10 + ((Date.now() / 1000 + addrCounter++ * 7) % 200);
+  return `127.${x}.${Math.floor(y)}.1`;
+}
+
+export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
+  const tmp = tempDir('pairgate-pa-');
+  const address = pickAddress();
+  const healthPort = await freePort();
+  const ports = { a: { hb: await freePort(), admin: await freePort() }, b: { hb: await freePort(), admin: await freePort() } };
+  const relays = opts.relay ? { toA: await startRelay(ports.a.hb), toB: await startRelay(ports.b.hb) } : null;
+  const timings = opts.timings ?? TEST_TIMINGS;
+  const make = (id: NodeId): TestNode => {
+    const peer: NodeId = id === 'a' ? 'b' : 'a';
+    const pidFile = join(tmp.path, `${id}.pid`);
+    const peerHb = relays ? (peer === 'a' ? relays.toA.port : relays.toB.port) : ports[peer].hb;
+    const config = {
+      pair: 'pair-t',
+      node: id,
+      preferred: 'a',
+      logLevel: 'info',
+      admin: { listen: `127.0.0.1:${ports[id].admin}` },
+      heartbeat: { key: HB_KEY, listen: `127.0.0.1:${ports[id].hb}`, peers: [`127.0.0.1:${peerHb}`], ...timings },
+      fencing: { device: 'process', pidFile: join(tmp.path, `${peer}.pid`), delayMs: id === 'a' ? 0 : 400 },
+      pidFile,
+      floatingIp: { mode: 'loopback', address },
+      healthPort,
+      monitor: { intervalMs: 500 },
+      ...(opts[id] ?? {}),
+    };
+    const configFile = join(tmp.path, `${id}.yaml`);
+    writeFileSync(configFile, stringify(config));
+    const adminUrl = `http://127.0.0.1:${ports[id].admin}`;
+    const node: TestNode = {
+      id,
+      proc: null,
+      configFile,
+      adminUrl,
+      pidFile,
+      hbPort: ports[id].hb,
+      async start() {
+        node.proc = startProcess(`pair-agent-${id}`, process.execPath, [join(REPO, 'bin', 'pairgate.mjs'), 'pair-agent', '--config', configFile], { cwd: REPO });
+        await waitFor(async () => (await node.status(500)) !== null, 30_000, `pair-agent ${id} admin API`, 100).catch((err) => {
+          throw new Error(`${(err as Error).message}\n${node.proc?.output().slice(-3000)}`);
+        });
+      },
+      async status(timeoutMs = 500) {
+        if (!node.proc?.alive()) return null;
+        return (await getJson(`${adminUrl}/status`, timeoutMs))?.body as AgentStatus | null;
+      },
+      async post(path, body) {
+        const res = await fetch(`${adminUrl}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body ?? {}), signal: AbortSignal.timeout(3000) });
+        return { status: res.status, body: await res.json() };
+      },
+      async metrics() {
+        const res = await fetch(`${adminUrl}/metrics`, { signal: AbortSignal.timeout(3000) });
+        return res.text();
+      },
+    };
+    return node;
+  };
+  const a = make('a');
+  const b = make('b');
+  const pair: TestPair = {
+    dir: tmp.path,
+    address,
+    healthPort,
+    a,
+    b,
+    relays,
+    node: (id) => (id === 'a' ? a : b),
+    async floatingHealth(timeoutMs = 300) {
+      return (await getJson(`http://${address}:${healthPort}/health`, timeoutMs)) as { status: number; body: { state: string; primary: string | null } } | null;
+    },
+    async waitPrimary(timeoutMs = 20_000) {
+      const h = await waitFor(async () => {
+        const r = await pair.floatingHealth();
+        return r && r.status === 200 && r.body.primary ? r.body.primary : null;
+      }, timeoutMs, 'a primary serving on the floating address', 50);
+      return h as NodeId;
+    },
+    async stop() {
+      await Promise.all([a.proc?.stop(3000), b.proc?.stop(3000)]);
+      await relays?.toA.close();
+      await relays?.toB.close();
+      tmp.cleanup();
+    },
+  };
+  await Promise.all([a.start(), b.start()]);
+  return pair;
+}
+
+/** Samples both nodes' roles until stopped; records every instant at which both claimed to hold the resources. */
+export function sampleRoles(pair: TestPair, intervalMs = 40): { stop(): Promise<{ samples: number; bothHeld: string[] }> } {
+  let running = true;
+  const bothHeld: string[] = [];
+  let samples = 0;
+  const loop = (async () => {
+    while (running) {
+      const [sa, sb] = await Promise.all([pair.a.status(300), pair.b.status(300)]);
+      samples += 1;
+      if (sa?.holds && sb?.holds && pair.a.proc?.alive() && pair.b.proc?.alive()) bothHeld.push(`${new Date().toISOString()} a=${sa.state} b=${sb.state}`);
+      await sleep(intervalMs);
+    }
+  })();
+  return {
+    async stop() {
+      running = false;
+      await loop;
+      return { samples, bothHeld };
+    },
+  };
+}
+
+export function metricValue(text: string, name: string, labels: Record<string, string> = {}): number {
+  let total = 0;
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(name)) continue;
+    const m = /^([a-z_]+)(\{[^}]*\})? (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const l = m[2] ?? '';
+    if (Object.entries(labels).every(([k, v]) => l.includes(`${k}="${v}"`))) total += Number(m[3]);
+  }
+  return total;
+}
