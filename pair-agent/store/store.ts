@@ -979,6 +979,11 @@ export class LogStore extends EventEmitter implements MailStore {
     return { ok: problems.length === 0, records: this.recovery.replayedRecords, bodies: total, bodyBytes, messages, problems, recovery: this.recovery };
   }
 
+  /** True once a log write failed: the store must be reopened (the volume may be gone). */
+  failed(): boolean {
+    return this.writer.failed !== null;
+  }
+
   // ------------------------------------------------------------------ close
 
   /** Waits for in-flight writes; the store stays open. */

@@ -1,0 +1,226 @@
+/**
+ * The store's LMTP server (RFC 2033) on smtp-server in LMTP mode: one reply per recipient after
+ * DATA, a size limit, delivery ids from `X-Pairgate-Delivery-Id` (set by the proxy, so its
+ * retries are stored once) or else a digest of envelope and body, XCLIENT/XFORWARD only from
+ * trusted networks. The recipient's local part is the store user (uid); the domain is ignored.
+ */
+import { createHash } from 'node:crypto';
+import { SMTPServer, type SMTPServerSession } from 'smtp-server';
+import type { Readable } from 'node:stream';
+import type { AddressList } from '../../common/cidr.ts';
+import { normalizeAddress } from '../../common/cidr.ts';
+import type { Logger } from '../../common/log.ts';
+import { counter, gauge, histogram, type MetricsRegistry } from '../../common/metrics.ts';
+import { PairgateError } from '../../common/errors.ts';
+import type { MailStore } from './types.ts';
+import { checkUser } from './names.ts';
+
+export interface LmtpServerOptions {
+  store: MailStore;
+  host: string;
+  port: number;
+  log: Logger;
+  registry: MetricsRegistry;
+  /** Who may use XCLIENT/XFORWARD (the proxies). */
+  trusted: AddressList;
+  /** Largest message accepted, in bytes. */
+  maxMessageBytes?: number;
+  maxRecipients?: number;
+  /** Inactivity bound per connection. */
+  socketTimeoutMs?: number;
+  maxClients?: number;
+  name?: string;
+}
+
+export interface LmtpServer {
+  port: number;
+  sessions(): number;
+  close(): Promise<void>;
+}
+
+export const DELIVERY_ID_HEADER = 'x-pairgate-delivery-id';
+
+/** The delivery id header's value from the message's header block, if present and sane. */
+export function deliveryIdFromHeaders(body: Buffer): string | null {
+  let end = body.indexOf('\r\n\r\n');
+  if (end < 0) end = body.indexOf('\n\n');
+  const head = body.subarray(0, end < 0 ? Math.min(body.length, 64 * 1024) : end).toString('latin1');
+  const m = /^x-pairgate-delivery-id:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)/im.exec(head);
+  if (!m) return null;
+  const id = m[1]!.replace(/\r?\n[ \t]*/g, ' ').trim();
+  return id && id.length <= 200 && /^[\x21-\x7e]+$/.test(id) ? id : null;
+}
+
+export function envelopeDigest(from: string, rcpts: string[], body: Buffer): string {
+  const h = createHash('sha256');
+  h.update(`${from}\0${[...rcpts].sort().join('\0')}\0`);
+  h.update(body);
+  return 'sha256:' + h.digest('hex');
+}
+
+class ReplyError extends Error {
+  constructor(
+    readonly responseCode: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** The one table from store errors to LMTP per-recipient replies (code, enhanced code, text). */
+export function lmtpReplyFor(err: unknown): ReplyError {
+  if (err instanceof PairgateError) {
+    switch (err.code) {
+      case 'LIMIT':
+        return err.temporary ? new ReplyError(452, 'Insufficient system storage, try again later') : new ReplyError(552, 'Mailbox full: quota exceeded');
+      case 'BAD_INPUT':
+      case 'NOT_FOUND':
+        return new ReplyError(550, 'No such user here');
+      default:
+        if (!err.temporary) return new ReplyError(554, 'Delivery failed');
+    }
+  }
+  return new ReplyError(451, 'Temporary failure in the mail store, try again later');
+}
+
+export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServer> {
+  const log = opts.log.child({ protocol: 'lmtp' });
+  const maxBytes = opts.maxMessageBytes ?? 50 * 1024 * 1024;
+  const sessionsGauge = gauge(opts.registry, 'sessions', 'Open sessions by protocol', ['protocol']);
+  const sessionsTotal = counter(opts.registry, 'sessions_total', 'Sessions started by protocol', ['protocol']);
+  const deliveries = counter(opts.registry, 'deliveries_total', 'Per-recipient LMTP deliveries by result', ['result']);
+  const seconds = histogram(opts.registry, 'delivery_seconds', 'LMTP delivery latency from end of DATA to the replies');
+  // smtp-server takes a list of exact peer addresses for XCLIENT/XFORWARD; the list holds the
+  // addresses of the trusted peers connected now, so that CIDR ranges can be configured.
+  const trustedNow: string[] = [];
+  const trustedCount = new Map<string, number>();
+  let open = 0;
+
+  const server = new SMTPServer({
+    lmtp: true,
+    name: opts.name ?? 'pairgate-store',
+    banner: 'pairgate store ready',
+    size: maxBytes,
+    rejectOversized: true,
+    authOptional: true,
+    disabledCommands: ['AUTH', 'STARTTLS'],
+    hideSTARTTLS: true,
+    useXClient: trustedNow,
+    useXForward: trustedNow,
+    maxClients: opts.maxClients ?? 500,
+    socketTimeout: opts.socketTimeoutMs ?? 5 * 60_000,
+    closeTimeout: 10_000,
+    logger: false,
+    onConnect(session, cb) {
+      const addr = normalizeAddress(session.remoteAddress);
+      if (opts.trusted.has(addr)) {
+        const n = trustedCount.get(addr) ?? 0;
+        trustedCount.set(addr, n + 1);
+        if (n === 0) trustedNow.push(addr, '::ffff:' + addr);
+        (session as SMTPServerSession & { pgTrusted?: string }).pgTrusted = addr;
+      }
+      open++;
+      sessionsGauge.inc({ protocol: 'lmtp' });
+      sessionsTotal.inc({ protocol: 'lmtp' });
+      cb();
+    },
+    onClose(session) {
+      const addr = (session as SMTPServerSession & { pgTrusted?: string }).pgTrusted;
+      if (addr) {
+        const n = (trustedCount.get(addr) ?? 1) - 1;
+        if (n <= 0) {
+          trustedCount.delete(addr);
+          for (const a of [addr, '::ffff:' + addr]) {
+            const i = trustedNow.indexOf(a);
+            if (i >= 0) trustedNow.splice(i, 1);
+          }
+        } else trustedCount.set(addr, n);
+      }
+      open--;
+      sessionsGauge.dec({ protocol: 'lmtp' });
+    },
+    onRcptTo(address, session, cb) {
+      if (session.envelope.rcptTo.length >= (opts.maxRecipients ?? 1000)) return cb(new ReplyError(452, 'Too many recipients'));
+      const local = localPart(address.address);
+      try {
+        checkUser(local);
+      } catch {
+        return cb(new ReplyError(550, 'No such user here'));
+      }
+      cb();
+    },
+    onData(stream: Readable, session, cb) {
+      const parts: Buffer[] = [];
+      let size = 0;
+      stream.on('data', (d: Buffer) => {
+        size += d.length;
+        if (size <= maxBytes) parts.push(d);
+      });
+      stream.on('error', (err) => cb(err));
+      stream.on('end', () => {
+        const rcpts = session.envelope.rcptTo.map((r) => r.address);
+        if ((stream as Readable & { sizeExceeded?: boolean }).sizeExceeded || size > maxBytes) {
+          deliveries.inc({ result: 'too-big' }, rcpts.length);
+          return cb(null, rcpts.map(() => new ReplyError(552, `Message exceeds fixed maximum message size ${maxBytes}`)) as unknown as string);
+        }
+        const body = Buffer.concat(parts, Math.min(size, maxBytes));
+        const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
+        const id = deliveryIdFromHeaders(body) ?? envelopeDigest(from, rcpts, body);
+        const users = rcpts.map((a) => localPart(a));
+        const t0 = process.hrtime.bigint();
+        const slog = log.child({ cid: session.id, deliveryId: id });
+        const client = session.xClient?.get('ADDR') ?? session.xForward?.get('ADDR') ?? session.remoteAddress;
+        opts.store
+          .deliver(id, users, body)
+          .then((results) => {
+            const replies = results.map((r) => {
+              if (r.ok) {
+                deliveries.inc({ result: r.duplicate ? 'duplicate' : 'ok' });
+                return `${r.duplicate ? 'Already delivered' : 'Saved'} uid=${r.uid}`;
+              }
+              const e = lmtpReplyFor(r.error);
+              deliveries.inc({ result: e.responseCode >= 500 ? 'rejected' : 'tempfail' });
+              slog.info({ user: r.user, code: e.responseCode, err: r.error?.message }, 'recipient refused');
+              return e;
+            });
+            seconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
+            slog.info({ from, rcpts: users.length, bytes: body.length, client }, 'delivered');
+            cb(null, replies as unknown as string);
+          })
+          .catch((err: unknown) => {
+            const e = lmtpReplyFor(err);
+            deliveries.inc({ result: e.responseCode >= 500 ? 'rejected' : 'tempfail' }, rcpts.length);
+            slog.warn({ err: err instanceof Error ? err.message : String(err), code: e.responseCode }, 'delivery failed');
+            cb(e);
+          });
+      });
+    },
+  });
+  server.on('error', (err) => log.warn({ err: err.message }, 'LMTP connection error'));
+
+  await new Promise<void>((resolve, reject) => {
+    const onErr = (err: Error) => reject(err);
+    server.server.once('error', onErr);
+    server.listen(opts.port, opts.host, () => {
+      server.server.off('error', onErr);
+      resolve();
+    });
+  });
+  const addr = server.server.address();
+  const port = typeof addr === 'object' && addr ? addr.port : opts.port;
+  log.info({ host: opts.host, port }, 'LMTP listening');
+  return {
+    port,
+    sessions: () => open,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+      }),
+  };
+}
+
+/** `alice@example.net` -> `alice` (lowercased, as Dovecot's %Ln). */
+export function localPart(address: string): string {
+  const at = address.lastIndexOf('@');
+  return (at < 0 ? address : address.slice(0, at)).toLowerCase();
+}
