@@ -136,18 +136,20 @@ export class Heartbeat extends EventEmitter {
     this.linkHeard[link] = now;
     const prev = this.peerView;
     this.peerView = decoded.message.view;
+    // membership first, events after: a listener must see the peer alive
+    const wasAlive = this.alive;
+    const wasWarned = this.warned;
+    this.alive = true;
+    this.everSeen = true;
+    this.warned = false;
     if (fresh.restarted) {
       this.opts.log.info({ generation: decoded.message.gen }, 'peer restarted (new generation)');
       this.emit('peer-restarted', decoded.message.gen);
     }
-    if (!this.alive) {
-      this.alive = true;
-      this.everSeen = true;
-      this.warned = false;
+    if (!wasAlive) {
       this.opts.log.info({ peer: this.peerId, generation: decoded.message.gen, state: decoded.message.view.state }, 'peer is alive');
       this.emit('peer-alive');
-    } else if (this.warned) {
-      this.warned = false;
+    } else if (wasWarned) {
       this.opts.log.info({ peer: this.peerId }, 'peer heard again after warntime');
     }
     if (!prev || JSON.stringify(prev) !== JSON.stringify(this.peerView)) this.emit('peer-view', this.peerView);

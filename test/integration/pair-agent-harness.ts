@@ -61,8 +61,8 @@ export async function startRelay(toPort: number): Promise<UdpRelay> {
 
 export interface PairOptions {
   /** Per-node overrides merged into the generated config. */
-  a?: Record<string, unknown>;
-  b?: Record<string, unknown>;
+  a?: Record<string, unknown> | ((dir: string) => Record<string, unknown>);
+  b?: Record<string, unknown> | ((dir: string) => Record<string, unknown>);
   /** Put a cuttable UDP relay on each direction of the heartbeat. */
   relay?: boolean;
   timings?: { keepaliveMs: number; warntimeMs: number; deadtimeMs: number; initdeadMs: number };
@@ -124,7 +124,7 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
       floatingIp: { mode: 'loopback', address },
       healthPort,
       monitor: { intervalMs: 500 },
-      ...(opts[id] ?? {}),
+      ...(typeof opts[id] === 'function' ? opts[id](tmp.path) : (opts[id] ?? {})),
     };
     const configFile = join(tmp.path, `${id}.yaml`);
     writeFileSync(configFile, stringify(config));
