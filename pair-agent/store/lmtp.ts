@@ -105,6 +105,7 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
     authOptional: true,
     disabledCommands: ['AUTH', 'STARTTLS'],
     hideSTARTTLS: true,
+    hideENHANCEDSTATUSCODES: false,
     useXClient: trustedNow,
     useXForward: trustedNow,
     maxClients: opts.maxClients ?? 500,

@@ -1,0 +1,68 @@
+/** Pure pieces of the store's protocol servers: POP3 line splitting, dot-stuffing, TOP, LMTP delivery ids. */
+import { describe, expect, it } from 'vitest';
+import { LineReader } from '../../pair-agent/store/pop3/lines.ts';
+import { stuff, top, uidlOf } from '../../pair-agent/store/pop3/session.ts';
+import { deliveryIdFromHeaders, envelopeDigest, localPart } from '../../pair-agent/store/lmtp.ts';
+import { checkMailbox, normalizeFlags } from '../../pair-agent/store/names.ts';
+
+function feed(input: Buffer, size: number, limit = 64) {
+  const r = new LineReader({ maxLineBytes: limit, maxPipelined: 10, maxBadCommands: 10, maxBufferedOutput: 1 << 20 });
+  const out = [];
+  for (let i = 0; i < input.length; i += size) out.push(...r.push(input.subarray(i, i + size)));
+  return out;
+}
+
+describe('POP3 line reader', () => {
+  const input = Buffer.from(`USER a\r\nPASS b c\r\n${'x'.repeat(500)}\r\nNOOP\nQUIT\r\n`);
+  for (const size of [1, 3, 17, input.length]) {
+    it(`splits lines and bounds long ones in chunks of ${size}`, () => {
+      const out = feed(input, size);
+      expect(out.map((e) => (e.kind === 'line' ? e.line : `<too-long>`))).toEqual(['USER a', 'PASS b c', '<too-long>', 'NOOP', 'QUIT']);
+    });
+  }
+  it('survives a seeded random byte stream without growing', () => {
+    let s = 12345;
+    const rnd = () => ((s = (s * 1103515245 + 12345) >>> 0) >>> 16) & 0xff;
+    const r = new LineReader({ maxLineBytes: 100, maxPipelined: 10, maxBadCommands: 10, maxBufferedOutput: 1 << 20 });
+    for (let i = 0; i < 2000; i++) {
+      const chunk = Buffer.from(Array.from({ length: 1 + (rnd() % 64) }, () => (rnd() % 40 === 0 ? 10 : rnd())));
+      for (const e of r.push(chunk)) if (e.kind === 'line') expect(Buffer.byteLength(e.line)).toBeLessThanOrEqual(100 * 3);
+      expect((r as unknown as { buf: Buffer }).buf.length).toBeLessThanOrEqual(101 + 64);
+    }
+  });
+});
+
+describe('POP3 message output', () => {
+  it('dot-stuffs, normalises bare LF, ends with CRLF', () => {
+    expect(stuff(Buffer.from('a\r\n.b\r\n..c\nd')).toString()).toBe('a\r\n..b\r\n...c\r\nd\r\n');
+    expect(stuff(Buffer.from('.x')).toString()).toBe('..x\r\n');
+  });
+  it('TOP returns headers, the blank line and n body lines', () => {
+    const m = Buffer.from('A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\nl3\r\n');
+    expect(top(m, 0).toString()).toBe('A: 1\r\nB: 2\r\n\r\n');
+    expect(top(m, 2).toString()).toBe('A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\n');
+    expect(top(m, 99).toString()).toBe(m.toString());
+  });
+  it('UIDL is uid and uidvalidity in hex, like Dovecot %08Xu%08Xv', () => {
+    expect(uidlOf(26, 1700000000)).toBe('0000001a6553f100');
+  });
+});
+
+describe('LMTP delivery ids and names', () => {
+  it('takes the proxy header, folded or not, and falls back to a digest', () => {
+    expect(deliveryIdFromHeaders(Buffer.from('Subject: x\r\nX-Pairgate-Delivery-Id: abc-123\r\n\r\nbody'))).toBe('abc-123');
+    expect(deliveryIdFromHeaders(Buffer.from('x-pairgate-delivery-id:\r\n  folded\r\n\r\n'))).toBe('folded');
+    expect(deliveryIdFromHeaders(Buffer.from('Subject: x\r\n\r\nX-Pairgate-Delivery-Id: in-body\r\n'))).toBeNull();
+    expect(deliveryIdFromHeaders(Buffer.from('X-Pairgate-Delivery-Id: has space\r\n\r\n'))).toBeNull();
+    const a = envelopeDigest('f@x', ['b@x', 'a@x'], Buffer.from('m'));
+    expect(a).toBe(envelopeDigest('f@x', ['a@x', 'b@x'], Buffer.from('m')));
+    expect(a).not.toBe(envelopeDigest('g@x', ['a@x', 'b@x'], Buffer.from('m')));
+    expect(localPart('Alice@Example.NET')).toBe('alice');
+  });
+  it('refuses mailbox path tricks and normalises flags', () => {
+    for (const bad of ['../x', 'a/../b', '/abs', 'a//b', 'a/', 'a\u0000b', 'x*', '']) expect(() => checkMailbox(bad), bad).toThrow();
+    expect(checkMailbox('inbox/Sub')).toBe('INBOX/Sub');
+    expect(normalizeFlags(['\\seen', '\\Recent', 'kw', 'KW', '\\FLAGGED'])).toEqual(['\\Seen', 'kw', '\\Flagged']);
+    expect(() => normalizeFlags(['\\Bogus'])).toThrow();
+  });
+});
