@@ -7,6 +7,7 @@
 import { spawn } from 'node:child_process';
 import type { Logger } from '../../common/log.ts';
 import type { FenceDevice, FenceOutcome } from './types.ts';
+import { killGroup } from '../resources/command.ts';
 
 export interface CommandFenceOptions {
   command: string;
@@ -38,18 +39,17 @@ export function runFenceAgent(opts: CommandFenceOptions, action: string, signal:
       resolve({ code: null, timedOut: false, stderr: (err as Error).message });
       return;
     }
-    const child = spawn(opts.command, opts.args, { stdio: ['pipe', 'ignore', 'pipe'] });
+    // own process group, so that a timeout kills the agent and everything it started
+    const child = spawn(opts.command, opts.args, { stdio: ['pipe', 'ignore', 'pipe'], detached: true });
     let stderr = '';
     let timedOut = false;
     child.stderr.on('data', (b: Buffer) => {
       if (stderr.length < 2000) stderr += b.toString();
     });
     const kill = () => {
-      try {
-        child.kill('SIGKILL');
-      } catch {
-        // already gone
-      }
+      killGroup(child.pid);
+      // a grandchild may keep stderr open: do not wait for it after a kill
+      setTimeout(() => resolve({ code: null, timedOut: true, stderr: stderr.trim() }), 200).unref();
     };
     const timer = setTimeout(() => {
       timedOut = true;

@@ -26,11 +26,25 @@ export const commandResourceSchema = z
 
 export type CommandResourceConfig = z.output<typeof commandResourceSchema>;
 
+export function killGroup(pid: number | undefined): void {
+  if (!pid) return;
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+}
+
 export function runOcfAction(config: CommandResourceConfig, action: string): Promise<{ code: number | null; timedOut: boolean; output: string }> {
   return new Promise((resolve) => {
     const env: NodeJS.ProcessEnv = { ...process.env, OCF_RESOURCE_INSTANCE: config.name, OCF_RESOURCE_TYPE: 'pairgate-command' };
     for (const [k, v] of Object.entries(config.params)) env[`OCF_RESKEY_${k}`] = String(v);
-    const child = spawn(config.command, [...config.args, action], { stdio: ['ignore', 'pipe', 'pipe'], env });
+    // own process group, so that a timeout kills the command and everything it started
+    const child = spawn(config.command, [...config.args, action], { stdio: ['ignore', 'pipe', 'pipe'], env, detached: true });
     let output = '';
     const keep = (b: Buffer) => {
       if (output.length < 4000) output += b.toString();
@@ -40,7 +54,9 @@ export function runOcfAction(config: CommandResourceConfig, action: string): Pro
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
-      child.kill('SIGKILL');
+      killGroup(child.pid);
+      // a grandchild may keep the pipes open: do not wait for them after a kill
+      setTimeout(() => resolve({ code: null, timedOut: true, output: output.trim() }), 200).unref();
     }, config.timeoutMs);
     child.once('error', (err) => {
       clearTimeout(timer);

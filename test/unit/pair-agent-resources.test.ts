@@ -1,0 +1,120 @@
+/** Resource manager order and monitor policy, OCF command exit codes, floating IP and config checks. */
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { validateConfig } from '../../common/config.ts';
+import { ConfigError } from '../../common/errors.ts';
+import { silentLogger } from '../../common/log.ts';
+import { createRegistry } from '../../common/metrics.ts';
+import type { MonitorResult, Resource } from '../../pair-agent/resource.ts';
+import { ResourceManager } from '../../pair-agent/resources/manager.ts';
+import { CommandResource, commandResourceSchema } from '../../pair-agent/resources/command.ts';
+import { FloatingIpResource } from '../../pair-agent/resources/floating-ip.ts';
+import { checkPairAgentConfig, pairAgentConfigSchema } from '../../pair-agent/config.ts';
+import { tempDir } from '../helpers/proc.ts';
+
+const work = tempDir('pairgate-res-unit-');
+afterAll(() => work.cleanup());
+
+class Fake implements Resource {
+  state: MonitorResult = 'stopped';
+  failStart = false;
+  constructor(readonly name: string, private readonly journal: string[]) {}
+  async start() {
+    this.journal.push(`start ${this.name}`);
+    if (this.failStart) throw new Error(`${this.name} broken`);
+    this.state = 'running';
+  }
+  async stop() {
+    this.journal.push(`stop ${this.name}`);
+    this.state = 'stopped';
+  }
+  async monitor() {
+    return this.state;
+  }
+}
+
+const mgr = (rs: Resource[], maxRestarts = 2) =>
+  new ResourceManager(rs, { monitorIntervalMs: 60_000, maxRestarts, failureWindowMs: 60_000, log: silentLogger, registry: createRegistry({}, false) });
+
+describe('resource manager', () => {
+  it('starts in order and stops in reverse', async () => {
+    const j: string[] = [];
+    const m = mgr([new Fake('volume', j), new Fake('ip', j), new Fake('store', j)]);
+    await m.startAll();
+    await m.stopAll();
+    expect(j).toEqual(['start volume', 'start ip', 'start store', 'stop store', 'stop ip', 'stop volume']);
+  });
+  it('a failed start stops what was started, in reverse, and throws', async () => {
+    const j: string[] = [];
+    const bad = new Fake('store', j);
+    bad.failStart = true;
+    const m = mgr([new Fake('volume', j), new Fake('ip', j), bad]);
+    await expect(m.startAll()).rejects.toThrow('store broken');
+    expect(j).toEqual(['start volume', 'start ip', 'start store', 'stop store', 'stop ip', 'stop volume']);
+  });
+  it('monitor failure restarts locally, then gives up past the threshold', async () => {
+    const j: string[] = [];
+    const r = new Fake('svc', j);
+    const m = mgr([r], 2);
+    let failed = '';
+    m.on('failed', (n: string) => (failed = n));
+    await m.startAll();
+    for (let i = 0; i < 3; i++) {
+      r.state = 'failed';
+      await m.monitorOnce();
+    }
+    expect(j.filter((x) => x === 'start svc').length).toBe(3); // first start + 2 restarts
+    expect(failed).toBe('svc');
+    expect(m.failed).toBe(true);
+    await m.stopAll();
+  });
+});
+
+describe('OCF command resource', () => {
+  it('maps exit codes: 0 running, 7 stopped, others failed; start/stop errors throw', async () => {
+    const s = join(work.path, 'ocf.sh');
+    writeFileSync(s, '#!/bin/sh\ncase "$1" in start) exit "$OCF_RESKEY_start";; stop) exit 7;; monitor) exit "$OCF_RESKEY_mon";; esac\nexit 3\n', { mode: 0o755 });
+    const mk = (start: number, mon: number) => new CommandResource(commandResourceSchema.parse({ type: 'command', name: 'x', command: s, params: { start, mon } }), silentLogger);
+    await expect(mk(0, 0).start()).resolves.toBeUndefined();
+    await expect(mk(1, 0).start()).rejects.toThrow(/exited 1/);
+    await expect(mk(0, 0).stop()).resolves.toBeUndefined(); // 7 = already stopped is fine for stop
+    expect(await mk(0, 0).monitor()).toBe('running');
+    expect(await mk(0, 7).monitor()).toBe('stopped');
+    expect(await mk(0, 5).monitor()).toBe('failed');
+    const hang = new CommandResource(commandResourceSchema.parse({ type: 'command', name: 'h', command: 'sh', args: ['-c', 'sleep 30', 'ocf'], timeoutMs: 200 }), silentLogger);
+    const t0 = Date.now();
+    await expect(hang.start()).rejects.toThrow(/timed out/);
+    expect(Date.now() - t0).toBeLessThan(5000);
+  });
+});
+
+describe('floating IP and config checks', () => {
+  it('loopback mode binds the address; an address outside 127/8 is refused', async () => {
+    const ip = new FloatingIpResource({ mode: 'loopback', address: '127.0.99.1' }, silentLogger);
+    expect(await ip.monitor()).toBe('stopped');
+    await ip.start();
+    expect(await ip.monitor()).toBe('running');
+    await ip.stop();
+    expect(() => new FloatingIpResource({ mode: 'loopback', address: '10.0.0.1' }, silentLogger)).toThrow(ConfigError);
+    expect(() => new FloatingIpResource({ mode: 'iproute', address: '127.0.0.5', prefix: 24, interface: 'eth0', arping: true, arpCount: 1 }, silentLogger)).toThrow(/iproute/);
+  });
+  const base = {
+    pair: 'p',
+    node: 'a',
+    heartbeat: { key: 'x'.repeat(20), listen: '127.0.0.1:1', peers: ['127.0.0.1:2'] },
+    fencing: { device: 'process', pidFile: '/tmp/x.pid' },
+    floatingIp: { mode: 'loopback', address: '127.0.5.1' },
+  };
+  it('names the key: both nodes preferred, bad timings, short key, process fencing without pid', () => {
+    expect(() => validateConfig(pairAgentConfigSchema, { ...base, preferred: ['a', 'b'] })).toThrow(/preferred: only one node can be preferred/);
+    expect(() => validateConfig(pairAgentConfigSchema, { ...base, heartbeat: { ...base.heartbeat, deadtimeMs: 100 } })).toThrow(/heartbeat.deadtimeMs/);
+    expect(() => validateConfig(pairAgentConfigSchema, { ...base, heartbeat: { ...base.heartbeat, key: 'short' } })).toThrow(/heartbeat.key/);
+    expect(() => validateConfig(pairAgentConfigSchema, { ...base, fencing: { device: 'process' } })).toThrow(/pidFile or pid/);
+    expect(() => validateConfig(pairAgentConfigSchema, { ...base, bogus: 1 })).toThrow(/bogus: unknown key/);
+    const c = validateConfig(pairAgentConfigSchema, { ...base, preferred: 'b' });
+    expect(c.preferred).toBe('b');
+    expect(c.heartbeat).toMatchObject({ keepaliveMs: 100, warntimeMs: 300, deadtimeMs: 600, initdeadMs: 2000, listen: ['127.0.0.1:1'] });
+    expect(() => checkPairAgentConfig(validateConfig(pairAgentConfigSchema, { ...base, floatingIp: { mode: 'loopback', address: '192.168.1.5' } }))).toThrow(/floatingIp.address/);
+  });
+});
