@@ -10,6 +10,7 @@ import { fencingConfigSchema } from './fencing/index.ts';
 import { checkFloatingIp, floatingIpSchema } from './resources/floating-ip.ts';
 import { commandResourceSchema } from './resources/command.ts';
 import { DEFAULT_TIMINGS } from './ha/heartbeat.ts';
+import { storeConfigSchema } from './store/resource.ts';
 
 const listOf = (s: z.ZodString) => z.union([s, z.array(s).min(1)]).transform((v) => (Array.isArray(v) ? v : [v]));
 
@@ -85,8 +86,16 @@ export const pairAgentConfigSchema = z
     resources: z.array(commandResourceSchema).default([]),
     /** The replicated volume (pair-agent/volume); validated by that module's schema. */
     volume: z.record(z.string(), z.unknown()).optional(),
-    /** The store agent (pair-agent/store/resource.ts); validated by that module's schema. */
-    store: z.record(z.string(), z.unknown()).optional(),
+    /** The store agent (pair-agent/store/resource.ts: storeConfigSchema): LMTP, POP3, IMAP on the service address. */
+    store: storeConfigSchema.optional(),
+    /**
+     * Without a replicated volume: a disk both nodes reach (a SAN LUN, or one file in a lab on
+     * one host) that the store uses; fencing keeps it to one writer, as in shared-disk Heartbeat.
+     */
+    sharedDisk: z
+      .object({ file: z.string().min(1), sizeBytes: z.number().int().positive().multipleOf(4096) })
+      .strict()
+      .optional(),
   })
   .strict()
   .superRefine((c, ctx) => {
@@ -107,6 +116,8 @@ export type PairAgentConfig = z.output<typeof pairAgentConfigSchema>;
 
 /** Checks that need more than the schema; throws ConfigError naming the key. */
 export function checkPairAgentConfig(c: PairAgentConfig): void {
+  if (c.store && !c.volume && !c.sharedDisk) throw new ConfigError('store', 'the store needs a disk: configure `volume` (replicated) or `sharedDisk`');
+  if (c.volume && c.sharedDisk) throw new ConfigError('sharedDisk', 'configure either `volume` or `sharedDisk`, not both');
   checkFloatingIp(c.floatingIp);
   if (c.floatingIp.mode === 'loopback' && c.serviceAddress && !c.serviceAddress.startsWith('127.')) {
     throw new ConfigError('serviceAddress', `${c.serviceAddress} is not in 127.0.0.0/8, which loopback mode needs`);

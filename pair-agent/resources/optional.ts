@@ -1,7 +1,8 @@
 /**
  * The replicated volume and store resources come from their own modules (pair-agent/volume,
- * pair-agent/store, other engineers' work). They are loaded only when configured; a configured
- * one whose module is not there is a start error naming the key (exit 2), never silently skipped.
+ * pair-agent/store, other engineers' work). The volume module is loaded only when configured (a
+ * configured one whose module is not there is a start error naming the key, exit 2); the store
+ * runs on the volume, or on a shared disk (one writer, kept so by fencing).
  */
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -11,6 +12,9 @@ import type { Logger } from '../../common/log.ts';
 import type { MetricsRegistry } from '../../common/metrics.ts';
 import type { Resource } from '../resource.ts';
 import type { PairAgentConfig } from '../config.ts';
+import { createStoreResource } from '../store/resource.ts';
+import { FileBlockDevice, type BlockDevice } from '../volume/block-device.ts';
+import type { VolumeResource } from './volume.ts';
 
 export interface HealthExtras {
   replication?: { connection: string; protocol: string; outOfSyncBytes: number };
@@ -45,15 +49,30 @@ export async function loadOptionalResources(
     const { volumeResource } = (await import('./volume.ts')) as typeof import('./volume.ts');
     Object.assign(out, await volumeResource(mod, config.volume, deps));
   }
+  let device: BlockDevice | null = null;
+  if (out.volume) device = (out.volume as VolumeResource).volume as unknown as BlockDevice;
+  if (config.sharedDisk) {
+    const disk = await FileBlockDevice.open(config.sharedDisk.file, { size: config.sharedDisk.sizeBytes, create: true });
+    device = disk;
+    const closeVolume = out.close;
+    out.close = async () => {
+      await closeVolume?.();
+      await disk.close();
+    };
+  }
   if (config.store) {
-    const mod = await importIfPresent('store/resource.ts');
-    if (!mod) throw new ConfigError('store', 'the store module (pair-agent/store/resource.ts) is not installed in this build');
-    if (!out.volume) throw new ConfigError('store', 'the store needs a replicated volume: configure `volume` too');
-    const { storeResource } = (await import('./store.ts')) as typeof import('./store.ts');
-    const store = await storeResource(mod, config.store, out, deps);
+    if (!device) throw new ConfigError('store', 'the store needs a disk: configure `volume` (replicated) or `sharedDisk`');
+    const store = createStoreResource({ config: config.store, device, listenHost: deps.listenHost, log: deps.log, registry: deps.registry });
     const volExtras = out.healthExtras;
-    out.store = store.resource;
-    out.healthExtras = () => ({ ...volExtras?.(), ...store.extras() });
+    out.store = store;
+    out.healthExtras = () => {
+      const h = store.health();
+      return {
+        ...volExtras?.(),
+        store: { mailboxes: h.mailboxes, messages: h.messages, bytesUsed: h.bytesUsed, bytesTotal: h.bytesTotal },
+        sessions: store.sessions(),
+      };
+    };
   }
   return out;
 }
