@@ -80,20 +80,26 @@ export function decodeSuperblock(buf: Buffer): Superblock | null {
   }
 }
 
+/** Encodes a record header for `payload` (given as parts, not copied); returns the header and the record CRC. */
+export function encodeHeader(type: number, payload: readonly Buffer[], seq: number, prevCrc: number): { header: Buffer; crc: number; length: number } {
+  let length = 0;
+  for (const p of payload) length += p.length;
+  const header = Buffer.alloc(HEADER_SIZE);
+  header.writeUInt32LE(RECORD_MAGIC, 0);
+  header.writeUInt32LE(type, 4);
+  header.writeUInt32LE(length, 8);
+  header.writeUInt32LE(seq % 0x100000000, 12);
+  header.writeUInt32LE(Math.floor(seq / 0x100000000), 16);
+  header.writeUInt32LE(prevCrc, 20);
+  let crc = crc32c(header);
+  for (const p of payload) crc = crc32c(p, crc);
+  header.writeUInt32LE(crc, 24);
+  return { header, crc, length: HEADER_SIZE + length };
+}
+
 export function encodeRecord(type: number, payload: Buffer, seq: number, prevCrc: number): { buf: Buffer; crc: number } {
-  const buf = Buffer.allocUnsafe(HEADER_SIZE + payload.length);
-  buf.writeUInt32LE(RECORD_MAGIC, 0);
-  buf.writeUInt32LE(type, 4);
-  buf.writeUInt32LE(payload.length, 8);
-  buf.writeUInt32LE(seq % 0x100000000, 12);
-  buf.writeUInt32LE(Math.floor(seq / 0x100000000), 16);
-  buf.writeUInt32LE(prevCrc, 20);
-  buf.writeUInt32LE(0, 24);
-  buf.writeUInt32LE(0, 28);
-  payload.copy(buf, HEADER_SIZE);
-  const crc = crc32c(buf);
-  buf.writeUInt32LE(crc, 24);
-  return { buf, crc };
+  const { header, crc } = encodeHeader(type, [payload], seq, prevCrc);
+  return { buf: Buffer.concat([header, payload]), crc };
 }
 
 export interface RecordHeader {
@@ -297,36 +303,39 @@ export class LogWriter {
     return this.g.segmentSize - 2 * BLOCK_SIZE;
   }
 
-  append(type: number, payload: Buffer): AppendedRecord {
+  /** Lays out a record; `payload` may be given in parts (kept by reference until written: do not modify). */
+  append(type: number, payload: Buffer | readonly Buffer[]): AppendedRecord {
     if (this.failed) throw new UnavailableError('the store log failed a write; reopen the store', { cause: this.failed });
-    const len = HEADER_SIZE + payload.length;
+    const parts = Buffer.isBuffer(payload) ? [payload] : payload;
+    let len = HEADER_SIZE;
+    for (const p of parts) len += p.length;
     if (len > this.maxRecord) throw new LimitError(`record of ${len} bytes is larger than a segment`);
     if (this.pos.offset + len > this.segEnd - BLOCK_SIZE) {
       const next = this.nextSegment();
       if (next === null) throw new LimitError('store volume is full', { temporary: true });
       const p = Buffer.alloc(4);
       p.writeUInt32LE(next, 0);
-      this.put(RecordType.SEG_END, p);
+      this.put(RecordType.SEG_END, [p]);
       this.seg = next;
       this.pos.offset = segmentStart(this.g, next);
       this.onEnterSegment(next);
     }
-    return this.put(type, payload);
+    return this.put(type, parts);
   }
 
-  private put(type: number, payload: Buffer): AppendedRecord {
-    const { buf, crc } = encodeRecord(type, payload, this.pos.seq, this.pos.prevCrc);
+  private put(type: number, payload: readonly Buffer[]): AppendedRecord {
+    const { header, crc, length } = encodeHeader(type, payload, this.pos.seq, this.pos.prevCrc);
     const at = this.pos.offset;
     let region = this.regions[this.regions.length - 1];
     if (!region || region.start + region.len !== at) {
       region = { start: at, parts: [], len: 0 };
       this.regions.push(region);
     }
-    region.parts.push(buf);
-    region.len += buf.length;
-    const rec = { offset: at, length: buf.length, seq: this.pos.seq };
-    this.pos = { offset: at + buf.length, seq: this.pos.seq + 1, prevCrc: crc };
-    this.bytesAppended += buf.length;
+    region.parts.push(header, ...payload);
+    region.len += length;
+    const rec = { offset: at, length, seq: this.pos.seq };
+    this.pos = { offset: at + length, seq: this.pos.seq + 1, prevCrc: crc };
+    this.bytesAppended += length;
     return rec;
   }
 

@@ -419,13 +419,12 @@ export class LogStore extends EventEmitter implements MailStore {
     const count = Math.max(1, Math.ceil(data.length / chunk));
     for (let i = 0; i < count; i++) {
       const part = data.subarray(i * chunk, Math.min(data.length, (i + 1) * chunk));
-      const p = Buffer.allocUnsafe(BODY_HDR + part.length);
-      sha.copy(p, 0);
-      p.writeUInt32LE(i, SHA_LEN);
-      p.writeUInt32LE(count, SHA_LEN + 4);
-      p.writeUInt32LE(data.length, SHA_LEN + 8);
-      part.copy(p, BODY_HDR);
-      const rec = this.writer.append(RecordType.BODY, p);
+      const h = Buffer.allocUnsafe(BODY_HDR);
+      sha.copy(h, 0);
+      h.writeUInt32LE(i, SHA_LEN);
+      h.writeUInt32LE(count, SHA_LEN + 4);
+      h.writeUInt32LE(data.length, SHA_LEN + 8);
+      const rec = this.writer.append(RecordType.BODY, [h, part]);
       const c: BodyChunk = { offset: rec.offset, length: rec.length };
       const { moved } = this.state.bodyChunk(id, i, count, data.length, c);
       if (moved) this.live[segmentOf(this.g, moved.offset)]! -= moved.length;

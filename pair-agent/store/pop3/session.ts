@@ -76,29 +76,29 @@ function msgArg(s: Pop3Session, arg: string | undefined): DropMessage | string {
   return m;
 }
 
-/** Dot-stuffs and CRLF-normalises a message for RETR/TOP. */
+/** Dot-stuffs and CRLF-normalises a message for RETR/TOP (scans line ends natively, copies only when needed). */
 export function stuff(data: Buffer): Buffer {
   const out: Buffer[] = [];
   let start = 0;
-  let lineStart = true;
-  for (let i = 0; i < data.length; i++) {
-    const c = data[i]!;
-    if (lineStart && c === 0x2e) {
-      out.push(data.subarray(start, i), Buffer.from('.'));
-      start = i;
+  let lineStart = 0;
+  const CRLF = Buffer.from('\r\n');
+  const DOT = Buffer.from('.');
+  while (lineStart < data.length) {
+    if (data[lineStart] === 0x2e) {
+      out.push(data.subarray(start, lineStart), DOT);
+      start = lineStart;
     }
-    lineStart = false;
-    if (c === 0x0a) {
-      if (i === 0 || data[i - 1] !== 0x0d) {
-        out.push(data.subarray(start, i), Buffer.from('\r\n'));
-        start = i + 1;
-      }
-      lineStart = true;
+    const nl = data.indexOf(0x0a, lineStart);
+    if (nl < 0) break;
+    if (nl === 0 || data[nl - 1] !== 0x0d) {
+      out.push(data.subarray(start, nl), CRLF);
+      start = nl + 1;
     }
+    lineStart = nl + 1;
   }
   out.push(data.subarray(start));
-  const joined = Buffer.concat(out);
-  return joined.length && !joined.subarray(-2).equals(Buffer.from('\r\n')) ? Buffer.concat([joined, Buffer.from('\r\n')]) : joined;
+  const joined = out.length === 1 ? data : Buffer.concat(out);
+  return joined.length && !(joined[joined.length - 2] === 0x0d && joined[joined.length - 1] === 0x0a) ? Buffer.concat([joined, CRLF]) : joined;
 }
 
 /** Headers, the blank line, and the first `n` body lines. */
