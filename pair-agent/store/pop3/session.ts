@@ -7,7 +7,7 @@
 import { TLSSocket, type SecureContext } from 'node:tls';
 import type net from 'node:net';
 import type { Logger } from '../../../common/log.ts';
-import { isTemporary } from '../../../common/errors.ts';
+import { isTemporary, NotFoundError } from '../../../common/errors.ts';
 import { checkPlain, checkUser, decodePlain, type AuthConfig } from '../imap/auth.ts';
 import type { MailStore } from '../types.ts';
 import { LineReader, type Pop3Limits } from './lines.ts';
@@ -456,6 +456,12 @@ export class Pop3Session {
     try {
       reply = await cmd.handler(this, args, line);
     } catch (err) {
+      if (err instanceof NotFoundError) {
+        reply = ERR('Message is no longer available (deleted by another session)');
+        this.ctx.commandsTotal?.inc({ command: name, result: 'no' });
+        this.send(reply);
+        return;
+      }
       const temp = isTemporary(err);
       this.log[temp ? 'warn' : 'error']({ command: name, err: err instanceof Error ? err.message : String(err) }, 'command failed');
       reply = ERR(temp ? '[SYS/TEMP] Temporary failure, try again later' : '[SYS/PERM] Internal error');
