@@ -97,7 +97,7 @@ export async function startPop3Server(opts: Pop3ServerOptions): Promise<Pop3Serv
   let implicit: tls.Server | undefined;
   let tlsPort: number | undefined;
   if (secureContext && opts.tlsPort !== undefined) {
-    implicit = tls.createServer({ secureContext }, (socket) => accept(socket, true));
+    implicit = tls.createServer({ key: opts.tls!.key, cert: opts.tls!.cert }, (socket) => accept(socket, true));
     implicit.on('tlsClientError', (err) => log.debug({ err: err.message }, 'TLS handshake failed'));
     tlsPort = await listen(implicit, opts.tlsPort, opts.host);
   }
