@@ -69,6 +69,7 @@ class Agent implements PairAgent {
   private request: OperatorRequest = 'none';
   private maintenanceOn = false;
   private resourcesFailed = false;
+  private startFailures = 0;
   private peerFenced = false;
   private readonly startedAt = Date.now();
   private evaluating = false;
@@ -118,7 +119,7 @@ class Agent implements PairAgent {
     resources.push(new HealthEndpointResource(serviceAddress, c.healthPort, () => this.healthAnswer(), registry, log));
     this.manager = new ResourceManager(resources, { monitorIntervalMs: c.monitor.intervalMs, maxRestarts: c.monitor.maxRestarts, failureWindowMs: c.monitor.failureWindowMs, log, registry });
     this.manager.on('failed', () => {
-      this.resourcesFailed = true;
+      this.markFailed();
       this.changed('resources failed');
     });
     this.ping = c.ping ? new PingMonitor(c.ping, log) : null;
@@ -300,6 +301,7 @@ class Agent implements PairAgent {
           () => {
             if (!still()) return;
             if (this.request !== 'none') this.request = 'none';
+            this.startFailures = 0;
             this.commit({ to: 'primary', reason: 'resources started', kind: 'soft' });
           },
           (err) => {
@@ -340,12 +342,17 @@ class Agent implements PairAgent {
     }, 50);
   }
 
+  /** A failed start: hold off (so a live peer is preferred, and a lone node retries with a growing backoff). */
   private markFailed(): void {
     this.resourcesFailed = true;
+    this.startFailures += 1;
+    const backoff = Math.min(1000 * 2 ** (this.startFailures - 1), 30_000, this.config.monitor.failureWindowMs);
+    this.log.warn({ retryInMs: backoff, failures: this.startFailures }, 'resources failed to start here');
     setTimeout(() => {
+      if (this.current === 'stopped') return;
       this.resourcesFailed = false;
-      this.changed('resource failure window over');
-    }, this.config.monitor.failureWindowMs).unref();
+      this.changed('start backoff over');
+    }, backoff).unref();
   }
 
   private async release(still: () => boolean): Promise<void> {

@@ -141,6 +141,7 @@ export function decide(state: NodeState, f: Facts): Decision | null {
       }
       if (!f.peer.alive && (f.peer.everSeen || f.initdeadOver)) {
         if (!diskUsable(f.self.disk)) return null; // never promote stale data; the operator decides
+        if (f.self.failed) return null; // a start just failed here: the agent clears this after a backoff
         if (f.peerFenced) return { to: 'taking-over', reason: 'peer fenced', kind: 'hard' };
         return { to: 'fencing', reason: f.peer.everSeen ? 'peer dead' : 'peer not seen within initdead', kind: 'hard' };
       }
@@ -151,6 +152,7 @@ export function decide(state: NodeState, f: Facts): Decision | null {
       if (f.peer.alive) return { to: 'standby', reason: 'peer is alive again', kind: 'hard' };
       if (f.peerFenced) {
         if (!diskUsable(f.self.disk)) return { to: 'standby', reason: 'peer fenced but local data not UpToDate', kind: 'hard' };
+        if (f.self.failed) return null;
         return { to: 'taking-over', reason: 'peer fenced', kind: 'hard' };
       }
       return null;

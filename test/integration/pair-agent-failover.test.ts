@@ -56,6 +56,8 @@ describe('pair-agent failover', () => {
     expect(metricValue(m, 'pairgate_failovers_total')).toBeGreaterThanOrEqual(1);
     expect(metricValue(m, 'pairgate_fencing_actions_total', { outcome: 'ok' })).toBeGreaterThanOrEqual(1);
     expect(metricValue(m, 'pairgate_pair_node_state', { state: 'primary' })).toBe(1);
+    expect(metricValue(m, 'pairgate_heartbeat_misses_total')).toBeGreaterThanOrEqual(3);
+    expect(metricValue(m, 'pairgate_heartbeat_warnings_total')).toBeGreaterThanOrEqual(1);
   });
 
   it('the killed node comes back as standby (no auto-failback)', async () => {

@@ -61,6 +61,11 @@ describe('peer death and fencing', () => {
   it('never seen within initdead: fence before taking the resources', () => {
     expect(decide('standby', facts({ peer: { alive: false, everSeen: false, view: null } }))?.to).toBe('fencing');
   });
+  it('a node whose resources just failed to start does not retry until the agent clears it', () => {
+    const dead = facts({ self: { failed: true }, peer: { alive: false } });
+    expect(decide('standby', dead)).toBeNull();
+    expect(decide('fencing', { ...dead, peerFenced: true })).toBeNull();
+  });
   it('a primary keeps the resources when the standby dies', () => {
     expect(decide('primary', facts({ self: { holds: true }, peer: { alive: false } }))).toBeNull();
   });
