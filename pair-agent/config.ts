@@ -46,13 +46,16 @@ export const pairAgentConfigSchema = z
     logLevel,
     admin: z
       .object({
-        /** The node's own admin API (operator commands, /metrics, /status). */
-        listen: hostPort.default('127.0.0.1:0'),
+        /** The node's own admin API (operator commands, /metrics, /status): `listen: host:port`, or `host` and `port` as other roles spell it. */
+        listen: hostPort.optional(),
+        host: z.string().default('127.0.0.1'),
+        port: port.default(0),
         /** Bearer token for operator calls from other hosts (loopback needs none). */
         token: z.string().optional(),
       })
       .strict()
-      .default({}),
+      .default({})
+      .transform((a) => ({ listen: a.listen ?? `${a.host.includes(':') && !a.host.startsWith('[') ? `[${a.host}]` : a.host}:${a.port}`, token: a.token })),
     redis: redisSchema.optional(),
     heartbeat: heartbeatConfigSchema,
     fencing: fencingConfigSchema,

@@ -116,5 +116,9 @@ describe('floating IP and config checks', () => {
     expect(c.preferred).toBe('b');
     expect(c.heartbeat).toMatchObject({ keepaliveMs: 100, warntimeMs: 300, deadtimeMs: 600, initdeadMs: 2000, listen: ['127.0.0.1:1'] });
     expect(() => checkPairAgentConfig(validateConfig(pairAgentConfigSchema, { ...base, floatingIp: { mode: 'loopback', address: '192.168.1.5' } }))).toThrow(/floatingIp.address/);
+    // admin as `listen` or as host/port like the other roles
+    expect(validateConfig(pairAgentConfigSchema, { ...base, admin: { host: '127.0.0.1', port: 9026, token: 't' } }).admin).toEqual({ listen: '127.0.0.1:9026', token: 't' });
+    expect(validateConfig(pairAgentConfigSchema, { ...base, admin: { listen: '127.0.0.1:9027' } }).admin.listen).toBe('127.0.0.1:9027');
+    expect(() => checkPairAgentConfig(validateConfig(pairAgentConfigSchema, { ...base, store: { masterUser: 'm', masterSecret: 'secret-123' } }))).toThrow(/store: the store needs a disk/);
   });
 });
