@@ -10,7 +10,10 @@ import { describe, expect, it } from 'vitest';
 import { silentLogger } from '../../common/log.ts';
 import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
 import { openMailStore } from '../../pair-agent/store/index.ts';
-import { tempDir } from '../helpers/proc.ts';
+import { startProcess, tempDir } from '../helpers/proc.ts';
+import { freePort, waitForPort } from '../helpers/net.ts';
+import net from 'node:net';
+import { writeFileSync } from 'node:fs';
 import { crashBody, crashUsers } from './store-crash-child.ts';
 
 const child = join(fileURLToPath(new URL('.', import.meta.url)), 'store-crash-child.ts');
@@ -129,4 +132,104 @@ describe('store crash consistency', () => {
       dir.cleanup();
     }
   }, 120_000);
+
+  it('an LMTP 250 survives kill -9 of `pairgate store serve`', async () => {
+    const seed = Number(process.env.STORE_CRASH_SEED ?? Date.now() % 1_000_000);
+    const rand = rng(seed + 1);
+    console.log(`LMTP crash test seed: ${seed}`);
+    const dir = tempDir('pairgate-store-lmtp-crash-');
+    const vol = join(dir.path, 'vol.img');
+    const [lmtp, pop3, imap, admin] = [await freePort(), await freePort(), await freePort(), await freePort()];
+    const cfg = join(dir.path, 'store.yaml');
+    writeFileSync(
+      cfg,
+      `volume: { path: ${vol}, sizeBytes: 33554432 }\nadmin: { host: 127.0.0.1, port: ${admin} }\nlog: { level: warn }\n` +
+        `store:\n  ports: { lmtp: ${lmtp}, pop3: ${pop3}, imap: ${imap} }\n  masterUser: m\n  masterSecret: crash-secret\n  checkpointBytes: 1048576\n`,
+    );
+    const proc = startProcess('store', process.execPath, [join(process.cwd(), 'bin/pairgate.mjs'), 'store', 'serve', '--config', cfg]);
+    const acked = new Map<string, string[]>();
+    try {
+      await waitForPort('127.0.0.1', admin, 20_000, () => proc.alive());
+      const killAt = Date.now() + 500 + Math.floor(rand() * 1000);
+      let n = 0;
+      const client = async (w: number) => {
+        const sock = net.connect({ port: lmtp, host: '127.0.0.1' });
+        let buf = '';
+        let wake: (() => void) | null = null;
+        let closed = false;
+        sock.on('data', (d: Buffer) => {
+          buf += d.toString();
+          wake?.();
+        });
+        sock.on('close', () => {
+          closed = true;
+          wake?.();
+        });
+        sock.on('error', () => undefined);
+        const lines = async (k: number): Promise<string[] | null> => {
+          const deadline = Date.now() + 10_000;
+          for (;;) {
+            const parts = buf.split('\r\n');
+            const done = parts.slice(0, -1).filter((l) => !/^\d{3}-/.test(l));
+            if (done.length >= k) {
+              buf = parts.slice(-1)[0]!;
+              // keep any extra complete lines
+              const extra = parts.slice(0, -1).filter((l) => !/^\d{3}-/.test(l)).slice(k);
+              if (extra.length) buf = extra.join('\r\n') + '\r\n' + buf;
+              return done.slice(0, k);
+            }
+            if (closed || Date.now() > deadline) return null;
+            await new Promise<void>((r) => {
+              const t = setTimeout(r, 200);
+              wake = () => {
+                clearTimeout(t);
+                r();
+              };
+            });
+          }
+        };
+        if (!(await lines(1))) return;
+        sock.write('LHLO crash\r\n');
+        if (!(await lines(1))) return;
+        while (!closed) {
+          const i = n++;
+          const to = [`l${i % 5}`, `l${(i + 2) % 5}`];
+          const id = `lmtp-crash-${w}-${i}`;
+          sock.write(`MAIL FROM:<c@x>\r\n${to.map((u) => `RCPT TO:<${u}@pair>\r\n`).join('')}DATA\r\n`);
+          if (!(await lines(4))) return;
+          sock.write(`X-Pairgate-Delivery-Id: ${id}\r\nSubject: ${id}\r\n\r\n${'q'.repeat((i * 977) % 30_000)}\r\n.\r\n`);
+          const r = await lines(2);
+          if (!r) return;
+          const ok = to.filter((_, k) => r[k]!.startsWith('250'));
+          if (ok.length) acked.set(id, ok);
+          if (Date.now() > killAt && w === 0) proc.kill('SIGKILL');
+        }
+      };
+      await Promise.all([0, 1, 2].map(client));
+      await proc.exited;
+    } finally {
+      if (proc.alive()) proc.kill('SIGKILL');
+      await proc.exited;
+    }
+    expect(acked.size).toBeGreaterThan(5);
+    const dev = await FileBlockDevice.open(vol);
+    const store = await openMailStore(dev, { log: silentLogger, compactBytesPerSec: 0 });
+    try {
+      const have = new Set<string>();
+      for (let u = 0; u < 5; u++) {
+        for (const m of await store.listMessages(`l${u}`, 'INBOX').catch(() => [])) {
+          const subject = /Subject: (\S+)/.exec((await store.readMessage(m.bodyId)).toString('latin1'))![1];
+          have.add(`l${u}:${subject}`);
+        }
+      }
+      const missing = [...acked].flatMap(([id, users]) => users.map((u) => `${u}:${id}`)).filter((k) => !have.has(k));
+      expect(missing, `acknowledged but missing after kill -9: ${missing.slice(0, 5).join(', ')}`).toEqual([]);
+      expect((await store.check()).problems).toEqual([]);
+      console.log(`LMTP crash test: ${acked.size} acknowledged deliveries all present after kill -9`);
+    } finally {
+      await store.close();
+      await dev.close();
+      dir.cleanup();
+    }
+  }, 60_000);
 });
