@@ -34,13 +34,19 @@ describe('pair-agent hang and partition', () => {
     expect(await pair.b.status()).toMatchObject({ state: 'primary', fencing: 'ok' });
   });
 
-  it('heartbeat partition with both alive: exactly one node fences the other and ends primary', async () => {
-    pair = await startPair({ relay: true });
+  it('one of two links cut: the peer stays alive; both cut: exactly one node fences the other and ends primary', async () => {
+    pair = await startPair({ relay: true, links: 2 });
     expect(await pair.waitPrimary()).toBe('a');
-    await waitFor(async () => (await pair!.b.status())?.peer.alive, 5000, 'b sees a through the relay');
+    await waitFor(async () => (await pair!.b.status())?.peer.alive, 5000, 'b sees a through the relays');
     const sampler = sampleRoles(pair);
-    pair.relays!.toA.cut = true;
-    pair.relays!.toB.cut = true;
+    pair.cutLink(0, true);
+    await sleep(2000); // well past deadtime: the second link keeps the peer alive
+    const mid = await pair.b.status();
+    expect(mid).toMatchObject({ state: 'standby', fencing: 'none' });
+    expect(mid?.peer).toMatchObject({ alive: true });
+    expect((mid?.peer as unknown as { links: Array<{ up: boolean }> }).links.map((l) => l.up)).toEqual([false, true]);
+    expect(pair.a.proc!.alive() && pair.b.proc!.alive()).toBe(true);
+    pair.cutLink(1, true);
     // a (no delay) fences b first; b (400 ms delay) is gone before its own fence fires
     await waitFor(() => !pair!.a.proc!.alive() || !pair!.b.proc!.alive(), 10_000, 'one node fenced');
     await sleep(1500); // let any second fence (which must not happen) play out
@@ -52,8 +58,8 @@ describe('pair-agent hang and partition', () => {
     const h = await pair.floatingHealth();
     expect(h?.body).toMatchObject({ primary: 'a', state: 'degraded' });
     // heal the links and bring b back: it joins as standby
-    pair.relays!.toA.cut = false;
-    pair.relays!.toB.cut = false;
+    pair.cutLink(0, false);
+    pair.cutLink(1, false);
     await pair.b.start();
     await waitFor(async () => (await pair!.b.status())?.state === 'standby', 10_000, 'b standby after rejoining').catch((err) => {
       throw new Error(`${(err as Error).message}\n--- b ---\n${pair!.b.proc?.output().slice(-4000)}\n--- a ---\n${pair!.a.proc?.output().slice(-4000)}`);

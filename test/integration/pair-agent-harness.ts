@@ -63,8 +63,10 @@ export interface PairOptions {
   /** Per-node overrides merged into the generated config. */
   a?: Record<string, unknown> | ((dir: string) => Record<string, unknown>);
   b?: Record<string, unknown> | ((dir: string) => Record<string, unknown>);
-  /** Put a cuttable UDP relay on each direction of the heartbeat. */
+  /** Put a cuttable UDP relay on each direction of each heartbeat link. */
   relay?: boolean;
+  /** Heartbeat links (sockets per node); default 1. */
+  links?: number;
   timings?: { keepaliveMs: number; warntimeMs: number; deadtimeMs: number; initdeadMs: number };
 }
 
@@ -76,7 +78,10 @@ export interface TestPair {
   healthPort: number;
   a: TestNode;
   b: TestNode;
-  relays: { toA: UdpRelay; toB: UdpRelay } | null;
+  /** Per link: the relay carrying datagrams to a and to b. */
+  relays: Array<{ toA: UdpRelay; toB: UdpRelay }> | null;
+  /** Cuts (true) or restores (false) heartbeat link i in both directions. */
+  cutLink(i: number, cut: boolean): void;
   node(id: NodeId): TestNode;
   /** GET the pair health on the floating address; null when nothing answers. */
   floatingHealth(timeoutMs?: number): Promise<{ status: number; body: { state: string; primary: string | null } } | null>;
@@ -105,20 +110,30 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
   const tmp = tempDir('pairgate-pa-');
   const address = pickAddress();
   const healthPort = await freePort();
-  const ports = { a: { hb: await freePort(), admin: await freePort() }, b: { hb: await freePort(), admin: await freePort() } };
-  const relays = opts.relay ? { toA: await startRelay(ports.a.hb), toB: await startRelay(ports.b.hb) } : null;
+  const nLinks = opts.links ?? 1;
+  const hbPorts = async () => {
+    const out: number[] = [];
+    for (let i = 0; i < nLinks; i++) out.push(await freePort());
+    return out;
+  };
+  const ports = { a: { hb: await hbPorts(), admin: await freePort() }, b: { hb: await hbPorts(), admin: await freePort() } };
+  let relays: Array<{ toA: UdpRelay; toB: UdpRelay }> | null = null;
+  if (opts.relay) {
+    relays = [];
+    for (let i = 0; i < nLinks; i++) relays.push({ toA: await startRelay(ports.a.hb[i]!), toB: await startRelay(ports.b.hb[i]!) });
+  }
   const timings = opts.timings ?? TEST_TIMINGS;
   const make = (id: NodeId): TestNode => {
     const peer: NodeId = id === 'a' ? 'b' : 'a';
     const pidFile = join(tmp.path, `${id}.pid`);
-    const peerHb = relays ? (peer === 'a' ? relays.toA.port : relays.toB.port) : ports[peer].hb;
+    const peerHb = ports[peer].hb.map((p, i) => (relays ? (peer === 'a' ? relays[i]!.toA.port : relays[i]!.toB.port) : p));
     const config = {
       pair: 'pair-t',
       node: id,
       preferred: 'a',
       logLevel: 'info',
       admin: { listen: `127.0.0.1:${ports[id].admin}` },
-      heartbeat: { key: HB_KEY, listen: `127.0.0.1:${ports[id].hb}`, peers: [`127.0.0.1:${peerHb}`], ...timings },
+      heartbeat: { key: HB_KEY, listen: ports[id].hb.map((p) => `127.0.0.1:${p}`), peers: peerHb.map((p) => `127.0.0.1:${p}`), ...timings },
       fencing: { device: 'process', pidFile: join(tmp.path, `${peer}.pid`), delayMs: id === 'a' ? 0 : 400 },
       pidFile,
       floatingIp: { mode: 'loopback', address },
@@ -135,7 +150,7 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
       configFile,
       adminUrl,
       pidFile,
-      hbPort: ports[id].hb,
+      hbPort: ports[id].hb[0]!,
       async start() {
         node.proc = startProcess(`pair-agent-${id}`, process.execPath, [join(REPO, 'bin', 'pairgate.mjs'), 'pair-agent', '--config', configFile], { cwd: REPO });
         await waitFor(async () => (await node.status(500)) !== null, 30_000, `pair-agent ${id} admin API`, 100).catch((err) => {
@@ -167,6 +182,11 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
     b,
     relays,
     node: (id) => (id === 'a' ? a : b),
+    cutLink(i, cut) {
+      if (!relays?.[i]) throw new Error(`no relay on link ${i}`);
+      relays[i]!.toA.cut = cut;
+      relays[i]!.toB.cut = cut;
+    },
     async floatingHealth(timeoutMs = 300) {
       return (await getJson(`http://${address}:${healthPort}/health`, timeoutMs)) as { status: number; body: { state: string; primary: string | null } } | null;
     },
@@ -179,8 +199,10 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
     },
     async stop() {
       await Promise.all([a.proc?.stop(3000), b.proc?.stop(3000)]);
-      await relays?.toA.close();
-      await relays?.toB.close();
+      for (const r of relays ?? []) {
+        await r.toA.close();
+        await r.toB.close();
+      }
       tmp.cleanup();
     },
   };
