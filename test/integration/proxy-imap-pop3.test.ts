@@ -525,6 +525,28 @@ describe.skipIf(!haveDirectory)('proxy IMAP/POP3 front ends (skipped until direc
     good.c.close();
   });
 
+  it('user move: logins held while the usermove key is set; user-close-sessions closes the user\'s sessions', async () => {
+    const { RedisBus, keys } = await import('../../common/redis-bus.ts');
+    const bus = new RedisBus({ url: redis.url });
+    await waitFor(() => bus.connected, 5000, 'redis');
+    try {
+      const open = await imapLogin(port('imap-plain'), 'dave', 'dave-pass');
+      expect(open.answer).toMatch(/^a1 OK/);
+      await bus.publish({ type: 'user-close-sessions', user: 'dave' });
+      expect(await open.c.until(/^\* BYE/, 5000)).toMatch(/BYE/);
+      await open.c.closed;
+
+      await bus.set(keys.userMove('dave'), 'moving', 800);
+      const t0 = Date.now();
+      const held = await imapLogin(port('imap-plain'), 'dave', 'dave-pass');
+      expect(held.answer).toMatch(/^a1 OK/);
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(500);
+      held.c.close();
+    } finally {
+      await bus.close();
+    }
+  });
+
   it('Redis down: logins are still routed (health by polling, limits locally)', async () => {
     await redis.stop();
     try {
