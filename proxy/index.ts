@@ -176,6 +176,9 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
         return l ? { host: l.address.address, port: l.address.port } : null;
       },
       async reload(next) {
+        // Everything that can fail is checked before anything is applied: a bad file changes nothing.
+        const lbs = new AddressList(next.loadBalancers, 'loadBalancers');
+        const trusted = new AddressList(next.backend.trustedNetworks, 'backend.trustedNetworks');
         if (next.tls && tls) {
           try {
             tls.reload(next.tls);
@@ -186,7 +189,10 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
           }
         }
         if (JSON.stringify(next.listeners) !== JSON.stringify(ctx.config.listeners)) log.warn('listener changes take effect after a restart');
+        ctx.loadBalancers = lbs;
+        ctx.trustedBackends = trusted;
         ctx.config = { ...next, listeners: ctx.config.listeners, directory: ctx.config.directory, backend: { ...next.backend } };
+        limiter.configure(next.authLimits);
         log.info('proxy config reloaded');
       },
       async stop(graceMs = config.stopGraceMs) {

@@ -38,7 +38,7 @@ export class AuthLimiter {
   private pruneTimer: NodeJS.Timeout;
 
   constructor(
-    private readonly cfg: AuthLimitsConfig,
+    private cfg: AuthLimitsConfig,
     private readonly bus: RedisBus | null,
     private readonly log: Logger,
     private readonly metrics?: ProxyMetrics,
@@ -125,6 +125,11 @@ export class AuthLimiter {
     const delay = Math.min(this.cfg.maxDelayMs, this.cfg.delayStepMs * 2 ** Math.min(Math.max(ipCount - 1, 0), 20));
     if (delay > 0) this.metrics?.throttled.inc({ scope: 'delay' });
     return delay;
+  }
+
+  /** New limits (config reload); counters are kept. */
+  configure(cfg: AuthLimitsConfig): void {
+    this.cfg = cfg;
   }
 
   close(): void {
