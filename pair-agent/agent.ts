@@ -49,6 +49,7 @@ export interface PairAgentStatus {
   fencingDetail: string | null;
   peer: PeerStatus & { state: string | null };
   resources: string[];
+  lastTransition: { at: number; from: NodeState; to: NodeState; reason: string } | null;
   health: HealthRecord;
 }
 
@@ -60,6 +61,8 @@ export interface PairAgent {
   standby(): Promise<PairAgentStatus>;
   takeover(): Promise<PairAgentStatus>;
   maintenance(on: boolean): Promise<PairAgentStatus>;
+  /** SIGHUP: applies preferred, autoFailback and logLevel from a re-read config; other changes need a restart (logged). */
+  reload(config: PairAgentConfig): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -78,6 +81,7 @@ class Agent implements PairAgent {
   private publishTimer: NodeJS.Timeout | null = null;
   private tickTimer: NodeJS.Timeout | null = null;
   private lastPublished = '';
+  private lastTransition: { at: number; from: NodeState; to: NodeState; reason: string } | null = null;
   private admin: AdminServer | null = null;
   private bus: RedisBus | null = null;
   private backgroundFence = false;
@@ -88,7 +92,7 @@ class Agent implements PairAgent {
   private readonly m;
 
   constructor(
-    private readonly config: PairAgentConfig,
+    private config: PairAgentConfig,
     private readonly log: Logger,
     private readonly registry: MetricsRegistry,
     private readonly optional: OptionalResources,
@@ -263,6 +267,7 @@ class Agent implements PairAgent {
     }
     this.current = d.to;
     this.epoch += 1;
+    this.lastTransition = { at: Date.now(), from, to: d.to, reason: d.reason };
     this.m.transitions.inc({ from, to: d.to });
     this.setStateGauge();
     this.log.info({ from, to: d.to, reason: d.reason, kind: d.kind }, 'state change');
@@ -469,6 +474,7 @@ class Agent implements PairAgent {
       fencingDetail: this.fencer.last?.detail ?? null,
       peer: { ...hb, state: hb.view?.state ?? null },
       resources: this.manager.resources.map((r) => r.name),
+      lastTransition: this.lastTransition,
       health: this.health(),
     };
   }
@@ -498,6 +504,20 @@ class Agent implements PairAgent {
     this.log.info({ on }, 'operator: maintenance');
     this.changed(`operator maintenance ${on ? 'on' : 'off'}`);
     return this.status();
+  }
+
+  async reload(next: PairAgentConfig): Promise<void> {
+    checkPairAgentConfig(next);
+    const live = ['preferred', 'autoFailback', 'logLevel'] as const;
+    const restartKeys = (Object.keys(next) as Array<keyof PairAgentConfig>).filter(
+      (k) => !(live as readonly string[]).includes(k) && JSON.stringify(next[k]) !== JSON.stringify(this.config[k]),
+    );
+    if (next.pair !== this.config.pair || next.node !== this.config.node) throw new PairgateError('BAD_INPUT', 'pair and node cannot change on reload', false);
+    if (restartKeys.length) this.log.warn({ keys: restartKeys }, 'reload: these keys need a restart of the agent; kept the running values');
+    this.config = { ...this.config, preferred: next.preferred, autoFailback: next.autoFailback, logLevel: next.logLevel };
+    this.log.level = next.logLevel;
+    this.log.info({ preferred: next.preferred, autoFailback: next.autoFailback, logLevel: next.logLevel }, 'reload applied');
+    this.changed('config reloaded');
   }
 
   async stop(): Promise<void> {

@@ -79,7 +79,7 @@ export function register(program: Command): void {
       const log = createLogger({ role: 'pair-agent', level: config.logLevel });
       const registry = createRegistry({ role: 'pair-agent', pair: config.pair, node: config.node });
       const agent = await startPairAgent(config, { log, registry });
-      installLifecycle({ log, stop: () => agent.stop(), stopTimeoutMs: 15_000 });
+      installLifecycle({ log, stop: () => agent.stop(), reload: () => agent.reload(loadConfigFile(pairAgentConfigSchema, opts.config)), stopTimeoutMs: 15_000 });
     });
 
   const pair = program.commands.find((c) => c.name() === 'pair') ?? program.command('pair').description('operate a pair');

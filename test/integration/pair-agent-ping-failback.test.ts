@@ -7,7 +7,7 @@ import net from 'node:net';
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { waitFor } from '../helpers/net.ts';
+import { sleep, waitFor } from '../helpers/net.ts';
 import { tempDir } from '../helpers/proc.ts';
 import { sampleRoles, startPair, type TestPair } from './pair-agent-harness.ts';
 
@@ -48,14 +48,23 @@ describe('pair-agent ping targets and failback', () => {
     expect((await pair.floatingHealth())?.body.primary).toBe('b');
   });
 
-  it('auto-failback: the preferred node takes the resources back when it returns', async () => {
-    pair = await startPair({ a: { autoFailback: true }, b: { autoFailback: true } });
+  it('auto-failback switched on by SIGHUP: the preferred node takes the resources back', async () => {
+    pair = await startPair();
     expect(await pair.waitPrimary()).toBe('a');
     pair.a.proc!.kill('SIGKILL');
     await waitFor(async () => (await pair!.floatingHealth(200))?.body.primary === 'b', 10_000, 'b primary');
     await pair.a.start();
+    await waitFor(async () => (await pair!.a.status())?.state === 'standby', 15_000, 'a standby');
+    await sleep(500);
+    expect((await pair.floatingHealth())?.body.primary).toBe('b'); // auto-failback off: stays on b
+    // turn auto-failback on in b's file and reload it
+    writeFileSync(pair.b.configFile, readFileSync(pair.b.configFile, 'utf8').replace(/^autoFailback: .*$/m, '').concat('autoFailback: true\n'));
+    pair.b.proc!.kill('SIGHUP');
     await waitFor(async () => (await pair!.floatingHealth())?.body.primary === 'a', 15_000, 'a primary again (failback)');
-    expect((await pair.b.status())?.state).toBe('standby');
+    const b = await pair.b.status();
+    expect(b?.state).toBe('standby');
+    expect(pair.b.proc!.alive()).toBe(true);
+    expect((b as unknown as { lastTransition: { reason: string } }).lastTransition.reason).toBe('resources stopped');
   });
 
   it('a command resource runs only on the active node; a monitor failure restarts it there', async () => {
