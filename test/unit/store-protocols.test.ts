@@ -43,8 +43,8 @@ describe('POP3 message output', () => {
     expect(top(m, 2).toString()).toBe('A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\n');
     expect(top(m, 99).toString()).toBe(m.toString());
   });
-  it('UIDL is uid and uidvalidity in hex, like Dovecot %08Xu%08Xv', () => {
-    expect(uidlOf(26, 1700000000)).toBe('0000001a6553f100');
+  it('UIDL is uid and uidvalidity in upper-case hex, as Dovecot pop3_uidl_format=%08Xu%08Xv', () => {
+    expect(uidlOf(26, 1700000000)).toBe('0000001A6553F100');
   });
 });
 

@@ -63,7 +63,7 @@ const ERR = (text: string, extra: Partial<Reply> = {}): Reply => ({ ok: false, t
 const OK = (text: string, extra: Partial<Reply> = {}): Reply => ({ ok: true, text, ...extra });
 
 export function uidlOf(uid: number, uidValidity: number): string {
-  return uid.toString(16).padStart(8, '0') + uidValidity.toString(16).padStart(8, '0');
+  return (uid.toString(16).padStart(8, '0') + uidValidity.toString(16).padStart(8, '0')).toUpperCase();
 }
 
 function msgArg(s: Pop3Session, arg: string | undefined): DropMessage | string {
@@ -219,7 +219,7 @@ const commands: Record<string, Command> = {
     states: ['authorization'],
     async handler(s, args) {
       if (args.length === 0) return OK('', { lines: ['PLAIN'] });
-      if (args[0]!.toUpperCase() !== 'PLAIN') return ERR('Unsupported authentication mechanism');
+      if (args[0]!.toUpperCase() !== 'PLAIN') return ERR('[AUTH] Unsupported authentication mechanism.');
       let resp: string | null | undefined = args[1];
       if (resp === undefined) {
         s.write('+ \r\n');
