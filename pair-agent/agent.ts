@@ -176,7 +176,14 @@ class Agent implements PairAgent {
       this.changed('peer restarted');
     });
     this.heartbeat.on('peer-dead', () => this.changed('peer dead'));
-    this.heartbeat.on('peer-view', () => this.changed('peer view'));
+    this.heartbeat.on('peer-view', (view: NodeView) => {
+      // A peer that said (signed, fresh) it stopped after releasing everything needs no fence.
+      if (view.state === 'stopped' && !view.holds && !this.peerFenced) {
+        this.peerFenced = true;
+        this.log.info('peer stopped cleanly and released its resources: no fence needed');
+      }
+      this.changed('peer view');
+    });
     await this.heartbeat.start();
     if (c.pidFile) writeFileSync(c.pidFile, `${process.pid}\n`);
     this.ping?.start();
@@ -547,8 +554,10 @@ class Agent implements PairAgent {
     this.current = 'stopped';
     this.setStateGauge();
     this.log.info({ from, to: 'stopped' }, 'state change');
-    // tell the peer at once, so it takes over without waiting for deadtime
-    this.heartbeat.sendNow();
+    // tell the peer at once (twice, against a lost datagram), so it takes over without waiting for deadtime
+    await this.heartbeat.send();
+    await new Promise((r) => setTimeout(r, 20));
+    await this.heartbeat.send();
     await this.publish(true);
     await this.heartbeat.close();
     this.ping?.stop();

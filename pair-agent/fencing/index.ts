@@ -52,7 +52,8 @@ export const fencingConfigSchema = z.discriminatedUnion('device', [
       device: z.literal('process'),
       pidFile: z.string().optional(),
       pid: z.number().int().positive().optional(),
-      match: z.string().optional(),
+      /** The target's command line must contain this (a recycled pid is never killed); '' turns the check off. */
+      match: z.string().default('pair-agent'),
       /** An empty or missing pid file means the peer process is off (it died and nobody restarted it). */
       missingIsOff: z.boolean().default(true),
       ...common,
@@ -70,7 +71,7 @@ export function createFenceDevice(config: FencingConfig, log: Logger): FenceDevi
     case 'http':
       return new HttpFenceDevice({ url: config.url, token: config.token, timeoutMs: config.timeoutMs, confirm: config.confirm });
     case 'process':
-      return new ProcessFenceDevice({ pidFile: config.pidFile, pid: config.pid, match: config.match, timeoutMs: config.timeoutMs, missingIsOff: config.missingIsOff });
+      return new ProcessFenceDevice({ pidFile: config.pidFile, pid: config.pid, match: config.match || undefined, timeoutMs: config.timeoutMs, missingIsOff: config.missingIsOff });
   }
 }
 

@@ -107,17 +107,28 @@ export class Heartbeat extends EventEmitter {
 
   /** Sends the current view on every link now (called on each keepalive and on every change). */
   sendNow(): void {
-    if (this.sockets.length === 0) return;
+    void this.send();
+  }
+
+  /** Sends the current view and resolves when every datagram has left (the last word before close). */
+  send(): Promise<void> {
+    if (this.sockets.length === 0) return Promise.resolve();
     this.seq += 1;
     const data = encodeHeartbeat(this.opts.key, { pair: this.opts.pair, node: this.opts.node, gen: this.generation, seq: this.seq, view: this.opts.view() });
     const paired = this.opts.peers.length === this.sockets.length;
-    this.opts.peers.forEach((peer, i) => {
-      const sock = paired ? this.sockets[i]! : this.sockets[0]!;
-      const { host, port } = splitHostPort(peer);
-      sock.send(data, port, host, (err) => {
-        if (err) this.opts.log.debug({ err: err.message, peer }, 'heartbeat send failed');
-      });
-    });
+    return Promise.all(
+      this.opts.peers.map(
+        (peer, i) =>
+          new Promise<void>((resolve) => {
+            const sock = paired ? this.sockets[i]! : this.sockets[0]!;
+            const { host, port } = splitHostPort(peer);
+            sock.send(data, port, host, (err) => {
+              if (err) this.opts.log.debug({ err: err.message, peer }, 'heartbeat send failed');
+              resolve();
+            });
+          }),
+      ),
+    ).then(() => undefined);
   }
 
   private receive(link: number, msg: Buffer, rinfo: dgram.RemoteInfo): void {

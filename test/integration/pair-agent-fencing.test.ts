@@ -4,7 +4,7 @@
  * heartbeat datagrams sent at a live node: dropped, counted, membership unchanged.
  */
 import dgram from 'node:dgram';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sleep, waitFor } from '../helpers/net.ts';
@@ -94,5 +94,17 @@ describe('pair-agent heartbeat input', () => {
     expect(s).toMatchObject({ state: 'primary', holds: true });
     expect(s?.peer).toMatchObject({ alive: true, state: 'standby', generation: gen });
     expect(existsSync(pair.b.pidFile)).toBe(true);
+  });
+  it('a clean stop of the primary needs no fence: the peer takes over even with a broken fencing device', async () => {
+    rmSync(okFlag); // b's fencing device fails again from now on
+    expect((await pair.b.post('/standby')).status).toBe(200);
+    await waitFor(async () => (await pair.floatingHealth())?.body.primary === 'a', 10_000, 'a primary');
+    await waitFor(async () => (await pair.b.status())?.state === 'standby', 5000, 'b standby');
+    const failedBefore = metricValue(await pair.b.metrics(), 'pairgate_fencing_actions_total', { outcome: 'failed' });
+    await pair.a.proc!.stop(5000); // SIGTERM: a releases and says so
+    await waitFor(async () => (await pair.floatingHealth())?.body.primary === 'b', 10_000, 'b primary after a clean stop').catch(async (err) => {
+      throw new Error(`${(err as Error).message}\n${JSON.stringify(await pair.b.status())}\n${pair.b.proc!.output().slice(-3000)}`);
+    });
+    expect(metricValue(await pair.b.metrics(), 'pairgate_fencing_actions_total', { outcome: 'failed' })).toBe(failedBefore);
   });
 });
