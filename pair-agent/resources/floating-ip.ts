@@ -93,7 +93,8 @@ export class FloatingIpResource implements Resource {
     const add = await run('ip', this.ipArgs(['addr', 'add', cidr, 'dev', c.interface]));
     if (add.code !== 0 && !/File exists/i.test(add.stderr)) throw new PairgateError('UNAVAILABLE', `ip addr add ${cidr} dev ${c.interface}: ${add.stderr.trim()}`, true);
     this.held = true;
-    if (c.arping) await this.gratuitousArp();
+    // announced in the background: arping may wait a second per count, the services need not
+    if (c.arping) void this.gratuitousArp().catch((err: unknown) => this.log.warn({ err: (err as Error).message }, 'gratuitous ARP failed'));
   }
 
   /** Announces the address so neighbours update their ARP caches; a failure is logged, not fatal. */
