@@ -237,6 +237,11 @@ class Agent implements PairAgent {
     };
   }
 
+  /** Something outside the agent changed (a volume event): re-evaluate and tell the peer. */
+  notify(why: string): void {
+    if (this.current !== 'stopped') this.changed(why);
+  }
+
   private changed(why: string): void {
     this.log.debug({ why }, 're-evaluating');
     this.evaluate();
@@ -581,8 +586,14 @@ export async function startPairAgent(config: PairAgentConfig, deps: PairAgentDep
   checkPairAgentConfig(config);
   const log = deps.log.child({ pair: config.pair, node: config.node });
   const floating = new FloatingIpResource(config.floatingIp, log);
-  const optional = await loadOptionalResources(config, { log, registry: deps.registry, listenHost: config.serviceAddress ?? config.floatingIp.address });
-  const agent = new Agent(config, log, deps.registry, optional, floating);
+  let agent: Agent | null = null;
+  const optional = await loadOptionalResources(config, {
+    log,
+    registry: deps.registry,
+    listenHost: config.serviceAddress ?? config.floatingIp.address,
+    onChange: (why) => agent?.notify(why),
+  });
+  agent = new Agent(config, log, deps.registry, optional, floating);
   try {
     await agent.start();
   } catch (err) {

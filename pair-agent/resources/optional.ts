@@ -40,7 +40,7 @@ async function importIfPresent(rel: string): Promise<Record<string, unknown> | n
 
 export async function loadOptionalResources(
   config: PairAgentConfig,
-  deps: { log: Logger; registry: MetricsRegistry; listenHost: string },
+  deps: { log: Logger; registry: MetricsRegistry; listenHost: string; onChange?: (why: string) => void },
 ): Promise<OptionalResources> {
   const out: OptionalResources = {};
   if (config.volume) {

@@ -19,7 +19,11 @@ export interface VolumeLike {
   demote(): Promise<unknown>;
   status(): unknown;
   close(): Promise<unknown>;
+  on?(event: string, listener: (...args: unknown[]) => void): unknown;
 }
+
+/** Volume events after which the node's view (disk state) and the health record change. */
+export const VOLUME_EVENTS = ['role', 'connection', 'disk', 'sync'] as const;
 
 function field(obj: unknown, ...names: string[]): unknown {
   for (const n of names) {
@@ -65,7 +69,7 @@ export class VolumeResource implements Resource {
 export async function volumeResource(
   mod: Record<string, unknown>,
   raw: Record<string, unknown>,
-  deps: { log: Logger; registry: MetricsRegistry },
+  deps: { log: Logger; registry: MetricsRegistry; onChange?: (why: string) => void },
 ): Promise<OptionalResources> {
   const schema = mod.volumeConfigSchema as ZodTypeAny | undefined;
   const open = mod.openReplicatedVolume as ((c: unknown, d: { log: Logger; registry: MetricsRegistry }) => Promise<VolumeLike>) | undefined;
@@ -79,6 +83,7 @@ export async function volumeResource(
   }
   const volume = await open(cfg, { log: deps.log.child({ part: 'volume' }), registry: deps.registry });
   const resource = new VolumeResource(volume);
+  if (typeof volume.on === 'function') for (const ev of VOLUME_EVENTS) volume.on(ev, () => deps.onChange?.(`volume ${ev}`));
   return {
     volume: resource,
     volumeDisk: () => volumeView(volume.status()).disk,

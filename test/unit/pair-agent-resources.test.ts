@@ -1,5 +1,8 @@
 /** Resource manager order and monitor policy, OCF command exit codes, floating IP and config checks. */
+import { EventEmitter } from 'node:events';
 import { writeFileSync } from 'node:fs';
+import { z } from 'zod';
+import { volumeResource } from '../../pair-agent/resources/volume.ts';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { validateConfig } from '../../common/config.ts';
@@ -120,5 +123,54 @@ describe('floating IP and config checks', () => {
     expect(validateConfig(pairAgentConfigSchema, { ...base, admin: { host: '127.0.0.1', port: 9026, token: 't' } }).admin).toEqual({ listen: '127.0.0.1:9026', token: 't' });
     expect(validateConfig(pairAgentConfigSchema, { ...base, admin: { listen: '127.0.0.1:9027' } }).admin.listen).toBe('127.0.0.1:9027');
     expect(() => checkPairAgentConfig(validateConfig(pairAgentConfigSchema, { ...base, store: { masterUser: 'm', masterSecret: 'secret-123' } }))).toThrow(/store: the store needs a disk/);
+  });
+});
+
+describe('replicated volume resource (adapter over pair-agent/volume exports)', () => {
+  class FakeVolume extends EventEmitter {
+    role = 'secondary';
+    disk = 'UpToDate';
+    calls: string[] = [];
+    async promote() {
+      this.calls.push('promote');
+      this.role = 'primary';
+      this.emit('role', 'primary');
+    }
+    async demote() {
+      this.calls.push('demote');
+      this.role = 'secondary';
+      this.emit('role', 'secondary');
+    }
+    status() {
+      return { role: this.role, disk: this.disk, connection: 'Connected', protocol: 'C', outOfSyncBytes: 8192 };
+    }
+    async close() {}
+  }
+  it('promotes on start, demotes on stop, reports disk and replication, and forwards volume events', async () => {
+    const vol = new FakeVolume();
+    let seen: Record<string, unknown> | null = null;
+    const changes: string[] = [];
+    const mod = {
+      volumeConfigSchema: z.object({ name: z.string() }).strict(),
+      openReplicatedVolume: async (c: Record<string, unknown>) => {
+        seen = c;
+        return vol;
+      },
+    };
+    const opt = await volumeResource(mod, { name: 'v' }, { log: silentLogger, registry: createRegistry({}, false), onChange: (w) => changes.push(w) });
+    expect(seen).toEqual({ name: 'v' });
+    const r = opt.volume!;
+    expect(await r.monitor()).toBe('stopped');
+    await r.start();
+    await r.start(); // idempotent
+    expect(await r.monitor()).toBe('running');
+    vol.disk = 'Inconsistent';
+    expect(await r.monitor()).toBe('failed');
+    expect(opt.volumeDisk!()).toBe('Inconsistent');
+    expect(opt.healthExtras!().replication).toEqual({ connection: 'Connected', protocol: 'C', outOfSyncBytes: 8192 });
+    await r.stop();
+    expect(vol.calls).toEqual(['promote', 'demote']);
+    expect(changes).toEqual(['volume role', 'volume role']);
+    await expect(volumeResource(mod, { name: 'v', bogus: 1 }, { log: silentLogger, registry: createRegistry({}, false) })).rejects.toThrow(/volume.bogus/);
   });
 });
