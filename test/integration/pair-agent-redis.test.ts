@@ -61,4 +61,25 @@ describe('pair-agent health in Redis', () => {
     await waitFor(async () => (await record())?.primary === 'b', 15_000, 'record names b after redis is back');
     expect((await record())?.state).toBe('degraded');
   });
+
+  it('publishes failing-over while the standby fences and takes over, then the new state', async () => {
+    await pair.a.start();
+    await waitFor(async () => (await pair.a.status())?.state === 'standby', 15_000, 'a standby');
+    const sub = new RedisBus({ url: redis.url, subscribe: true });
+    const states: string[] = [];
+    sub.onEvent((e) => {
+      if (e.type === 'health' && e.pair === 'pair-t') states.push(String(e.state));
+    });
+    try {
+      await waitFor(() => sub.connected, 5000, 'subscriber connected');
+      await new Promise((r) => setTimeout(r, 300));
+      pair.b.proc!.kill('SIGKILL');
+      await waitFor(() => states.includes('degraded'), 15_000, 'health events through the failover');
+      expect(states.indexOf('failing-over')).toBeGreaterThanOrEqual(0);
+      expect(states.indexOf('failing-over')).toBeLessThan(states.indexOf('degraded'));
+      expect((await record())?.primary).toBe('a');
+    } finally {
+      await sub.close();
+    }
+  });
 });
