@@ -48,9 +48,9 @@ async function call(opts: Globals, method: 'GET' | 'POST', path: string, body?: 
 }
 
 export function formatStatus(st: LbStatus): string {
-  const l = new Table({ head: ['listener', 'address', 'pool', 'active', 'total', 'maxconn'] });
+  const l = new Table({ style: { head: [], border: [] }, head: ['listener', 'address', 'pool', 'active', 'total', 'maxconn'] });
   for (const x of st.listeners) l.push([x.name, x.address, x.pool, x.active, x.total, x.maxconn || '-']);
-  const b = new Table({ head: ['backend', 'address', 'state', 'weight', 'active', 'total', 'last check'] });
+  const b = new Table({ style: { head: [], border: [] }, head: ['backend', 'address', 'state', 'weight', 'active', 'total', 'last check'] });
   for (const p of st.pools) {
     for (const x of p.backends) {
       b.push([`${p.name}/${x.name}`, x.address, x.state, x.effectiveWeight === x.weight ? x.weight : `${x.effectiveWeight}/${x.weight}`, x.active, x.total, x.checks.lastResult ?? '-']);

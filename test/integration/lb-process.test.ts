@@ -1,0 +1,147 @@
+/**
+ * A real `pairgate lb` process: SIGHUP reload with a changed pool keeps an established
+ * connection alive, a bad file on SIGHUP is refused (old config kept), the operator commands
+ * (`pairgate lb status|drain|ready|weight|maintenance`), bad configs exit 2 naming the key,
+ * and SIGTERM stops it.
+ */
+import { execFile } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { stringify } from 'yaml';
+import { freePort, waitFor, waitForPort } from '../helpers/net.ts';
+import { startProcess, tempDir, type Managed } from '../helpers/proc.ts';
+import { connectClient, count, greetings, startBackend, type TestBackend } from './lb-harness.ts';
+
+const ROOT = join(import.meta.dirname, '../..');
+const CLI = join(ROOT, 'bin/pairgate.mjs');
+
+function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CLI, ...args], { cwd: ROOT, timeout: 20_000 }, (err, stdout, stderr) => {
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+  });
+}
+
+describe('pairgate lb (process)', () => {
+  const tmp = tempDir('pairgate-lb-proc-');
+  const file = join(tmp.path, 'lb.yaml');
+  let lb: Managed;
+  let bs: TestBackend[] = [];
+  let port = 0;
+  let adminPort = 0;
+  let admin = '';
+
+  const config = (backends: TestBackend[], extra: Record<string, unknown> = {}) =>
+    stringify({
+      logLevel: 'info',
+      admin: { host: '127.0.0.1', port: adminPort },
+      listeners: [{ name: 'imap', listen: `127.0.0.1:${port}`, pool: 'imap' }],
+      pools: {
+        imap: {
+          balance: 'roundrobin',
+          check: { intervalMs: 200, timeoutMs: 200, fall: 2, rise: 1 },
+          backends: backends.map((b) => ({ name: b.name, address: `127.0.0.1:${b.port}` })),
+        },
+      },
+      closeLog: { sample: 1 },
+      ...extra,
+    });
+
+  beforeAll(async () => {
+    bs = [await startBackend('b1'), await startBackend('b2'), await startBackend('b3')];
+    port = await freePort();
+    adminPort = await freePort();
+    admin = `http://127.0.0.1:${adminPort}`;
+    writeFileSync(file, config(bs.slice(0, 1)));
+    lb = startProcess('pairgate-lb', process.execPath, [CLI, 'lb', '--config', file], { cwd: ROOT });
+    await waitForPort('127.0.0.1', adminPort, 20_000, () => lb.alive());
+    await waitForPort('127.0.0.1', port, 5000, () => lb.alive());
+  });
+
+  afterAll(async () => {
+    await lb?.stop();
+    for (const b of bs) await b.close();
+    tmp.cleanup();
+  });
+
+  it('SIGHUP with a changed pool keeps the established connection; new ones go to the new pool', async () => {
+    const a = await connectClient(port);
+    expect(await a.greeting()).toBe('b1');
+    writeFileSync(file, config(bs.slice(1)));
+    lb.kill('SIGHUP');
+    await waitFor(() => lb.output().includes('config reloaded'), 10_000, 'reload logged');
+    a.socket.write('across the reload');
+    await a.waitFor('across the reload');
+    expect(count(await greetings(port, 4))).toEqual({ b2: 2, b3: 2 });
+    // A broken file is refused whole; the running config stays.
+    writeFileSync(file, 'listeners: [\n');
+    lb.kill('SIGHUP');
+    await waitFor(() => lb.output().includes('config reload refused'), 10_000, 'refusal logged');
+    expect(count(await greetings(port, 2))).toEqual({ b2: 1, b3: 1 });
+    a.socket.write('still');
+    await a.waitFor('still');
+    a.socket.end();
+    await a.waitFor('BYE');
+    await waitFor(() => lb.output().includes('"msg":"connection closed"'), 5000, 'close log line');
+    expect(lb.alive()).toBe(true);
+    writeFileSync(file, config(bs.slice(1)));
+  });
+
+  it('pairgate lb status|drain|weight|maintenance|ready through the admin API', async () => {
+    const st = await run(['lb', 'status', '--admin', admin]);
+    expect(st.code).toBe(0);
+    expect(st.stdout).toMatch(/imap\/b2/);
+    expect(st.stdout).toMatch(/imap\/b3/);
+    const json = await run(['lb', 'status', '--json', '--config', file]);
+    expect(JSON.parse(json.stdout).backends.map((b: { name: string }) => b.name)).toEqual(['imap/b2', 'imap/b3']);
+    const d = await run(['lb', 'drain', 'b2', '--admin', admin]);
+    expect(d.stdout).toContain('imap/b2: drain');
+    expect(count(await greetings(port, 3))).toEqual({ b3: 3 });
+    const w = await run(['lb', 'weight', 'b2', '0', '--admin', admin]);
+    expect(w.stdout).toContain('imap/b2: weight 0');
+    expect((await run(['lb', 'ready', 'imap/b2', '--admin', admin])).code).toBe(0);
+    expect(count(await greetings(port, 3))).toEqual({ b3: 3 }); // weight 0 takes nothing
+    expect((await run(['lb', 'weight', 'b2', '1', '--admin', admin])).code).toBe(0);
+    expect(count(await greetings(port, 4))).toEqual({ b2: 2, b3: 2 });
+    const m = await run(['lb', 'maintenance', 'b3', '--admin', admin]);
+    expect(m.stdout).toContain('imap/b3: maintenance');
+    expect(count(await greetings(port, 2))).toEqual({ b2: 2 });
+    await run(['lb', 'ready', 'b3', '--admin', admin]);
+    const bad = await run(['lb', 'drain', 'nosuch', '--admin', admin]);
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr).toMatch(/no backend named nosuch/);
+    const badw = await run(['lb', 'weight', 'b2', 'lots', '--admin', admin]);
+    expect(badw.code).toBe(2);
+    expect(badw.stderr).toMatch(/weight must be an integer/);
+  });
+
+  it('a bad config exits 2 and names the key (unknown method, duplicate port)', async () => {
+    const f1 = join(tmp.path, 'bad1.yaml');
+    writeFileSync(f1, stringify({ listeners: [{ name: 'a', listen: '127.0.0.1:1', pool: 'p' }], pools: { p: { balance: 'fastest', backends: [{ name: 'x', address: '127.0.0.1:2' }] } } }));
+    const r1 = await run(['lb', '--config', f1]);
+    expect(r1.code).toBe(2);
+    expect(r1.stderr).toMatch(/pools\.p\.balance: expected one of leastconn\|roundrobin\|source, got "fastest"/);
+    const f2 = join(tmp.path, 'bad2.yaml');
+    writeFileSync(
+      f2,
+      stringify({
+        listeners: [
+          { name: 'a', listen: '127.0.0.1:1143', pool: 'p' },
+          { name: 'b', listen: '0.0.0.0:1143', pool: 'p' },
+        ],
+        pools: { p: { backends: [{ name: 'x', address: '127.0.0.1:2' }] } },
+      }),
+    );
+    const r2 = await run(['lb', '--config', f2]);
+    expect(r2.code).toBe(2);
+    expect(r2.stderr).toMatch(/listeners\[1\]\.listen: duplicate port 1143/);
+  });
+
+  it('SIGTERM stops it', async () => {
+    lb.kill('SIGTERM');
+    const code = await Promise.race([lb.exited, new Promise((r) => setTimeout(() => r('timeout'), 15_000))]);
+    expect(code).toBe(0);
+  });
+});
