@@ -171,7 +171,7 @@ export async function* scanLog(
   device: BlockDevice,
   g: Geometry,
   start: LogPosition,
-  result: { end: LogPosition; stop: ReadStop; detail?: string },
+  result: { end: LogPosition; stop: ReadStop; detail?: string; skipped?: string[] },
   onSegment?: (seg: number) => void,
 ): AsyncGenerator<ScannedRecord> {
   let pos = start.offset;
@@ -221,7 +221,32 @@ export async function* scanLog(
     const full = await ensure(pos, HEADER_SIZE + h.length);
     if (!full) return finish('bad-header', `record at ${pos} runs past its segment`);
     const payload = verifyRecord(full, pos - winStart, h);
-    if (!payload) return finish('bad-crc', `record ${seq} at ${pos}: CRC mismatch`);
+    if (!payload) {
+      // A damaged checkpoint chunk holds nothing the log does not have: when its header is sound and the
+      // next record chains to it, step over it instead of losing everything after it.
+      if (h.type === RecordType.CKPT) {
+        // The next record follows directly, or at the next block when this one ended a group commit.
+        let nextAt = pos + HEADER_SIZE + h.length;
+        let nh: RecordHeader | null = null;
+        for (const at of nextAt % BLOCK_SIZE === 0 ? [nextAt] : [nextAt, roundUp(nextAt)]) {
+          const wn = await ensure(at, HEADER_SIZE);
+          const cand = wn ? parseHeader(wn, at - winStart) : null;
+          if (cand && cand.seq === seq + 1 && cand.prevCrc === h.crc) {
+            nh = cand;
+            nextAt = at;
+            break;
+          }
+        }
+        if (nh) {
+          (result.skipped ??= []).push(`checkpoint record ${seq} at ${pos}: CRC mismatch, skipped`);
+          seq += 1;
+          prev = h.crc;
+          pos = nextAt;
+          continue;
+        }
+      }
+      return finish('bad-crc', `record ${seq} at ${pos}: CRC mismatch`);
+    }
     const rec: ScannedRecord = { type: h.type, offset: pos, length: HEADER_SIZE + h.length, seq, crc: h.crc, payload };
     if (h.type === RecordType.SEG_END) {
       const next = payload.length >= 4 ? payload.readUInt32LE(0) : -1;

@@ -223,7 +223,7 @@ export class LogStore extends EventEmitter implements MailStore {
     started: number,
   ): Promise<LogStore> {
     const start = checkpoint ?? sb.logStart;
-    const result: { end: LogPosition; stop: ReadStop; detail?: string } = { end: start, stop: 'end' };
+    const result: { end: LogPosition; stop: ReadStop; detail?: string; skipped?: string[] } = { end: start, stop: 'end' };
     const entered: number[] = [];
     const it = scanLog(device, g, start, result, (s) => entered.push(s));
     let state = new StoreState();
@@ -263,7 +263,7 @@ export class LogStore extends EventEmitter implements MailStore {
       bytes += r.length;
       applyRecord(state, r.type, r.payload, r.offset, r.length, problems);
     }
-    problems.push(...state.problems);
+    problems.push(...state.problems, ...(result.skipped ?? []));
     state.problems = [];
     const dropped = state.dropUnreferenced();
     const store = new LogStore(device, sb, state, g, opts);
@@ -649,9 +649,10 @@ export class LogStore extends EventEmitter implements MailStore {
 
   async readMessage(bodyId: string): Promise<Buffer> {
     this.assertOpen();
-    const hit = this.cache.get(bodyId) ?? this.pendingBodies.get(bodyId);
-    if (hit) return hit;
     for (let attempt = 0; ; attempt++) {
+      // Bodies whose records are not durable yet (new, or being moved by compaction) are served from memory.
+      const hit = this.cache.get(bodyId) ?? this.pendingBodies.get(bodyId);
+      if (hit) return hit;
       const b = this.state.bodies.get(bodyId);
       if (!b) throw new NotFoundError(`no message body ${String(bodyId).slice(0, 80)}`);
       const chunks = [...b.chunks];
@@ -930,7 +931,12 @@ export class LogStore extends EventEmitter implements MailStore {
           break;
         }
         this.appendBody(id, data);
-        await this.writer.commit();
+        this.pendingBodies.set(id, data);
+        try {
+          await this.writer.commit();
+        } finally {
+          this.pendingBodies.delete(id);
+        }
         result.bodiesMoved++;
         result.bytesMoved += data.length;
         if (rate > 0) {

@@ -12,6 +12,7 @@ import { ConflictError, LimitError, NotFoundError, BadInputError } from '../../c
 import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
 import { openMailStore, type LogStore } from '../../pair-agent/store/index.ts';
 import { crc32c } from '../../pair-agent/store/crc32c.ts';
+import { decodeSuperblock } from '../../pair-agent/store/log.ts';
 import { tempDir } from '../helpers/proc.ts';
 
 const cleanups: Array<() => Promise<void> | void> = [];
@@ -255,23 +256,87 @@ describe('mail store', () => {
     expect((await s.check()).ok).toBe(true);
   });
 
-  it('reports full volume as a temporary limit and exposes metrics', async () => {
-    const h = await fresh(4 * 1024 * 1024);
-    const s = h.store;
+  it('reports a full volume as a temporary limit and exposes the store gauges', async () => {
+    const dir = tempDir('pairgate-store-full-');
+    cleanups.push(() => dir.cleanup());
+    const dev = await FileBlockDevice.open(join(dir.path, 'v.img'), { size: 4 * 1024 * 1024, create: true });
     const registry = createRegistry({}, false);
-    const s2 = await h.reopen();
-    void s;
+    const s = await openMailStore(dev, { log: silentLogger, registry, compactBytesPerSec: 0 });
+    cleanups.push(async () => {
+      await s.close();
+      await dev.close();
+    });
     let err: unknown = null;
+    let delivered = 0;
     for (let i = 0; i < 100 && !err; i++) {
       try {
-        const r = await s2.deliver(`f${i}`, ['z'], msg(i, 200_000));
+        const r = await s.deliver(`f${i}`, ['z'], msg(i, 200_000));
         if (!r[0]!.ok) err = r[0]!.error;
+        else delivered++;
       } catch (e) {
         err = e;
       }
     }
     expect(err).toBeInstanceOf(LimitError);
     expect((err as LimitError).temporary).toBe(true);
-    void registry;
+    const text = await registry.metrics();
+    expect(text).toContain(`pairgate_store_messages ${delivered}`);
+    expect(text).toContain(`pairgate_store_bytes_total ${4 * 1024 * 1024}`);
+    expect(text).toMatch(/pairgate_store_mailboxes 6/);
+    // Expunging and compacting makes room again.
+    const list = await s.listMessages('z', 'INBOX');
+    await s.expunge('z', 'INBOX', list.map((m) => m.uid));
+    await s.compact();
+    await s.checkpoint();
+    await s.compact();
+    const r = await s.deliver('after-full', ['z'], msg(999, 200_000));
+    expect(r[0]!.ok).toBe(true);
+  });
+
+  it('steps over a damaged checkpoint: falls back to the previous one and loses nothing', async () => {
+    const h = await fresh();
+    let s = h.store;
+    for (let i = 0; i < 5; i++) await s.deliver(`a${i}`, ['cp'], msg(i));
+    await s.checkpoint();
+    for (let i = 5; i < 10; i++) await s.deliver(`a${i}`, ['cp'], msg(i));
+    await s.checkpoint();
+    for (let i = 10; i < 15; i++) await s.deliver(`a${i}`, ['cp'], msg(i));
+    (s as unknown as { closed: boolean }).closed = true;
+    const sbs = [decodeSuperblock(await h.device.read(0, 4096)), decodeSuperblock(await h.device.read(4096, 4096))];
+    const sb = sbs.filter((x) => x !== null).sort((a, b) => b!.generation - a!.generation)[0]!;
+    const at = sb.checkpoint!.offset;
+    const head = await h.device.read(at, 64);
+    expect(head.readUInt32LE(4)).toBe(4); // a CKPT record
+    const blockStart = (at + 48) - ((at + 48) % 4096);
+    const blk = await h.device.read(blockStart, 4096);
+    blk[at + 48 - blockStart] ^= 0xff;
+    await h.device.write(blockStart, blk);
+    s = await h.reopen({ checkpoint: false });
+    expect(s.recovery.usedFallbackCheckpoint).toBe(true);
+    expect(s.recovery.problems.join('\n')).toMatch(/checkpoint record .* skipped/);
+    expect((await s.listMessages('cp', 'INBOX')).map((m) => m.uid)).toEqual(Array.from({ length: 15 }, (_, i) => i + 1));
+  });
+
+  it('compacts in the background when free space runs low', async () => {
+    const dir = tempDir('pairgate-store-bg-');
+    cleanups.push(() => dir.cleanup());
+    const dev = await FileBlockDevice.open(join(dir.path, 'v.img'), { size: 8 * 1024 * 1024, create: true });
+    const s = await openMailStore(dev, { log: silentLogger, compactIntervalMs: 50, compactBytesPerSec: 64 * 1024 * 1024, checkpointBytes: 512 * 1024 });
+    cleanups.push(async () => {
+      await s.close();
+      await dev.close();
+    });
+    for (let i = 0; i < 58; i++) await s.deliver(`b${i}`, ['bg'], msg(i, 100_000));
+    const list = await s.listMessages('bg', 'INBOX');
+    // Every other message: each segment keeps one live body, so only compaction can free it.
+    await s.expunge('bg', 'INBOX', list.filter((m) => m.uid % 2 !== 0).map((m) => m.uid));
+    const before = s.freeSegments();
+    expect(before).toBeLessThan(s.g.segmentCount * 0.3);
+    const deadline = Date.now() + 10_000;
+    while (s.freeSegments() <= before + 2 && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    expect(s.freeSegments()).toBeGreaterThan(before + 2);
+    for (const m of await s.listMessages('bg', 'INBOX')) expect((await s.readMessage(m.bodyId)).equals(msg(m.uid - 1, 100_000))).toBe(true);
   });
 });
