@@ -73,6 +73,7 @@ class Agent implements PairAgent {
   private maintenanceOn = false;
   private resourcesFailed = false;
   private startFailures = 0;
+  private peerHeldOnce = false;
   private peerFenced = false;
   private readonly startedAt = Date.now();
   private evaluating = false;
@@ -177,6 +178,7 @@ class Agent implements PairAgent {
     });
     this.heartbeat.on('peer-dead', () => this.changed('peer dead'));
     this.heartbeat.on('peer-view', (view: NodeView) => {
+      if (view.holds) this.peerHeldOnce = true;
       // A peer that said (signed, fresh) it stopped after releasing everything needs no fence.
       if (view.state === 'stopped' && !view.holds && !this.peerFenced) {
         this.peerFenced = true;
@@ -313,7 +315,8 @@ class Agent implements PairAgent {
         return;
       case 'taking-over':
         this.holds = true;
-        this.m.failovers.inc({ kind: from === 'fencing' ? 'peer-dead' : 'handover' });
+        // the first placement at cluster start is not a failover
+        if (from === 'fencing' || this.peerHeldOnce) this.m.failovers.inc({ kind: this.peerFacts().alive ? 'handover' : 'peer-down' });
         void this.manager.startAll().then(
           () => {
             if (!still()) return;
