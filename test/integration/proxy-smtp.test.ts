@@ -25,12 +25,17 @@ import { silentLogger } from '../../common/log.ts';
 import { AuthError, NotFoundError } from '../../common/errors.ts';
 import type { HealthRecord, PairState } from '../../common/health.ts';
 import type { Directory, PairRecord, UserRecord } from '../../directory/types.ts';
+import { AddressList } from '../../common/cidr.ts';
+import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
+import { openMailStore } from '../../pair-agent/store/index.ts';
+import { startLmtpServer, type LmtpServer } from '../../pair-agent/store/lmtp.ts';
+import type { MailStore } from '../../pair-agent/store/types.ts';
 import { startDovecot, type Dovecot } from '../helpers/dovecot.ts';
 import { makeTestCert, type TestCert } from '../helpers/tls.ts';
 import { tempDir } from '../helpers/proc.ts';
 import { sleep, waitFor } from '../helpers/net.ts';
 
-const USERS = [
+const USERS: TestUser[] = [
   { uid: 'alice', password: 'alice-pass', pair: 'pair-a', aliases: ['postmaster@example.net'] },
   { uid: 'carol', password: 'carol-pass', pair: 'pair-a', aliases: [] },
   { uid: 'bob', password: 'bob-pass', pair: 'pair-b', aliases: ['robert@example.org'] },
@@ -43,12 +48,14 @@ function ssha(password: string): string {
   return `{SSHA}${Buffer.concat([createHash('sha1').update(password).update(salt).digest(), salt]).toString('base64')}`;
 }
 
+type TestUser = { uid: string; password: string; pair: string; aliases: string[] };
+
 /**
  * Until directory/index.ts is in the tree, the same users and pairs are served by this small
  * in-test implementation of the Directory contract (only the calls the SMTP side makes).
  */
-function tableDirectory(pairs: PairRecord[]): Directory {
-  const users: UserRecord[] = USERS.map((u) => ({ dn: `uid=${u.uid},ou=people,dc=pairgate,dc=test`, uid: u.uid, mail: `${u.uid}@example.net`, aliases: u.aliases, pair: u.pair }));
+function tableDirectory(list: TestUser[], pairs: PairRecord[]): Directory {
+  const users: UserRecord[] = list.map((u) => ({ dn: `uid=${u.uid},ou=people,dc=pairgate,dc=test`, uid: u.uid, mail: `${u.uid}@example.net`, aliases: u.aliases, pair: u.pair }));
   const byAddr = (a: string) => users.find((u) => u.mail === a.toLowerCase() || u.aliases.includes(a.toLowerCase())) ?? null;
   const unsupported = async (): Promise<never> => {
     throw new Error('not used by the SMTP tests');
@@ -58,7 +65,7 @@ function tableDirectory(pairs: PairRecord[]): Directory {
     findRecipient: async (a) => byAddr(a),
     authenticate: async (login, password) => {
       const u = users.find((x) => x.uid === login) ?? byAddr(login);
-      if (!u || USERS.find((x) => x.uid === u.uid)!.password !== password) throw new AuthError('invalid credentials');
+      if (!u || list.find((x) => x.uid === u.uid)!.password !== password) throw new AuthError('invalid credentials');
       return u;
     },
     routeFor: async (user) => {
@@ -74,6 +81,30 @@ function tableDirectory(pairs: PairRecord[]): Directory {
     invalidate: async () => undefined,
     close: async () => undefined,
   };
+}
+
+/** The real directory (LDIF backend) when directory/index.ts exists, else tableDirectory. */
+async function openTestDirectory(users: TestUser[], pairs: PairRecord[], dirPath: string): Promise<Directory> {
+  if (!existsSync(DIRECTORY_MODULE)) return tableDirectory(users, pairs);
+  const pairEntry = (p: PairRecord) =>
+    `dn: ${p.dn}\nobjectClass: pairgatePair\ncn: ${p.id}\npairgateAddress: ${p.address}\npairgatePorts: lmtp=${p.ports.lmtp},admin=${p.ports.admin}\npairgateState: active\npairgateWeight: 100\n`;
+  const userEntry = (u: TestUser) =>
+    `dn: uid=${u.uid},ou=people,dc=pairgate,dc=test\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: ${u.uid}\ncn: ${u.uid}\nsn: ${u.uid}\nmail: ${u.uid}@example.net\n${u.aliases.map((a) => `mailLocalAddress: ${a}\n`).join('')}mailHost: ${u.pair}\nuserPassword: ${ssha(u.password)}\n`;
+  const ldif = [
+    'dn: dc=pairgate,dc=test\nobjectClass: dcObject\nobjectClass: organization\ndc: pairgate\no: test\n',
+    'dn: ou=people,dc=pairgate,dc=test\nobjectClass: organizationalUnit\nou: people\n',
+    'dn: ou=pairs,dc=pairgate,dc=test\nobjectClass: organizationalUnit\nou: pairs\n',
+    ...pairs.map(pairEntry),
+    ...users.map(userEntry),
+  ].join('\n');
+  const file = join(dirPath, 'directory.ldif');
+  writeFileSync(file, ldif);
+  const mod = (await import(pathToFileURL(DIRECTORY_MODULE).href)) as { openDirectory(c: unknown, d: { log: typeof silentLogger }): Promise<Directory> };
+  return mod.openDirectory({ ldif: file }, { log: silentLogger });
+}
+
+function pairRecord(id: string, lmtp: number, admin: number): PairRecord {
+  return { id, dn: `cn=${id},ou=pairs,dc=pairgate,dc=test`, address: '127.0.0.1', ports: { lmtp, admin }, state: 'active', weight: 100 };
 }
 
 function healthRecord(pair: string, state: PairState): HealthRecord {
@@ -241,28 +272,8 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
       pairAdmin('pair-a'),
       pairAdmin('pair-b'),
     ]);
-    const pairs: PairRecord[] = [
-      { id: 'pair-a', dn: 'cn=pair-a,ou=pairs,dc=pairgate,dc=test', address: '127.0.0.1', ports: { lmtp: dovA.lmtpPort, admin: adminA.port }, state: 'active', weight: 100 },
-      { id: 'pair-b', dn: 'cn=pair-b,ou=pairs,dc=pairgate,dc=test', address: '127.0.0.1', ports: { lmtp: dovB.lmtpPort, admin: adminB.port }, state: 'active', weight: 100 },
-    ];
-    if (existsSync(DIRECTORY_MODULE)) {
-      const pairEntry = (p: PairRecord) =>
-        `dn: ${p.dn}\nobjectClass: pairgatePair\ncn: ${p.id}\npairgateAddress: 127.0.0.1\npairgatePorts: lmtp=${p.ports.lmtp},admin=${p.ports.admin}\npairgateState: active\npairgateWeight: 100\n`;
-      const userEntry = (u: (typeof USERS)[number]) =>
-        `dn: uid=${u.uid},ou=people,dc=pairgate,dc=test\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: ${u.uid}\ncn: ${u.uid}\nsn: ${u.uid}\nmail: ${u.uid}@example.net\n${u.aliases.map((a) => `mailLocalAddress: ${a}\n`).join('')}mailHost: ${u.pair}\nuserPassword: ${ssha(u.password)}\n`;
-      const ldif = [
-        'dn: dc=pairgate,dc=test\nobjectClass: dcObject\nobjectClass: organization\ndc: pairgate\no: test\n',
-        'dn: ou=people,dc=pairgate,dc=test\nobjectClass: organizationalUnit\nou: people\n',
-        'dn: ou=pairs,dc=pairgate,dc=test\nobjectClass: organizationalUnit\nou: pairs\n',
-        ...pairs.map(pairEntry),
-        ...USERS.map(userEntry),
-      ].join('\n');
-      writeFileSync(join(dir.path, 'directory.ldif'), ldif);
-      const mod = (await import(pathToFileURL(DIRECTORY_MODULE).href)) as { openDirectory(c: unknown, d: { log: typeof silentLogger }): Promise<Directory> };
-      directory = await mod.openDirectory({ ldif: join(dir.path, 'directory.ldif') }, { log: silentLogger });
-    } else {
-      directory = tableDirectory(pairs);
-    }
+    const pairs = [pairRecord('pair-a', dovA.lmtpPort, adminA.port), pairRecord('pair-b', dovB.lmtpPort, adminB.port)];
+    directory = await openTestDirectory(USERS, pairs, dir.path);
     health = new PairHealth({ log: silentLogger, directory, pollIntervalMs: 100, pollTimeoutMs: 400, ttlMs: 1500 });
     await health.start();
 
@@ -589,5 +600,93 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     const total = await registry.getSingleMetric('pairgate_sessions_total')!.get();
     expect(total.values.find((v) => v.labels.protocol === 'smtp')?.value ?? 0).toBeGreaterThan(5);
     expect(await registry.getSingleMetric('pairgate_delivery_seconds')!.get()).toBeTruthy();
+  });
+});
+
+describe('proxy SMTP front ends with pairgate store pairs: the retry is stored once, per-recipient refusals', () => {
+  const SUSERS: TestUser[] = [
+    { uid: 'dana', password: 'dana-pass', pair: 'pair-s1', aliases: [] },
+    { uid: 'full', password: 'full-pass', pair: 'pair-s1', aliases: [] },
+    { uid: 'erin', password: 'erin-pass', pair: 'pair-s2', aliases: [] },
+  ];
+  const QUOTA = 200_000;
+  let dir: { path: string; cleanup(): void };
+  const devices: FileBlockDevice[] = [];
+  const stores: MailStore[] = [];
+  const lmtps: LmtpServer[] = [];
+  const admins: Array<Awaited<ReturnType<typeof pairAdmin>>> = [];
+  let directory: Directory;
+  let health: PairHealth;
+  let smtp: SmtpFrontEnds;
+
+  const startLmtp = (i: number, port = 0) =>
+    startLmtpServer({ store: stores[i]!, host: '127.0.0.1', port, log: silentLogger, registry: createRegistry({}, false), trusted: new AddressList(['127.0.0.0/8']) });
+
+  beforeAll(async () => {
+    dir = tempDir('pairgate-smtp-store-');
+    for (let i = 0; i < 2; i++) {
+      devices.push(await FileBlockDevice.open(join(dir.path, `vol${i}.img`), { size: 32 * 1024 * 1024, create: true }));
+      stores.push(await openMailStore(devices[i]!, { log: silentLogger, quotaBytes: QUOTA, format: true, compactBytesPerSec: 0 }));
+      lmtps.push(await startLmtp(i));
+      admins.push(await pairAdmin(`pair-s${i + 1}`));
+    }
+    const pairs = [pairRecord('pair-s1', lmtps[0]!.port, admins[0]!.port), pairRecord('pair-s2', lmtps[1]!.port, admins[1]!.port)];
+    directory = await openTestDirectory(SUSERS, pairs, dir.path);
+    health = new PairHealth({ log: silentLogger, directory, pollIntervalMs: 100, pollTimeoutMs: 400, ttlMs: 1500 });
+    await health.start();
+    smtp = await startSmtpFrontEnds(
+      { hold: { maxMs: 1000, retryMs: 100 }, smtp: { hostname: 'mx2.test', localDomains: ['example.net'], listeners: [{ kind: 'mx', host: '127.0.0.1', port: 0, tls: 'none' }] } },
+      { directory, pairHealth: health, log: silentLogger, registry: createRegistry({}, false) },
+    );
+    await waitFor(() => health.state('pair-s1') === 'ok' && health.state('pair-s2') === 'ok', 5000, 'pairs ok');
+  }, 60_000);
+
+  afterAll(async () => {
+    await smtp?.close(500);
+    await health?.close();
+    await directory?.close();
+    for (const l of lmtps) await l.close().catch(() => undefined);
+    for (const st of stores) await st.close().catch(() => undefined);
+    for (const d of devices) await d.close().catch(() => undefined);
+    for (const a of admins) await a.close();
+    dir?.cleanup();
+  });
+
+  const send = (to: string[], raw: string) =>
+    nodemailer
+      .createTransport({ host: '127.0.0.1', port: smtp.address('mx')!.port, secure: false, ignoreTLS: true, connectionTimeout: 5000, socketTimeout: 20_000 } as never)
+      .sendMail({ envelope: { from: 'sender@remote.example', to }, raw })
+      .then(
+        (info) => info.response as string,
+        (err: { response?: string }) => err.response ?? String(err),
+      );
+
+  const count = async (i: number, user: string) => (await stores[i]!.listMessages(user, 'INBOX').catch(() => [])).length;
+
+  it('a pair failing at DATA gives 451; the retry reaches the other pair and is not stored twice where it was', async () => {
+    const raw = message(`store-retry-${randomBytes(4).toString('hex')}`);
+    const [d0, e0] = [await count(0, 'dana'), await count(1, 'erin')];
+    const port2 = lmtps[1]!.port;
+    await lmtps[1]!.close();
+    let first: string;
+    try {
+      first = await send(['dana@example.net', 'erin@example.net'], raw);
+    } finally {
+      lmtps[1] = await startLmtp(1, port2);
+    }
+    expect(first).toMatch(/^451 4\.4\.1 /);
+    expect(await count(0, 'dana')).toBe(d0 + 1);
+    expect(await send(['dana@example.net', 'erin@example.net'], raw)).toMatch(/^250 /);
+    expect(await count(0, 'dana')).toBe(d0 + 1);
+    expect(await count(1, 'erin')).toBe(e0 + 1);
+  });
+
+  it('per-recipient permanent refusals: all refused -> 552 5.2.2; some refused -> 250 for the others', async () => {
+    await stores[0]!.deliver('fill-full', ['full'], Buffer.from(`Subject: fill\r\n\r\n${'f'.repeat(QUOTA - 2000)}\r\n`));
+    const big = message(`quota-${randomBytes(4).toString('hex')}`, `X-Fill: ${'q'.repeat(5000)}\r\n`);
+    expect(await send(['full@example.net'], big)).toMatch(/^552 5\.2\.2 /);
+    const d0 = await count(0, 'dana');
+    expect(await send(['full@example.net', 'dana@example.net'], big)).toMatch(/^250 /);
+    expect(await count(0, 'dana')).toBe(d0 + 1);
   });
 });
