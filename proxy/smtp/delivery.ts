@@ -139,8 +139,8 @@ export interface MessageVerdict {
 /**
  * One SMTP reply from per-recipient outcomes: any temporary failure -> 451 for the message
  * (the retry is idempotent where it was accepted); all failed permanently -> that failure
- * (552 when they were all over quota); otherwise 250, with the permanent failures reported
- * to the caller (logged and counted: the SMTP reply after DATA cannot name recipients).
+ * (552 when they were all over quota); otherwise 250, with the permanent failures returned
+ * to the sender as a bounce (bounce.ts), since the reply after DATA cannot name recipients.
  */
 export function verdictFor(outcomes: RecipientOutcome[], deliveryId: string): MessageVerdict {
   const ok = outcomes.filter((o) => o.reply.code >= 200 && o.reply.code < 300);

@@ -16,6 +16,7 @@ export function smtpMetrics(registry: MetricsRegistry) {
     /** End of DATA to the reply, per message (all pairs and the smarthost). */
     deliverySeconds: histogram(registry, 'delivery_seconds', 'Time from the end of DATA to the reply, per message'),
     rejects: counter(registry, 'smtp_rejects_total', 'SMTP commands or messages refused, by reason', ['reason']),
+    bounces: counter(registry, 'smtp_bounces_total', 'Bounces (DSN) for recipients that refused an accepted message, by result', ['result']),
     messages: counter(registry, 'smtp_messages_total', 'Messages after DATA by outcome', ['kind', 'result']),
   };
 }

@@ -17,6 +17,7 @@ import type { SmtpConfig, SmtpListenerConfig } from './config.ts';
 import { REPLIES, SmtpReply } from './replies.ts';
 import { deliverToPair, deliveryIdFor, stripDeliveryIdHeaders, verdictFor, DELIVERY_ID_HEADER, type DeliveryOptions, type LocalRecipient, type PairHealthLike, type RecipientOutcome } from './delivery.ts';
 import type { Smarthost } from './relay.ts';
+import { buildBounce } from './bounce.ts';
 import type { SmtpMetrics } from './metrics.ts';
 
 /** The failed-login limiter (proxy/rate-limit.ts AuthLimiter fits). */
@@ -289,9 +290,39 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
     }
     if (verdict.permanent) {
       // Accepted for the others; the reply after DATA cannot refuse single recipients.
-      slog.warn({ ...summary, failed: outcomes.filter((o) => o.reply.code >= 500).map((o) => ({ rcpt: o.address, code: o.reply.code, text: o.reply.text })) }, 'message accepted; some recipients refused it permanently');
+      const failed = outcomes.filter((o) => o.reply.code >= 500);
+      slog.warn({ ...summary, failed: failed.map((o) => ({ rcpt: o.address, code: o.reply.code, text: o.reply.text })) }, 'message accepted; some recipients refused it permanently: bouncing');
+      if (from) void sendBounce(from, failed, original, id, slog);
+      else ctx.metrics.bounces.inc({ result: 'null-sender' });
     } else slog.info(summary, 'message delivered');
     return `2.0.0 Ok: delivered as ${id}`;
+  }
+
+  /** Returns permanent per-recipient failures to the sender (null sender, so no bounce loops). */
+  async function sendBounce(sender: string, failed: RecipientOutcome[], original: Buffer, id: string, slog: Logger): Promise<void> {
+    const dsn = buildBounce({ hostname: cfg.hostname, sender, failed, original, deliveryId: id, arrival: new Date() });
+    try {
+      const user = await ctx.directory.findRecipient(sender);
+      let outcomes: RecipientOutcome[];
+      if (user) {
+        const { pair } = await ctx.directory.routeFor(user);
+        const body = Buffer.concat([Buffer.from(`${DELIVERY_ID_HEADER}: ${deliveryIdFor('', dsn)}\r\n`), dsn]);
+        outcomes = await deliverToPair(pair, [{ address: sender, user, pair }], '', body, { address: '127.0.0.1', port: 0 }, ctx.pairHealth, { ...ctx.delivery, forwardClientAddress: false }, slog);
+      } else if (ctx.smarthost) {
+        outcomes = await ctx.smarthost.send('', [sender], dsn);
+      } else {
+        ctx.metrics.bounces.inc({ result: 'no-route' });
+        slog.error({ sender }, 'bounce not sent: sender is not local and no smarthost is configured');
+        return;
+      }
+      const ok = outcomes.every((o) => o.reply.code < 300);
+      ctx.metrics.bounces.inc({ result: ok ? 'sent' : 'failed' });
+      if (ok) slog.info({ sender, recipients: failed.length }, 'bounce sent');
+      else slog.error({ sender, reply: outcomes[0]?.reply }, 'bounce not delivered');
+    } catch (err) {
+      ctx.metrics.bounces.inc({ result: 'failed' });
+      slog.error({ sender, err: (err as Error).message }, 'bounce not delivered');
+    }
   }
 
   let open = 0;

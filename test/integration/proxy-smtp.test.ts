@@ -652,10 +652,10 @@ describe('proxy SMTP front ends with pairgate store pairs: the retry is stored o
     dir?.cleanup();
   });
 
-  const send = (to: string[], raw: string) =>
+  const send = (to: string[], raw: string, from = 'sender@remote.example') =>
     nodemailer
       .createTransport({ host: '127.0.0.1', port: smtp.address('mx')!.port, secure: false, ignoreTLS: true, connectionTimeout: 5000, socketTimeout: 20_000 } as never)
-      .sendMail({ envelope: { from: 'sender@remote.example', to }, raw })
+      .sendMail({ envelope: { from, to }, raw })
       .then(
         (info) => info.response as string,
         (err: { response?: string }) => err.response ?? String(err),
@@ -681,12 +681,20 @@ describe('proxy SMTP front ends with pairgate store pairs: the retry is stored o
     expect(await count(1, 'erin')).toBe(e0 + 1);
   });
 
-  it('per-recipient permanent refusals: all refused -> 552 5.2.2; some refused -> 250 for the others', async () => {
+  it('per-recipient permanent refusals: all refused -> 552 5.2.2; some refused -> 250 for the others and a bounce', async () => {
     await stores[0]!.deliver('fill-full', ['full'], Buffer.from(`Subject: fill\r\n\r\n${'f'.repeat(QUOTA - 2000)}\r\n`));
-    const big = message(`quota-${randomBytes(4).toString('hex')}`, `X-Fill: ${'q'.repeat(5000)}\r\n`);
+    const tag = `quota-${randomBytes(4).toString('hex')}`;
+    const big = message(tag, `X-Fill: ${'q'.repeat(5000)}\r\n`);
     expect(await send(['full@example.net'], big)).toMatch(/^552 5\.2\.2 /);
-    const d0 = await count(0, 'dana');
-    expect(await send(['full@example.net', 'dana@example.net'], big)).toMatch(/^250 /);
+    const [d0, e0] = [await count(0, 'dana'), await count(1, 'erin')];
+    // From a local sender (erin, on the other pair): the bounce for `full` comes back to her.
+    expect(await send(['full@example.net', 'dana@example.net'], big, 'erin@example.net')).toMatch(/^250 /);
     expect(await count(0, 'dana')).toBe(d0 + 1);
+    await waitFor(async () => (await count(1, 'erin')) === e0 + 1, 5000, 'bounce at erin');
+    const metas = await stores[1]!.listMessages('erin', 'INBOX');
+    const dsn = (await stores[1]!.readMessage(metas[metas.length - 1]!.bodyId)).toString();
+    expect(dsn).toContain('multipart/report; report-type=delivery-status');
+    expect(dsn).toMatch(/Final-Recipient: rfc822; full@example\.net\r\nAction: failed\r\nStatus: 5\.2\.2/);
+    expect(dsn).toContain(`Subject: ${tag}`);
   });
 });
