@@ -37,6 +37,8 @@ export interface Conn {
 }
 
 let nextId = 1;
+/** Stream buffer per socket and direction: fewer pause/resume turns on bulk transfers, still bounded. */
+const SOCKET_HWM = 256 * 1024;
 
 function connectBackend(b: Backend, pool: PoolConfig): Promise<{ socket: net.Socket } | { error: string }> {
   return new Promise((resolve) => {
@@ -46,9 +48,11 @@ function connectBackend(b: Backend, pool: PoolConfig): Promise<{ socket: net.Soc
       port: b.port,
       allowHalfOpen: true,
       noDelay: true,
+      highWaterMark: SOCKET_HWM,
       keepAlive: pool.keepaliveMs > 0,
       keepAliveInitialDelay: pool.keepaliveMs,
-    });
+      // Passed on to the stream (not in @types/node 20's NetConnectOpts).
+    } as net.NetConnectOpts);
     const finish = (r: { socket: net.Socket } | { error: string }) => {
       if (done) return;
       done = true;
@@ -80,7 +84,7 @@ export class Listener {
     const hp = splitHostPort(config.listen);
     this.host = hp.host;
     this.port = hp.port;
-    this.server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true }, (c) => this.accept(c));
+    this.server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true, highWaterMark: SOCKET_HWM }, (c) => this.accept(c));
     this.server.on('error', (err) => this.deps.log.error({ listener: config.name, err: err.message }, 'listener error'));
   }
 
@@ -109,6 +113,27 @@ export class Listener {
       this.server.close();
       setImmediate(resolve);
     });
+  }
+
+  private readonly perBackend = new Map<string, { inc(): void; dec(): void }>();
+
+  /** Metric children per backend, looked up once (label hashing per connection is not free). */
+  private children(b: Backend): { inc(): void; dec(): void } {
+    let c = this.perBackend.get(b.id);
+    if (!c) {
+      const labels = { listener: this.name, backend: b.id };
+      const gauge = this.deps.metrics.connections.labels(labels);
+      const total = this.deps.metrics.connectionsTotal.labels(labels);
+      c = {
+        inc: () => {
+          gauge.inc();
+          total.inc();
+        },
+        dec: () => gauge.dec(),
+      };
+      this.perBackend.set(b.id, c);
+    }
+    return c;
   }
 
   hasSlot(): boolean {
@@ -153,7 +178,7 @@ export class Listener {
       if (holdsListenerSlot) this.active--;
       if (backend) backend.release();
       if (spliced) {
-        metrics.connections.dec({ listener: this.name, backend: spliced.id });
+        this.children(spliced).dec();
         const bytesIn = client.bytesRead;
         const bytesOut = server?.bytesRead ?? 0;
         metrics.bytes.inc({ direction: 'in' }, bytesIn);
@@ -272,10 +297,7 @@ export class Listener {
   }
 
   private splice(client: net.Socket, server: net.Socket, pool: PoolConfig, backend: Backend, setReason: (r: string) => void, done: () => void): void {
-    const { metrics } = this.deps;
-    const labels = { listener: this.name, backend: backend.id };
-    metrics.connections.inc(labels);
-    metrics.connectionsTotal.inc(labels);
+    this.children(backend).inc();
     backend.total++;
     const header = buildProxyHeader(pool.proxyProtocol, { address: client.remoteAddress ?? '', port: client.remotePort ?? 0 }, { address: client.localAddress ?? '', port: client.localPort ?? 0 });
     if (header.length) server.write(header);

@@ -1,0 +1,287 @@
+/**
+ * bench/lb: pairgate's L4 balancer against HAProxy in TCP mode and direct connections to the
+ * backends (the ceiling), with the same backends, interleaved in one run.
+ *
+ *   npm run bench -- lb [--seconds 3] [--rounds 3] [--concurrency 32] [--streams 4]
+ *
+ * Backends: two TCP servers in one child process that skip a PROXY v2 header when one comes,
+ * echo a line (connection rate) or stream bytes until the client closes (throughput).
+ * Paths: direct (no balancer), pairgate (`pairgate lb` child process, leastconn, PROXY v2,
+ * TCP checks) and haproxy (leastconn, send-proxy-v2, check) — both balancers over both backends.
+ * Figures: connections/s (connect, one 6-byte exchange, close) at --concurrency clients, and
+ * bulk throughput (MiB/s, backend -> client over --streams connections); medians over --rounds.
+ * Targets (issue 8): connection rate >= 0.5x HAProxy's, throughput >= 0.8x HAProxy's.
+ * Ends with one JSON line.
+ */
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { dirname, join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { fileURLToPath } from 'node:url';
+import { stringify } from 'yaml';
+import { freePort, waitForPort } from '../test/helpers/net.ts';
+import { tempDir } from '../test/helpers/proc.ts';
+
+const { values: args } = parseArgs({
+  options: {
+    seconds: { type: 'string', default: '3' },
+    rounds: { type: 'string', default: '3' },
+    concurrency: { type: 'string', default: '32' },
+    streams: { type: 'string', default: '4' },
+    help: { type: 'boolean', default: false },
+  },
+});
+if (args.help) {
+  process.stdout.write(readFileSync(fileURLToPath(import.meta.url), 'utf8').split('*/')[0]!.replace(/^\/\*\*|^ \* ?/gm, '') + '\n');
+  process.exit(0);
+}
+const SECONDS = Number(args.seconds);
+const ROUNDS = Number(args.rounds);
+const CONCURRENCY = Number(args.concurrency);
+const STREAMS = Number(args.streams);
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+const BACKEND_JS = `
+const net = require('net');
+const SIG = Buffer.from([0x0d,0x0a,0x0d,0x0a,0x00,0x0d,0x0a,0x51,0x55,0x49,0x54,0x0a]);
+const block = Buffer.alloc(256 * 1024, 97);
+for (const port of process.argv.slice(1).map(Number)) {
+  net.createServer({ noDelay: true }, (s) => {
+    s.on('error', () => {});
+    let buf = null, started = false;
+    s.on('data', (d) => {
+      if (!started) {
+        buf = buf ? Buffer.concat([buf, d]) : d;
+        if (buf[0] === 0x0d) {
+          if (buf.length < 16) return;
+          if (!buf.subarray(0, 12).equals(SIG)) return s.destroy();
+          const len = 16 + buf.readUInt16BE(14);
+          if (buf.length < len) return;
+          d = buf.subarray(len);
+        } else d = buf;
+        started = true; buf = null;
+        if (d.length === 0) return;
+      }
+      if (d[0] === 0x53 /* S: stream */) {
+        const pump = () => { while (!s.destroyed && s.write(block)); };
+        s.on('drain', pump); pump();
+      } else s.write(d);
+    });
+  }).listen(port, '127.0.0.1', () => process.stdout.write('listening ' + port + '\\n'));
+}
+`;
+
+function child(cmd: string, argv: string[]): ChildProcess {
+  const c = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], cwd: root });
+  c.stdout?.resume();
+  c.stderr?.resume();
+  return c;
+}
+
+/** Connections per second: connect, send "hello\n", read the echo, close; CONCURRENCY loops. */
+async function connRate(port: number, seconds: number): Promise<number> {
+  let done = 0;
+  let errors = 0;
+  const end = Date.now() + seconds * 1000;
+  const one = () =>
+    new Promise<void>((resolve) => {
+      const s = net.connect({ port, host: '127.0.0.1', noDelay: true });
+      let ok = false;
+      s.once('connect', () => s.write('hello\n'));
+      s.on('data', (d: Buffer) => {
+        if (d.includes(0x0a)) {
+          ok = true;
+          s.end();
+        }
+      });
+      s.on('error', () => {});
+      s.setTimeout(5000, () => s.destroy());
+      s.once('close', () => {
+        if (ok) done++;
+        else errors++;
+        resolve();
+      });
+    });
+  const t0 = Date.now();
+  await Promise.all(
+    Array.from({ length: CONCURRENCY }, async () => {
+      while (Date.now() < end) await one();
+    }),
+  );
+  if (errors > done / 100) process.stderr.write(`  (${errors} failed connections on port ${port})\n`);
+  return done / ((Date.now() - t0) / 1000);
+}
+
+/** MiB/s received over STREAMS connections each streaming from the backend for `seconds`. */
+async function throughput(port: number, seconds: number): Promise<number> {
+  let bytes = 0;
+  const warm = 300;
+  let counting = false;
+  const socks: net.Socket[] = [];
+  await Promise.all(
+    Array.from(
+      { length: STREAMS },
+      () =>
+        new Promise<void>((resolve, reject) => {
+          const s = net.connect({ port, host: '127.0.0.1' }, () => {
+            s.write('S\n');
+            resolve();
+          });
+          s.on('data', (d: Buffer) => {
+            if (counting) bytes += d.length;
+          });
+          s.on('error', reject);
+          socks.push(s);
+        }),
+    ),
+  );
+  await new Promise((r) => setTimeout(r, warm));
+  counting = true;
+  const t0 = Date.now();
+  await new Promise((r) => setTimeout(r, seconds * 1000));
+  counting = false;
+  const secs = (Date.now() - t0) / 1000;
+  for (const s of socks) s.destroy();
+  await new Promise((r) => setTimeout(r, 200));
+  return bytes / 1024 / 1024 / secs;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+async function main(): Promise<void> {
+  const tmp = tempDir('pairgate-bench-lb-');
+  const procs: ChildProcess[] = [];
+  const cleanup = () => {
+    for (const p of procs) p.kill('SIGKILL');
+    tmp.cleanup();
+  };
+  process.on('exit', cleanup);
+  try {
+    const b1 = await freePort();
+    const b2 = await freePort();
+    procs.push(child(process.execPath, ['-e', BACKEND_JS, String(b1), String(b2)]));
+    await waitForPort('127.0.0.1', b1);
+    await waitForPort('127.0.0.1', b2);
+
+    const lbPort = await freePort();
+    const lbAdmin = await freePort();
+    const lbFile = join(tmp.path, 'lb.yaml');
+    writeFileSync(
+      lbFile,
+      stringify({
+        logLevel: 'warn',
+        admin: { host: '127.0.0.1', port: lbAdmin },
+        listeners: [{ name: 'bench', listen: `127.0.0.1:${lbPort}`, pool: 'p' }],
+        pools: { p: { balance: 'leastconn', proxyProtocol: 'v2', check: { intervalMs: 2000 }, backends: [{ name: 'b1', address: `127.0.0.1:${b1}` }, { name: 'b2', address: `127.0.0.1:${b2}` }] } },
+      }),
+    );
+    procs.push(child(process.execPath, [join(root, 'bin/pairgate.mjs'), 'lb', '--config', lbFile]));
+    await waitForPort('127.0.0.1', lbPort, 20_000);
+
+    let haproxyVersion = 'not installed';
+    let hapPort = 0;
+    try {
+      haproxyVersion = execFileSync('haproxy', ['-v'], { encoding: 'utf8' }).split('\n')[0]!.replace(/ - https.*/, '');
+      hapPort = await freePort();
+      const hapFile = join(tmp.path, 'haproxy.cfg');
+      writeFileSync(
+        hapFile,
+        [
+          'global',
+          '    maxconn 4000',
+          'defaults',
+          '    mode tcp',
+          '    timeout connect 2s',
+          '    timeout client 30s',
+          '    timeout server 30s',
+          '    retries 2',
+          '    option redispatch',
+          'frontend bench',
+          `    bind 127.0.0.1:${hapPort}`,
+          '    default_backend p',
+          'backend p',
+          '    balance leastconn',
+          `    server b1 127.0.0.1:${b1} send-proxy-v2 check inter 2s`,
+          `    server b2 127.0.0.1:${b2} send-proxy-v2 check inter 2s`,
+          '',
+        ].join('\n'),
+      );
+      procs.push(child('haproxy', ['-db', '-f', hapFile]));
+      await waitForPort('127.0.0.1', hapPort, 10_000);
+    } catch (err) {
+      process.stderr.write(`haproxy unavailable: ${(err as Error).message}\n`);
+      hapPort = 0;
+    }
+
+    const paths: Array<[string, number]> = [
+      ['direct', b1],
+      ['pairgate', lbPort],
+      ...(hapPort ? ([['haproxy', hapPort]] as Array<[string, number]>) : []),
+    ];
+    const rate: Record<string, number[]> = {};
+    const tput: Record<string, number[]> = {};
+    process.stdout.write(`bench lb: ${ROUNDS} rounds x ${SECONDS} s, ${CONCURRENCY} clients (conn rate), ${STREAMS} streams (throughput); ${haproxyVersion}\n`);
+    // Warm-up (JIT, connection tables) on every path, not counted.
+    for (const [, port] of paths) {
+      await connRate(port, 1);
+      await throughput(port, 0.5);
+    }
+    for (let r = 0; r < ROUNDS; r++) {
+      for (const [name, port] of r % 2 ? [...paths].reverse() : paths) {
+        (rate[name] ??= []).push(await connRate(port, SECONDS));
+        (tput[name] ??= []).push(await throughput(port, SECONDS));
+        process.stdout.write(`  round ${r + 1} ${name.padEnd(8)} ${rate[name]!.at(-1)!.toFixed(0).padStart(6)} conn/s ${tput[name]!.at(-1)!.toFixed(0).padStart(6)} MiB/s\n`);
+      }
+    }
+    const f = (n: string) => ({ rate: rate[n] ? median(rate[n]!) : NaN, tput: tput[n] ? median(tput[n]!) : NaN });
+    const direct = f('direct');
+    const pg = f('pairgate');
+    const hp = f('haproxy');
+    const row = (n: string, x: { rate: number; tput: number }) =>
+      `| ${n} | ${x.rate.toFixed(0)} | ${(x.rate / direct.rate).toFixed(2)} | ${x.tput.toFixed(0)} | ${(x.tput / direct.tput).toFixed(2)} |`;
+    process.stdout.write(
+      [
+        '',
+        '| path | conn/s | x direct | MiB/s | x direct |',
+        '| --- | ---: | ---: | ---: | ---: |',
+        row('direct (ceiling)', direct),
+        row('pairgate lb', pg),
+        ...(hapPort ? [row('haproxy', hp)] : []),
+        '',
+      ].join('\n'),
+    );
+    const rateRatio = hapPort ? pg.rate / hp.rate : NaN;
+    const tputRatio = hapPort ? pg.tput / hp.tput : NaN;
+    if (hapPort) process.stdout.write(`pairgate / haproxy: connection rate ${rateRatio.toFixed(2)}x (target >= 0.5), throughput ${tputRatio.toFixed(2)}x (target >= 0.8)\n`);
+    const round2 = (x: number) => Math.round(x * 100) / 100;
+    const targets = hapPort
+      ? { conn_rate_vs_haproxy: { value: round2(rateRatio), min: 0.5 }, throughput_vs_haproxy: { value: round2(tputRatio), min: 0.8 } }
+      : {};
+    process.stdout.write(
+      JSON.stringify({
+        bench: 'lb',
+        figures: {
+          direct_conn_per_s: Math.round(direct.rate),
+          pairgate_conn_per_s: Math.round(pg.rate),
+          haproxy_conn_per_s: Math.round(hp.rate) || null,
+          direct_mib_per_s: Math.round(direct.tput),
+          pairgate_mib_per_s: Math.round(pg.tput),
+          haproxy_mib_per_s: Math.round(hp.tput) || null,
+        },
+        targets,
+        met: hapPort ? rateRatio >= 0.5 && tputRatio >= 0.8 : false,
+      }) + '\n',
+    );
+  } finally {
+    cleanup();
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => {
+    process.stderr.write(`bench lb failed: ${(err as Error).stack}\n`);
+    process.exit(1);
+  },
+);
