@@ -47,6 +47,9 @@ export abstract class ClientSession implements SessionHandle {
   private backend: net.Socket | null = null;
   private bytesIn = 0;
   private bytesOut = 0;
+  private flushedIn = 0;
+  private flushedOut = 0;
+  private flushTimer: NodeJS.Timeout | null = null;
   private endReason = 'client closed';
   private readonly onDataBound = (chunk: Buffer) => this.handleData(chunk);
 
@@ -183,15 +186,16 @@ export abstract class ClientSession implements SessionHandle {
     void this.closed.then(() => this.ctx.metrics.sessions.dec(labels));
     this.log.info('session proxied');
     c.off('data', this.onDataBound);
-    const bytes = this.ctx.metrics.bytes;
+    // Bytes are counted per chunk in plain fields and added to the metric every few seconds and
+    // at the end, so that the hot path does no label hashing.
     c.on('data', (d: Buffer) => {
       this.bytesIn += d.length;
-      bytes.inc({ direction: 'in', protocol: this.protocol }, d.length);
     });
     b.on('data', (d: Buffer) => {
       this.bytesOut += d.length;
-      bytes.inc({ direction: 'out', protocol: this.protocol }, d.length);
     });
+    this.flushTimer = setInterval(() => this.flushBytes(), 5000);
+    this.flushTimer.unref();
     const idle = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
     if (idle > 0) {
       const onIdle = () => {
@@ -224,6 +228,14 @@ export abstract class ClientSession implements SessionHandle {
     c.pipe(b);
     b.pipe(c);
     c.resume();
+  }
+
+  private flushBytes(): void {
+    const bytes = this.ctx.metrics.bytes;
+    if (this.bytesIn > this.flushedIn) bytes.inc({ direction: 'in', protocol: this.protocol }, this.bytesIn - this.flushedIn);
+    if (this.bytesOut > this.flushedOut) bytes.inc({ direction: 'out', protocol: this.protocol }, this.bytesOut - this.flushedOut);
+    this.flushedIn = this.bytesIn;
+    this.flushedOut = this.bytesOut;
   }
 
   /** Ends the client side and destroys it if the client does not close within a bound. */
@@ -264,7 +276,9 @@ export abstract class ClientSession implements SessionHandle {
     this.backend?.destroy();
     if (!this.socket.destroyed) this.socket.destroy();
     this.ctx.metrics.connections.dec({ protocol: this.protocol });
+    if (this.flushTimer) clearInterval(this.flushTimer);
     if (wasProxying) {
+      this.flushBytes();
       this.ctx.metrics.closed.inc({ protocol: this.protocol, reason: reason.split(':')[0]! });
       this.log.info(
         { user: this.uid, pair: this.pair, client: this.clientAddress, bytesIn: this.bytesIn, bytesOut: this.bytesOut, durationMs: Date.now() - this.started, reason },
