@@ -90,6 +90,7 @@ export class Backend implements Candidate {
       this.stopChecks();
       this.startChecks();
     }
+    if (!pool.check.enabled && !this.up) this.transition(true, 'checks disabled');
     this.onCapacity();
   }
 
