@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { sleep, waitFor } from '../helpers/net.ts';
 import { tempDir } from '../helpers/proc.ts';
-import { sampleRoles, startPair, type TestPair } from './pair-agent-harness.ts';
+import { metricValue, sampleRoles, startPair, type TestPair } from './pair-agent-harness.ts';
 
 let pair: TestPair | null = null;
 const servers: net.Server[] = [];
@@ -98,5 +98,30 @@ describe('pair-agent ping targets and failback', () => {
       work.cleanup();
     }
   });
-});
 
+  it('a resource that keeps failing its monitor past the threshold moves to the peer', async () => {
+    const work = tempDir('pairgate-ocf-');
+    try {
+      const script = join(work.path, 'svc.sh');
+      // monitor fails on a node while its "broken" flag exists, whatever the restarts do
+      writeFileSync(
+        script,
+        `#!/bin/sh\ncase "$1" in\n start|stop) exit 0;;\n monitor) [ -f "${work.path}/broken-$OCF_RESKEY_node" ] && exit 1 || exit 0;;\nesac\nexit 3\n`,
+        { mode: 0o755 },
+      );
+      const res = (node: string) => ({ resources: [{ type: 'command', name: 'svc', command: script, params: { node } }], monitor: { intervalMs: 200, maxRestarts: 1, failureWindowMs: 60_000 } });
+      pair = await startPair({ a: res('a'), b: res('b') });
+      expect(await pair.waitPrimary()).toBe('a');
+      await waitFor(async () => (await pair!.b.status())?.peer.alive, 5000, 'b sees a');
+      writeFileSync(join(work.path, 'broken-a'), '');
+      await waitFor(async () => (await pair!.floatingHealth())?.body.primary === 'b', 10_000, 'b primary after svc failed on a');
+      expect(pair.a.proc!.alive()).toBe(true);
+      const m = await pair.a.metrics();
+      expect(metricValue(m, 'pairgate_resource_actions_total', { resource: 'svc', action: 'monitor', outcome: 'failed' })).toBeGreaterThanOrEqual(2);
+    } finally {
+      await pair?.stop();
+      pair = null;
+      work.cleanup();
+    }
+  });
+});
