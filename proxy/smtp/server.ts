@@ -159,14 +159,14 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
       (async () => {
         if (!submission || (auth.method !== 'PLAIN' && auth.method !== 'LOGIN')) return cb(reject(REPLIES.authFailed()));
         if (!login || login.length > 256 || CONTROL.test(login) || password.length > 1024 || /[\0\r\n]/.test(password) || (auth.authzid && auth.authzid !== login)) {
-          ctx.metrics.logins.inc({ protocol: 'smtp', result: 'bad-input' });
+          ctx.metrics.logins.inc({ protocol: 'smtp', result: 'auth' });
           const delay = await ctx.limiter.fail(ip, login.slice(0, 256));
           await new Promise((r) => setTimeout(r, delay));
           return cb(reject(REPLIES.authBadInput()));
         }
         const verdict = await ctx.limiter.check(ip, login);
         if (verdict.locked) {
-          ctx.metrics.logins.inc({ protocol: 'smtp', result: 'throttled' });
+          ctx.metrics.logins.inc({ protocol: 'smtp', result: 'locked' });
           log.warn({ client: ip, user: login, scope: verdict.scope }, 'AUTH refused: too many failures');
           return cb(reject(REPLIES.authThrottled()));
         }
@@ -178,13 +178,13 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
           cb(null, { user: user.uid });
         } catch (err) {
           if (err instanceof AuthError) {
-            ctx.metrics.logins.inc({ protocol: 'smtp', result: 'failed' });
+            ctx.metrics.logins.inc({ protocol: 'smtp', result: 'auth' });
             const delay = await ctx.limiter.fail(ip, login);
             log.info({ cid: session.id, client: ip, user: login, delayMs: delay }, 'AUTH failed');
             await new Promise((r) => setTimeout(r, delay));
             return cb(reject(REPLIES.authFailed()));
           }
-          ctx.metrics.logins.inc({ protocol: 'smtp', result: 'error' });
+          ctx.metrics.logins.inc({ protocol: 'smtp', result: 'temp' });
           log.warn({ client: ip, err: (err as Error).message }, 'AUTH could not be checked');
           cb(reject(REPLIES.authTemp()));
         }
@@ -320,7 +320,7 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
       if (ok) slog.info({ sender, recipients: failed.length }, 'bounce sent');
       else slog.error({ sender, reply: outcomes[0]?.reply }, 'bounce not delivered');
     } catch (err) {
-      ctx.metrics.bounces.inc({ result: 'failed' });
+      ctx.metrics.bounces.inc({ result: 'auth' });
       slog.error({ sender, err: (err as Error).message }, 'bounce not delivered');
     }
   }
