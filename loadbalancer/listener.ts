@@ -62,6 +62,9 @@ function connectBackend(b: Backend, pool: PoolConfig): Promise<{ socket: net.Soc
       if ('error' in r) s.destroy();
       resolve(r);
     };
+    // Stays for the socket's life: the splice adds its own handler; this one only keeps an error
+    // emitted between connect and splice from being unhandled.
+    s.on('error', () => {});
     const onConnect = () => finish({ socket: s });
     const onError = (err: NodeJS.ErrnoException) => finish({ error: err.code ?? err.message });
     const timer = setTimeout(() => finish({ error: 'connect-timeout' }), pool.connectTimeoutMs);
