@@ -77,6 +77,8 @@ export const smtpConfigSchema = z
         retryMs: durationMs.optional(),
         /** How long RCPT waits for a pair that is failing over before accepting it (the delivery then holds). */
         rcptWaitMs: durationMs.default(0),
+        /** Concurrent LMTP connections to one pair from this proxy (0 = no limit); further deliveries wait (within the hold time). */
+        maxConnectionsPerPair: z.number().int().min(0).default(64),
         /** Send the client address to the pair (LMTP XCLIENT, else XFORWARD, when the pair offers them). */
         forwardClientAddress: z.boolean().default(true),
       })

@@ -33,7 +33,55 @@ export interface RecipientOutcome {
   reply: LmtpReply;
 }
 
+/** A bound on concurrent LMTP connections per pair, waits for a slot bounded in time. */
+export class PairSlots {
+  private readonly used = new Map<string, number>();
+  private readonly waiting = new Map<string, Array<() => void>>();
+
+  constructor(private readonly max: number) {}
+
+  /** Resolves with a release function, or null when no slot came free within timeoutMs. */
+  async acquire(pair: string, timeoutMs: number): Promise<(() => void) | null> {
+    if (this.max <= 0) return () => undefined;
+    if ((this.used.get(pair) ?? 0) < this.max) return this.take(pair);
+    const q = this.waiting.get(pair) ?? [];
+    this.waiting.set(pair, q);
+    const got = await new Promise<boolean>((resolve) => {
+      const wake = () => {
+        clearTimeout(t);
+        resolve(true);
+      };
+      const t = setTimeout(() => {
+        const i = q.indexOf(wake);
+        if (i >= 0) q.splice(i, 1);
+        resolve(false);
+      }, timeoutMs);
+      q.push(wake);
+    });
+    return got ? this.take(pair) : null;
+  }
+
+  private take(pair: string): () => void {
+    this.used.set(pair, (this.used.get(pair) ?? 0) + 1);
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      const n = (this.used.get(pair) ?? 1) - 1;
+      if (n <= 0) this.used.delete(pair);
+      else this.used.set(pair, n);
+      this.waiting.get(pair)?.shift()?.();
+    };
+  }
+
+  inUse(pair: string): number {
+    return this.used.get(pair) ?? 0;
+  }
+}
+
 export interface DeliveryOptions {
+  /** Concurrent LMTP connections per pair (shared by all sessions of this proxy). */
+  slots: PairSlots;
   name: string;
   lmtpPort: number;
   connectTimeoutMs: number;
@@ -101,6 +149,11 @@ export async function deliverToPair(
       log.warn({ pair: pair.id, err: (err as Error).message }, 'pair not servable: delivery deferred');
       return all(temp('4.3.2', `Mailbox server ${pair.id} unavailable`));
     }
+    const release = await opts.slots.acquire(pair.id, Math.max(0, deadline - Date.now()));
+    if (!release) {
+      log.warn({ pair: pair.id, inUse: opts.slots.inUse(pair.id) }, 'no LMTP connection slot for the pair within the hold time');
+      return all(temp('4.3.2', `Mailbox server ${pair.id} busy`));
+    }
     try {
       const results = await sendLmtp({
         host: pair.address,
@@ -119,11 +172,14 @@ export async function deliverToPair(
       // Connection-level failure: retry while the hold lasts (the pair may be moving its address).
       if (isTemporary(err) && left > opts.retryMs) {
         log.info({ pair: pair.id, attempt, err: (err as Error).message }, 'LMTP delivery failed; holding and retrying');
+        release();
         await sleep(opts.retryMs);
         continue;
       }
       log.warn({ pair: pair.id, attempt, err: (err as Error).message }, 'LMTP delivery failed');
       return all(temp(err instanceof UnavailableError ? '4.4.1' : '4.4.2', `No answer from mailbox server ${pair.id}`));
+    } finally {
+      release();
     }
   }
 }

@@ -23,6 +23,7 @@ import { AuthLimiter, type AuthLimitsConfig } from '../rate-limit.ts';
 import { TlsStore } from '../tls.ts';
 import { smtpConfigSchema, type SmtpConfig } from './config.ts';
 import { smtpMetrics } from './metrics.ts';
+import { PairSlots } from './delivery.ts';
 import { createSmarthost } from './relay.ts';
 import { createFrontEnd, type AuthLimiterLike, type FrontEnd, type FrontEndContext } from './server.ts';
 import { startSmtpListener, type SmtpListener } from './listener.ts';
@@ -78,10 +79,10 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
   const metrics = smtpMetrics(deps.registry);
   const tlsFiles = cfg.tls ?? config.tls;
   const tlsStore = tlsFiles ? new TlsStore(tlsFiles) : null;
-  if (!tlsStore && cfg.listeners.some((l) => l.tls !== 'none' && l.kind === 'submission')) {
-    throw new ConfigError('smtp.listeners', 'submission with STARTTLS or implicit TLS needs a certificate (smtp.tls or tls)');
-  }
-  if (!tlsStore && cfg.listeners.some((l) => l.tls === 'implicit')) throw new ConfigError('smtp.listeners', 'an implicit-TLS listener needs a certificate');
+  cfg.listeners.forEach((l, i) => {
+    if (l.kind === 'submission' && l.tls === 'none') throw new ConfigError(`smtp.listeners[${i}].tls`, 'submission needs starttls or implicit (AUTH is only accepted over TLS)');
+    if (l.tls !== 'none' && !tlsStore && (l.kind === 'submission' || l.tls === 'implicit')) throw new ConfigError(`smtp.listeners[${i}].tls`, 'TLS needs a certificate (smtp.tls or the proxy tls)');
+  });
   const loadBalancers = new AddressList(config.loadBalancers ?? [], 'loadBalancers');
   const cleanup: Array<() => unknown> = [];
   let limiter = deps.limiter;
@@ -104,6 +105,7 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
     metrics,
     log,
     delivery: {
+      slots: new PairSlots(cfg.delivery.maxConnectionsPerPair),
       name: cfg.hostname,
       lmtpPort: cfg.delivery.lmtpPort,
       connectTimeoutMs: cfg.delivery.connectTimeoutMs,
@@ -117,11 +119,11 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
   };
 
   const frontEnds = new Map<string, FrontEnd>();
-  const frontEndFor = (kind: 'mx' | 'submission', implicit: boolean): FrontEnd => {
-    const key = `${kind}/${implicit}`;
+  const frontEndFor = (kind: 'mx' | 'submission', tlsMode: 'none' | 'starttls' | 'implicit'): FrontEnd => {
+    const key = `${kind}/${tlsMode}`;
     let fe = frontEnds.get(key);
     if (!fe) {
-      fe = createFrontEnd(ctx, kind, implicit);
+      fe = createFrontEnd(ctx, kind, tlsMode);
       frontEnds.set(key, fe);
     }
     return fe;
@@ -131,7 +133,7 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
     for (const lc of cfg.listeners) {
       listeners.push(
         await startSmtpListener(lc, {
-          frontEnd: frontEndFor(lc.kind, lc.tls === 'implicit'),
+          frontEnd: frontEndFor(lc.kind, lc.tls),
           loadBalancers,
           proxyHeaderTimeoutMs: config.timeouts?.proxyHeaderMs ?? 5000,
           tlsHandshakeTimeoutMs: config.timeouts?.tlsHandshakeMs ?? 10_000,

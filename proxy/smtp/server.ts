@@ -78,7 +78,9 @@ export interface FrontEnd {
   close(graceMs: number): Promise<void>;
 }
 
-export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['kind'], implicitTls: boolean): FrontEnd {
+export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['kind'], tlsMode: SmtpListenerConfig['tls']): FrontEnd {
+  const implicitTls = tlsMode === 'implicit';
+  const starttls = tlsMode === 'starttls' && ctx.tlsFiles !== null;
   const cfg = ctx.config;
   const log = ctx.log.child({ frontend: kind });
   const submission = kind === 'submission';
@@ -130,8 +132,8 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
     banner: submission ? 'pairgate submission ready' : 'pairgate ESMTP ready',
     secure: implicitTls,
     ...(ctx.tlsFiles ? { key: ctx.tlsFiles.key, cert: ctx.tlsFiles.cert } : {}),
-    hideSTARTTLS: implicitTls || !ctx.tlsFiles,
-    disabledCommands: submission ? (ctx.tlsFiles ? [] : ['STARTTLS']) : ctx.tlsFiles ? ['AUTH'] : ['AUTH', 'STARTTLS'],
+    hideSTARTTLS: !starttls,
+    disabledCommands: [...(submission ? [] : ['AUTH']), ...(starttls ? [] : ['STARTTLS'])],
     authOptional: !submission,
     authMethods: ['PLAIN', 'LOGIN'],
     allowInsecureAuth: false,

@@ -33,7 +33,8 @@ import type { MailStore } from '../../pair-agent/store/types.ts';
 import { startDovecot, type Dovecot } from '../helpers/dovecot.ts';
 import { makeTestCert, type TestCert } from '../helpers/tls.ts';
 import { tempDir } from '../helpers/proc.ts';
-import { sleep, waitFor } from '../helpers/net.ts';
+import { freePort, sleep, waitFor } from '../helpers/net.ts';
+import { startProxy, proxyConfigSchema } from '../../proxy/index.ts';
 
 const USERS: TestUser[] = [
   { uid: 'alice', password: 'alice-pass', pair: 'pair-a', aliases: ['postmaster@example.net'] },
@@ -590,6 +591,33 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
       expect(out).toMatch(/<~\s+250 2\.\d\.\d Ok: delivered as/);
       await waitFor(() => withTag(dovA.messages('carol'), 'swaks-submission').length >= 1, 5000, 'swaks message at carol');
     }
+  });
+
+  it('runs inside `pairgate proxy` (startProxy with an smtp section), metrics on its admin listener', async () => {
+    const port = await freePort();
+    const config = proxyConfigSchema.parse({
+      directory: {},
+      backend: { masterUser: 'm', masterSecret: 'secret-secret' },
+      health: { pollIntervalMs: 100, pollTimeoutMs: 400, ttlMs: 1500 },
+      hold: { maxMs: 1500, retryMs: 150 },
+      smtp: { hostname: 'proxy-mx.test', localDomains: ['example.net'], listeners: [{ kind: 'mx', host: '127.0.0.1', port, tls: 'none' }] },
+    });
+    const proxy = await startProxy(config, { log: silentLogger, registry: createRegistry({}, false), directory });
+    try {
+      const tag = `viaproxy-${randomBytes(4).toString('hex')}`;
+      const transport = nodemailer.createTransport({ host: '127.0.0.1', port, secure: false, ignoreTLS: true, connectionTimeout: 5000, socketTimeout: 20_000 } as never);
+      const info = await transport.sendMail({ envelope: { from: 'x@remote.example', to: ['carol@example.net', 'bob@example.net'] }, raw: message(tag) });
+      expect(info.response).toMatch(/^250 /);
+      expect(withTag(dovA.messages('carol'), tag)).toHaveLength(1);
+      expect(withTag(dovB.messages('bob'), tag)).toHaveLength(1);
+      const metrics = await (await fetch(`${proxy.admin.url}/metrics`)).text();
+      expect(metrics).toMatch(/pairgate_sessions_total\{protocol="smtp",pair="",role="proxy"\} 1/);
+      expect(metrics).toMatch(/pairgate_deliveries_total\{result="ok"\} 2/);
+    } finally {
+      await proxy.stop(500);
+    }
+    // Stopped: the SMTP listener is gone too.
+    await expect(new Promise((resolve, reject) => net.connect(port, '127.0.0.1').once('connect', resolve).once('error', reject))).rejects.toThrow();
   });
 
   it('counts sessions and deliveries in the metrics', async () => {

@@ -9,7 +9,7 @@ import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { SMTPServer, type SMTPServerSession } from 'smtp-server';
 import { encodeData, sendLmtp } from '../../proxy/smtp/lmtp-client.ts';
-import { deliveryIdFor, stripDeliveryIdHeaders, verdictFor, type RecipientOutcome } from '../../proxy/smtp/delivery.ts';
+import { PairSlots, deliveryIdFor, stripDeliveryIdHeaders, verdictFor, type RecipientOutcome } from '../../proxy/smtp/delivery.ts';
 import { splitEnhanced, REPLIES } from '../../proxy/smtp/replies.ts';
 import { buildBounce } from '../../proxy/smtp/bounce.ts';
 import { parseSmtpConfig } from '../../proxy/smtp/index.ts';
@@ -106,6 +106,26 @@ describe('verdictFor', () => {
     expect(verdictFor([o('a', 552, '5.2.2'), o('b', 552, '5.2.2')], 'id').error).toMatchObject({ responseCode: 552, enhanced: '5.2.2' });
     expect(verdictFor([o('a', 550, '5.1.1'), o('b', 552, '5.2.2')], 'id').error).toMatchObject({ responseCode: 550, enhanced: '5.1.1' });
     expect(verdictFor([o('a', 554, '4.0.0')], 'id').error).toMatchObject({ responseCode: 550, enhanced: '5.0.0' });
+  });
+});
+
+describe('PairSlots', () => {
+  it('bounds connections per pair, hands a freed slot to the next waiter, times out', async () => {
+    const slots = new PairSlots(2);
+    const a = (await slots.acquire('p', 10))!;
+    const b = (await slots.acquire('p', 10))!;
+    expect(await slots.acquire('p', 30)).toBeNull();
+    expect(await slots.acquire('q', 10)).not.toBeNull();
+    const waiter = slots.acquire('p', 2000);
+    a();
+    a(); // idempotent
+    const c = await waiter;
+    expect(c).not.toBeNull();
+    expect(slots.inUse('p')).toBe(2);
+    b();
+    c!();
+    expect(slots.inUse('p')).toBe(0);
+    expect(await new PairSlots(0).acquire('p', 0)).not.toBeNull();
   });
 });
 
