@@ -115,6 +115,7 @@ export function register(program: Command): void {
         process.stdout.write(
           `records replayed: ${rep.records}\nmessages: ${rep.messages}\nbodies: ${rep.bodies} (${mib(rep.bodyBytes)})\n` +
             `log end: ${rep.recovery.stop}${rep.recovery.stopDetail ? ` (${rep.recovery.stopDetail})` : ''}\n` +
+            rep.notes.map((n) => `note: ${n}\n`).join('') +
             (rep.problems.length ? `problems (${rep.problems.length}):\n${rep.problems.map((p) => `  - ${p}`).join('\n')}\n` : 'no problems found\n'),
         );
       }

@@ -85,6 +85,8 @@ export interface CheckReport {
   bodyBytes: number;
   messages: number;
   problems: string[];
+  /** Expected findings (where the log ended, what was truncated). */
+  notes: string[];
   recovery: RecoveryReport;
 }
 
@@ -301,7 +303,7 @@ export class LogStore extends EventEmitter implements MailStore {
       problems,
       ms: Date.now() - started,
     };
-    const lvl = truncatedAt !== null || problems.length || fallback ? 'warn' : 'info';
+    const lvl = result.stop === 'bad-crc' || problems.length || fallback ? 'warn' : 'info';
     store.log[lvl](
       { records, bytes, stop: result.stop, detail: result.detail, truncatedAt, droppedBodies: dropped.length, problems: problems.slice(0, 20), fallback, ms: store.recovery.ms },
       truncatedAt !== null ? 'store recovered; log truncated at the first bad record' : 'store recovered',
@@ -358,7 +360,8 @@ export class LogStore extends EventEmitter implements MailStore {
     const per = this.g.segmentSize - 2 * BLOCK_SIZE;
     const spare = this.freeSegments() - (system ? 0 : 2);
     if (spare * per + room >= bytes + HEADER_SIZE * 8) return;
-    this.backgroundCompact(true);
+    // Not from here directly: reserve() runs inside checkpoint and compaction too.
+    setImmediate(() => this.backgroundCompact(true));
     throw new LimitError('store volume is full', { temporary: true });
   }
 
@@ -884,7 +887,8 @@ export class LogStore extends EventEmitter implements MailStore {
     if (this.compacting || this.closed || this.opts.readOnly || (this.opts.compactBytesPerSec ?? 1) === 0) return;
     const free = this.freeSegments();
     if (!urgent && free > this.g.segmentCount * 0.3) return;
-    this.compact({ bytesPerSec: this.opts.compactBytesPerSec ?? 32 * 1024 * 1024 }).catch((err: unknown) => this.log.warn({ err }, 'background compaction failed'));
+    // When a change was refused for space, clean every segment with dead space in it, fullest of dead first.
+    this.compact({ bytesPerSec: this.opts.compactBytesPerSec ?? 32 * 1024 * 1024, maxLiveRatio: urgent ? 0.95 : 0.75 }).catch((err: unknown) => this.log.warn({ err }, 'background compaction failed'));
   }
 
   /**
@@ -902,8 +906,9 @@ export class LogStore extends EventEmitter implements MailStore {
 
   private async doCompact(opts: { bytesPerSec?: number; maxLiveRatio?: number; onProgress?: (done: number, total: number) => void }): Promise<CompactResult> {
     this.assertWritable();
-    // A checkpoint first, so that older segments drop out of the recovery chain.
-    await this.checkpoint();
+    // A checkpoint first, so that older segments drop out of the recovery chain (on a full volume it may not fit:
+    // compaction then works with the reserved segments and checkpoints at the end).
+    await this.checkpoint().catch((err: unknown) => this.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'checkpoint before compaction failed'));
     const ratio = opts.maxLiveRatio ?? 0.75;
     const candidates: number[] = [];
     for (let s = 0; s < this.g.segmentCount; s++) {
@@ -958,8 +963,11 @@ export class LogStore extends EventEmitter implements MailStore {
   async check(onProgress?: (done: number, total: number) => void): Promise<CheckReport> {
     this.assertOpen();
     const problems = [...this.recovery.problems];
-    if (this.recovery.truncatedAt !== null) problems.push(`log was truncated at ${this.recovery.truncatedAt} (${this.recovery.stop}: ${this.recovery.stopDetail ?? ''})`);
-    else if (this.recovery.stop !== 'end') problems.push(`log ends at a bad record (${this.recovery.stop}: ${this.recovery.stopDetail ?? ''})`);
+    // The log's end after a crash (a torn last write, or stale data of an earlier pass over a reused segment) is
+    // expected; it is reported as a note. Damage inside the log shows as missing or damaged bodies below.
+    const notes: string[] = [];
+    if (this.recovery.truncatedAt !== null) notes.push(`log tail truncated at ${this.recovery.truncatedAt} (${this.recovery.stop}: ${this.recovery.stopDetail ?? ''})`);
+    else if (this.recovery.stop !== 'end') notes.push(`log ends at ${this.recovery.stop}: ${this.recovery.stopDetail ?? ''}`);
     if (this.recovery.usedFallbackCheckpoint) problems.push('the latest checkpoint was unreadable; the previous one was used');
     const refs = new Map<string, number>();
     let messages = 0;
@@ -994,7 +1002,7 @@ export class LogStore extends EventEmitter implements MailStore {
       }
       if (++i % 200 === 0 || i === total) onProgress?.(i, total);
     }
-    return { ok: problems.length === 0, records: this.recovery.replayedRecords, bodies: total, bodyBytes, messages, problems, recovery: this.recovery };
+    return { ok: problems.length === 0, records: this.recovery.replayedRecords, bodies: total, bodyBytes, messages, problems, notes, recovery: this.recovery };
   }
 
   /** True once a log write failed: the store must be reopened (the volume may be gone). */

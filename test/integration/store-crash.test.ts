@@ -71,7 +71,7 @@ describe('store crash consistency', () => {
     const rand = rng(seed);
     const dir = tempDir('pairgate-store-crash-');
     const path = join(dir.path, 'vol.img');
-    const dev0 = await FileBlockDevice.open(path, { size: 48 * 1024 * 1024, create: true });
+    const dev0 = await FileBlockDevice.open(path, { size: 32 * 1024 * 1024, create: true });
     await (await openMailStore(dev0, { log: silentLogger })).close();
     await dev0.close();
     const allAcked = new Set<number>();
