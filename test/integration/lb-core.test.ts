@@ -372,6 +372,12 @@ describe('splicing', () => {
     await c.waitFor('BYE 3');
     const r = await c.closed;
     expect(r.hadError).toBe(false);
+    await waitFor(() => lb.lb.status().connections === 0, 3000, 'connection released');
+    const m = await lb.metrics();
+    expect(m).toMatch(/pairgate_lb_bytes_total\{direction="in"\} [1-9]/);
+    expect(m).toMatch(/pairgate_lb_bytes_total\{direction="out"\} [1-9]/);
+    expect(m).toMatch(/pairgate_lb_connections_total\{listener="l",backend="p\/s1"\} [1-9]/);
+    expect(m).toMatch(/pairgate_lb_connections\{listener="l",backend="p\/s1"\} 0/);
   });
 
   it('backpressure: a client that does not read stops the backend (bounded buffering), then gets every byte', async () => {
