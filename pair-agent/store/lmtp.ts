@@ -35,6 +35,8 @@ export interface LmtpServerOptions {
 export interface LmtpServer {
   port: number;
   sessions(): number;
+  /** Delivery latency (end of DATA to replies) over the last 256 deliveries, in ms. */
+  latency(): { samples: number; avgMs: number; p95Ms: number };
   close(): Promise<void>;
 }
 
@@ -95,6 +97,8 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
   const trustedNow: string[] = [];
   const trustedCount = new Map<string, number>();
   let open = 0;
+  const recent = new Float64Array(256);
+  let recentN = 0;
 
   const server = new SMTPServer({
     lmtp: true,
@@ -184,7 +188,9 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
               slog.info({ user: r.user, code: e.responseCode, err: r.error?.message }, 'recipient refused');
               return e;
             });
-            seconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
+            const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+            seconds.observe(secs);
+            recent[recentN++ % recent.length] = secs * 1000;
             slog.info({ from, rcpts: users.length, bytes: body.length, client }, 'delivered');
             cb(null, replies as unknown as string);
           })
@@ -213,6 +219,12 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
   return {
     port,
     sessions: () => open,
+    latency() {
+      const n = Math.min(recentN, recent.length);
+      if (!n) return { samples: 0, avgMs: 0, p95Ms: 0 };
+      const v = Array.from(recent.subarray(0, n)).sort((a, b) => a - b);
+      return { samples: n, avgMs: Number((v.reduce((a, b) => a + b, 0) / n).toFixed(2)), p95Ms: Number(v[Math.min(n - 1, Math.floor(n * 0.95))]!.toFixed(2)) };
+    },
     close: () =>
       new Promise<void>((resolve) => {
         server.close(() => resolve());

@@ -65,6 +65,8 @@ export interface StoreHealth {
   messages: number;
   bytesUsed: number;
   bytesTotal: number;
+  /** LMTP delivery latency over the last 256 deliveries. */
+  deliveryLatencyMs?: { samples: number; avgMs: number; p95Ms: number };
   ports?: { lmtp: number; pop3: number; imap: number };
 }
 
@@ -183,7 +185,15 @@ export function createStoreResource(args: {
       if (!store || store.closed) return { running: false, mailboxes: 0, messages: 0, bytesUsed: 0, bytesTotal: device.size };
       const c = store.counts();
       const p = this.ports();
-      return { running: true, mailboxes: c.mailboxes, messages: c.messages, bytesUsed: store.bytesUsedNow(), bytesTotal: device.size, ...(p ? { ports: p } : {}) };
+      return {
+        running: true,
+        mailboxes: c.mailboxes,
+        messages: c.messages,
+        bytesUsed: store.bytesUsedNow(),
+        bytesTotal: device.size,
+        ...(lmtp ? { deliveryLatencyMs: lmtp.latency() } : {}),
+        ...(p ? { ports: p } : {}),
+      };
     },
     sessions() {
       return { imap: imap?.sessions() ?? 0, pop3: pop3?.sessions() ?? 0, lmtp: lmtp?.sessions() ?? 0 };

@@ -38,8 +38,8 @@ describe('pairgate store CLI', () => {
       const r = await run('swaks', ['--protocol', 'LMTP', '--server', `127.0.0.1:${lmtp}`, '--to', 'carol@pair-01,dave@pair-01', '--from', 'x@example.net', '--header', `Subject: swaks ${i}`, '--timeout', '10'], { timeout: 20_000 });
       expect(r.stdout.match(/^<- +250 2\.6\.0 /gm)?.length).toBe(2);
     }
-    const health = (await (await fetch(`http://127.0.0.1:${admin}/health`)).json()) as { messages: number; running: boolean };
-    expect(health).toMatchObject({ running: true, messages: 6 });
+    const health = (await (await fetch(`http://127.0.0.1:${admin}/health`)).json()) as { messages: number; running: boolean; deliveryLatencyMs: { samples: number } };
+    expect(health).toMatchObject({ running: true, messages: 6, deliveryLatencyMs: { samples: 3 } });
     const metrics = await (await fetch(`http://127.0.0.1:${admin}/metrics`)).text();
     expect(metrics).toMatch(/pairgate_deliveries_total\{[^}]*result="ok"[^}]*\} 6/);
     proc.kill('SIGTERM');
