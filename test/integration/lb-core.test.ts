@@ -155,7 +155,8 @@ describe('health checks and failures', () => {
     const lb2 = await lbFor(bs, { balance: 'roundrobin', check: { intervalMs: 100, timeoutMs: 200, fall: 2, rise: 2 } });
     const t0 = Date.now();
     await waitFor(() => !lb2.lb.status().pools[0]!.backends[1]!.up, 3000, 'b2 marked down');
-    expect(Date.now() - t0).toBeLessThan(100 * 2 + 200 * 2 + 1000);
+    // Bound from the definition (interval x fall + timeouts) plus generous slack for a loaded CI machine.
+    expect(Date.now() - t0).toBeLessThan(100 * 2 + 200 * 2 + 2500);
     expect(await lb2.metrics()).toMatch(/pairgate_lb_backend_up\{backend="p\/b2"\} 0/);
     await bs[1]!.revive();
     await waitFor(() => lb2.lb.status().pools[0]!.backends[1]!.up, 3000, 'b2 back up');
@@ -217,7 +218,7 @@ describe('health checks and failures', () => {
     const t0 = Date.now();
     const names = await greetings(lb.port(), 2);
     expect(names).toEqual(['b1', 'b1']);
-    expect(Date.now() - t0).toBeLessThan(3000);
+    expect(Date.now() - t0).toBeLessThan(6000); // two clients, one connect timeout (300 ms) each at most, plus slack
     expect(await lb.metrics()).toMatch(/pairgate_lb_connect_failures_total\{backend="p\/hang"\} [1-9]/);
   });
 
@@ -319,7 +320,7 @@ describe('administration', () => {
     await c.closed;
     const waited = Date.now() - t0;
     expect(waited).toBeGreaterThanOrEqual(350);
-    expect(waited).toBeLessThan(3000);
+    expect(waited).toBeLessThan(5000);
     expect(c.data()).toBe('');
     expect(await lb.metrics()).toMatch(/pairgate_lb_rejected_total\{listener="imap",reason="queue-timeout"\} 1/);
     expect(await lb.metrics()).toMatch(/pairgate_lb_queue_seconds_count 1/);
