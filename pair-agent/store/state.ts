@@ -56,13 +56,14 @@ export type Op =
   | { op: 'mren'; user: string; from: string; to: string }
   | { op: 'sub'; user: string; name: string; v: boolean }
   | { op: 'add'; user: string; mbox: string; uid: number; body: string; size: number; date: number; flags: Flag[]; modseq: number }
-  | { op: 'dlv'; id: string; body: string; size: number; date: number; to: Array<[string, number, number]> }
+  | { op: 'dlv'; id: string; body: string; size: number; date: number; to: Array<[string, number, number]>; at?: number }
   | { op: 'flags'; user: string; mbox: string; ch: Array<[number, Flag[], number]> }
   | { op: 'exp'; user: string; mbox: string; uids: number[]; modseq: number }
   | { op: 'copy'; user: string; from: string; to: string; map: Array<[number, number, number]> }
   | { op: 'meta'; body: string; kind: string; value: string };
 
 export const DELIVERY_MEMORY = 200_000;
+export const DELIVERY_KEEP_MS = 7 * 24 * 3600_000;
 
 export class StoreState {
   users = new Map<string, User>();
@@ -187,7 +188,7 @@ export class StoreState {
         return;
       }
       case 'dlv': {
-        const rec: DeliveryRecord = this.deliveries.get(op.id) ?? { at: op.date, users: {} };
+        const rec: DeliveryRecord = this.deliveries.get(op.id) ?? { at: op.at ?? op.date, users: {} };
         for (const [user, uid, modseq] of op.to) {
           const u = this.users.get(user);
           const mb = u?.mailboxes.get('INBOX');
@@ -266,8 +267,10 @@ export class StoreState {
       }
       users.push([u.name, boxes, [...u.subscriptions]]);
     }
+    // Delivery ids only need to outlive the proxies' retries: a week is plenty.
     const deliveries: unknown[] = [];
-    for (const [id, d] of this.deliveries) deliveries.push([id, d.at, d.users]);
+    const since = Date.now() - DELIVERY_KEEP_MS;
+    for (const [id, d] of this.deliveries) if (d.at >= since) deliveries.push([id, d.at, d.users]);
     return Buffer.from(JSON.stringify({ v: 1, nextUidValidity: this.nextUidValidity, bodies, users, deliveries, extra }));
   }
 

@@ -533,7 +533,7 @@ export class LogStore extends EventEmitter implements MailStore {
         r.uid = uid;
         changes.push({ user: r.user, mailbox: 'INBOX', kind: 'exists', uids: [uid], modseq });
       }
-      this.appendOp({ op: 'dlv', id: deliveryId, body: id, size: body.length, date, to });
+      this.appendOp({ op: 'dlv', id: deliveryId, body: id, size: body.length, date, to, ...(opts.internalDate !== undefined ? { at: Date.now() } : {}) });
     }
     try {
       await this.commit(changes);
