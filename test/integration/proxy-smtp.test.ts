@@ -406,6 +406,33 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     d.close();
   });
 
+  it('MX: seeded wire fuzz (random command fragments in 1/3/17-byte chunks) never stops the server', async () => {
+    const seed = Number(process.env.FUZZ_SEED ?? Date.now() % 100000);
+    let x = seed || 1;
+    const r = () => {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      return (x >>> 0) / 2 ** 32;
+    };
+    const words = ['EHLO a', 'HELO b', 'MAIL FROM:<a@b>', 'MAIL FROM:<>', 'RCPT TO:<alice@example.net>', 'RCPT TO:<x@y>', 'DATA', '.', 'RSET', 'NOOP', 'VRFY x', 'STARTTLS', 'AUTH LOGIN', 'BDAT 10', 'XCLIENT ADDR=1.2.3.4', '\x00\xff', 'MAIL FROM:<a@b> SIZE=abc', 'RCPT TO:<"q\r"@x>', '...'];
+    const session = async (n: number) => {
+      const c = await SmtpClient.connect(mxPort());
+      await c.reply().catch(() => undefined);
+      let wire = '';
+      for (let i = 0; i < 12; i++) wire += words[Math.floor(r() * words.length)] + (r() < 0.9 ? '\r\n' : '\n');
+      const buf = Buffer.from(wire + 'QUIT\r\n', 'latin1');
+      const step = [1, 3, 17][n % 3]!;
+      for (let i = 0; i < buf.length && !c.ended; i += step) c.socket.write(buf.subarray(i, i + step));
+      await waitFor(() => c.ended, 4000, 'session end').catch(() => undefined);
+      c.close();
+    };
+    await Promise.all(Array.from({ length: 12 }, (_, n) => session(n)));
+    const tag = `afterfuzz-${seed}`;
+    const info = await mxTransport().sendMail({ envelope: { from: 'sender@remote.example', to: ['carol@example.net'] }, raw: message(tag) });
+    expect(info.response, `seed ${seed}`).toMatch(/^250 /);
+  });
+
   it('MX: size limit (SIZE= and a DATA body over the limit) answers 552', async () => {
     const c = await SmtpClient.connect(mxPort());
     await c.reply();
@@ -543,6 +570,7 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     expect(await c.cmd('EHLO client.test')).toMatch(/AUTH PLAIN LOGIN/);
     expect(await c.cmd('MAIL FROM:<alice@example.net>')).toMatch(/^530 /);
     const plain = (u: string, p: string) => Buffer.from(`\0${u}\0${p}`).toString('base64');
+    expect(await c.cmd(`AUTH PLAIN ${plain('car\r\nol', 'x')}`)).toMatch(/^5\d\d /);
     for (let i = 0; i < 4; i++) expect(await c.cmd(`AUTH PLAIN ${plain('carol', 'wrong')}`)).toMatch(/^535 5\.7\.8 /);
     expect(await c.cmd(`AUTH PLAIN ${plain('carol', 'carol-pass')}`)).toMatch(/^454 4\.7\.0 /);
     c.close();
