@@ -260,7 +260,9 @@ async function recoveryRun(): Promise<{ messages: number; cleanMs: number; crash
 
 async function main(): Promise<void> {
   if (args.help) {
-    process.stdout.write(fileURLToPath(import.meta.url) + '\n' + 'see the header comment of bench/store.ts\n');
+    const { readFileSync } = await import('node:fs');
+    const header = readFileSync(fileURLToPath(import.meta.url), 'utf8').split('*/')[0]!;
+    process.stdout.write(header.replace(/^\/\*\*?\n?|^ \* ?/gm, '') + '\n');
     return;
   }
   const self = fileURLToPath(import.meta.url);
