@@ -48,6 +48,8 @@ export interface LoadBalancer {
   stop(): Promise<void>;
 }
 
+const BYTES_ACCOUNTING_MS = 5000;
+
 /** Whether a running listener already serves `listen` (port 0 in its config matches its bound port). */
 function sameAddress(l: Listener, listen: string): boolean {
   const want = splitHostPort(listen);
@@ -89,6 +91,11 @@ export async function startLoadBalancer(initial: LbConfig, deps: LbDeps): Promis
     throw new PairgateError('UNAVAILABLE', (err as Error).message, false);
   }
   for (const p of pools.values()) p.startChecks();
+  // Long sessions (IMAP IDLE) show their bytes while they last, not only at close.
+  const accounting = setInterval(() => {
+    for (const c of live) c.account();
+  }, BYTES_ACCOUNTING_MS);
+  accounting.unref();
 
   const findBackends = (name: string): Backend[] => {
     const out: Backend[] = [];
@@ -236,6 +243,7 @@ export async function startLoadBalancer(initial: LbConfig, deps: LbDeps): Promis
     stop: async () => {
       if (stopping) return;
       stopping = true;
+      clearInterval(accounting);
       for (const l of listeners.values()) await l.close();
       for (const p of pools.values()) p.close();
       const deadline = Date.now() + config.stopGraceMs;

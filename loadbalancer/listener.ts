@@ -34,6 +34,8 @@ export interface Conn {
   client: net.Socket;
   server: net.Socket | null;
   destroy(): void;
+  /** Adds the bytes moved since the last call to pairgate_lb_bytes_total (called periodically and at close). */
+  account(): void;
 }
 
 let nextId = 1;
@@ -158,6 +160,8 @@ export class Listener {
     let holdsListenerSlot = false;
     let queuedMs = 0;
     let endReason = '';
+    let countedIn = 0;
+    let countedOut = 0;
     const id = nextId++;
 
     const conn: Conn = {
@@ -169,6 +173,15 @@ export class Listener {
         endReason ||= 'stop';
         client.destroy();
         server?.destroy();
+      },
+      account: () => {
+        if (!spliced) return;
+        const inNow = client.bytesRead;
+        const outNow = server?.bytesRead ?? 0;
+        if (inNow > countedIn) metrics.bytes.inc({ direction: 'in' }, inNow - countedIn);
+        if (outNow > countedOut) metrics.bytes.inc({ direction: 'out' }, outNow - countedOut);
+        countedIn = inNow;
+        countedOut = outNow;
       },
     };
     this.deps.live.add(conn);
@@ -182,10 +195,9 @@ export class Listener {
       if (backend) backend.release();
       if (spliced) {
         this.children(spliced).dec();
+        conn.account();
         const bytesIn = client.bytesRead;
         const bytesOut = server?.bytesRead ?? 0;
-        metrics.bytes.inc({ direction: 'in' }, bytesIn);
-        metrics.bytes.inc({ direction: 'out' }, bytesOut);
         const sample = this.deps.closeLogSample();
         if (sample > 0 && (sample >= 1 || Math.random() < sample)) {
           log.info(
