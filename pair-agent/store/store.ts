@@ -7,7 +7,7 @@
  * (SHA-256) and reference counted; checkpoints of the indexes bound the replay on open;
  * compaction copies live bodies out of sparse segments so that they can be reused.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, randomBytes, webcrypto } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from '../../common/log.ts';
@@ -444,10 +444,8 @@ export class LogStore extends EventEmitter implements MailStore {
     }
   }
 
-  private storeBody(body: Buffer): { id: string; fresh: boolean } {
-    const id = createHash('sha256').update(body).digest('hex');
-    if (this.state.bodies.has(id)) return { id, fresh: false };
-    return { id, fresh: true };
+  private storeBody(id: string): { id: string; fresh: boolean } {
+    return { id, fresh: !this.state.bodies.has(id) };
   }
 
   private quotaCheck(u: User | undefined, extra: number): void {
@@ -483,6 +481,9 @@ export class LogStore extends EventEmitter implements MailStore {
   async deliver(deliveryId: string, users: string[], body: Buffer, opts: { internalDate?: number } = {}): Promise<DeliveryRecipientResult[]> {
     this.assertWritable();
     if (typeof deliveryId !== 'string' || !deliveryId || deliveryId.length > 256) throw new BadInputError('invalid delivery id');
+    const bodyId = await sha256Hex(body);
+    // From here to the append, synchronous: validation, index update and log records are one step.
+    this.assertWritable();
     const date = opts.internalDate ?? Date.now();
     const prior = this.state.deliveries.get(deliveryId);
     const results: DeliveryRecipientResult[] = [];
@@ -490,7 +491,7 @@ export class LogStore extends EventEmitter implements MailStore {
     const changes: StoreChange[] = [];
     const seen = new Set<string>();
     let anyNew = false;
-    const { id, fresh } = this.storeBody(body);
+    const { id, fresh } = this.storeBody(bodyId);
     for (const user of users) {
       try {
         checkUser(user);
@@ -692,7 +693,7 @@ export class LogStore extends EventEmitter implements MailStore {
       parts.push(payload.subarray(BODY_HDR));
     }
     const data = Buffer.concat(parts);
-    if (data.length !== b.size || createHash('sha256').update(data).digest('hex') !== id) {
+    if (data.length !== b.size || (await sha256Hex(data)) !== id) {
       throw new IntegrityError(`body ${id} fails its SHA-256`);
     }
     return data;
@@ -700,10 +701,12 @@ export class LogStore extends EventEmitter implements MailStore {
 
   async append(user: string, mailbox: string, body: Buffer, opts: { flags?: Flag[]; internalDate?: number } = {}): Promise<{ uid: number; uidValidity: number }> {
     this.assertWritable();
+    const bodyId = await sha256Hex(body);
+    this.assertWritable();
     const { u, mb } = this.mailbox(user, mailbox);
     const flags = normalizeFlags(opts.flags ?? []);
     this.quotaCheck(u, body.length);
-    const { id, fresh } = this.storeBody(body);
+    const { id, fresh } = this.storeBody(bodyId);
     this.reserve((fresh ? this.bodyRecordsSize(body.length) : 0) + 1024);
     if (fresh) {
       this.appendBody(id, body);
@@ -1039,6 +1042,15 @@ export class LogStore extends EventEmitter implements MailStore {
     this.cache.clear();
     this.log.info('store closed');
   }
+}
+
+/**
+ * SHA-256 in hex. Large bodies are hashed on the libuv thread pool (WebCrypto), so that the event loop keeps
+ * parsing other connections meanwhile; small ones inline, where the hand-off would cost more than the hash.
+ */
+export async function sha256Hex(data: Buffer): Promise<string> {
+  if (data.length < 64 * 1024) return createHash('sha256').update(data).digest('hex');
+  return Buffer.from(await webcrypto.subtle.digest('SHA-256', data)).toString('hex');
 }
 
 /** Applies one replayed record to the indexes. */
