@@ -8,29 +8,18 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ImapFlow } from 'imapflow';
-import { Client } from 'ldapts';
+import { Attribute, Change, Client } from 'ldapts';
 import { startProxy, proxyConfigSchema, type Proxy } from '../../proxy/index.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { silentLogger } from '../../common/log.ts';
 import type { Directory } from '../../directory/types.ts';
-import { existsSync } from 'node:fs';
-import { dirname, join as joinPath } from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
-
-// The directory (directory/index.ts) is built by another part in parallel: until it is in the
-// tree these tests are skipped (with this reason) rather than failing to import.
-const DIRECTORY_MODULE = joinPath(dirname(fileURLToPath(import.meta.url)), '../../directory/index.ts');
-const haveDirectory = existsSync(DIRECTORY_MODULE);
-async function openDirectory(config: unknown, deps: { log: typeof silentLogger }): Promise<Directory> {
-  const mod = (await import(pathToFileURL(DIRECTORY_MODULE).href)) as { openDirectory(c: unknown, d: { log: typeof silentLogger }): Promise<Directory> };
-  return mod.openDirectory(config, deps);
-}
+import { haveDirectory, openDirectory, tableDirectory } from './proxy-harness.ts';
 import { startHarness, MASTER, type Harness } from './imap-harness.ts';
 import { startSlapd, BASE_DN, type Slapd } from '../helpers/slapd.ts';
 
-describe.skipIf(!haveDirectory)('proxy -> pairgate store, directory on slapd (skipped until directory/index.ts exists)', () => {
+describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-test table'})`, () => {
   let harness: Harness;
-  let slapd: Slapd;
+  let slapd: Slapd | undefined;
   let directory: Directory;
   let proxy: Proxy;
   let admin: http.Server;
@@ -53,16 +42,22 @@ describe.skipIf(!haveDirectory)('proxy -> pairgate store, directory on slapd (sk
       );
     });
     await new Promise<void>((r) => admin.listen(0, '127.0.0.1', r));
-    slapd = await startSlapd();
-    // Point the sample directory's pair-01 (alice's and carol's home) at the store on loopback.
-    const ldap = new Client({ url: slapd.url });
-    await ldap.bind(slapd.adminDn, slapd.adminPassword);
-    await ldap.modify(`cn=pair-01,ou=pairs,${BASE_DN}`, [
-      { operation: 'replace', modification: { type: 'pairgateAddress', values: ['127.0.0.1'] } } as never,
-      { operation: 'replace', modification: { type: 'pairgatePorts', values: [`imap=${harness.port},admin=${(admin.address() as AddressInfo).port}`] } } as never,
-    ]);
-    await ldap.unbind();
-    directory = await openDirectory({ urls: [slapd.url], base: BASE_DN }, { log: silentLogger });
+    const adminPort = (admin.address() as AddressInfo).port;
+    if (haveDirectory) {
+      slapd = await startSlapd();
+      // Point the sample directory's pair-01 (alice's and carol's home) at the store on loopback.
+      const ldap = new Client({ url: slapd.url });
+      await ldap.bind(slapd.adminDn, slapd.adminPassword);
+      await ldap.modify(`cn=pair-01,ou=pairs,${BASE_DN}`, [
+        new Change({ operation: 'replace', modification: new Attribute({ type: 'pairgateAddress', values: ['127.0.0.1'] }) }),
+        new Change({ operation: 'replace', modification: new Attribute({ type: 'pairgatePorts', values: [`imap=${harness.port},admin=${adminPort}`] }) }),
+      ]);
+      await ldap.unbind();
+      directory = await openDirectory({ urls: [slapd.url], base: BASE_DN }, { log: silentLogger });
+    } else {
+      const pair = { id: 'pair-01', dn: `cn=pair-01,ou=pairs,${BASE_DN}`, address: '127.0.0.1', ports: { imap: harness.port, admin: adminPort }, state: 'active' as const, weight: 100 };
+      directory = tableDirectory([{ uid: 'alice', password: 'alice-pass', pair: 'pair-01' }, { uid: 'carol', password: 'carol-pass', pair: 'pair-01' }], [pair]);
+    }
     proxy = await startProxy(
       proxyConfigSchema.parse({
         directory: {},
