@@ -136,6 +136,7 @@ export class LogStore extends EventEmitter implements MailStore {
   private compacting: Promise<CompactResult> | null = null;
   private compactTimer: NodeJS.Timeout | null = null;
   private readonly checkpointBytes: number;
+  private readonly cacheWriteLimit: number;
   recovery!: RecoveryReport;
   private writer!: LogWriter;
 
@@ -151,6 +152,7 @@ export class LogStore extends EventEmitter implements MailStore {
     this.log = opts.log.child({ component: 'store' });
     this.cache = new LRUCache<string, Buffer>({ maxSize: Math.max(1, opts.cacheBytes ?? 64 * 1024 * 1024), sizeCalculation: (b) => Math.max(1, b.length) });
     this.live = new Float64Array(g.segmentCount);
+    this.cacheWriteLimit = Math.floor((opts.cacheBytes ?? 64 * 1024 * 1024) / 16);
     const vol = g.segmentSize * g.segmentCount;
     this.checkpointBytes = opts.checkpointBytes ?? Math.min(256 * 1024 * 1024, Math.max(8 * 1024 * 1024, Math.floor(vol / 8)));
   }
@@ -538,6 +540,8 @@ export class LogStore extends EventEmitter implements MailStore {
     }
     try {
       await this.commit(changes);
+      // New mail is the mail read next (POP3 polls, IMAP IDLE fetches): keep modest bodies in the read cache.
+      if (anyNew && fresh && body.length <= this.cacheWriteLimit) this.cache.set(id, body);
     } finally {
       if (anyNew) this.pendingBodies.delete(id);
     }
