@@ -197,6 +197,7 @@ async function main(): Promise<void> {
           '    timeout server 30s',
           '    retries 2',
           '    option redispatch',
+          '    option tcpka',
           'frontend bench',
           `    bind 127.0.0.1:${hapPort}`,
           '    default_backend p',
