@@ -24,9 +24,12 @@ import http from 'node:http';
 import net from 'node:net';
 import { join, dirname } from 'node:path';
 import { parseArgs } from 'node:util';
-import { fileURLToPath, pathToFileURL } from 'node:url';
-import { silentLogger, type Logger } from '../common/log.ts';
-import type { Directory } from '../directory/types.ts';
+import { fileURLToPath } from 'node:url';
+import { silentLogger, createLogger } from '../common/log.ts';
+import { loadConfigFile } from '../common/config.ts';
+import type { Directory, PairRecord } from '../directory/types.ts';
+import { startProxy, proxyConfigSchema } from '../proxy/index.ts';
+import { haveDirectory, openDirectory, tableDirectory } from '../test/integration/proxy-harness.ts';
 import { startDovecot, type Dovecot } from '../test/helpers/dovecot.ts';
 import { freePort, waitForPort } from '../test/helpers/net.ts';
 import { tempDir } from '../test/helpers/proc.ts';
@@ -38,6 +41,7 @@ const { values: args } = parseArgs({
     'big-mib': { type: 'string', default: '10' },
     idle: { type: 'string', default: '400' },
     help: { type: 'boolean', default: false },
+    'serve-proxy': { type: 'string' },
   },
 });
 if (args.help) {
@@ -51,7 +55,6 @@ const IDLE = Number(args.idle);
 const USERS = 40;
 const MASTER = 'pgmaster';
 const MASTER_SECRET = randomBytes(8).toString('hex');
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 const user = (i: number) => `bench${i}`;
 const pass = (i: number) => `pw-${i}`;
@@ -312,6 +315,10 @@ async function main(): Promise<void> {
     writeFileSync(join(tmp.path, 'dir.ldif'), ldif);
 
     const [hImap, hPop] = await Promise.all([freePort(), freePort()]);
+    const directorySpec = JSON.stringify({
+      users: Array.from({ length: USERS }, (_x, i) => ({ uid: user(i), password: pass(i), pair: 'pair-bench' })),
+      pairs: [{ id: 'pair-bench', dn: 'cn=pair-bench,ou=pairs,dc=pairgate,dc=test', address: '127.0.0.1', ports: { imap: dovecot.imapPort, pop3: dovecot.pop3Port, lmtp: dovecot.lmtpPort, admin: adminPort }, state: 'active', weight: 100 }],
+    });
     const startPairgate = async (name: string, nodeFlags: string[] = []) => {
       const [imapPort, pop3Port, adminPortP] = await Promise.all([freePort(), freePort(), freePort()]);
       const file = join(tmp.path, `${name}.yaml`);
@@ -331,7 +338,11 @@ async function main(): Promise<void> {
           authLimits: { maxPerIp: 0, maxPerLogin: 0 },
         }),
       );
-      const child = startChild(process.execPath, [...nodeFlags, join(root, 'bin/pairgate.mjs'), 'proxy', '--config', file], { ...process.env, BENCH_MASTER_SECRET: MASTER_SECRET });
+      const child = startChild(process.execPath, [...nodeFlags, '--import', 'tsx', fileURLToPath(import.meta.url), '--serve-proxy', file], {
+        ...process.env,
+        BENCH_MASTER_SECRET: MASTER_SECRET,
+        BENCH_DIRECTORY_SPEC: directorySpec,
+      });
       children.push(child);
       await waitForPort('127.0.0.1', imapPort, 20_000);
       return { child, imapPort, pop3Port };
@@ -348,17 +359,14 @@ async function main(): Promise<void> {
       children.push(startChild(haproxyBin, ['-db', '-f', haCfg]));
       await waitForPort('127.0.0.1', hImap, 10_000);
     }
-    const notes: string[] = [];
+    const notes: string[] = [haveDirectory ? 'directory: LDIF backend (directory/index.ts)' : 'directory: in-test table (directory/index.ts not in the tree yet)'];
     if (!haproxyBin) notes.push('haproxy not installed: no L4 baseline');
     // nginx's mail proxy, with an auth_http endpoint answering from the same directory.
     const nginxBin = ['/usr/sbin/nginx', '/usr/bin/nginx'].find((f) => existsSync(f));
     const mailModule = '/usr/lib/nginx/modules/ngx_mail_module.so';
     let nginxPorts: { imap: number; pop3: number } | null = null;
     if (nginxBin && existsSync(mailModule)) {
-      const dirMod = (await import(pathToFileURL(join(root, 'directory/index.ts')).href)) as {
-        openDirectory(c: unknown, d: { log: Logger }): Promise<Directory>;
-      };
-      const directory = await dirMod.openDirectory({ ldif: join(tmp.path, 'dir.ldif') }, { log: silentLogger });
+      const directory = await benchDirectory(join(tmp.path, 'dir.ldif'), JSON.parse(directorySpec));
       closers.push(() => directory.close());
       const ports = { imap: dovecot.imapPort, pop3: dovecot.pop3Port };
       authServer = http.createServer(async (req, res) => {
@@ -469,7 +477,28 @@ async function main(): Promise<void> {
   }
 }
 
-main().then(
+/** Directory for the bench: the LDIF backend when directory/index.ts exists, else the in-test table. */
+async function benchDirectory(ldifFile: string, spec: { users: Array<{ uid: string; password: string; pair: string }>; pairs: PairRecord[] }): Promise<Directory> {
+  if (haveDirectory) return openDirectory({ ldif: ldifFile }, { log: silentLogger });
+  return tableDirectory(spec.users, spec.pairs);
+}
+
+/** `--serve-proxy CONFIG`: this file as the proxy process (the CLI's path, with the bench's directory choice). */
+async function serveProxy(file: string): Promise<void> {
+  const config = loadConfigFile(proxyConfigSchema, file);
+  const spec = JSON.parse(process.env.BENCH_DIRECTORY_SPEC ?? '{}');
+  const directory = await benchDirectory(config.directory.ldif as string, spec);
+  const log = createLogger({ role: 'proxy', level: config.log.level });
+  const proxy = await startProxy(config, { log, directory });
+  process.on('SIGTERM', () => void proxy.stop(500).then(() => process.exit(0)));
+}
+
+if (args['serve-proxy']) {
+  serveProxy(args['serve-proxy']).catch((err) => {
+    process.stderr.write(`bench proxy server failed: ${(err as Error).stack ?? err}\n`);
+    process.exit(1);
+  });
+} else main().then(
   () => process.exit(0),
   (err) => {
     process.stderr.write(`bench proxy failed: ${(err as Error).stack ?? err}\n`);
