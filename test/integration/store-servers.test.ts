@@ -312,3 +312,45 @@ print(json.dumps(out))
     expect(res.sessions().pop3).toBeGreaterThanOrEqual(0);
   });
 });
+
+describe('fuzz', () => {
+  it('random bytes on POP3 and LMTP connections get errors, never a crash (seeded)', async () => {
+    const seed = Number(process.env.STORE_FUZZ_SEED ?? Date.now() % 100_000);
+    console.log(`store fuzz seed: ${seed} (STORE_FUZZ_SEED=${seed})`);
+    let x = seed >>> 0 || 1;
+    const rnd = () => {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      return (x >>> 0) / 0x100000000;
+    };
+    const words = ['USER', 'PASS', 'AUTH', 'PLAIN', 'RETR', 'TOP', 'LIST', 'UIDL', 'DELE', 'STLS', 'XCLIENT', 'CAPA', 'QUIT', 'LHLO', 'MAIL FROM:', 'RCPT TO:', 'DATA', 'RSET', 'BDAT', '.', '-1', '99999999999', '*', '=', 'ADDR=', '\u0000', '\u00ff'];
+    const junk = () => {
+      const parts: string[] = [];
+      const n = 1 + Math.floor(rnd() * 8);
+      for (let i = 0; i < n; i++) {
+        const r = rnd();
+        if (r < 0.5) parts.push(words[Math.floor(rnd() * words.length)]!);
+        else if (r < 0.8) parts.push(String.fromCharCode(...Array.from({ length: 1 + Math.floor(rnd() * 20) }, () => Math.floor(rnd() * 256))));
+        else parts.push(rnd() < 0.5 ? '\r\n' : '\n');
+      }
+      return Buffer.from(parts.join(' ') + '\r\n', 'latin1');
+    };
+    for (let c = 0; c < 16; c++) {
+      const port = c % 2 ? ports().lmtp : ports().pop3;
+      const sock = net.connect({ port, host: '127.0.0.1' });
+      sock.on('error', () => undefined);
+      sock.on('data', () => undefined);
+      await new Promise<void>((resolve) => sock.once('connect', () => resolve()));
+      for (let i = 0; i < 30 && !sock.destroyed; i++) sock.write(junk());
+      await new Promise((r) => setTimeout(r, 30));
+      sock.destroy();
+    }
+    // Everyone else is still served.
+    const c = await Raw.open(ports().pop3);
+    expect(await c.line(`AUTH PLAIN ${plain('fuzzcheck', MASTER.user, MASTER.secret)}`)).toMatch(/^\+OK/);
+    expect(await c.line('QUIT')).toMatch(/^\+OK/);
+    await lmtpSend(['fuzzcheck@x'], msg('after fuzz'));
+    expect(await res.store()!.listMessages('fuzzcheck', 'INBOX')).toHaveLength(1);
+  });
+});
