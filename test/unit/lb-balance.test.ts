@@ -5,6 +5,7 @@ import { Balancer, type Candidate } from '../../loadbalancer/balance.ts';
 import { lbConfigSchema } from '../../loadbalancer/index.ts';
 import { validateConfig } from '../../common/config.ts';
 import { buildProxyHeader, buildLocalHeader } from '../../loadbalancer/proxy-header.ts';
+import { decodeProxyHeader } from '../../proxy/proxy-protocol.ts';
 
 class Fake implements Candidate {
   active = 0;
@@ -168,5 +169,22 @@ describe('PROXY header', () => {
     expect([v1.source.ipAddress, v1.source.port, v1.destination.ipAddress, v1.destination.port]).toEqual(['192.0.2.7', 40000, '198.51.100.1', 143]);
     expect(buildProxyHeader('none', { address: '1.2.3.4', port: 1 }, { address: '1.2.3.4', port: 2 }).length).toBe(0);
     expect(buildLocalHeader().length).toBe(16);
+  });
+
+  it("the pairgate proxy's reader (proxy/proxy-protocol.ts) decodes what the balancer writes, health checks as LOCAL", () => {
+    const cases: Array<[string, string]> = [
+      ['192.0.2.7', '198.51.100.1'],
+      ['2001:db8::7', '2001:db8::1'],
+      ['::ffff:192.0.2.9', '::ffff:10.0.0.1'],
+    ];
+    for (const [src, dst] of cases) {
+      for (const v of ['v1', 'v2'] as const) {
+        const buf = buildProxyHeader(v, { address: src, port: 40001 }, { address: dst, port: 143 });
+        const d = decodeProxyHeader(Buffer.concat([buf, Buffer.from('a1 CAPABILITY\r\n')]));
+        expect(d!.length).toBe(buf.length);
+        expect(d!.header).toEqual({ version: v === 'v1' ? 1 : 2, source: { address: src.replace('::ffff:', ''), port: 40001 } });
+      }
+    }
+    expect(decodeProxyHeader(buildLocalHeader())!.header.source).toBeNull();
   });
 });
