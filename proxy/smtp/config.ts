@@ -79,6 +79,8 @@ export const smtpConfigSchema = z
         rcptWaitMs: durationMs.default(0),
         /** Concurrent LMTP connections to one pair from this proxy (0 = no limit); further deliveries wait (within the hold time). */
         maxConnectionsPerPair: z.number().int().min(0).default(64),
+        /** How long an LMTP connection is kept open for the next message from the same client to the same pair (0 = one connection per message). */
+        idleConnectionMs: durationMs.default(5000),
         /** Send the client address to the pair (LMTP XCLIENT, else XFORWARD, when the pair offers them). */
         forwardClientAddress: z.boolean().default(true),
       })

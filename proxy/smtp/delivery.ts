@@ -11,7 +11,7 @@ import { createHash } from 'node:crypto';
 import { UnavailableError, isTemporary } from '../../common/errors.ts';
 import type { Logger } from '../../common/log.ts';
 import type { PairRecord, UserRecord } from '../../directory/types.ts';
-import { sendLmtp, type LmtpReply } from './lmtp-client.ts';
+import type { LmtpPool, LmtpReply } from './lmtp-client.ts';
 import { REPLIES, SmtpReply } from './replies.ts';
 
 export const DELIVERY_ID_HEADER = 'X-Pairgate-Delivery-Id';
@@ -82,6 +82,8 @@ export class PairSlots {
 export interface DeliveryOptions {
   /** Concurrent LMTP connections per pair (shared by all sessions of this proxy). */
   slots: PairSlots;
+  /** LMTP connections kept open between messages. */
+  pool: LmtpPool;
   name: string;
   lmtpPort: number;
   connectTimeoutMs: number;
@@ -155,7 +157,7 @@ export async function deliverToPair(
       return all(temp('4.3.2', `Mailbox server ${pair.id} busy`));
     }
     try {
-      const results = await sendLmtp({
+      const results = await opts.pool.deliver({
         host: pair.address,
         port: pair.ports.lmtp ?? opts.lmtpPort,
         name: opts.name,

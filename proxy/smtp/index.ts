@@ -30,7 +30,8 @@ import { startSmtpListener, type SmtpListener } from './listener.ts';
 
 export { smtpConfigSchema, smtpListenerSchema, type SmtpConfig, type SmtpListenerConfig } from './config.ts';
 export { deliveryIdFor, stripDeliveryIdHeaders, verdictFor, DELIVERY_ID_HEADER } from './delivery.ts';
-export { sendLmtp, encodeData } from './lmtp-client.ts';
+export { sendLmtp, encodeData, LmtpConnection, LmtpPool } from './lmtp-client.ts';
+import { LmtpPool } from './lmtp-client.ts';
 
 /** The parts of the proxy config the SMTP front ends read (ProxyConfig fits). */
 export interface SmtpHostConfig {
@@ -96,6 +97,8 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
   const smarthost = cfg.smarthost ? createSmarthost(cfg.smarthost, cfg.hostname, log) : null;
   if (smarthost) cleanup.push(() => smarthost.close());
 
+  const pool = new LmtpPool(cfg.delivery.idleConnectionMs);
+  cleanup.push(() => pool.close());
   const ctx: FrontEndContext = {
     config: cfg,
     directory: deps.directory,
@@ -106,6 +109,7 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
     log,
     delivery: {
       slots: new PairSlots(cfg.delivery.maxConnectionsPerPair),
+      pool,
       name: cfg.hostname,
       lmtpPort: cfg.delivery.lmtpPort,
       connectTimeoutMs: cfg.delivery.connectTimeoutMs,

@@ -8,7 +8,7 @@ import net from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { SMTPServer, type SMTPServerSession } from 'smtp-server';
-import { encodeData, sendLmtp } from '../../proxy/smtp/lmtp-client.ts';
+import { LmtpPool, encodeData, sendLmtp } from '../../proxy/smtp/lmtp-client.ts';
 import { PairSlots, deliveryIdFor, stripDeliveryIdHeaders, verdictFor, type RecipientOutcome } from '../../proxy/smtp/delivery.ts';
 import { splitEnhanced, REPLIES } from '../../proxy/smtp/replies.ts';
 import { buildBounce } from '../../proxy/smtp/bounce.ts';
@@ -173,7 +173,12 @@ describe('sendLmtp', () => {
 
   async function lmtpPeer(opts: { hidePIPELINING?: boolean; xclient?: boolean } = {}) {
     const seen: Array<{ rcpts: string[]; body: string; addr: string; from: string }> = [];
+    const stats = { connections: 0 };
     const server = new SMTPServer({
+      onConnect(_s, cb) {
+        stats.connections++;
+        cb();
+      },
       lmtp: true,
       authOptional: true,
       disabledCommands: ['AUTH', 'STARTTLS'],
@@ -198,7 +203,7 @@ describe('sendLmtp', () => {
     });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     servers.push(server);
-    return { port: (server.server.address() as AddressInfo).port, seen };
+    return { port: (server.server.address() as AddressInfo).port, seen, stats, server };
   }
 
   const base = { host: '127.0.0.1', name: 'proxy.test', from: 'sender@x', connectTimeoutMs: 2000, replyTimeoutMs: 2000 };
@@ -232,6 +237,30 @@ describe('sendLmtp', () => {
     const plain = await lmtpPeer();
     await sendLmtp({ ...base, port: plain.port, recipients: ['ok@p'], body: Buffer.from('x\r\n'), client: { address: '192.0.2.44', port: 4444 } });
     expect(plain.seen[0]!.addr).toBe('127.0.0.1');
+  });
+
+  it('the pool reuses a connection per client, and replaces one the server closed', async () => {
+    const peer = await lmtpPeer({ xclient: true });
+    const pool = new LmtpPool(5000);
+    const client = { address: '192.0.2.7', port: 1000 };
+    for (let i = 0; i < 3; i++) {
+      const res = await pool.deliver({ ...base, port: peer.port, recipients: ['ok@p', 'unknown@p'], body: Buffer.from(`n${i}\r\n`), client });
+      expect(res.map((r) => r.reply.code)).toEqual([250, 550]);
+    }
+    expect(peer.stats.connections).toBe(1);
+    expect(peer.seen.map((m) => m.addr)).toEqual(['192.0.2.7', '192.0.2.7', '192.0.2.7']);
+    // Another client gets its own connection (the first one was moved to 192.0.2.7 by XCLIENT).
+    await pool.deliver({ ...base, port: peer.port, recipients: ['ok@p'], body: Buffer.from('other\r\n'), client: { address: '192.0.2.8', port: 2000 } });
+    expect(peer.stats.connections).toBe(2);
+    expect(pool.size).toBe(2);
+    // The server drops its connections: the next delivery still succeeds, on a new one.
+    for (const c of (peer.server as unknown as { connections: Set<{ close(): void }> }).connections) c.close();
+    await new Promise((r) => setTimeout(r, 100));
+    const res = await pool.deliver({ ...base, port: peer.port, recipients: ['ok@p'], body: Buffer.from('after\r\n'), client });
+    expect(res[0]!.reply.code).toBe(250);
+    expect(peer.stats.connections).toBe(3);
+    pool.close();
+    expect(pool.size).toBe(0);
   });
 
   it('connection-level faults are temporary errors: refused, garbage, silence', async () => {
