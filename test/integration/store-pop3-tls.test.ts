@@ -70,7 +70,7 @@ beforeAll(async () => {
     masterUser: MASTER.user,
     masterSecret: MASTER.secret,
     tls: { cert: cert.certFile, key: cert.keyFile },
-    idleTimeoutMs: { pop3: 700 },
+    idleTimeoutMs: { pop3: 2500 },
     compactBytesPerSec: 0,
   });
   res = createStoreResource({ config, device, listenHost: '127.0.0.1', log: silentLogger, registry: createRegistry({}, false) });
@@ -128,7 +128,7 @@ describe('POP3 TLS and lifetimes', () => {
     await r.until((t) => t.includes('\r\n'));
     sock.write(auth('idler'));
     expect(await r.until((t) => t.includes('\r\n'))).toMatch(/^\+OK/);
-    const bye = await r.until(() => r.closed, 5000);
+    const bye = await r.until(() => r.closed, 15_000);
     expect(bye).toMatch(/inactivity/);
     const again = net.connect({ port: res.ports()!.pop3, host: '127.0.0.1' });
     const a = reader(again);
