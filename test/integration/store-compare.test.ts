@@ -56,7 +56,7 @@ class Conn {
   }
   /** One reply: a POP3 status line (plus its multi-line body when `multi`) or an SMTP reply (last line). */
   async reply(multi: boolean, smtp = false): Promise<string> {
-    const deadline = Date.now() + 5000;
+    const deadline = Date.now() + 10_000;
     for (;;) {
       if (smtp) {
         const m = /^(?:\d{3}-[^\r\n]*\r\n)*(\d{3} [^\r\n]*)\r\n/.exec(this.buf);
