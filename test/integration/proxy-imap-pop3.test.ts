@@ -106,9 +106,13 @@ class LineClient {
       s.once('connect', () => resolve(s));
       s.once('error', reject);
     });
+    // Corked, so that the PROXY header and the TLS ClientHello leave in one segment (the proxy must
+    // hand the bytes after the header to the TLS layer).
+    if (opts.prefix && opts.tls) plain.cork();
     if (opts.prefix) plain.write(opts.prefix);
     if (!opts.tls) return new LineClient(plain);
     const secure = tls.connect({ socket: plain, rejectUnauthorized: false, servername: 'localhost' });
+    if (opts.prefix) setImmediate(() => plain.uncork());
     await new Promise<void>((resolve, reject) => {
       secure.once('secureConnect', () => resolve());
       secure.once('error', reject);
@@ -437,6 +441,16 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       }
     }
     expect(lines.join('\n')).toMatch(/BYE PROXY header not accepted/);
+  });
+
+  it('implicit TLS behind the load balancer: PROXY v2 header and ClientHello in one segment', async () => {
+    const c = await LineClient.connect(port('imaps'), { localAddress: '127.0.0.2', prefix: proxyV2('192.0.2.44', 40044), tls: true });
+    await c.until(/^\* OK/);
+    c.send('a1 LOGIN alice alice-pass');
+    expect(await c.until(/^a1 /, 20_000)).toMatch(/^a1 OK/);
+    c.send('a2 LOGOUT');
+    await c.closed;
+    await waitFor(() => /Login: user=<alice>.*rip=192\.0\.2\.44/.test(dovA.log()), 5000, 'dovecot log with rip=192.0.2.44');
   });
 
   it('pair down: open sessions closed with BYE, new logins NO [UNAVAILABLE] / -ERR [SYS/TEMP]', async () => {
