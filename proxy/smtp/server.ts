@@ -51,6 +51,8 @@ interface Transaction {
 
 interface PgSession extends SMTPServerSession {
   pgUser?: UserRecord;
+  pgMessages?: number;
+  pgBytes?: number;
   pgTx?: Transaction;
 }
 
@@ -264,6 +266,8 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
 
   async function deliverMessage(session: PgSession, raw: Buffer): Promise<string | SmtpReply> {
     const t = tx(session);
+    session.pgMessages = (session.pgMessages ?? 0) + 1;
+    session.pgBytes = (session.pgBytes ?? 0) + raw.length;
     const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
     const original = stripDeliveryIdHeaders(raw);
     const id = deliveryIdFor(from, original);
@@ -336,7 +340,7 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
       server.connect(socket, { remoteAddress: client.address, remotePort: client.port } as never);
       // The connection just made is the last one in the set: wrap its `send` so that a reply
       // whose text starts with an enhanced status code (ours) is not given a second, generic one.
-      let conn: { send: (code: number, data?: unknown, context?: unknown) => void; close: () => void } | undefined;
+      let conn: { send: (code: number, data?: unknown, context?: unknown) => void; close: () => void; session: PgSession } | undefined;
       if (server.connections.size > before) for (const c of server.connections) conn = c as never;
       if (!conn) return;
       const c = conn;
@@ -352,7 +356,13 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
         c.close();
       }, limit) : null;
       timer?.unref();
+      const started = Date.now();
       socket.once('close', () => {
+        const ses = c.session;
+        log.info(
+          { cid: ses.id, client: client.address, user: ses.pgUser?.uid, messages: ses.pgMessages ?? 0, bytesIn: ses.pgBytes ?? 0, durationMs: Date.now() - started, tls: Boolean(ses.secure) },
+          'SMTP session ended',
+        );
         if (timer) clearTimeout(timer);
         open--;
         ctx.metrics.sessions.dec(sessionLabels);
