@@ -15,6 +15,9 @@ import { silentLogger } from '../../common/log.ts';
 import type { Directory } from '../../directory/types.ts';
 import { haveDirectory, openDirectory, tableDirectory } from './proxy-harness.ts';
 import { startHarness, MASTER, type Harness } from './imap-harness.ts';
+import { startPop3Server, type Pop3Server } from '../../pair-agent/store/pop3/server.ts';
+import { AddressList } from '../../common/cidr.ts';
+import net from 'node:net';
 import { startSlapd, BASE_DN, type Slapd } from '../helpers/slapd.ts';
 
 describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-test table'})`, () => {
@@ -23,9 +26,20 @@ describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-te
   let directory: Directory;
   let proxy: Proxy;
   let admin: http.Server;
+  let pop3: Pop3Server;
 
   beforeAll(async () => {
     harness = await startHarness();
+    pop3 = await startPop3Server({
+      store: harness.store,
+      host: '127.0.0.1',
+      port: 0,
+      masterUser: MASTER.user,
+      masterSecret: MASTER.secret,
+      trusted: new AddressList(['127.0.0.0/8']),
+      log: silentLogger,
+      registry: createRegistry({}, false),
+    });
     admin = http.createServer((_q, res) => {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(
@@ -50,18 +64,21 @@ describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-te
       await ldap.bind(slapd.adminDn, slapd.adminPassword);
       await ldap.modify(`cn=pair-01,ou=pairs,${BASE_DN}`, [
         new Change({ operation: 'replace', modification: new Attribute({ type: 'pairgateAddress', values: ['127.0.0.1'] }) }),
-        new Change({ operation: 'replace', modification: new Attribute({ type: 'pairgatePorts', values: [`imap=${harness.port},admin=${adminPort}`] }) }),
+        new Change({ operation: 'replace', modification: new Attribute({ type: 'pairgatePorts', values: [`imap=${harness.port},pop3=${pop3.port},admin=${adminPort}`] }) }),
       ]);
       await ldap.unbind();
       directory = await openDirectory({ urls: [slapd.url], base: BASE_DN }, { log: silentLogger });
     } else {
-      const pair = { id: 'pair-01', dn: `cn=pair-01,ou=pairs,${BASE_DN}`, address: '127.0.0.1', ports: { imap: harness.port, admin: adminPort }, state: 'active' as const, weight: 100 };
+      const pair = { id: 'pair-01', dn: `cn=pair-01,ou=pairs,${BASE_DN}`, address: '127.0.0.1', ports: { imap: harness.port, pop3: pop3.port, admin: adminPort }, state: 'active' as const, weight: 100 };
       directory = tableDirectory([{ uid: 'alice', password: 'alice-pass', pair: 'pair-01' }, { uid: 'carol', password: 'carol-pass', pair: 'pair-01' }], [pair]);
     }
     proxy = await startProxy(
       proxyConfigSchema.parse({
         directory: {},
-        listeners: [{ protocol: 'imap', host: '127.0.0.1', port: 0, tls: 'none' }],
+        listeners: [
+          { protocol: 'imap', host: '127.0.0.1', port: 0, tls: 'none' },
+          { protocol: 'pop3', host: '127.0.0.1', port: 0, tls: 'none' },
+        ],
         backend: { masterUser: MASTER.user, masterSecret: MASTER.secret, trustedNetworks: ['127.0.0.0/8'] },
         health: { pollIntervalMs: 200 },
       }),
@@ -73,6 +90,7 @@ describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-te
     await proxy?.stop(200);
     await directory?.close();
     await slapd?.close();
+    await pop3?.close();
     await harness?.close();
     admin?.close();
   });
@@ -98,6 +116,28 @@ describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-te
     // The store saw a master login for alice, with the client address forwarded by ID.
     const login = harness.logs.find((l) => /"user":"alice"/.test(l) && /"master":true/.test(l));
     expect(login).toMatch(/"clientIp":"127\.0\.0\.1","clientPort":"\d+"/);
+  });
+
+  it('POP3 through the proxy: XCLIENT and master AUTH PLAIN accepted by the store, RETR returns the message', async () => {
+    await harness.deliver(['carol'], 'Subject: pop via store\r\n\r\npop body line\r\n');
+    const sock = net.connect({ host: '127.0.0.1', port: proxy.address('pop3')!.port });
+    let buf = '';
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => (buf += d));
+    const until = async (re: RegExp) => {
+      const deadline = Date.now() + 10_000;
+      while (!re.test(buf)) {
+        if (Date.now() > deadline) throw new Error(`timed out waiting for ${re} in ${JSON.stringify(buf)}`);
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    };
+    await until(/^\+OK/);
+    sock.write('USER carol\r\nPASS carol-pass\r\n');
+    await until(/\+OK\r\n\+OK[^\r]*\r\n/);
+    sock.write('STAT\r\nRETR 1\r\nQUIT\r\n');
+    await until(/pop body line\r\n\.\r\n\+OK/);
+    expect(buf).toMatch(/\+OK 1 \d+/);
+    sock.destroy();
   });
 
   it('a wrong password never reaches the store', async () => {
