@@ -51,6 +51,8 @@ export interface OpenStoreOptions {
   registry?: MetricsRegistry | undefined;
   /** Per-user quota in bytes (sum of message sizes); unlimited when unset. */
   quotaBytes?: number | undefined;
+  /** A per-user limit (e.g. from an LDAP attribute); `undefined` falls back to `quotaBytes`, `null` = unlimited. */
+  quotaFor?: ((user: string) => number | null | undefined) | undefined;
   /** Byte bound of the body read cache (default 64 MiB). */
   cacheBytes?: number | undefined;
   /** Write a fresh, empty store (destroys what was there). A blank device is formatted anyway. */
@@ -450,8 +452,14 @@ export class LogStore extends EventEmitter implements MailStore {
     return { id, fresh: !this.state.bodies.has(id) };
   }
 
-  private quotaCheck(u: User | undefined, extra: number): void {
-    const limit = this.opts.quotaBytes;
+  /** The user's byte limit: `quotaFor(user)` (e.g. an LDAP attribute) when it answers, else `quotaBytes`. */
+  private limitFor(user: string): number | null {
+    const own = this.opts.quotaFor?.(user);
+    return own !== undefined ? own : (this.opts.quotaBytes ?? null);
+  }
+
+  private quotaCheck(user: string, u: User | undefined, extra: number): void {
+    const limit = this.limitFor(user);
     if (limit === undefined || limit === null) return;
     const used = u?.usedBytes ?? 0;
     if (used + extra > limit) throw new LimitError(`mailbox full: quota of ${limit} bytes exceeded`, { details: { used, extra, limit } });
@@ -507,7 +515,7 @@ export class LogStore extends EventEmitter implements MailStore {
           results.push({ user, ok: true, uid: uidBefore, duplicate: true });
           continue;
         }
-        this.quotaCheck(this.state.user(user), body.length);
+        this.quotaCheck(user, this.state.user(user), body.length);
         results.push({ user, ok: true });
         anyNew = true;
       } catch (err) {
@@ -709,7 +717,7 @@ export class LogStore extends EventEmitter implements MailStore {
     this.assertWritable();
     const { u, mb } = this.mailbox(user, mailbox);
     const flags = normalizeFlags(opts.flags ?? []);
-    this.quotaCheck(u, body.length);
+    this.quotaCheck(u.name, u, body.length);
     const { id, fresh } = this.storeBody(bodyId);
     this.reserve((fresh ? this.bodyRecordsSize(body.length) : 0) + 1024);
     if (fresh) {
@@ -788,7 +796,7 @@ export class LogStore extends EventEmitter implements MailStore {
     const { mb: dst } = this.mailbox(user, to);
     const list = [...new Set(uids)].filter((uid) => src.msgs.has(uid)).sort((a, b) => a - b);
     if (!list.length) return { uidValidity: dst.uidValidity, mapping: [], changes: [] };
-    if (!move) this.quotaCheck(u, list.reduce((n, uid) => n + src.msgs.get(uid)!.size, 0));
+    if (!move) this.quotaCheck(u.name, u, list.reduce((n, uid) => n + src.msgs.get(uid)!.size, 0));
     this.reserve(512 + list.length * 40);
     const modseq = dst.highestModseq + 1;
     const map: Array<[number, number, number]> = list.map((uid, i) => [uid, dst.uidNext + i, modseq]);
@@ -819,7 +827,7 @@ export class LogStore extends EventEmitter implements MailStore {
   async quota(user: string): Promise<{ usedBytes: number; limitBytes: number | null }> {
     this.assertOpen();
     const u = this.state.user(checkUser(user));
-    return { usedBytes: u?.usedBytes ?? 0, limitBytes: this.opts.quotaBytes ?? null };
+    return { usedBytes: u?.usedBytes ?? 0, limitBytes: this.limitFor(user) };
   }
 
   async stats(): Promise<StoreStats> {

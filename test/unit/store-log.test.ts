@@ -147,6 +147,22 @@ describe('mail store', () => {
     expect(await s.quota('full')).toMatchObject({ limitBytes: 10_000 });
   });
 
+  it('takes per-user limits from quotaFor, falling back to quotaBytes', async () => {
+    const dir = tempDir('pairgate-store-q-');
+    cleanups.push(() => dir.cleanup());
+    const dev = await FileBlockDevice.open(join(dir.path, 'v.img'), { size: 16 * 1024 * 1024, create: true });
+    const s = await openMailStore(dev, { log: silentLogger, quotaBytes: 1000, quotaFor: (u) => (u === 'big' ? 100_000 : u === 'free' ? null : undefined), compactBytesPerSec: 0 });
+    cleanups.push(async () => {
+      await s.close();
+      await dev.close();
+    });
+    const r = await s.deliver('q1', ['big', 'small', 'free'], msg(1, 5000));
+    expect(r.map((x) => x.ok)).toEqual([true, false, true]);
+    expect((await s.quota('big')).limitBytes).toBe(100_000);
+    expect((await s.quota('free')).limitBytes).toBeNull();
+    expect((await s.quota('small')).limitBytes).toBe(1000);
+  });
+
   it('copies, moves, and keeps reference counts right through expunge and delete', async () => {
     const h = await fresh();
     const s = h.store;
