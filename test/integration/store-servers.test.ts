@@ -199,11 +199,18 @@ describe('LMTP', () => {
     trusted.take();
     expect(await trusted.line('XCLIENT ADDR=192.0.2.7 PORT=5555')).toMatch(/^220/);
     trusted.sock.destroy();
+    const fwd = await Raw.open(ports().lmtp);
+    await fwd.line('LHLO proxy');
+    await fwd.until((t) => /^250 /m.test(t));
+    fwd.take();
+    expect(await fwd.line('XFORWARD ADDR=192.0.2.8 PORT=6666')).toMatch(/^250/);
+    fwd.sock.destroy();
     const other = await Raw.open(ports().lmtp, '127.0.0.2');
     await other.line('LHLO elsewhere');
     await other.until((t) => /^250 /m.test(t));
     other.take();
     expect(await other.line('XCLIENT ADDR=192.0.2.7')).toMatch(/^5\d\d/);
+    expect(await other.line('XFORWARD ADDR=192.0.2.7')).toMatch(/^5\d\d/);
     expect(await other.line('HELO nope')).toMatch(/^5\d\d/);
     expect(await other.line('RCPT TO:<x@y>')).toMatch(/^503/);
     expect(await other.line('MAIL FROM:<a@b>')).toMatch(/^250/);
