@@ -629,6 +629,47 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(await fingerprint()).toBe(after);
   });
 
+  it('limits: connections per address, sessions per user; SASL LOGIN and a cancelled AUTHENTICATE', async () => {
+    const p4 = await startProxy(baseConfig({ id: 'proxy-test-4', limits: { maxConnectionsPerIp: 3, maxSessionsPerUser: 1 } }), {
+      log: silentLogger,
+      registry: createRegistry({}, false),
+      directory,
+    });
+    const p4port = p4.listeners.find((l) => l.name === 'imap-plain')!.address.port;
+    const open: LineClient[] = [];
+    try {
+      const first = await imapLogin(p4port, 'bob', 'bob-pass');
+      open.push(first.c);
+      expect(first.answer).toMatch(/^a1 OK/);
+      // Same user again: over the per-user cap.
+      const second = await imapLogin(p4port, 'bob', 'bob-pass');
+      open.push(second.c);
+      expect(second.answer).toMatch(/^a1 NO \[LIMIT\]/);
+      // SASL LOGIN with continuations, and a cancelled exchange.
+      const third = await LineClient.connect(p4port);
+      open.push(third);
+      await third.line();
+      third.send('s1 AUTHENTICATE PLAIN');
+      await third.until(/^\+/);
+      third.send('*');
+      expect(await third.until(/^s1 /)).toMatch(/^s1 BAD/);
+      third.send('s2 AUTHENTICATE LOGIN');
+      await third.until(/^\+ VXNlcm5hbWU6/);
+      third.send(Buffer.from('dave').toString('base64'));
+      await third.until(/^\+ UGFzc3dvcmQ6/);
+      third.send(Buffer.from('dave-pass').toString('base64'));
+      expect(await third.until(/^s2 /, 20_000)).toMatch(/^s2 OK/);
+      // Fourth connection from the same address: refused.
+      const fourth = await LineClient.connect(p4port);
+      open.push(fourth);
+      expect(await fourth.line()).toMatch(/^\* BYE \[UNAVAILABLE\] Too many connections/);
+      await fourth.closed;
+    } finally {
+      for (const c of open) c.close();
+      await p4.stop(200);
+    }
+  });
+
   it('graceful stop: stops accepting, closes sessions left after the grace time with BYE', async () => {
     const p3 = await startProxy(baseConfig({ id: 'proxy-test-3' }), { log: silentLogger, registry: createRegistry({}, false), directory });
     const p3port = p3.listeners.find((l) => l.name === 'imap-plain')!.address.port;
