@@ -25,7 +25,7 @@ import { smtpConfigSchema, type SmtpConfig } from './config.ts';
 import { smtpMetrics } from './metrics.ts';
 import { PairSlots } from './delivery.ts';
 import { createSmarthost } from './relay.ts';
-import { createFrontEnd, type AuthLimiterLike, type FrontEnd, type FrontEndContext } from './server.ts';
+import { createFrontEnd, type AuthLimiterLike, type FrontEnd, type FrontEndContext, type RedisBusLike } from './server.ts';
 import { startSmtpListener, type SmtpListener } from './listener.ts';
 
 export { smtpConfigSchema, smtpListenerSchema, type SmtpConfig, type SmtpListenerConfig } from './config.ts';
@@ -52,6 +52,8 @@ export interface SmtpDeps {
   registry: MetricsRegistry;
   /** The proxy's failed-login limiter (shared counters); default: one made here from `authLimits` and `redis`. */
   limiter?: AuthLimiterLike;
+  /** The proxy's Redis bus; default: one opened here when `redis` is configured. */
+  bus?: RedisBusLike;
 }
 
 export interface SmtpFrontEnds {
@@ -86,11 +88,16 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
   });
   const loadBalancers = new AddressList(config.loadBalancers ?? [], 'loadBalancers');
   const cleanup: Array<() => unknown> = [];
+  // Redis: failed-login counters shared with the IMAP/POP3 side, and user-move holds.
+  let bus: RedisBusLike | null = deps.bus ?? null;
+  if (!bus && config.redis) {
+    const own = new RedisBus({ url: config.redis.url, connectTimeoutMs: config.redis.connectTimeoutMs, commandTimeoutMs: config.redis.commandTimeoutMs, log });
+    cleanup.push(() => own.close());
+    bus = own;
+  }
   let limiter = deps.limiter;
   if (!limiter) {
-    const bus = config.redis ? new RedisBus({ url: config.redis.url, connectTimeoutMs: config.redis.connectTimeoutMs, commandTimeoutMs: config.redis.commandTimeoutMs, log }) : null;
-    if (bus) cleanup.push(() => bus.close());
-    const own = new AuthLimiter(config.authLimits ?? DEFAULT_AUTH_LIMITS, bus, log);
+    const own = new AuthLimiter(config.authLimits ?? DEFAULT_AUTH_LIMITS, bus instanceof RedisBus ? bus : null, log);
     cleanup.push(() => own.close());
     limiter = own;
   }
@@ -104,6 +111,7 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
     directory: deps.directory,
     pairHealth: deps.pairHealth,
     limiter,
+    bus,
     smarthost,
     metrics,
     log,

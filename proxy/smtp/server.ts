@@ -12,6 +12,7 @@ import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type
 import type { Readable } from 'node:stream';
 import { AuthError, UnavailableError, NotFoundError } from '../../common/errors.ts';
 import type { Logger } from '../../common/log.ts';
+import { keys } from '../../common/redis-bus.ts';
 import type { Directory, PairRecord, UserRecord } from '../../directory/types.ts';
 import type { SmtpConfig, SmtpListenerConfig } from './config.ts';
 import { REPLIES, SmtpReply } from './replies.ts';
@@ -26,7 +27,14 @@ export interface AuthLimiterLike {
   fail(ip: string, login: string): Promise<number>;
 }
 
+/** What the SMTP side reads from Redis (common/redis-bus.ts RedisBus fits). */
+export interface RedisBusLike {
+  get(key: string): Promise<string | null>;
+}
+
 export interface FrontEndContext {
+  /** For user-move holds (`pairgate:usermove:<uid>`); null without Redis. */
+  bus: RedisBusLike | null;
   config: SmtpConfig;
   directory: Directory;
   pairHealth: PairHealthLike;
@@ -276,7 +284,9 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
     const forPairs = Buffer.concat([Buffer.from(`${DELIVERY_ID_HEADER}: ${id}\r\n${rcv}`, 'latin1'), original]);
     const client = { address: session.remoteAddress, port: session.remotePort, helo: session.hostNameAppearsAs || undefined };
     const byPair = new Map<string, { pair: PairRecord; rcpts: LocalRecipient[] }>();
-    for (const r of t.local.values()) {
+    const moving = await holdForUserMoves([...t.local.values()], slog);
+    const held: RecipientOutcome[] = moving.blocked.map((r) => ({ address: r.address, pair: r.pair.id, reply: { code: 451, enhanced: '4.2.0', text: 'Mailbox is being moved, try again later' } }));
+    for (const r of moving.ready) {
       const g = byPair.get(r.pair.id) ?? { pair: r.pair, rcpts: [] };
       g.rcpts.push(r);
       byPair.set(r.pair.id, g);
@@ -285,7 +295,7 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
       deliverToPair(g.pair, g.rcpts, from, forPairs, client, ctx.pairHealth, ctx.delivery, slog),
     );
     if (t.relay.size && ctx.smarthost) jobs.push(ctx.smarthost.send(from, [...t.relay], Buffer.concat([Buffer.from(rcv, 'latin1'), original])));
-    const outcomes = (await Promise.all(jobs)).flat();
+    const outcomes = [...held, ...(await Promise.all(jobs)).flat()];
     for (const o of outcomes) ctx.metrics.deliveries.inc({ result: o.reply.code < 300 ? 'ok' : o.reply.code < 500 ? 'tempfail' : 'rejected' });
     const verdict = verdictFor(outcomes, id);
     const summary = { from, bytes: raw.length, client: session.remoteAddress, user: session.pgUser?.uid, accepted: verdict.accepted, temporary: verdict.temporary, permanent: verdict.permanent, pairs: [...byPair.keys()], relayed: t.relay.size };
@@ -302,6 +312,60 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
       else ctx.metrics.bounces.inc({ result: 'null-sender' });
     } else slog.info(summary, 'message delivered');
     return `2.0.0 Ok: delivered as ${id}`;
+  }
+
+  /**
+   * While `pairgate user move` copies a user's last changes (Redis `pairgate:usermove:<uid>`),
+   * deliveries to that user wait (bounded by the hold time); once the move is done the route is
+   * looked up again, since the home pair has changed. Still moving at the bound: 451.
+   */
+  async function holdForUserMoves(rcpts: LocalRecipient[], slog: Logger): Promise<{ ready: LocalRecipient[]; blocked: LocalRecipient[] }> {
+    const bus = ctx.bus;
+    if (!bus) return { ready: rcpts, blocked: [] };
+    const deadline = Date.now() + ctx.delivery.holdMs;
+    const uids = [...new Set(rcpts.map((r) => r.user.uid))];
+    const state = new Map<string, 'clear' | 'moved' | 'blocked'>();
+    await Promise.all(
+      uids.map(async (uid) => {
+        let waited = false;
+        for (;;) {
+          let moving: boolean;
+          try {
+            moving = (await bus.get(keys.userMove(uid))) !== null;
+          } catch {
+            moving = false; // Redis unreachable: nothing we can see to wait for.
+          }
+          if (!moving) return void state.set(uid, waited ? 'moved' : 'clear');
+          if (!waited) slog.info({ uid }, 'delivery held: user move in progress');
+          waited = true;
+          if (Date.now() + 200 >= deadline) return void state.set(uid, 'blocked');
+          await new Promise((r) => setTimeout(r, 200));
+        }
+      }),
+    );
+    const ready: LocalRecipient[] = [];
+    const blocked: LocalRecipient[] = [];
+    for (const r of rcpts) {
+      const st = state.get(r.user.uid);
+      if (st === 'blocked') {
+        blocked.push(r);
+        continue;
+      }
+      if (st === 'moved') {
+        try {
+          const user = (await ctx.directory.findRecipient(r.address)) ?? r.user;
+          const { pair } = await ctx.directory.routeFor(user);
+          slog.info({ uid: user.uid, from: r.pair.id, to: pair.id }, 'user moved while the message was on its way: new route');
+          ready.push({ address: r.address, user, pair });
+        } catch (err) {
+          slog.warn({ uid: r.user.uid, err: (err as Error).message }, 'route lookup after a user move failed');
+          blocked.push(r);
+        }
+        continue;
+      }
+      ready.push(r);
+    }
+    return { ready, blocked };
   }
 
   /** Returns permanent per-recipient failures to the sender (null sender, so no bounce loops). */

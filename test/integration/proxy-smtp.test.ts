@@ -31,6 +31,8 @@ import { openMailStore } from '../../pair-agent/store/index.ts';
 import { startLmtpServer, type LmtpServer } from '../../pair-agent/store/lmtp.ts';
 import type { MailStore } from '../../pair-agent/store/types.ts';
 import { startDovecot, type Dovecot } from '../helpers/dovecot.ts';
+import { startRedis, type RedisServer } from '../helpers/redis.ts';
+import { RedisBus, keys } from '../../common/redis-bus.ts';
 import { makeTestCert, type TestCert } from '../helpers/tls.ts';
 import { tempDir } from '../helpers/proc.ts';
 import { freePort, sleep, waitFor } from '../helpers/net.ts';
@@ -78,7 +80,11 @@ function tableDirectory(list: TestUser[], pairs: PairRecord[]): Directory {
     getPair: async (id) => pairs.find((p) => p.id === id) ?? null,
     placeNewUser: unsupported,
     addUser: unsupported,
-    setUserPair: unsupported,
+    setUserPair: async (uid, pair) => {
+      const u = users.find((x) => x.uid === uid);
+      if (!u) throw new NotFoundError(`no user ${uid}`);
+      u.pair = pair;
+    },
     invalidate: async () => undefined,
     close: async () => undefined,
   };
@@ -674,12 +680,16 @@ describe('proxy SMTP front ends with pairgate store pairs: the retry is stored o
   let directory: Directory;
   let health: PairHealth;
   let smtp: SmtpFrontEnds;
+  let redis: RedisServer;
+  let bus: RedisBus;
 
   const startLmtp = (i: number, port = 0) =>
     startLmtpServer({ store: stores[i]!, host: '127.0.0.1', port, log: silentLogger, registry: createRegistry({}, false), trusted: new AddressList(['127.0.0.0/8']) });
 
   beforeAll(async () => {
     dir = tempDir('pairgate-smtp-store-');
+    redis = await startRedis();
+    bus = new RedisBus({ url: redis.url, log: silentLogger });
     for (let i = 0; i < 2; i++) {
       devices.push(await FileBlockDevice.open(join(dir.path, `vol${i}.img`), { size: 32 * 1024 * 1024, create: true }));
       stores.push(await openMailStore(devices[i]!, { log: silentLogger, quotaBytes: QUOTA, format: true, compactBytesPerSec: 0 }));
@@ -691,7 +701,7 @@ describe('proxy SMTP front ends with pairgate store pairs: the retry is stored o
     health = new PairHealth({ log: silentLogger, directory, pollIntervalMs: 100, pollTimeoutMs: 400, ttlMs: 1500 });
     await health.start();
     smtp = await startSmtpFrontEnds(
-      { hold: { maxMs: 1000, retryMs: 100 }, smtp: { hostname: 'mx2.test', localDomains: ['example.net'], listeners: [{ kind: 'mx', host: '127.0.0.1', port: 0, tls: 'none' }] } },
+      { redis: { url: redis.url, connectTimeoutMs: 1000, commandTimeoutMs: 500 }, hold: { maxMs: 1000, retryMs: 100 }, smtp: { hostname: 'mx2.test', localDomains: ['example.net'], listeners: [{ kind: 'mx', host: '127.0.0.1', port: 0, tls: 'none' }] } },
       { directory, pairHealth: health, log: silentLogger, registry: createRegistry({}, false) },
     );
     await waitFor(() => health.state('pair-s1') === 'ok' && health.state('pair-s2') === 'ok', 5000, 'pairs ok');
@@ -705,6 +715,8 @@ describe('proxy SMTP front ends with pairgate store pairs: the retry is stored o
     for (const st of stores) await st.close().catch(() => undefined);
     for (const d of devices) await d.close().catch(() => undefined);
     for (const a of admins) await a.close();
+    await bus?.close();
+    await redis?.close();
     dir?.cleanup();
   });
 
@@ -752,5 +764,24 @@ describe('proxy SMTP front ends with pairgate store pairs: the retry is stored o
     expect(dsn).toContain('multipart/report; report-type=delivery-status');
     expect(dsn).toMatch(/Final-Recipient: rfc822; full@example\.net\r\nAction: failed\r\nStatus: 5\.2\.2/);
     expect(dsn).toContain(`Subject: ${tag}`);
+  });
+
+  it('a user move in progress holds the delivery, then it goes to the new home pair; past the hold 451', async () => {
+    await waitFor(() => bus.connected, 5000, 'redis');
+    const [d1, d2] = [await count(0, 'dana'), await count(1, 'dana')];
+    await bus.set(keys.userMove('dana'), 'moving', 30_000);
+    const sending = send(['dana@example.net'], message(`move-${randomBytes(4).toString('hex')}`));
+    await sleep(300);
+    await directory.setUserPair('dana', 'pair-s2');
+    await bus.del(keys.userMove('dana'));
+    expect(await sending).toMatch(/^250 /);
+    expect(await count(0, 'dana')).toBe(d1);
+    expect(await count(1, 'dana')).toBe(d2 + 1);
+    await bus.set(keys.userMove('erin'), 'moving', 30_000);
+    try {
+      expect(await send(['erin@example.net'], message(`stuck-${randomBytes(4).toString('hex')}`))).toMatch(/^451 4\.2\.0 /);
+    } finally {
+      await bus.del(keys.userMove('erin'));
+    }
   });
 });
