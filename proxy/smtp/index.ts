@@ -62,6 +62,11 @@ export interface SmtpFrontEnds {
   address(kind: 'mx' | 'submission', tls?: 'none' | 'starttls' | 'implicit'): { host: string; port: number } | null;
   /** Open SMTP sessions. */
   sessions(): number;
+  /**
+   * Re-reads the certificate (SIGHUP): new STARTTLS and implicit-TLS handshakes use it, open
+   * sessions keep theirs. Throws ConfigError and keeps the old one when the files are unusable.
+   */
+  reloadTls(files?: TlsFiles): void;
   close(graceMs?: number): Promise<void>;
 }
 
@@ -172,6 +177,15 @@ export async function startSmtpFrontEnds(config: SmtpHostConfig, deps: SmtpDeps)
       return l ? { host: l.address.address, port: l.address.port } : null;
     },
     sessions: () => [...frontEnds.values()].reduce((n, f) => n + f.sessions(), 0),
+    reloadTls(files) {
+      const next = files ?? cfg.tls ?? config.tls;
+      if (!tlsStore || !next) return;
+      tlsStore.reload(next);
+      const pem = { key: readFileSync(next.key), cert: readFileSync(next.cert) };
+      ctx.tlsFiles = pem;
+      for (const fe of frontEnds.values()) fe.server.updateSecureContext(pem);
+      log.info({ cert: next.cert }, 'SMTP certificate reloaded');
+    },
     async close(graceMs = config.stopGraceMs ?? 10_000) {
       if (closed) return;
       closed = true;

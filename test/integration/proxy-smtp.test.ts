@@ -654,6 +654,29 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     await expect(new Promise((resolve, reject) => net.connect(port, '127.0.0.1').once('connect', resolve).once('error', reject))).rejects.toThrow();
   });
 
+  it('reloads the certificate for STARTTLS and implicit TLS (SIGHUP)', async () => {
+    const peerCert = async (port: number, starttls: boolean) => {
+      const c = await SmtpClient.connect(port, { tls: !starttls });
+      await c.reply();
+      if (starttls) {
+        await c.cmd('EHLO x');
+        await c.cmd('STARTTLS');
+        await c.starttls();
+      }
+      const fp = (c.socket as tls.TLSSocket).getPeerCertificate().fingerprint256;
+      c.close();
+      return fp;
+    };
+    const before = [await peerCert(smtp.address('submission', 'starttls')!.port, true), await peerCert(smtp.address('submission', 'implicit')!.port, false)];
+    const next = makeTestCert(dir.path, 'proxy-next');
+    expect(() => smtp.reloadTls({ cert: join(dir.path, 'missing.crt'), key: next.keyFile })).toThrow(/missing\.crt/);
+    smtp.reloadTls({ cert: next.certFile, key: next.keyFile });
+    const after = [await peerCert(smtp.address('submission', 'starttls')!.port, true), await peerCert(smtp.address('submission', 'implicit')!.port, false)];
+    expect(before[0]).toBe(before[1]);
+    expect(after[0]).toBe(after[1]);
+    expect(after[0]).not.toBe(before[0]);
+  });
+
   it('counts sessions and deliveries in the metrics', async () => {
     await sleep(50);
     const deliveries = await registry.getSingleMetric('pairgate_deliveries_total')!.get();
