@@ -307,7 +307,7 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     const base = {
       tls: { cert: cert.certFile, key: cert.keyFile },
       loadBalancers: ['127.0.0.2/32'],
-      hold: { maxMs: 1500, retryMs: 150 },
+      hold: { maxMs: 3000, retryMs: 150 },
       authLimits: { windowMs: 60_000, maxPerIp: 4, maxPerLogin: 50, delayStepMs: 5, maxDelayMs: 20 },
     };
     smtp = await startSmtpFrontEnds(
@@ -498,7 +498,7 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
   it('MX: a pair failing at DATA gives 451 for the message; the retry carries the same delivery id', async () => {
     const tag = `retry-${randomBytes(4).toString('hex')}`;
     const raw = message(tag);
-    await dovB.stop(); // health still says ok: LMTP refuses, the delivery holds (1.5 s) then fails
+    await dovB.stop(); // health still says ok: LMTP refuses, the delivery holds (3 s) then fails
     let first: string;
     try {
       const c = await SmtpClient.connect(mxPort());
@@ -530,7 +530,7 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
   it('MX: a pair failing over holds the delivery until it serves again', async () => {
     await setPair(adminB, 'pair-b', 'failing-over', 'failing-over');
     const tag = `hold-${randomBytes(4).toString('hex')}`;
-    const t = setTimeout(() => adminB.set('ok'), 600);
+    const t = setTimeout(() => adminB.set('ok'), 400);
     try {
       const info = await mxTransport().sendMail({ envelope: { from: 'sender@remote.example', to: ['bob@example.net'] }, raw: message(tag) });
       expect(info.response).toMatch(/^250 /);
@@ -724,7 +724,7 @@ describe('proxy SMTP front ends with pairgate store pairs: the retry is stored o
     health = new PairHealth({ log: silentLogger, directory, pollIntervalMs: 100, pollTimeoutMs: 400, ttlMs: 1500 });
     await health.start();
     smtp = await startSmtpFrontEnds(
-      { redis: { url: redis.url, connectTimeoutMs: 1000, commandTimeoutMs: 500 }, hold: { maxMs: 1000, retryMs: 100 }, smtp: { hostname: 'mx2.test', localDomains: ['example.net'], listeners: [{ kind: 'mx', host: '127.0.0.1', port: 0, tls: 'none' }] } },
+      { redis: { url: redis.url, connectTimeoutMs: 1000, commandTimeoutMs: 500 }, hold: { maxMs: 2000, retryMs: 100 }, smtp: { hostname: 'mx2.test', localDomains: ['example.net'], listeners: [{ kind: 'mx', host: '127.0.0.1', port: 0, tls: 'none' }] } },
       { directory, pairHealth: health, log: silentLogger, registry: createRegistry({}, false) },
     );
     await waitFor(() => health.state('pair-s1') === 'ok' && health.state('pair-s2') === 'ok', 5000, 'pairs ok');
