@@ -14,6 +14,7 @@ import { counter, gauge, histogram, type MetricsRegistry } from '../../common/me
 import { PairgateError } from '../../common/errors.ts';
 import type { MailStore } from './types.ts';
 import { checkUser } from './names.ts';
+import { sha256Hex } from './digest.ts';
 
 export interface LmtpServerOptions {
   store: MailStore;
@@ -53,10 +54,10 @@ export function deliveryIdFromHeaders(body: Buffer): string | null {
   return id && id.length <= 200 && /^[\x21-\x7e]+$/.test(id) ? id : null;
 }
 
-export function envelopeDigest(from: string, rcpts: string[], body: Buffer): string {
+/** The delivery id when the proxy set none: a digest of the envelope and the body's SHA-256. */
+export function envelopeDigest(from: string, rcpts: string[], bodySha256: string): string {
   const h = createHash('sha256');
-  h.update(`${from}\0${[...rcpts].sort().join('\0')}\0`);
-  h.update(body);
+  h.update(`${from}\0${[...rcpts].sort().join('\0')}\0${bodySha256}`);
   return 'sha256:' + h.digest('hex');
 }
 
@@ -170,13 +171,16 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
         }
         const body = Buffer.concat(parts, Math.min(size, maxBytes));
         const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
-        const id = deliveryIdFromHeaders(body) ?? envelopeDigest(from, rcpts, body);
         const users = rcpts.map((a) => localPart(a));
         const t0 = process.hrtime.bigint();
-        const slog = log.child({ cid: session.id, deliveryId: id });
         const client = session.xClient?.get('ADDR') ?? session.xForward?.get('ADDR') ?? session.remoteAddress;
-        opts.store
-          .deliver(id, users, body)
+        const header = deliveryIdFromHeaders(body);
+        let slog = log;
+        (header ? Promise.resolve(header) : sha256Hex(body).then((sha) => envelopeDigest(from, rcpts, sha)))
+          .then((id) => {
+            slog = log.child({ cid: session.id, deliveryId: id });
+            return opts.store.deliver(id, users, body);
+          })
           .then((results) => {
             const replies = results.map((r) => {
               if (r.ok) {

@@ -7,7 +7,8 @@
  * (SHA-256) and reference counted; checkpoints of the indexes bound the replay on open;
  * compaction copies live bodies out of sparse segments so that they can be reused.
  */
-import { createHash, randomBytes, webcrypto } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
+import { sha256Hex } from './digest.ts';
 import { EventEmitter } from 'node:events';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from '../../common/log.ts';
@@ -1054,15 +1055,6 @@ export class LogStore extends EventEmitter implements MailStore {
     this.cache.clear();
     this.log.info('store closed');
   }
-}
-
-/**
- * SHA-256 in hex. Large bodies are hashed on the libuv thread pool (WebCrypto), so that the event loop keeps
- * parsing other connections meanwhile; small ones inline, where the hand-off would cost more than the hash.
- */
-export async function sha256Hex(data: Buffer): Promise<string> {
-  if (data.length < 64 * 1024) return createHash('sha256').update(data).digest('hex');
-  return Buffer.from(await webcrypto.subtle.digest('SHA-256', data)).toString('hex');
 }
 
 /** Applies one replayed record to the indexes. */

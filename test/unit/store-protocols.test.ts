@@ -54,9 +54,10 @@ describe('LMTP delivery ids and names', () => {
     expect(deliveryIdFromHeaders(Buffer.from('x-pairgate-delivery-id:\r\n  folded\r\n\r\n'))).toBe('folded');
     expect(deliveryIdFromHeaders(Buffer.from('Subject: x\r\n\r\nX-Pairgate-Delivery-Id: in-body\r\n'))).toBeNull();
     expect(deliveryIdFromHeaders(Buffer.from('X-Pairgate-Delivery-Id: has space\r\n\r\n'))).toBeNull();
-    const a = envelopeDigest('f@x', ['b@x', 'a@x'], Buffer.from('m'));
-    expect(a).toBe(envelopeDigest('f@x', ['a@x', 'b@x'], Buffer.from('m')));
-    expect(a).not.toBe(envelopeDigest('g@x', ['a@x', 'b@x'], Buffer.from('m')));
+    const a = envelopeDigest('f@x', ['b@x', 'a@x'], 'ab12');
+    expect(a).toBe(envelopeDigest('f@x', ['a@x', 'b@x'], 'ab12'));
+    expect(a).not.toBe(envelopeDigest('g@x', ['a@x', 'b@x'], 'ab12'));
+    expect(a).not.toBe(envelopeDigest('f@x', ['a@x', 'b@x'], 'ab13'));
     expect(localPart('Alice@Example.NET')).toBe('alice');
   });
   it('refuses mailbox path tricks and normalises flags', () => {
