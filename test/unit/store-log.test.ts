@@ -355,4 +355,23 @@ describe('mail store', () => {
     expect(s.freeSegments()).toBeGreaterThan(before + 2);
     for (const m of await s.listMessages('bg', 'INBOX')) expect((await s.readMessage(m.bodyId)).equals(msg(m.uid - 1, 100_000))).toBe(true);
   });
+
+  it('turns a failing volume write into UnavailableError for everyone, without crashing', async () => {
+    const h = await fresh();
+    const s = h.store;
+    await s.deliver('ok-1', ['w'], msg(1));
+    const dev = h.device as unknown as { write(o: number, d: Buffer): Promise<void> };
+    const orig = dev.write.bind(dev);
+    dev.write = async () => {
+      throw new Error('EIO: simulated disk failure');
+    };
+    const results = await Promise.allSettled([s.deliver('bad-1', ['w'], msg(2)), s.deliver('bad-2', ['w'], msg(3)), s.append('w', 'INBOX', msg(4))]);
+    expect(results.every((r) => r.status === 'rejected' && (r.reason as Error).name === 'UnavailableError')).toBe(true);
+    expect(s.failed()).toBe(true);
+    await expect(s.deliver('bad-3', ['w'], msg(5))).rejects.toThrow(/failed a write|reopen/);
+    dev.write = orig;
+    // A reopen recovers what was durable.
+    const s2 = await h.reopen({ checkpoint: false });
+    expect((await s2.listMessages('w', 'INBOX')).length).toBe(1);
+  });
 });
