@@ -453,6 +453,16 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     c.close();
   });
 
+  it('MX: an idle client is closed with 421 after the command timeout', async () => {
+    const c = await SmtpClient.connect(mxPort());
+    await c.reply();
+    await c.cmd('EHLO idle.test');
+    const t0 = Date.now();
+    expect(await c.reply(8000)).toMatch(/^421 /);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(2500);
+    await waitFor(() => c.ended, 3000, 'idle connection closed');
+  });
+
   it('MX: too many recipients gets 452', async () => {
     const c = await SmtpClient.connect(mxPort());
     await c.reply();
