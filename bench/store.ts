@@ -2,7 +2,7 @@
  * bench/store: the store agent's LMTP deliveries and POP3 retrieval against Dovecot on the same
  * machine in the same run, and the store's recovery time with 100,000 messages.
  *
- *   npm run bench -- store [--seconds 3] [--concurrency 4] [--recovery-messages 100000] [--pop3-messages 200]
+ *   npm run bench -- store [--seconds 3] [--concurrency 4] [--recovery-messages 100000] [--pop3-messages 1000]
  *
  * Deliveries per second for 1 KiB, 50 KiB and 1 MiB messages to 1 and 10 recipients, over
  * --concurrency LMTP connections, each delivery acknowledged before the next on its connection.
@@ -26,7 +26,7 @@ const { values: args } = parseArgs({
     seconds: { type: 'string', default: '3' },
     concurrency: { type: 'string', default: '4' },
     'recovery-messages': { type: 'string', default: '100000' },
-    'pop3-messages': { type: 'string', default: '200' },
+    'pop3-messages': { type: 'string', default: '1000' },
     serve: { type: 'boolean', default: false },
     help: { type: 'boolean', default: false },
   },

@@ -76,6 +76,8 @@ function msgArg(s: Pop3Session, arg: string | undefined): DropMessage | string {
   return m;
 }
 
+const stuffed = new WeakMap<Buffer, Buffer>();
+
 /** Dot-stuffs and CRLF-normalises a message for RETR/TOP (scans line ends natively, copies only when needed). */
 export function stuff(data: Buffer): Buffer {
   const out: Buffer[] = [];
@@ -497,7 +499,18 @@ export class Pop3Session {
   private send(r: Reply): void {
     const status = (r.ok ? '+OK' : '-ERR') + (r.text ? ' ' + r.text : '') + '\r\n';
     if (r.payload) {
-      this.write(Buffer.concat([Buffer.from(status), stuff(r.payload), Buffer.from('.\r\n')]));
+      // Cached bodies come back as the same Buffer: their wire form is computed once. Corked writes, no copy.
+      let wire = stuffed.get(r.payload);
+      if (!wire) {
+        wire = stuff(r.payload);
+        stuffed.set(r.payload, wire);
+      }
+      if (this.socket.destroyed || !this.socket.writable) return;
+      this.socket.cork();
+      this.socket.write(status);
+      this.socket.write(wire);
+      this.socket.write('.\r\n');
+      this.socket.uncork();
     } else if (r.lines) {
       this.write(status + r.lines.map((l) => (l.startsWith('.') ? '.' + l : l) + '\r\n').join('') + '.\r\n');
     } else this.write(status);
