@@ -27,6 +27,7 @@ export const REPLIES = {
   pairDown: (pair: string) => new SmtpReply(451, '4.3.2', `Mailbox server for this recipient is unavailable (${pair}), try again later`, 'pair-down'),
   routeBroken: () => new SmtpReply(451, '4.3.5', 'Recipient routing misconfigured, try again later', 'route'),
   directoryDown: () => new SmtpReply(451, '4.4.3', 'Directory unavailable, try again later', 'directory'),
+  authRequired: () => new SmtpReply(530, '5.7.0', 'Authentication required', 'auth-required'),
   senderNotOwned: () => new SmtpReply(553, '5.7.1', 'Sender address not owned by the authenticated user', 'sender-not-owned'),
   tooBig: (max: number) => new SmtpReply(552, '5.3.4', `Message exceeds fixed maximum message size ${max}`, 'too-big'),
   authFailed: () => new SmtpReply(535, '5.7.8', 'Authentication credentials invalid', 'auth-failed'),

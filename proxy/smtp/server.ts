@@ -64,6 +64,13 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
 
     onConnect(session, cb) {
       if (ctx.stopping) return cb(reject(REPLIES.stopping()));
+      // Submission before STARTTLS: AUTH is neither offered nor accepted (RFC 4954 section 4).
+      if (submission && !implicitTls) session.disabledCommands = ['AUTH'];
+      cb();
+    },
+
+    onSecure(_socket, session, cb) {
+      if (submission) session.disabledCommands = [];
       cb();
     },
 
@@ -83,6 +90,9 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
     onMailFrom(address: SMTPServerAddress, session, cb) {
       (session as PgSession).pgTx = { local: new Map(), relay: new Set() };
       const user = (session as PgSession).pgUser;
+      // smtp-server asks for AUTH itself; checked here too, so that no option or session
+      // setting can ever turn submission into an unauthenticated relay.
+      if (submission && !user) return cb(reject(REPLIES.authRequired()));
       if (submission && cfg.submission.enforceSender && user && address.address) {
         const from = address.address.toLowerCase();
         const owned = [user.mail, ...user.aliases].some((a) => a.toLowerCase() === from);
@@ -93,6 +103,7 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
 
     onRcptTo(address: SMTPServerAddress, session, cb) {
       if (ctx.stopping) return cb(reject(REPLIES.stopping()));
+      if (submission && !(session as PgSession).pgUser) return cb(reject(REPLIES.authRequired()));
       const t = tx(session);
       const key = address.address.toLowerCase();
       resolveRecipient(ctx, kind, address.address, log)

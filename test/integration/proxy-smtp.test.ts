@@ -114,6 +114,17 @@ function pairRecord(id: string, lmtp: number, admin: number): PairRecord {
   return { id, dn: `cn=${id},ou=pairs,dc=pairgate,dc=test`, address: '127.0.0.1', ports: { lmtp, admin }, state: 'active', weight: 100 };
 }
 
+/** startDovecot picks free ports just before binding them; another process can win that race. */
+async function startDovecotRetrying(opts: Parameters<typeof startDovecot>[0]): Promise<Dovecot> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startDovecot(opts);
+    } catch (err) {
+      if (attempt >= 3 || !/Address already in use/.test(String((err as Error).message))) throw err;
+    }
+  }
+}
+
 function healthRecord(pair: string, state: PairState): HealthRecord {
   return {
     pair,
@@ -274,8 +285,8 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     cert = makeTestCert(dir.path, 'proxy');
     const dovUsers = USERS.map((u) => ({ user: u.uid, password: `backend-${u.password}` }));
     [dovA, dovB, adminA, adminB] = await Promise.all([
-      startDovecot({ users: dovUsers, trustedNetworks: '127.0.0.0/8' }),
-      startDovecot({ users: dovUsers, trustedNetworks: '127.0.0.0/8' }),
+      startDovecotRetrying({ users: dovUsers, trustedNetworks: '127.0.0.0/8' }),
+      startDovecotRetrying({ users: dovUsers, trustedNetworks: '127.0.0.0/8' }),
       pairAdmin('pair-a'),
       pairAdmin('pair-b'),
     ]);
@@ -579,8 +590,9 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     await c.reply();
     const ehlo = await c.cmd('EHLO client.test');
     expect(ehlo).toContain('STARTTLS');
+    expect(ehlo).not.toMatch(/AUTH/);
     expect(await c.cmd('MAIL FROM:<alice@example.net>')).toMatch(/^530 5\.7\.0 /);
-    expect(await c.cmd('AUTH PLAIN AGFsaWNlAGFsaWNlLXBhc3M=')).toMatch(/^538 /);
+    expect(await c.cmd('AUTH PLAIN AGFsaWNlAGFsaWNlLXBhc3M=')).toMatch(/^5\d\d /);
     expect(await c.cmd('STARTTLS')).toMatch(/^220 /);
     await c.starttls();
     expect(await c.cmd('EHLO client.test')).toMatch(/AUTH PLAIN LOGIN/);
