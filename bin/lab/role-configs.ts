@@ -3,9 +3,15 @@
  * plan. Each is checked against its role's own schema before anything starts, so a lab that
  * drifts from a role's configuration fails at once with the bad key named.
  */
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
+import type { ZodTypeAny } from 'zod';
+import { validateConfig } from '../../common/config.ts';
+import { lbConfigSchema } from '../../loadbalancer/config.ts';
+import { checkPairAgentConfig, pairAgentConfigSchema } from '../../pair-agent/config.ts';
+import { proxyConfigSchema } from '../../proxy/config.ts';
 import type { ClusterFile } from '../status.ts';
 import type { LabPairPlan, LabPlan, NodeId } from './plan.ts';
 
@@ -16,6 +22,9 @@ export interface RoleConfigFiles {
 }
 
 const VOLUME_BYTES = 64 * 1024 * 1024;
+
+/** True when this build has the replicated volume; without it each pair's nodes share one disk file. */
+export const haveReplicatedVolume = existsSync(join(dirname(fileURLToPath(import.meta.url)), '../../pair-agent/volume/index.ts'));
 
 function directoryConfig(plan: LabPlan): Record<string, unknown> {
   return plan.directory.mode === 'slapd'
@@ -56,22 +65,28 @@ export function pairAgentConfig(plan: LabPlan, pair: LabPairPlan, node: NodeId):
     floatingIp: { mode: 'loopback', address: pair.address },
     serviceAddress: pair.address,
     healthPort: pair.ports.admin,
-    volume: {
-      name: `${pair.id}-mail`,
-      dataFile: join(self.dir, 'volume.data'),
-      metaFile: join(self.dir, 'volume.meta'),
-      sizeBytes: VOLUME_BYTES,
-      listen: `127.0.0.1:${self.replicationPort}`,
-      peer: `127.0.0.1:${peer.replicationPort}`,
-      secret: plan.replicationSecret,
-      protocol: 'C',
-    },
+    ...(haveReplicatedVolume ? { volume: volumeConfig(plan, pair, self, peer) } : { sharedDisk: { file: join(plan.dir, pair.id, 'shared-disk.data'), sizeBytes: VOLUME_BYTES } }),
     store: {
       ports: { imap: pair.ports.imap, pop3: pair.ports.pop3, lmtp: pair.ports.lmtp },
       masterUser: plan.masterUser,
       masterSecret: plan.masterSecret,
-      trustedNetworks: ['127.0.0.0/8'],
+      trusted: ['127.0.0.0/8'],
     },
+  };
+}
+
+type LabNodePlan = LabPairPlan['nodes'][number];
+
+function volumeConfig(plan: LabPlan, pair: LabPairPlan, self: LabNodePlan, peer: LabNodePlan): Record<string, unknown> {
+  return {
+    name: `${pair.id}-mail`,
+    dataFile: join(self.dir, 'volume.data'),
+    metaFile: join(self.dir, 'volume.meta'),
+    sizeBytes: VOLUME_BYTES,
+    listen: `127.0.0.1:${self.replicationPort}`,
+    peer: `127.0.0.1:${peer.replicationPort}`,
+    secret: plan.replicationSecret,
+    protocol: 'C',
   };
 }
 
@@ -124,7 +139,10 @@ export function loadbalancerConfig(plan: LabPlan): Record<string, unknown> {
 export function writeRoleConfigs(plan: LabPlan): RoleConfigFiles {
   const dir = join(plan.dir, 'config');
   mkdirSync(dir, { recursive: true });
-  const write = (name: string, config: Record<string, unknown>): string => {
+  const write = (name: string, config: Record<string, unknown>, schema: ZodTypeAny, check?: (c: never) => void): string => {
+    // The lab's configs must be what an operator could write: checked by the role's own schema first.
+    const parsed = validateConfig(schema, config, `lab config ${name}`);
+    check?.(parsed as never);
     const file = join(dir, `${name}.yaml`);
     writeFileSync(file, `# written by \`pairgate lab up\` from ${join(plan.dir, 'plan.json')}\n${stringify(config)}`, { mode: 0o600 });
     return file;
@@ -133,11 +151,11 @@ export function writeRoleConfigs(plan: LabPlan): RoleConfigFiles {
   for (const pair of plan.pairs) {
     for (const n of pair.nodes) {
       mkdirSync(n.dir, { recursive: true });
-      out.pairAgents[`${pair.id}-${n.node}`] = write(`${pair.id}-${n.node}`, pairAgentConfig(plan, pair, n.node));
+      out.pairAgents[`${pair.id}-${n.node}`] = write(`${pair.id}-${n.node}`, pairAgentConfig(plan, pair, n.node), pairAgentConfigSchema, checkPairAgentConfig);
     }
   }
-  for (const p of plan.proxies) out.proxies[p.name] = write(p.name, proxyConfig(plan, p.name));
-  out.loadbalancer = write('loadbalancer', loadbalancerConfig(plan));
+  for (const p of plan.proxies) out.proxies[p.name] = write(p.name, proxyConfig(plan, p.name), proxyConfigSchema);
+  out.loadbalancer = write('loadbalancer', loadbalancerConfig(plan), lbConfigSchema);
   return out;
 }
 
