@@ -7,7 +7,6 @@
  *   …
  *   await proxy.stop();   // stop accepting, let sessions finish (bounded), close the rest
  */
-import { existsSync } from 'node:fs';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { dirname, join } from 'node:path';
 import type { Logger } from '../common/log.ts';
@@ -24,6 +23,7 @@ import { proxyMetrics } from './metrics.ts';
 import { TlsStore } from './tls.ts';
 import { SessionRegistry, type ProxyContext } from './context.ts';
 import { startListener, type Listener } from './listener.ts';
+import { startSmtpFrontEnds } from './smtp/index.ts';
 
 export { proxyConfigSchema, type ProxyConfig } from './config.ts';
 export { PairHealth, type PairHealthChange, type EffectiveState } from './pair-health.ts';
@@ -66,20 +66,6 @@ async function openConfiguredDirectory(config: ProxyConfig, log: Logger, registr
     throw new ConfigError(`directory.${issue.path.join('.')}`, issue.message);
   }
   return mod.openDirectory(parsed.data, { log, registry, ...(bus ? { bus } : {}) });
-}
-
-async function startSmtpIfPresent(config: ProxyConfig, deps: { directory: Directory; pairHealth: PairHealth; log: Logger; registry: MetricsRegistry }): Promise<{ close(): Promise<void> } | null> {
-  if (config.smtp === undefined || config.smtp === null) return null;
-  const file = join(here, 'smtp/index.ts');
-  if (!existsSync(file)) {
-    deps.log.warn('config has an smtp section but proxy/smtp is not installed: SMTP front ends not started');
-    return null;
-  }
-  const mod = (await import(pathToFileURL(file).href)) as {
-    startSmtpFrontEnds?: (config: ProxyConfig, deps: { directory: Directory; pairHealth: PairHealth; log: Logger; registry: MetricsRegistry }) => Promise<{ close(): Promise<void> }>;
-  };
-  if (!mod.startSmtpFrontEnds) throw new ConfigError('smtp', 'proxy/smtp/index.ts has no startSmtpFrontEnds export');
-  return mod.startSmtpFrontEnds(config, deps);
 }
 
 export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<Proxy> {
@@ -135,7 +121,8 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
       await Promise.all(listeners.map((l) => l.close()));
     });
     for (const lc of config.listeners) listeners.push(await startListener(ctx, lc));
-    const smtp = await startSmtpIfPresent(config, { directory, pairHealth, log, registry });
+    // SMTP shares the failed-login counters and the Redis connection with IMAP and POP3.
+    const smtp = config.smtp ? await startSmtpFrontEnds(config, { directory, pairHealth, log, registry, limiter, ...(bus ? { bus } : {}) }) : null;
     if (smtp) cleanup.push(() => smtp.close());
 
     let stopped = false;
@@ -182,6 +169,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
         if (next.tls && tls) {
           try {
             tls.reload(next.tls);
+            smtp?.reloadTls(next.tls);
             metrics.tlsReloads.inc({ result: 'ok' });
           } catch (err) {
             metrics.tlsReloads.inc({ result: 'error' });
