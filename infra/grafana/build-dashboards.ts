@@ -126,6 +126,11 @@ export const DASHBOARDS: Dashboard[] = [
   },
 ];
 
+/** Every query of every panel (the lab test runs each against a Prometheus scraping the lab). */
+export function dashboardExpressions(): string[] {
+  return DASHBOARDS.flatMap((d) => d.panels.flatMap((p) => p.exprs.map(([expr]) => expr)));
+}
+
 /** Every `pairgate_*` metric name a dashboard query uses (histograms by their base name). */
 export function dashboardMetricNames(): string[] {
   const names = new Set<string>();
