@@ -6,7 +6,10 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { register } from 'tsx/esm/api';
 
 const benchDir = join(dirname(fileURLToPath(import.meta.url)), '..', 'bench');
-const [subject, ...rest] = process.argv.slice(2);
+// The issues name some subjects in full; the files use the short names.
+const ALIASES = { loadbalancer: 'lb' };
+const [named, ...rest] = process.argv.slice(2);
+const subject = ALIASES[named] ?? named;
 const available = readdirSync(benchDir).filter((f) => f.endsWith('.ts')).map((f) => f.slice(0, -3));
 if (!subject || !existsSync(join(benchDir, `${subject}.ts`))) {
   process.stderr.write(`usage: npm run bench -- <subject>\nsubjects: ${available.join(', ') || '(none yet)'}\n`);
