@@ -1,0 +1,370 @@
+/**
+ * The Directory both backends share: in-process LRU plus the shared Redis cache in front of
+ * the backend's lookups (negative answers with a shorter TTL, concurrent look-ups of one key
+ * coalesced), invalidation through the Redis bus, pair listing with a short reuse window,
+ * routing checks and weight-aware placement. Redis is an accelerator only: when it is down
+ * every answer comes from the backend and nothing fails because of it.
+ */
+import { LRUCache } from 'lru-cache';
+import { AuthError, BadInputError, ConflictError, NotFoundError, PairgateError } from '../common/errors.ts';
+import type { Logger } from '../common/log.ts';
+import { keys, type BusEvent, type RedisBus } from '../common/redis-bus.ts';
+import type { DirectoryBackend } from './backend.ts';
+import type { CacheConfig } from './config.ts';
+import type { DirectoryMetrics } from './metrics.ts';
+import { hashPassword } from './password.ts';
+import { choosePair } from './placement.ts';
+import { normalizeAddress } from './records.ts';
+import type { Directory, NewUser, PairRecord, Route, UserRecord } from './types.ts';
+
+type Kind = 'login' | 'rcpt';
+
+interface Cached {
+  user: UserRecord | null;
+}
+
+const MAX_LOGIN_LENGTH = 320;
+const NEGATIVE = '{"none":true}';
+
+export interface CachingDirectoryOptions {
+  backend: DirectoryBackend;
+  cache: CacheConfig;
+  log: Logger;
+  metrics: DirectoryMetrics;
+  bus?: RedisBus | undefined;
+}
+
+/** Normal form of a login or address for cache keys and look-ups; null when it cannot name anyone. */
+export function normalizeLogin(login: string): string | null {
+  if (typeof login !== 'string') return null;
+  const t = login.trim();
+  if (!t || t.length > MAX_LOGIN_LENGTH || /[\x00-\x1f\x7f]/.test(t)) return null;
+  return t.includes('@') ? normalizeAddress(t) : t;
+}
+
+export class CachingDirectory implements Directory {
+  private readonly backend: DirectoryBackend;
+  private readonly cfg: CacheConfig;
+  private readonly log: Logger;
+  private readonly m: DirectoryMetrics;
+  private readonly bus: RedisBus | undefined;
+  private readonly lru: LRUCache<string, Cached> | null;
+  private readonly inflight = new Map<string, Promise<UserRecord | null>>();
+  private pairs: { at: number; list: PairRecord[] } | null = null;
+  private pairsInflight: Promise<PairRecord[]> | null = null;
+  private counts: { at: number; byPair: Map<string, number> } | null = null;
+  private readonly loggedOnce = new Set<string>();
+  private readonly unsubscribe: (() => void) | null;
+  private closed = false;
+
+  constructor(opts: CachingDirectoryOptions) {
+    this.backend = opts.backend;
+    this.cfg = opts.cache;
+    this.log = opts.log;
+    this.m = opts.metrics;
+    this.bus = opts.bus;
+    this.lru = opts.cache.maxEntries > 0 ? new LRUCache<string, Cached>({ max: opts.cache.maxEntries, ttl: Math.max(1, opts.cache.ttlMs) }) : null;
+    this.unsubscribe = this.bus ? this.bus.onEvent((e) => this.onBusEvent(e)) : null;
+    this.backend.onChange?.((change) => {
+      if (change.pairsChanged) this.dropPairs();
+      if (change.logins.length) void this.invalidate(change.logins).catch((err) => this.log.warn({ err: (err as Error).message }, 'directory: invalidation after reload failed'));
+    });
+  }
+
+  // ---- look-ups -------------------------------------------------------------------------
+
+  findLogin(login: string): Promise<UserRecord | null> {
+    return this.lookup('login', login);
+  }
+
+  findRecipient(address: string): Promise<UserRecord | null> {
+    return this.lookup('rcpt', address);
+  }
+
+  private redisKey(kind: Kind, key: string): string {
+    return kind === 'login' ? keys.route(key) : keys.directory('rcpt', key);
+  }
+
+  private get useRedis(): boolean {
+    return !!this.bus && this.cfg.redis;
+  }
+
+  private async lookup(kind: Kind, raw: string): Promise<UserRecord | null> {
+    const key = normalizeLogin(raw);
+    if (key === null || (kind === 'rcpt' && !key.includes('@'))) {
+      this.m.lookups.inc({ result: 'not_found' });
+      return null;
+    }
+    const lruKey = `${kind}:${key}`;
+    if (this.lru) {
+      const hit = this.lru.get(lruKey);
+      if (hit) {
+        this.m.cache.inc({ layer: 'lru', result: 'hit' });
+        this.m.lookups.inc({ result: hit.user ? 'found' : 'not_found' });
+        return hit.user;
+      }
+      this.m.cache.inc({ layer: 'lru', result: 'miss' });
+    }
+    let p = this.inflight.get(lruKey);
+    if (!p) {
+      p = this.resolve(kind, key, lruKey).finally(() => this.inflight.delete(lruKey));
+      this.inflight.set(lruKey, p);
+    }
+    try {
+      const user = await p;
+      this.m.lookups.inc({ result: user ? 'found' : 'not_found' });
+      return user;
+    } catch (err) {
+      this.m.lookups.inc({ result: 'error' });
+      throw err;
+    }
+  }
+
+  private async resolve(kind: Kind, key: string, lruKey: string): Promise<UserRecord | null> {
+    if (this.useRedis) {
+      const cached = await this.redisGet(kind, key);
+      if (cached !== undefined) {
+        this.m.cache.inc({ layer: 'redis', result: 'hit' });
+        this.lru?.set(lruKey, { user: cached }, { ttl: cached ? this.cfg.ttlMs : this.cfg.negativeTtlMs });
+        return cached;
+      }
+      this.m.cache.inc({ layer: 'redis', result: 'miss' });
+    }
+    const user = kind === 'login' ? await this.backend.findLogin(key) : await this.backend.findRecipient(key);
+    const ttl = user ? this.cfg.ttlMs : this.cfg.negativeTtlMs;
+    if (ttl > 0) {
+      this.lru?.set(lruKey, { user }, { ttl });
+      if (this.useRedis) {
+        this.bus!.set(this.redisKey(kind, key), user ? JSON.stringify(user) : NEGATIVE, ttl).catch(() => undefined);
+      }
+    }
+    return user;
+  }
+
+  /** undefined = not in Redis (or Redis unavailable). */
+  private async redisGet(kind: Kind, key: string): Promise<UserRecord | null | undefined> {
+    if (!this.bus!.connected) return undefined;
+    try {
+      const raw = await this.bus!.get(this.redisKey(kind, key));
+      if (raw === null) return undefined;
+      if (raw === NEGATIVE) return null;
+      const v = JSON.parse(raw) as UserRecord;
+      return v && typeof v.uid === 'string' && typeof v.dn === 'string' ? v : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  // ---- authentication -------------------------------------------------------------------
+
+  async authenticate(login: string, password: string): Promise<UserRecord> {
+    try {
+      if (typeof password !== 'string' || password.length === 0) throw new AuthError('invalid credentials (empty password)');
+      const user = await this.findLogin(login);
+      if (!user) {
+        // Same work as a wrong password, so that timing does not tell which logins exist.
+        await this.backend.bindUser('', password).catch(() => undefined);
+        throw new AuthError('invalid credentials');
+      }
+      await this.backend.bindUser(user.dn, password);
+      this.m.auth.inc({ result: 'ok' });
+      return user;
+    } catch (err) {
+      this.m.auth.inc({ result: err instanceof AuthError ? 'fail' : 'error' });
+      throw err;
+    }
+  }
+
+  // ---- pairs ----------------------------------------------------------------------------
+
+  async listPairs(): Promise<PairRecord[]> {
+    return (await this.pairList(false)).map((p) => ({ ...p, ports: { ...p.ports } }));
+  }
+
+  private async pairList(force: boolean): Promise<PairRecord[]> {
+    const now = Date.now();
+    if (!force && this.pairs && now - this.pairs.at < this.cfg.pairsTtlMs) return this.pairs.list;
+    if (!this.pairsInflight) {
+      this.pairsInflight = this.backend
+        .listPairs()
+        .then((list) => {
+          const sorted = [...list].sort((a, b) => a.id.localeCompare(b.id));
+          this.pairs = { at: Date.now(), list: sorted };
+          return sorted;
+        })
+        .finally(() => {
+          this.pairsInflight = null;
+        });
+    }
+    try {
+      return await this.pairsInflight;
+    } catch (err) {
+      // Keep routing with the last known list while the backend is unreachable.
+      if (this.pairs && err instanceof PairgateError && err.temporary) {
+        this.logOnce(`stale-pairs`, () => this.log.warn({ err: err.message }, 'directory: pair list unavailable; using the last one read'));
+        return this.pairs.list;
+      }
+      throw err;
+    }
+  }
+
+  async getPair(id: string): Promise<PairRecord | null> {
+    let list = await this.pairList(false);
+    let found = list.find((p) => p.id === id);
+    if (!found && this.pairs && Date.now() - this.pairs.at > 1000) {
+      list = await this.pairList(true);
+      found = list.find((p) => p.id === id);
+    }
+    return found ? { ...found, ports: { ...found.ports } } : null;
+  }
+
+  private logOnce(key: string, fn: () => void): void {
+    if (this.loggedOnce.has(key)) return;
+    if (this.loggedOnce.size > 10_000) this.loggedOnce.clear();
+    this.loggedOnce.add(key);
+    fn();
+  }
+
+  async routeFor(user: UserRecord): Promise<Route> {
+    if (!user.pair) {
+      this.logOnce(`nopair|${user.dn}`, () => this.log.error({ dn: user.dn }, 'directory: user has no mailHost (home pair)'));
+      throw new NotFoundError(`user ${user.uid} has no home pair (mailHost)`, { details: { dn: user.dn } });
+    }
+    const pair = await this.getPair(user.pair);
+    if (!pair) {
+      this.logOnce(`unknown|${user.dn}|${user.pair}`, () => this.log.error({ dn: user.dn, pair: user.pair }, 'directory: mailHost names no pair'));
+      throw new NotFoundError(`home pair ${user.pair} of ${user.uid} does not exist`, { details: { dn: user.dn, pair: user.pair } });
+    }
+    if (pair.state === 'retired') {
+      this.logOnce(`retired|${user.dn}|${user.pair}`, () => this.log.error({ dn: user.dn, pair: user.pair }, 'directory: mailHost names a retired pair'));
+      throw new NotFoundError(`home pair ${user.pair} of ${user.uid} is retired`, { details: { dn: user.dn, pair: user.pair } });
+    }
+    return { user, pair };
+  }
+
+  // ---- placement and changes ------------------------------------------------------------
+
+  private async userCounts(): Promise<Map<string, number>> {
+    if (this.counts && Date.now() - this.counts.at < this.cfg.countsTtlMs) return this.counts.byPair;
+    const byPair = await this.backend.countUsersByPair();
+    this.counts = { at: Date.now(), byPair };
+    return byPair;
+  }
+
+  async placeNewUser(): Promise<PairRecord> {
+    const [pairs, counts] = await Promise.all([this.pairList(false), this.userCounts()]);
+    const chosen = choosePair(pairs, counts);
+    if (!chosen) throw new NotFoundError('no active pair to place a new user on');
+    return { ...chosen, ports: { ...chosen.ports } };
+  }
+
+  async addUser(nu: NewUser): Promise<UserRecord> {
+    if (typeof nu.uid !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$/.test(nu.uid)) {
+      throw new BadInputError(`uid ${JSON.stringify(nu.uid)} is not valid (letters, digits, . _ + -, up to 64)`);
+    }
+    if (!nu.password) throw new BadInputError('a new user needs a password');
+    const addresses = [nu.mail, ...(nu.aliases ?? [])].map((a) => normalizeAddress(a ?? ''));
+    for (const a of addresses) if (!/^[^@\s]+@[^@\s]+$/.test(a)) throw new BadInputError(`address ${JSON.stringify(a)} is not valid`);
+    let pair: PairRecord;
+    if (nu.pair) {
+      const p = await this.getPair(nu.pair);
+      if (!p) throw new NotFoundError(`pair ${nu.pair} does not exist`);
+      if (p.state === 'retired') throw new NotFoundError(`pair ${nu.pair} is retired`);
+      pair = p;
+    } else pair = await this.placeNewUser();
+    if (await this.backend.findLogin(nu.uid)) throw new ConflictError(`uid ${nu.uid} is taken`);
+    for (const a of addresses) {
+      const owner = await this.backend.findRecipient(a);
+      if (owner) throw new ConflictError(`address ${a} belongs to ${owner.uid}`);
+    }
+    const user = await this.backend.addUser({
+      uid: nu.uid,
+      passwordHash: hashPassword(nu.password, this.backend.kind === 'ldap' ? 'SSHA' : 'SSHA512'),
+      mail: addresses[0]!,
+      aliases: addresses.slice(1),
+      pair: pair.id,
+      cn: nu.cn ?? nu.uid,
+      quotaBytes: nu.quotaBytes,
+    });
+    if (this.counts) this.counts.byPair.set(pair.id, (this.counts.byPair.get(pair.id) ?? 0) + 1);
+    this.log.info({ uid: user.uid, dn: user.dn, pair: pair.id }, 'directory: user added');
+    await this.invalidate([user.uid, user.mail, ...user.aliases]);
+    return user;
+  }
+
+  async setUserPair(uid: string, pairId: string): Promise<void> {
+    const target = await this.getPair(pairId);
+    if (!target) throw new NotFoundError(`pair ${pairId} does not exist`);
+    if (target.state === 'retired') throw new NotFoundError(`pair ${pairId} is retired`);
+    const before = await this.backend.findLogin(uid);
+    const user = await this.backend.setUserPair(uid, pairId);
+    this.counts = null;
+    this.log.info({ uid: user.uid, dn: user.dn, from: before?.pair, to: pairId }, 'directory: home pair changed');
+    await this.invalidate([user.uid, user.mail, ...user.aliases, ...(before ? [before.mail, ...before.aliases] : [])]);
+  }
+
+  // ---- invalidation ---------------------------------------------------------------------
+
+  /** Drops local entries for these logins and every entry of the users they name. */
+  private dropLocal(logins: string[]): string[] {
+    const normal = new Set(logins.map((l) => normalizeLogin(l)).filter((l): l is string => l !== null));
+    if (!this.lru) return [...normal];
+    const uids = new Set<string>();
+    for (const l of normal) {
+      for (const kind of ['login', 'rcpt'] as const) {
+        const c = this.lru.peek(`${kind}:${l}`);
+        if (c?.user) {
+          uids.add(c.user.uid);
+          normal.add(c.user.uid);
+          normal.add(c.user.mail);
+          for (const a of c.user.aliases) normal.add(a);
+        }
+      }
+    }
+    for (const l of normal) {
+      this.lru.delete(`login:${l}`);
+      this.lru.delete(`rcpt:${l}`);
+    }
+    if (uids.size) {
+      for (const [k, v] of this.lru.entries()) if (v.user && uids.has(v.user.uid)) this.lru.delete(k);
+    }
+    return [...normal];
+  }
+
+  private dropPairs(): void {
+    this.pairs = null;
+    this.counts = null;
+  }
+
+  private onBusEvent(e: BusEvent): void {
+    if (e.type !== 'route-invalidate') return;
+    const ev = e as { logins?: unknown; user?: unknown; pair?: unknown };
+    const logins = [
+      ...(Array.isArray(ev.logins) ? ev.logins.filter((l): l is string => typeof l === 'string') : []),
+      ...(typeof ev.user === 'string' ? [ev.user] : []),
+    ];
+    if (logins.length) this.dropLocal(logins);
+    if (typeof ev.pair === 'string') this.dropPairs();
+  }
+
+  async invalidate(logins: string[]): Promise<void> {
+    const all = this.dropLocal(logins);
+    if (!this.bus || all.length === 0) return;
+    try {
+      if (this.cfg.redis) await this.bus.del(...all.flatMap((l) => [keys.route(l), keys.directory('rcpt', l)]));
+      await this.bus.publish({ type: 'route-invalidate', logins: all });
+    } catch (err) {
+      // Redis down: other instances keep their entries until the TTL ends.
+      this.log.warn({ err: (err as Error).message, logins: all.length }, 'directory: invalidation not published (redis unavailable); other caches expire by TTL');
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.unsubscribe?.();
+    this.lru?.clear();
+    await this.backend.close();
+  }
+}
+
