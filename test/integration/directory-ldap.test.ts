@@ -1,0 +1,203 @@
+/**
+ * The LDAP directory against real slapd servers: the behavioural suite, failover across
+ * replicas (one stopped in the middle of a loop of look-ups), every server down, LDAPS and
+ * StartTLS with certificate checks on, a refused service bind.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Client } from 'ldapts';
+import { AuthError, UnavailableError } from '../../common/errors.ts';
+import { silentLogger } from '../../common/log.ts';
+import { createRegistry } from '../../common/metrics.ts';
+import { openDirectory } from '../../directory/index.ts';
+import { hashPassword } from '../../directory/password.ts';
+import type { Directory } from '../../directory/types.ts';
+import { tempDir } from '../helpers/proc.ts';
+import { freePort } from '../helpers/net.ts';
+import { startSlapd, SERVICE_DN, type Slapd } from '../helpers/slapd.ts';
+import { BASE, behaviouralSuite, suiteLdif, type SuiteContext } from './directory-suite.ts';
+
+const tmp = tempDir('pairgate-dir-ldap-');
+const dataFile = join(tmp.path, 'suite.ldif');
+writeFileSync(dataFile, suiteLdif());
+
+async function adminAdd(slapd: Slapd, uid: string, mail: string, pair: string): Promise<void> {
+  const c = new Client({ url: slapd.url, timeout: 5000, connectTimeout: 5000 });
+  try {
+    await c.bind(slapd.adminDn, slapd.adminPassword);
+    await c.add(`uid=${uid},ou=people,${BASE}`, {
+      objectClass: ['inetOrgPerson', 'inetLocalMailRecipient'],
+      uid,
+      cn: uid,
+      sn: uid,
+      mail,
+      mailHost: pair,
+      userPassword: hashPassword(`${uid}-pass`, 'SSHA'),
+    });
+  } finally {
+    await c.unbind();
+  }
+}
+
+let slapd: Slapd;
+let ctx: SuiteContext;
+
+beforeAll(async () => {
+  slapd = await startSlapd({ ldif: [dataFile] });
+  // The admin DN: the suite also adds users and moves them (the service account only reads).
+  const config = { urls: [slapd.url], bindDn: slapd.adminDn, bindPassword: slapd.adminPassword, baseDn: BASE, cache: { negativeTtlMs: 60_000 } };
+  ctx = {
+    directory: await openDirectory(config, { log: silentLogger }),
+    addBehindBack: (uid, mail, pair) => adminAdd(slapd, uid, mail, pair),
+    openAnother: () => openDirectory(config, { log: silentLogger }),
+    negativeTtlMs: 60_000,
+  };
+}, 30_000);
+
+afterAll(async () => {
+  await ctx?.directory.close();
+  await slapd?.close();
+  tmp.cleanup();
+});
+
+behaviouralSuite('LDAP', () => ctx);
+
+describe('LDAP specifics', () => {
+  const lookupConfig = (urls: string[], extra: Record<string, unknown> = {}) => ({
+    urls,
+    bindDn: SERVICE_DN,
+    bindPassword: 'service-pass',
+    baseDn: BASE,
+    connectTimeoutMs: 1000,
+    timeoutMs: 2000,
+    cache: { maxEntries: 0 },
+    ...extra,
+  });
+
+  it('binds as the service account and reads as it', async () => {
+    const d = await openDirectory(lookupConfig([slapd.url]), { log: silentLogger });
+    try {
+      expect((await d.findLogin('bob'))?.pair).toBe('pair-02');
+      expect((await d.authenticate('bob', 'bob-pass')).uid).toBe('bob');
+      await expect(d.authenticate('bob', 'nope')).rejects.toBeInstanceOf(AuthError);
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('a refused service bind is a temporary failure, never "unknown user"', async () => {
+    const d = await openDirectory(lookupConfig([slapd.url], { bindPassword: 'wrong' }), { log: silentLogger });
+    try {
+      await expect(d.findLogin('bob')).rejects.toBeInstanceOf(UnavailableError);
+      await expect(d.authenticate('bob', 'bob-pass')).rejects.toBeInstanceOf(UnavailableError);
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('every server down: UnavailableError (temporary), counted as LDAP errors', async () => {
+    const registry = createRegistry({}, false);
+    const d = await openDirectory(lookupConfig([`ldap://127.0.0.1:${await freePort()}`, `ldap://127.0.0.1:${await freePort()}`]), { log: silentLogger, registry });
+    try {
+      const err = await d.findLogin('bob').catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(UnavailableError);
+      expect((err as UnavailableError).temporary).toBe(true);
+      await expect(d.findRecipient('bob@example.net')).rejects.toBeInstanceOf(UnavailableError);
+      await expect(d.authenticate('bob', 'bob-pass')).rejects.toBeInstanceOf(UnavailableError);
+      const text = await registry.metrics();
+      expect(text).toMatch(/pairgate_directory_ldap_errors_total\{kind="connect"\} [1-9]/);
+      expect(text).toMatch(/pairgate_directory_lookups_total\{result="error"\} [1-9]/);
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('skips a dead first URL without a failed look-up', async () => {
+    const d = await openDirectory(lookupConfig([`ldap://127.0.0.1:${await freePort()}`, slapd.url]), { log: silentLogger });
+    try {
+      for (let i = 0; i < 20; i++) expect((await d.findLogin(i % 2 ? 'alice' : 'bob@example.net'))?.uid).toBeTruthy();
+      expect((await d.authenticate('alice', 'alice-pass')).uid).toBe('alice');
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('a replica stopped in the middle of a loop of look-ups costs no failed look-up', async () => {
+    const [first, second] = await Promise.all([startSlapd({ ldif: [dataFile] }), startSlapd({ ldif: [dataFile] })]);
+    const d = await openDirectory(lookupConfig([first.url, second.url]), { log: silentLogger });
+    try {
+      let done = 0;
+      let failures = 0;
+      let stopped = false;
+      let afterDeath = 0;
+      const logins = ['alice', 'bob', 'carol@example.net', 'robert@example.org', 'nobody'];
+      // Look-ups go on until 300 more have been made after the first server's process is gone.
+      const worker = async () => {
+        while (afterDeath < 300 && done < 100_000) {
+          const n = done++;
+          if (n === 150 && !stopped) {
+            stopped = true;
+            void first.stop();
+          }
+          if (stopped && !first.proc.alive()) afterDeath++;
+          try {
+            const login = logins[n % logins.length]!;
+            const u = await d.findLogin(login);
+            if (login === 'nobody' ? u !== null : u === null) failures++;
+            if (n % 50 === 0) await d.authenticate('bob', 'bob-pass');
+          } catch {
+            failures++;
+          }
+        }
+      };
+      await Promise.all(Array.from({ length: 8 }, worker));
+      expect(stopped).toBe(true);
+      expect(failures).toBe(0);
+      expect(afterDeath).toBeGreaterThanOrEqual(300);
+    } finally {
+      await d.close();
+      await first.close();
+      await second.close();
+    }
+  }, 40_000);
+
+  describe('TLS', () => {
+    let tlsSlapd: Slapd;
+    beforeAll(async () => {
+      tlsSlapd = await startSlapd({ ldif: [dataFile], tls: true });
+    }, 30_000);
+    afterAll(async () => {
+      await tlsSlapd?.close();
+    });
+
+    it('LDAPS with the CA given', async () => {
+      const d = await openDirectory(lookupConfig([tlsSlapd.ldapsUrl!], { tls: { ca: tlsSlapd.cert!.certFile } }), { log: silentLogger });
+      try {
+        expect((await d.findLogin('alice'))?.pair).toBe('pair-01');
+        expect((await d.authenticate('alice', 'alice-pass')).uid).toBe('alice');
+      } finally {
+        await d.close();
+      }
+    });
+
+    it('StartTLS with the CA given', async () => {
+      const d = await openDirectory(lookupConfig([tlsSlapd.url], { startTls: true, tls: { ca: tlsSlapd.cert!.certFile } }), { log: silentLogger });
+      try {
+        expect((await d.findLogin('bob'))?.pair).toBe('pair-02');
+        expect((await d.authenticate('bob', 'bob-pass')).uid).toBe('bob');
+      } finally {
+        await d.close();
+      }
+    });
+
+    it('an untrusted certificate is refused (UnavailableError), not ignored', async () => {
+      const d = await openDirectory(lookupConfig([tlsSlapd.ldapsUrl!]), { log: silentLogger });
+      try {
+        await expect(d.findLogin('alice')).rejects.toBeInstanceOf(UnavailableError);
+      } finally {
+        await d.close();
+      }
+    });
+  });
+});
