@@ -1,0 +1,201 @@
+/**
+ * bench/directory: directory look-ups with 100,000 generated users in a private slapd.
+ *
+ *   npm run bench -- directory [--users 100000] [--pairs 20] [--concurrency 32] [--lookups 20000] [--ldapsearch 640] [--pool 4]
+ *
+ * The users come from `pairgate directory generate` (same generator), loaded offline with
+ * slapadd before slapd starts. Look-ups (a third each by uid, primary address and alias or
+ * address, over distinct logins) run --concurrency at a time through the Directory:
+ *   cold     — every look-up goes to LDAP (in-process and Redis caches off);
+ *   redis    — Redis already holds every answer, in-process cache off;
+ *   lru      — in-process LRU hits (after one warming pass).
+ * Baseline in the same run: the same look-ups made with `ldapsearch` (service bind, one
+ * process per look-up), --concurrency at a time. Latency per look-up; lookups/s overall.
+ * Targets (issue #2): lru p99 < 0.2 ms, redis p99 < 1 ms, cold p99 < 5 ms. Ends with one JSON line.
+ */
+import { execFile } from 'node:child_process';
+import { createWriteStream } from 'node:fs';
+import { once } from 'node:events';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { silentLogger } from '../common/log.ts';
+import { createRegistry } from '../common/metrics.ts';
+import { RedisBus } from '../common/redis-bus.ts';
+import { generateLdif, userUid } from '../directory/generate.ts';
+import { openDirectory } from '../directory/index.ts';
+import { escapeFilterValue } from '../directory/escape.ts';
+import { parseLdifEntries, attrValue, attrValues } from '../directory/ldif.ts';
+import type { Directory } from '../directory/types.ts';
+import { tempDir } from '../test/helpers/proc.ts';
+import { startRedis } from '../test/helpers/redis.ts';
+import { SERVICE_DN, SERVICE_PASSWORD, startSlapd } from '../test/helpers/slapd.ts';
+
+const { values: args } = parseArgs({
+  options: {
+    users: { type: 'string', default: '100000' },
+    pairs: { type: 'string', default: '20' },
+    concurrency: { type: 'string', default: '32' },
+    lookups: { type: 'string', default: '20000' },
+    ldapsearch: { type: 'string', default: '640' },
+    pool: { type: 'string', default: '4' },
+    help: { type: 'boolean', default: false },
+  },
+});
+if (args.help) {
+  process.stdout.write('npm run bench -- directory [--users N] [--pairs M] [--concurrency C] [--lookups L] [--ldapsearch K]\n');
+  process.exit(0);
+}
+const USERS = Number(args.users);
+const PAIRS = Number(args.pairs);
+const CONCURRENCY = Number(args.concurrency);
+const LOOKUPS = Math.min(Number(args.lookups), USERS);
+const LDAPSEARCH = Number(args.ldapsearch);
+const BASE = 'dc=pairgate,dc=test';
+
+interface Figures {
+  n: number;
+  perSec: number;
+  p50: number;
+  p99: number;
+  failures: number;
+}
+
+function pct(sorted: number[], p: number): number {
+  return sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]! : NaN;
+}
+
+async function measure(logins: string[], concurrency: number, one: (login: string) => Promise<boolean>): Promise<Figures> {
+  const lat: number[] = [];
+  let next = 0;
+  let failures = 0;
+  const t0 = performance.now();
+  const worker = async () => {
+    while (next < logins.length) {
+      const login = logins[next++]!;
+      const s = performance.now();
+      const ok = await one(login).catch(() => false);
+      lat.push(performance.now() - s);
+      if (!ok) failures++;
+    }
+  };
+  await Promise.all(Array.from({ length: concurrency }, worker));
+  const secs = (performance.now() - t0) / 1000;
+  lat.sort((a, b) => a - b);
+  return { n: logins.length, perSec: logins.length / secs, p50: pct(lat, 50), p99: pct(lat, 99), failures };
+}
+
+function ldapsearch(url: string, login: string): Promise<boolean> {
+  const v = escapeFilterValue(login);
+  const filter = login.includes('@') ? `(|(uid=${v})(mail=${v})(mailLocalAddress=${v}))` : `(uid=${v})`;
+  return new Promise((resolve) => {
+    execFile('ldapsearch', ['-x', '-LLL', '-H', url, '-D', SERVICE_DN, '-w', SERVICE_PASSWORD, '-b', `ou=people,${BASE}`, '-z', '3', filter, 'uid', 'mail', 'mailLocalAddress', 'mailHost'], { timeout: 30_000 }, (err, stdout) =>
+      resolve(!err && /^dn: /m.test(stdout)),
+    );
+  });
+}
+
+async function main(): Promise<void> {
+  const tmp = tempDir('pairgate-bench-dir-');
+  const file = join(tmp.path, 'users.ldif');
+  const say = (s: string) => process.stderr.write(`${s}\n`);
+  let t = Date.now();
+  const out = createWriteStream(file);
+  for (const chunk of generateLdif({ users: USERS, pairs: PAIRS, seed: 2 })) if (!out.write(chunk)) await once(out, 'drain');
+  out.end();
+  await once(out, 'finish');
+  say(`generated ${USERS} users, ${PAIRS} pairs in ${Date.now() - t} ms`);
+
+  // Logins to look up: distinct users, spread over the file, a third by each form.
+  const stride = Math.max(1, Math.floor(USERS / LOOKUPS));
+  const wanted = new Set(Array.from({ length: LOOKUPS }, (_, i) => userUid(i * stride)));
+  const byUid = new Map<string, { mail: string; aliases: string[] }>();
+  // Reading 100k entries back is quick enough and keeps the bench honest about aliases.
+  const { readFileSync } = await import('node:fs');
+  for (const e of parseLdifEntries(readFileSync(file, 'utf8'))) {
+    const uid = attrValue(e, 'uid');
+    if (uid && wanted.has(uid)) byUid.set(uid, { mail: attrValue(e, 'mail')!, aliases: attrValues(e, 'mailLocalAddress') });
+  }
+  const logins = [...wanted].map((uid, i) => {
+    const u = byUid.get(uid)!;
+    return i % 3 === 0 ? uid : i % 3 === 1 ? u.mail : (u.aliases[0] ?? u.mail);
+  });
+
+  t = Date.now();
+  const [slapd, redis] = await Promise.all([startSlapd({ ldif: [file] }), startRedis()]);
+  say(`slapadd + slapd start in ${Date.now() - t} ms`);
+  const bus = new RedisBus({ url: redis.url, log: silentLogger });
+  while (!bus.connected) await new Promise((r) => setTimeout(r, 20));
+  const base = { urls: [slapd.url], bindDn: SERVICE_DN, bindPassword: SERVICE_PASSWORD, baseDn: BASE, poolSize: Number(args.pool) };
+  const open = (cache: Record<string, unknown>, withBus: boolean): Promise<Directory> =>
+    openDirectory({ ...base, cache }, { log: silentLogger, registry: createRegistry({}, false), ...(withBus ? { bus } : {}) });
+  const found = (d: Directory) => async (l: string) => (await d.findLogin(l)) !== null;
+
+  try {
+    // Warm slapd's own caches a little so that "cold" means "not cached by pairgate".
+    const cold = await open({ maxEntries: 0, redis: false }, false);
+    await measure(logins.slice(0, 2000), CONCURRENCY, found(cold));
+    const coldFig = await measure(logins, CONCURRENCY, found(cold));
+    await cold.close();
+    say(`cold done (${coldFig.perSec.toFixed(0)}/s)`);
+
+    const viaRedis = await open({ maxEntries: 0, redis: true }, true);
+    await measure(logins, CONCURRENCY, found(viaRedis)); // fills Redis
+    const redisFig = await measure(logins, CONCURRENCY, found(viaRedis));
+    await viaRedis.close();
+    say(`redis done (${redisFig.perSec.toFixed(0)}/s)`);
+
+    const lru = await open({ maxEntries: 200_000, redis: false }, false);
+    await measure(logins, CONCURRENCY, found(lru));
+    const lruFig = await measure(logins, CONCURRENCY, found(lru));
+    await lru.close();
+    say(`lru done (${lruFig.perSec.toFixed(0)}/s)`);
+
+    const baseFig = await measure(logins.slice(0, LDAPSEARCH), CONCURRENCY, (l) => ldapsearch(slapd.url, l));
+    say(`ldapsearch done (${baseFig.perSec.toFixed(0)}/s)`);
+
+    const rows: Array<[string, Figures]> = [
+      ['pairgate cold (LDAP)', coldFig],
+      ['pairgate Redis hit', redisFig],
+      ['pairgate in-process hit', lruFig],
+      ['ldapsearch per lookup (baseline)', baseFig],
+    ];
+    const f = (x: number, d = 3) => (Number.isFinite(x) ? x.toFixed(d) : '-');
+    process.stdout.write(`\ndirectory look-ups: ${USERS} users in slapd, ${CONCURRENCY} concurrent, ${LOOKUPS} distinct logins (uid / mail / alias)\n\n`);
+    process.stdout.write('| path | lookups | lookups/s | p50 ms | p99 ms | failed |\n| --- | ---: | ---: | ---: | ---: | ---: |\n');
+    for (const [name, r] of rows) process.stdout.write(`| ${name} | ${r.n} | ${r.perSec.toFixed(0)} | ${f(r.p50)} | ${f(r.p99)} | ${r.failures} |\n`);
+    const targets = {
+      lru_hit_p99_ms: { value: +lruFig.p99.toFixed(4), max: 0.2 },
+      redis_hit_p99_ms: { value: +redisFig.p99.toFixed(3), max: 1 },
+      cold_p99_ms: { value: +coldFig.p99.toFixed(3), max: 5 },
+    };
+    const figures = {
+      users: USERS,
+      concurrency: CONCURRENCY,
+      cold_per_s: Math.round(coldFig.perSec),
+      cold_p50_ms: +coldFig.p50.toFixed(3),
+      cold_p99_ms: +coldFig.p99.toFixed(3),
+      redis_per_s: Math.round(redisFig.perSec),
+      redis_p50_ms: +redisFig.p50.toFixed(3),
+      redis_p99_ms: +redisFig.p99.toFixed(3),
+      lru_per_s: Math.round(lruFig.perSec),
+      lru_p50_ms: +lruFig.p50.toFixed(4),
+      lru_p99_ms: +lruFig.p99.toFixed(4),
+      ldapsearch_per_s: Math.round(baseFig.perSec),
+      ldapsearch_p50_ms: +baseFig.p50.toFixed(2),
+      ldapsearch_p99_ms: +baseFig.p99.toFixed(2),
+      failures: coldFig.failures + redisFig.failures + lruFig.failures,
+    };
+    const met = Object.values(targets).every((x) => x.value <= x.max) && figures.failures === 0;
+    process.stdout.write(`\n${JSON.stringify({ bench: 'directory', figures, targets, met })}\n`);
+  } finally {
+    await bus.close();
+    await slapd.close();
+    await redis.close();
+    tmp.cleanup();
+  }
+}
+
+main().catch((err) => {
+  process.stderr.write(`bench directory: ${(err as Error).stack ?? err}\n`);
+  process.exit(1);
+});
