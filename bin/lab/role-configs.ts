@@ -12,6 +12,7 @@ import { validateConfig } from '../../common/config.ts';
 import { lbConfigSchema } from '../../loadbalancer/config.ts';
 import { checkPairAgentConfig, pairAgentConfigSchema } from '../../pair-agent/config.ts';
 import { proxyConfigSchema } from '../../proxy/config.ts';
+import { smtpConfigSchema } from '../../proxy/smtp/config.ts';
 import type { ClusterFile } from '../status.ts';
 import type { LabPairPlan, LabPlan, NodeId } from './plan.ts';
 
@@ -106,8 +107,11 @@ export function proxyConfig(plan: LabPlan, name: string): Record<string, unknown
     loadBalancers: ['127.0.0.1/32'],
     backend: { masterUser: plan.masterUser, masterSecret: plan.masterSecret, trustedNetworks: ['127.0.0.0/8'] },
     smtp: {
-      mx: { host: p.host, port: p.smtpPort },
-      submission: { host: p.host, port: p.submissionPort },
+      hostname: `${name}.lab`,
+      listeners: [
+        { kind: 'mx', host: p.host, port: p.smtpPort, tls: 'starttls' },
+        { kind: 'submission', host: p.host, port: p.submissionPort, tls: 'starttls' },
+      ],
       localDomains: [plan.domain],
     },
   };
@@ -143,6 +147,7 @@ export function writeRoleConfigs(plan: LabPlan): RoleConfigFiles {
     // The lab's configs must be what an operator could write: checked by the role's own schema first.
     const parsed = validateConfig(schema, config, `lab config ${name}`);
     check?.(parsed as never);
+    if (config.smtp) validateConfig(smtpConfigSchema, config.smtp, `lab config ${name} (smtp)`);
     const file = join(dir, `${name}.yaml`);
     writeFileSync(file, `# written by \`pairgate lab up\` from ${join(plan.dir, 'plan.json')}\n${stringify(config)}`, { mode: 0o600 });
     return file;
