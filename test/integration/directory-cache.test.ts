@@ -161,7 +161,7 @@ describe('directory caches (slapd + redis)', () => {
     await loop(50);
     // Stopped while look-ups are running, then more look-ups with Redis gone.
     await Promise.all([loop(100), redis.stop()]);
-    expect(opened.at(-1)!.bus.connected).toBe(false);
+    await waitFor(() => !opened.at(-1)!.bus.connected, 5000, 'redis client noticed the stop');
     await loop(100);
     await d.invalidate(['alice']); // publishes nothing, throws nothing
     expect(failures).toBe(0);
