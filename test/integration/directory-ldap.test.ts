@@ -162,6 +162,31 @@ describe('LDAP specifics', () => {
     }
   }, 40_000);
 
+  it('a replica that hangs (SIGSTOP) is left after the operation timeout, without a failed look-up', async () => {
+    const [first, second] = await Promise.all([startSlapd({ ldif: [dataFile] }), startSlapd({ ldif: [dataFile] })]);
+    const registry = createRegistry({}, false);
+    const d = await openDirectory(lookupConfig([first.url, second.url], { timeoutMs: 800, retryDownMs: 60_000 }), { log: silentLogger, registry });
+    try {
+      let failures = 0;
+      const lookups = async (n: number) => {
+        for (let i = 0; i < n; i++) {
+          const u = await d.findLogin(i % 2 ? 'alice' : 'robert@example.org').catch(() => null);
+          if (!u) failures++;
+        }
+      };
+      await Promise.all([lookups(20), lookups(20)]);
+      first.proc.kill('SIGSTOP');
+      await Promise.all([lookups(30), lookups(30), (async () => expect((await d.authenticate('bob', 'bob-pass')).uid).toBe('bob'))()]);
+      expect(failures).toBe(0);
+      expect(await registry.metrics()).toMatch(/pairgate_directory_ldap_errors_total\{kind="timeout"\} [1-9]/);
+    } finally {
+      first.proc.kill('SIGCONT');
+      await d.close();
+      await first.close();
+      await second.close();
+    }
+  }, 30_000);
+
   describe('TLS', () => {
     let tlsSlapd: Slapd;
     beforeAll(async () => {
