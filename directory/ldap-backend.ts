@@ -5,7 +5,7 @@
  * and cannot change the filter; DNs of new entries are RFC 4514-escaped (escape.ts).
  */
 import { AndFilter, Attribute, Change, EqualityFilter, OrFilter, PresenceFilter, ResultCodeError, type Client, type Entry, type Filter } from 'ldapts';
-import { AuthError, ConflictError, NotFoundError, UnavailableError } from '../common/errors.ts';
+import { AuthError, ConflictError, LimitError, NotFoundError, UnavailableError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import type { DirectoryBackend, NewUserEntry } from './backend.ts';
 import { LDAP_DEFAULTS, type DirectoryConfig } from './config.ts';
@@ -126,7 +126,17 @@ export class LdapBackend implements DirectoryBackend {
   async countUsersByPair(): Promise<Map<string, number>> {
     return this.pool.run('count_users', async (client) => {
       const counts = new Map<string, number>();
-      const r = await client.search(this.usersDn, { scope: 'sub', filter: new PresenceFilter({ attribute: 'mailHost' }), attributes: ['mailHost'], paged: { pageSize: 500 } });
+      const r = await client
+        .search(this.usersDn, { scope: 'sub', filter: new PresenceFilter({ attribute: 'mailHost' }), attributes: ['mailHost'], paged: { pageSize: 500 } })
+        .catch((err: unknown) => {
+          if (err instanceof ResultCodeError && (err.code === 4 || err.code === 11)) {
+            throw new LimitError(
+              `counting the users per pair (for placement) hit the server's size limit for the bind DN; allow it more entries (OpenLDAP: olcLimits, size.prtotal=unlimited) or give --pair`,
+              { cause: err },
+            );
+          }
+          throw err;
+        });
       for (const e of r.searchEntries) {
         const host = attrMap(e).get('mailhost')?.[0]?.trim();
         if (host) counts.set(host, (counts.get(host) ?? 0) + 1);

@@ -11,6 +11,7 @@ import { AuthError, UnavailableError } from '../../common/errors.ts';
 import { silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { openDirectory } from '../../directory/index.ts';
+import { generateLdif } from '../../directory/generate.ts';
 import { hashPassword } from '../../directory/password.ts';
 import type { Directory } from '../../directory/types.ts';
 import { tempDir } from '../helpers/proc.ts';
@@ -184,6 +185,23 @@ describe('LDAP specifics', () => {
       await d.close();
       await first.close();
       await second.close();
+    }
+  }, 30_000);
+
+  it('placement over more users than the bind DN may read: a LimitError naming the fix; unlimited DN places', async () => {
+    const big = join(tmp.path, 'big.ldif');
+    writeFileSync(big, [...generateLdif({ users: 1100, pairs: 3, seed: 5 })].join(''));
+    const s = await startSlapd({ ldif: [big] });
+    const limited = await openDirectory(lookupConfig([s.url]), { log: silentLogger });
+    const root = await openDirectory({ urls: [s.url], bindDn: s.adminDn, bindPassword: s.adminPassword, baseDn: BASE }, { log: silentLogger });
+    try {
+      await expect(limited.placeNewUser()).rejects.toThrow(/size limit.*olcLimits/);
+      const chosen = await root.placeNewUser();
+      expect(['pair-01', 'pair-02', 'pair-03']).toContain(chosen.id);
+    } finally {
+      await limited.close();
+      await root.close();
+      await s.close();
     }
   }, 30_000);
 
