@@ -11,7 +11,7 @@ import { makeTestCert } from '../test/helpers/tls.ts';
 import type { Command } from 'commander';
 import { REPO_ROOT, Supervisor, pidAlive, stopFromState, type LabState } from './lab/supervisor.ts';
 import { MAX_INSTANCE, labLdif, lbPorts, loadPlan, makePlan, portBusy, savePlan, type LabPlan } from './lab/plan.ts';
-import { writeRoleConfigs, clusterFile, prometheusTargets } from './lab/role-configs.ts';
+import { writeRoleConfigs, clusterFile, haveReplicatedVolume, prometheusTargets } from './lab/role-configs.ts';
 import { waitUntil } from './lab/wait.ts';
 import { runTour } from './lab/tour.ts';
 import { collectStatus, renderStatus } from './status.ts';
@@ -91,6 +91,11 @@ async function portOpen(port: number): Promise<boolean> {
 /** Starts every pair-agent, proxy and the balancer, waiting for each tier to report healthy. */
 async function startRoles(sup: Supervisor, plan: LabPlan): Promise<void> {
   const configs = writeRoleConfigs(plan);
+  say(
+    haveReplicatedVolume
+      ? 'volumes: each node keeps its own replicated volume (protocol C) under its folder'
+      : 'volumes: this build has no replicated volume (pair-agent/volume), so each pair shares one disk file between its nodes',
+  );
   for (const pair of plan.pairs) {
     for (const node of pair.nodes) sup.start(`${pair.id}-${node.node}`, ['pair-agent', '--config', configs.pairAgents[`${pair.id}-${node.node}`]!]);
   }

@@ -39,11 +39,13 @@ async function health(url: string): Promise<HealthRecord | null> {
   }
 }
 
-/** Serving from `primary`, both nodes up, replication connected with nothing out of sync. */
+/** Serving from `primary`, both nodes up, replication (if any) connected with nothing out of sync. */
 function settledOn(h: HealthRecord | null, primary: NodeId): boolean {
   if (!h || h.state !== 'ok' || h.primary !== primary) return false;
   const peer: NodeId = primary === 'a' ? 'b' : 'a';
   const peerNode = h.nodes[peer];
+  // A pair on a shared disk has no replication to wait for: the peer being back is enough.
+  if (h.replication.connection === 'none') return peerNode !== undefined && peerNode.heartbeat === 'up';
   return (
     h.replication.connection === 'Connected' &&
     h.replication.outOfSyncBytes === 0 &&

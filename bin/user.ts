@@ -7,7 +7,7 @@ import type { Command } from 'commander';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { loadConfigFile } from '../common/config.ts';
-import { UnavailableError } from '../common/errors.ts';
+import { BadInputError, UnavailableError } from '../common/errors.ts';
 import { createLogger } from '../common/log.ts';
 import { RedisBus } from '../common/redis-bus.ts';
 import type { Directory } from '../directory/types.ts';
@@ -31,9 +31,17 @@ export function register(program: Command): void {
     .argument('<login>', 'uid or address of the user')
     .requiredOption('--to <pair>', 'the target pair id, e.g. pair-02')
     .requiredOption('--config <file>', "a proxy's configuration (directory, redis, backend master login)")
+    .option('--bind-dn <dn>', "LDAP account allowed to change mailHost (the proxies' own account is read-only)")
+    .option('--bind-password-env <var>', 'environment variable holding that account\'s password', 'PAIRGATE_LDAP_PASSWORD')
     .option('--settle <ms>', 'wait for in-flight deliveries after the hold begins', (v) => Number.parseInt(v, 10), 2000)
-    .action(async (login: string, o: { to: string; config: string; settle: number }) => {
+    .action(async (login: string, o: { to: string; config: string; bindDn?: string; bindPasswordEnv: string; settle: number }) => {
       const config = loadConfigFile(proxyConfigSchema, o.config);
+      let directoryConfig: unknown = config.directory;
+      if (o.bindDn) {
+        const password = process.env[o.bindPasswordEnv];
+        if (password === undefined) throw new BadInputError(`--bind-dn needs the password in the environment variable ${o.bindPasswordEnv}`);
+        directoryConfig = { ...config.directory, bindDn: o.bindDn, bindPassword: password };
+      }
       if (!config.redis) throw new UnavailableError('the proxy configuration has no redis section; a user move needs Redis');
       const log = createLogger({ role: 'user-move', level: 'warn' });
       const bus = new RedisBus({ url: config.redis.url, log });
@@ -43,7 +51,7 @@ export function register(program: Command): void {
       let directory: Directory | null = null;
       try {
         await waitForRedis(bus, 3000);
-        directory = await openDirectory(config.directory, { log, bus });
+        directory = await openDirectory(directoryConfig, { log, bus });
         const report = await moveUser(login, o.to, {
           directory,
           bus,

@@ -67,6 +67,8 @@ export class Backend implements Candidate {
     this.maxconn = config.maxconn;
     this.admin = config.state;
     this.metrics.backendUp.set({ backend: this.id }, 1);
+    // A zero series from the start, so that rate() and alerts see "no failures" rather than no data.
+    this.metrics.connectFailures.inc({ backend: this.id }, 0);
   }
 
   get name(): string {
