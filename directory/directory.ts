@@ -42,6 +42,10 @@ export function normalizeLogin(login: string): string | null {
   return t.includes('@') ? normalizeAddress(t) : t;
 }
 
+function clone(u: UserRecord): UserRecord {
+  return { ...u, aliases: [...u.aliases] };
+}
+
 export class CachingDirectory implements Directory {
   private readonly backend: DirectoryBackend;
   private readonly cfg: CacheConfig;
@@ -50,6 +54,8 @@ export class CachingDirectory implements Directory {
   private readonly bus: RedisBus | undefined;
   private readonly lru: LRUCache<string, Cached> | null;
   private readonly inflight = new Map<string, Promise<UserRecord | null>>();
+  /** Bumped by every invalidation: an answer read before it is returned but not cached. */
+  private epoch = 0;
   private pairs: { at: number; list: PairRecord[] } | null = null;
   private pairsInflight: Promise<PairRecord[]> | null = null;
   private counts: { at: number; byPair: Map<string, number> } | null = null;
@@ -113,19 +119,23 @@ export class CachingDirectory implements Directory {
       if (hit) {
         this.count.lruHit.inc();
         (hit.user ? this.count.found : this.count.notFound).inc();
-        return hit.user;
+        return hit.user && clone(hit.user);
       }
       this.count.lruMiss.inc();
     }
     let p = this.inflight.get(lruKey);
     if (!p) {
-      p = this.resolve(kind, key, lruKey).finally(() => this.inflight.delete(lruKey));
+      const created: Promise<UserRecord | null> = this.resolve(kind, key, lruKey).finally(() => {
+        if (this.inflight.get(lruKey) === created) this.inflight.delete(lruKey);
+      });
+      p = created;
       this.inflight.set(lruKey, p);
     }
     try {
       const user = await p;
       (user ? this.count.found : this.count.notFound).inc();
-      return user;
+      // Callers get their own copy: the cached record stays as read.
+      return user && clone(user);
     } catch (err) {
       this.count.error.inc();
       throw err;
@@ -133,18 +143,20 @@ export class CachingDirectory implements Directory {
   }
 
   private async resolve(kind: Kind, key: string, lruKey: string): Promise<UserRecord | null> {
+    const epoch = this.epoch;
     if (this.useRedis) {
       const cached = await this.redisGet(kind, key);
       if (cached !== undefined) {
         this.count.redisHit.inc();
-        this.lru?.set(lruKey, { user: cached }, { ttl: cached ? this.cfg.ttlMs : this.cfg.negativeTtlMs });
+        if (epoch === this.epoch) this.lru?.set(lruKey, { user: cached }, { ttl: cached ? this.cfg.ttlMs : this.cfg.negativeTtlMs });
         return cached;
       }
       this.count.redisMiss.inc();
     }
     const user = kind === 'login' ? await this.backend.findLogin(key) : await this.backend.findRecipient(key);
     const ttl = user ? this.cfg.ttlMs : this.cfg.negativeTtlMs;
-    if (ttl > 0) {
+    // An invalidation while this look-up ran may have made its answer stale: do not keep it.
+    if (ttl > 0 && epoch === this.epoch) {
       this.lru?.set(lruKey, { user }, { ttl });
       if (this.useRedis) {
         this.bus!.set(this.redisKey(kind, key), user ? JSON.stringify(user) : NEGATIVE, ttl).catch(() => undefined);
@@ -340,7 +352,13 @@ export class CachingDirectory implements Directory {
 
   /** Drops local entries for these logins and every entry of the users they name. */
   private dropLocal(logins: string[]): string[] {
+    this.epoch++;
     const normal = new Set(logins.map((l) => normalizeLogin(l)).filter((l): l is string => l !== null));
+    for (const l of normal) {
+      // Later callers must not join a look-up that started before the change.
+      this.inflight.delete(`login:${l}`);
+      this.inflight.delete(`rcpt:${l}`);
+    }
     if (!this.lru) return [...normal];
     const uids = new Set<string>();
     for (const l of normal) {

@@ -1,0 +1,126 @@
+/** The caching Directory over a scripted backend: coalescing, TTLs, invalidation races, copies, log-once. */
+import { describe, expect, it } from 'vitest';
+import { pino } from 'pino';
+import { NotFoundError } from '../../common/errors.ts';
+import { silentLogger } from '../../common/log.ts';
+import type { DirectoryBackend } from '../../directory/backend.ts';
+import { cacheSchema } from '../../directory/config.ts';
+import { CachingDirectory } from '../../directory/directory.ts';
+import { directoryMetrics } from '../../directory/metrics.ts';
+import type { PairRecord, UserRecord } from '../../directory/types.ts';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function user(uid: string, pair: string): UserRecord {
+  return { dn: `uid=${uid},ou=people,dc=t`, uid, mail: `${uid}@example.net`, aliases: [], pair };
+}
+
+function scripted(answer: (login: string) => Promise<UserRecord | null>) {
+  const calls: string[] = [];
+  const pairs: PairRecord[] = [{ id: 'p1', dn: 'cn=p1', address: '10.0.0.1', ports: {}, state: 'active', weight: 10 }];
+  const backend: DirectoryBackend = {
+    kind: 'ldif',
+    findLogin: (l) => {
+      calls.push(l);
+      return answer(l);
+    },
+    findRecipient: (a) => {
+      calls.push(`rcpt:${a}`);
+      return answer(a);
+    },
+    bindUser: async () => undefined,
+    listPairs: async () => pairs,
+    countUsersByPair: async () => new Map(),
+    addUser: async () => {
+      throw new Error('unused');
+    },
+    setUserPair: async () => {
+      throw new Error('unused');
+    },
+    close: async () => undefined,
+  };
+  return { backend, calls };
+}
+
+function open(backend: DirectoryBackend, cache: Record<string, unknown> = {}, log = silentLogger) {
+  return new CachingDirectory({ backend, cache: cacheSchema.parse(cache), log, metrics: directoryMetrics() });
+}
+
+describe('caching Directory', () => {
+  it('coalesces concurrent look-ups of one login into one backend call', async () => {
+    const { backend, calls } = scripted(async (l) => {
+      await sleep(20);
+      return user(l, 'p1');
+    });
+    const d = open(backend);
+    const got = await Promise.all(Array.from({ length: 10 }, () => d.findLogin('alice')));
+    expect(got.every((u) => u?.uid === 'alice')).toBe(true);
+    expect(calls).toEqual(['alice']);
+    await d.findLogin('alice');
+    expect(calls).toEqual(['alice']);
+  });
+
+  it('expires negative answers after negativeTtlMs, positive ones after ttlMs', async () => {
+    let exists = false;
+    const { backend, calls } = scripted(async (l) => (exists ? user(l, 'p1') : null));
+    const d = open(backend, { ttlMs: 10_000, negativeTtlMs: 60 });
+    expect(await d.findLogin('bob')).toBeNull();
+    exists = true;
+    expect(await d.findLogin('bob')).toBeNull();
+    await sleep(100);
+    expect((await d.findLogin('bob'))?.uid).toBe('bob');
+    expect(calls).toEqual(['bob', 'bob']);
+  });
+
+  it('does not keep an answer read before an invalidation that happened during the look-up', async () => {
+    let pair = 'old';
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const { backend, calls } = scripted(async (l) => {
+      const seen = pair;
+      if (calls.length === 1) await gate;
+      return user(l, seen);
+    });
+    const d = open(backend);
+    const slow = d.findLogin('carol');
+    await sleep(5);
+    pair = 'new';
+    await d.invalidate(['carol']);
+    expect((await d.findLogin('carol'))?.pair).toBe('new'); // does not join the old look-up
+    release();
+    expect((await slow)?.pair).toBe('old');
+    expect((await d.findLogin('carol'))?.pair).toBe('new');
+  });
+
+  it('hands out copies: a caller changing its record does not change the cache', async () => {
+    const { backend } = scripted(async (l) => user(l, 'p1'));
+    const d = open(backend);
+    const a = (await d.findLogin('dave'))!;
+    a.pair = 'elsewhere';
+    a.aliases.push('x@y');
+    expect(await d.findLogin('dave')).toEqual(user('dave', 'p1'));
+  });
+
+  it('invalidating one address drops every cached form of that user', async () => {
+    const { backend, calls } = scripted(async () => ({ ...user('erin', 'p1'), aliases: ['e@example.net'] }));
+    const d = open(backend);
+    await d.findLogin('erin');
+    await d.findLogin('e@example.net');
+    await d.findRecipient('erin@example.net');
+    await d.invalidate(['e@example.net']);
+    await d.findLogin('erin');
+    await d.findRecipient('erin@example.net');
+    expect(calls).toEqual(['erin', 'e@example.net', 'rcpt:erin@example.net', 'erin', 'rcpt:erin@example.net']);
+  });
+
+  it('logs a user on a missing pair once, with the DN', async () => {
+    const lines: Array<{ dn?: string; msg?: string }> = [];
+    const log = pino({ level: 'error' }, { write: (s: string) => lines.push(JSON.parse(s)) });
+    const { backend } = scripted(async (l) => user(l, 'nope'));
+    const d = open(backend, {}, log);
+    const u = (await d.findLogin('frank'))!;
+    for (let i = 0; i < 3; i++) await expect(d.routeFor(u)).rejects.toBeInstanceOf(NotFoundError);
+    expect(lines.filter((l) => l.dn === u.dn)).toHaveLength(1);
+    expect(lines[0]!.msg).toMatch(/names no pair/);
+  });
+});
