@@ -43,6 +43,18 @@ describe('pairgate directory (CLI)', () => {
     expect(none.stderr).toMatch(/NOT_FOUND: no user/);
   });
 
+  it('lookup with --config: a proxy config whose directory section names the password by environment', async () => {
+    const cfg = join(tmp.path, 'proxy.yaml');
+    const { writeFileSync } = await import('node:fs');
+    writeFileSync(cfg, `directory:\n  urls: ["${slapd.url}"]\n  baseDn: ${slapd.suffix}\n  bindDn: cn=pairgate,ou=services,${slapd.suffix}\n  bindPassword: \${SVC_PW}\nlisteners: []\n`);
+    const r = await run(['lookup', 'robert@example.net', '--config', cfg], { env: { SVC_PW: 'service-pass' } });
+    expect(r.stdout).toMatch(/uid:\s+bob/);
+    expect(r.stdout).toMatch(/pair:\s+pair-02/);
+    const missing = await run(['lookup', 'bob', '--config', cfg]);
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toMatch(/bindPassword: environment variable SVC_PW is not set/);
+  });
+
   it('auth reads the password from stdin (LDAP)', async () => {
     const base = ['--url', slapd.url, '--base-dn', slapd.suffix, '--bind-dn', `cn=pairgate,ou=services,${slapd.suffix}`];
     const env = { PAIRGATE_LDAP_PASSWORD: 'service-pass' };
