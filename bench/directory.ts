@@ -1,7 +1,7 @@
 /**
  * bench/directory: directory look-ups with 100,000 generated users in a private slapd.
  *
- *   npm run bench -- directory [--users 100000] [--pairs 20] [--concurrency 32] [--lookups 20000] [--ldapsearch 640] [--pool 4]
+ *   npm run bench -- directory [--users 100000] [--pairs 20] [--concurrency 32] [--lookups 20000] [--ldapsearch 640] [--pool 2]
  *
  * The users come from `pairgate directory generate` (same generator), loaded offline with
  * slapadd before slapd starts. Look-ups (a third each by uid, primary address and alias or
@@ -13,7 +13,7 @@
  * process per look-up), --concurrency at a time. Latency per look-up; lookups/s overall.
  * With 32 look-ups in flight on one event loop a latency includes waiting for the other 31
  * (Little's law: mean latency = 32 / rate); the "1 at a time" rows (information only) show
- * the service time of one look-up.
+ * the service time of one look-up. Each pairgate figure is the median-p99 round of three.
  * Targets (issue #2): lru p99 < 0.2 ms, redis p99 < 1 ms, cold p99 < 5 ms. Ends with one JSON line.
  */
 import { execFile } from 'node:child_process';
@@ -40,7 +40,7 @@ const { values: args } = parseArgs({
     concurrency: { type: 'string', default: '32' },
     lookups: { type: 'string', default: '20000' },
     ldapsearch: { type: 'string', default: '640' },
-    pool: { type: 'string', default: '4' },
+    pool: { type: 'string', default: '2' },
     help: { type: 'boolean', default: false },
   },
 });
@@ -85,6 +85,13 @@ async function measure(logins: string[], concurrency: number, one: (login: strin
   const secs = (performance.now() - t0) / 1000;
   lat.sort((a, b) => a - b);
   return { n: logins.length, perSec: logins.length / secs, p50: pct(lat, 50), p99: pct(lat, 99), failures };
+}
+
+/** The shared machine has hiccups: three rounds, the one with the median p99 is reported. */
+async function medianOf3(run: () => Promise<Figures>): Promise<Figures> {
+  const rounds = [await run(), await run(), await run()].sort((a, b) => a.p99 - b.p99);
+  const mid = rounds[1]!;
+  return { ...mid, failures: rounds.reduce((s, r) => s + r.failures, 0) };
 }
 
 function ldapsearch(url: string, login: string): Promise<boolean> {
@@ -137,14 +144,14 @@ async function main(): Promise<void> {
     // Warm slapd's own caches a little so that "cold" means "not cached by pairgate".
     const cold = await open({ maxEntries: 0, redis: false }, false);
     await measure(logins.slice(0, 2000), CONCURRENCY, found(cold));
-    const coldFig = await measure(logins, CONCURRENCY, found(cold));
+    const coldFig = await medianOf3(() => measure(logins, CONCURRENCY, found(cold)));
     await cold.close();
     say(`cold done (${coldFig.perSec.toFixed(0)}/s)`);
 
     const viaRedis = await open({ maxEntries: 0, redis: true }, true);
     await measure(logins, CONCURRENCY, found(viaRedis)); // fills Redis
     await measure(logins, CONCURRENCY, found(viaRedis));
-    const redisFig = await measure(logins, CONCURRENCY, found(viaRedis));
+    const redisFig = await medianOf3(() => measure(logins, CONCURRENCY, found(viaRedis)));
     const redisOne = await measure(logins.slice(0, 5000), 1, found(viaRedis));
     await viaRedis.close();
     say(`redis done (${redisFig.perSec.toFixed(0)}/s)`);
@@ -152,7 +159,7 @@ async function main(): Promise<void> {
     const lru = await open({ maxEntries: 200_000, redis: false }, false);
     // Steady state: the first passes fill the LRU and let the JIT settle.
     for (let i = 0; i < 4; i++) await measure(logins, CONCURRENCY, found(lru));
-    const lruFig = await measure(logins, CONCURRENCY, found(lru));
+    const lruFig = await medianOf3(() => measure(logins, CONCURRENCY, found(lru)));
     const lruOne = await measure(logins, 1, found(lru));
     await lru.close();
     say(`lru done (${lruFig.perSec.toFixed(0)}/s)`);

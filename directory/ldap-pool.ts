@@ -7,7 +7,8 @@
  * costs no failed look-up. When every server fails: UnavailableError (temporary).
  */
 import { readFileSync } from 'node:fs';
-import type { ConnectionOptions } from 'node:tls';
+import net from 'node:net';
+import tls, { type ConnectionOptions } from 'node:tls';
 import { Client, ResultCodeError } from 'ldapts';
 import { ConfigError, UnavailableError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
@@ -42,6 +43,30 @@ export function errorKind(err: unknown): string | null {
   return 'other';
 }
 
+/**
+ * Writes made in one turn of the event loop leave as one system call: with many look-ups
+ * pipelined on a connection, ldapts' one write per request was a fifth of the CPU time.
+ */
+function autoCork<S extends net.Socket>(sock: S): S {
+  const write = sock.write;
+  let corked = false;
+  sock.write = function (this: S, ...args: unknown[]) {
+    if (!corked && !sock.destroyed) {
+      corked = true;
+      sock.cork();
+      process.nextTick(() => {
+        corked = false;
+        sock.uncork();
+      });
+    }
+    return (write as (...a: unknown[]) => boolean).apply(this, args);
+  } as S['write'];
+  return sock;
+}
+
+const corkedConnect = ((...args: Parameters<typeof net.connect>) => autoCork(net.connect(...args))) as typeof net.connect;
+const corkedTlsConnect = ((...args: Parameters<typeof tls.connect>) => autoCork(tls.connect(...args))) as typeof tls.connect;
+
 class Conn {
   readonly client: Client;
   ready: Promise<void>;
@@ -62,6 +87,8 @@ class Conn {
       // ldapts speaks TLS from the start whenever tlsOptions are given: only for ldaps://.
       ...(url.toLowerCase().startsWith('ldaps://') ? { tlsOptions } : {}),
       strictDN: false,
+      createConnection: corkedConnect,
+      createSecureConnection: corkedTlsConnect,
       // Plain and ldaps:// sessions re-bind by themselves after a transparent reconnect.
       autoRebind: serviceBind && !(opts.startTls && url.toLowerCase().startsWith('ldap://')),
     });
