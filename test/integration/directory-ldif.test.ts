@@ -58,6 +58,12 @@ describe('LDIF file specifics', () => {
     await waitFor(async () => (await d.findLogin('henry')) !== null, 5000, 'henry added by a file edit');
   });
 
+  it('sees a pair change in the file at once (the pair list is re-read after a reload)', async () => {
+    expect((await d.getPair('pair-02'))?.weight).toBe(300);
+    writeFileSync(f, readFileSync(f, 'utf8').replace('pairgateWeight: 300', 'pairgateWeight: 50'));
+    await waitFor(async () => (await d.getPair('pair-02'))?.weight === 50, 5000, 'new weight of pair-02');
+  });
+
   it('keeps the previous contents when the file does not parse', async () => {
     const good = readFileSync(f, 'utf8');
     writeFileSync(f, `${good}\ndn: uid=broken,ou=people,dc=pairgate,dc=test\nthis line is not LDIF\n`);
