@@ -1,0 +1,18 @@
+/**
+ * The replicated volume (issue 3): what the pair agent and the CLI import.
+ * `openReplicatedVolume` opens (creating when missing) one node's volume and starts its link.
+ */
+import { validateConfig } from '../../common/config.ts';
+import type { Logger } from '../../common/log.ts';
+import type { MetricsRegistry } from '../../common/metrics.ts';
+import { volumeConfigSchema, type VolumeConfig } from './config.ts';
+import { ReplicatedVolume } from './replicated-volume.ts';
+
+export { volumeConfigSchema, type VolumeConfig } from './config.ts';
+export { ReplicatedVolume, type VolumeStatus, type Role, type ConnectionState } from './replicated-volume.ts';
+export { BLOCK_SIZE, type BlockDevice } from './block-device.ts';
+
+export async function openReplicatedVolume(config: VolumeConfig | unknown, deps: { log: Logger; registry: MetricsRegistry }): Promise<ReplicatedVolume> {
+  const parsed = validateConfig(volumeConfigSchema, config, 'volume');
+  return ReplicatedVolume.open(parsed, deps);
+}

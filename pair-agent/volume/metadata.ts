@@ -1,0 +1,231 @@
+/**
+ * The volume's metadata, kept in its own file beside the data (DRBD's "external meta data"):
+ * the data generation UUIDs, the state flags, the out-of-sync bitmap (one bit per 4 KiB block)
+ * and the activity log (the extents a primary may have writes in flight to).
+ *
+ * The file is rewritten whole, atomically (temp file, fsync, rename, fsync of the folder), and
+ * carries a CRC32C, so a crash leaves either the old or the new metadata, never a mix. The
+ * bitmap is kept in memory and persisted lazily, except that the activity log is persisted
+ * before any write lands in an extent it did not cover: after a crash, every block that might
+ * differ from the peer is in the bitmap or in an activity-log extent.
+ */
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeFileSync, existsSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { dirname } from 'node:path';
+import { IntegrityError } from '../../common/errors.ts';
+import { crc32c } from '../store/crc32c.ts';
+import { BLOCK_SIZE } from './block-device.ts';
+
+/** One activity-log extent covers 4 MiB (1024 blocks), as in DRBD. */
+export const EXTENT_BLOCKS = 1024;
+/** Extents kept "hot" in the activity log; a crashed primary resyncs at most this many. */
+export const AL_EXTENTS = 61;
+
+const MAGIC = 'pairgate-volume-meta-v1';
+
+/** A data generation UUID: 16 hex digits; "0" means none. */
+export type Uuid = string;
+export const NO_UUID: Uuid = '0';
+/** The current UUID of metadata made by `create` and never used: two such volumes need no initial sync. */
+export const JUST_CREATED: Uuid = '4';
+
+export function newUuid(): Uuid {
+  let u = randomBytes(8).toString('hex');
+  // Never collide with the two reserved values.
+  if (u === '0000000000000000' || u === '0000000000000004') u = 'f' + u.slice(1);
+  return u;
+}
+
+export interface Uuids {
+  current: Uuid;
+  bitmap: Uuid;
+  history: [Uuid, Uuid];
+}
+
+export type DiskState = 'UpToDate' | 'Inconsistent' | 'Outdated' | 'Failed' | 'Diskless';
+
+export interface MetaFlags {
+  /** The data is a consistent image (false while a resync target is mid-way). */
+  consistent: boolean;
+  /** This node has been primary at least once with this data. */
+  primaryEver: boolean;
+  /** The peer was known to be outdated when we parted. */
+  peerWasOutdated: boolean;
+  /** Set while primary; still set at open means the primary crashed (activity log to resync). */
+  primaryCrashed: boolean;
+}
+
+/** Out-of-sync bitmap, one bit per block. */
+export class Bitmap {
+  readonly bits: Uint8Array;
+  private count = 0;
+
+  constructor(readonly blocks: number, bits?: Uint8Array) {
+    this.bits = bits ?? new Uint8Array(Math.ceil(blocks / 8));
+    if (bits) for (let i = 0; i < blocks; i++) if (this.get(i)) this.count++;
+  }
+
+  get(block: number): boolean {
+    return (this.bits[block >> 3]! & (1 << (block & 7))) !== 0;
+  }
+
+  set(block: number): void {
+    if (this.get(block)) return;
+    this.bits[block >> 3]! |= 1 << (block & 7);
+    this.count++;
+  }
+
+  clear(block: number): void {
+    if (!this.get(block)) return;
+    this.bits[block >> 3]! &= ~(1 << (block & 7));
+    this.count--;
+  }
+
+  setRange(first: number, n: number): void {
+    for (let b = first; b < first + n && b < this.blocks; b++) this.set(b);
+  }
+
+  clearRange(first: number, n: number): void {
+    for (let b = first; b < first + n && b < this.blocks; b++) this.clear(b);
+  }
+
+  clearAll(): void {
+    this.bits.fill(0);
+    this.count = 0;
+  }
+
+  setAll(): void {
+    for (let i = 0; i < this.blocks; i++) this.set(i);
+  }
+
+  /** Adds every bit of `other` (same size) to this bitmap. */
+  merge(other: Uint8Array): void {
+    for (let i = 0; i < this.blocks; i++) if ((other[i >> 3]! & (1 << (i & 7))) !== 0) this.set(i);
+  }
+
+  get setCount(): number {
+    return this.count;
+  }
+
+  /** The next set block at or after `from`, or -1. */
+  next(from: number): number {
+    for (let b = from; b < this.blocks; b++) {
+      if (this.bits[b >> 3] === 0) {
+        b |= 7;
+        continue;
+      }
+      if (this.get(b)) return b;
+    }
+    return -1;
+  }
+}
+
+export interface VolumeMetadata {
+  sizeBytes: number;
+  uuids: Uuids;
+  flags: MetaFlags;
+  disk: DiskState;
+  /** When this node last created a current UUID as primary (ms epoch); decides discard-younger-primary. */
+  primarySince: number;
+  bitmap: Bitmap;
+  /** Extent numbers, most recently used last. */
+  activityLog: number[];
+}
+
+export function freshMetadata(sizeBytes: number): VolumeMetadata {
+  return {
+    sizeBytes,
+    uuids: { current: JUST_CREATED, bitmap: NO_UUID, history: [NO_UUID, NO_UUID] },
+    flags: { consistent: true, primaryEver: false, peerWasOutdated: false, primaryCrashed: false },
+    disk: 'UpToDate',
+    primarySince: 0,
+    bitmap: new Bitmap(sizeBytes / BLOCK_SIZE),
+    activityLog: [],
+  };
+}
+
+interface StoredMeta {
+  magic: string;
+  sizeBytes: number;
+  uuids: Uuids;
+  flags: MetaFlags;
+  disk: DiskState;
+  primarySince: number;
+  activityLog: number[];
+  bitmap: string;
+}
+
+export function encodeMetadata(m: VolumeMetadata): Buffer {
+  const stored: StoredMeta = {
+    magic: MAGIC,
+    sizeBytes: m.sizeBytes,
+    uuids: m.uuids,
+    flags: m.flags,
+    disk: m.disk,
+    primarySince: m.primarySince,
+    activityLog: m.activityLog,
+    bitmap: Buffer.from(m.bitmap.bits).toString('base64'),
+  };
+  const body = Buffer.from(JSON.stringify(stored));
+  const out = Buffer.alloc(8 + body.length);
+  out.writeUInt32LE(body.length, 0);
+  out.writeUInt32LE(crc32c(body), 4);
+  body.copy(out, 8);
+  return out;
+}
+
+export function decodeMetadata(buf: Buffer, source: string): VolumeMetadata {
+  if (buf.length < 8) throw new IntegrityError(`${source}: metadata file is truncated (${buf.length} bytes)`);
+  const len = buf.readUInt32LE(0);
+  if (buf.length < 8 + len) throw new IntegrityError(`${source}: metadata file is truncated`);
+  const body = buf.subarray(8, 8 + len);
+  if (crc32c(body) !== buf.readUInt32LE(4)) throw new IntegrityError(`${source}: metadata checksum mismatch`);
+  const s = JSON.parse(body.toString('utf8')) as StoredMeta;
+  if (s.magic !== MAGIC) throw new IntegrityError(`${source}: not pairgate volume metadata`);
+  const blocks = s.sizeBytes / BLOCK_SIZE;
+  return {
+    sizeBytes: s.sizeBytes,
+    uuids: s.uuids,
+    flags: s.flags,
+    disk: s.disk,
+    primarySince: s.primarySince,
+    activityLog: s.activityLog,
+    bitmap: new Bitmap(blocks, new Uint8Array(Buffer.from(s.bitmap, 'base64'))),
+  };
+}
+
+export function readMetadata(file: string): VolumeMetadata | null {
+  if (!existsSync(file)) return null;
+  return decodeMetadata(readFileSync(file), file);
+}
+
+/** Atomic replace: the old metadata stays valid until the new one is durable. */
+export function writeMetadata(file: string, m: VolumeMetadata): void {
+  const tmp = `${file}.tmp`;
+  writeFileSync(tmp, encodeMetadata(m));
+  const fd = openSync(tmp, 'r');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, file);
+  const dfd = openSync(dirname(file), 'r');
+  try {
+    fsyncSync(dfd);
+  } finally {
+    closeSync(dfd);
+  }
+}
+
+/** Starts a new data generation (promotion while alone, or losing the peer as primary). */
+export function rotateUuids(u: Uuids): Uuids {
+  if (u.bitmap !== NO_UUID) return { ...u, current: newUuid() };
+  return { current: newUuid(), bitmap: u.current, history: u.history };
+}
+
+/** After a finished resync the bitmap UUID goes into the history. */
+export function retireBitmapUuid(u: Uuids): Uuids {
+  if (u.bitmap === NO_UUID) return u;
+  return { current: u.current, bitmap: NO_UUID, history: [u.bitmap, u.history[0]] };
+}

@@ -1,0 +1,1113 @@
+/**
+ * A DRBD-style replicated block volume: one node of a pair. The store writes through it as
+ * through any BlockDevice; on the primary each write is sent to the peer and acknowledged per
+ * the protocol (A: local disk and sent, B: the peer received it, C: both disks have it).
+ *
+ * States, as DRBD names them:
+ *   role        primary | secondary
+ *   disk        UpToDate | Inconsistent (resync target mid-way) | Failed (I/O error, detached)
+ *   connection  StandAlone (not trying: operator or split brain) | Connecting | Connected |
+ *               SyncSource | SyncTarget
+ *
+ * While disconnected, a primary records every block it writes in the out-of-sync bitmap under a
+ * new data generation UUID; on reconnect the UUIDs decide the direction (uuid-compare.ts) and
+ * only the marked blocks cross the link. Resync sends blocks in offset order, rate limited; the
+ * target is Inconsistent (and persisted so) until the last block and the final flush.
+ */
+import { EventEmitter } from 'node:events';
+import { createHash, randomBytes } from 'node:crypto';
+import net from 'node:net';
+import { BadInputError, ConflictError, ProtocolError, UnavailableError } from '../../common/errors.ts';
+import type { Logger } from '../../common/log.ts';
+import type { MetricsRegistry } from '../../common/metrics.ts';
+import { BLOCK_SIZE, FileBlockDevice, checkRange, type BlockDevice } from './block-device.ts';
+import type { VolumeConfig } from './config.ts';
+import {
+  AL_EXTENTS,
+  Bitmap,
+  EXTENT_BLOCKS,
+  NO_UUID,
+  freshMetadata,
+  readMetadata,
+  retireBitmapUuid,
+  rotateUuids,
+  writeMetadata,
+  type DiskState,
+  type Uuids,
+  type VolumeMetadata,
+} from './metadata.ts';
+import { compareUuids, splitBrainVictim, type SyncDecision } from './uuid-compare.ts';
+import { volumeMetrics, type VolumeMetrics } from './metrics.ts';
+import {
+  FrameDecoder,
+  FrameType,
+  authMatches,
+  authResponse,
+  decodeBlockWrite,
+  decodeJson,
+  decodeRange,
+  decodeSeq,
+  encodeBlockWrite,
+  encodeFrame,
+  encodeJson,
+  encodeRange,
+  encodeSeq,
+  type Frame,
+  type Hello,
+} from './wire.ts';
+
+export type Role = 'primary' | 'secondary';
+export type ConnectionState = 'StandAlone' | 'Connecting' | 'Connected' | 'SyncSource' | 'SyncTarget';
+
+/** What each node tells the other after the handshake and on every change. */
+interface PeerState {
+  name: string;
+  role: Role;
+  disk: DiskState;
+  uuids: Uuids;
+  primaryCrashed: boolean;
+  primarySince: number;
+  changes: number;
+  discardMyData: boolean;
+  /** Set when the sender starts a resync to us after an online verify. */
+  verifyResync?: boolean;
+}
+
+export interface VolumeStatus {
+  name: string;
+  node: string;
+  role: Role;
+  disk: DiskState;
+  connection: ConnectionState;
+  protocol: 'A' | 'B' | 'C';
+  splitBrain: boolean;
+  sizeBytes: number;
+  outOfSyncBytes: number;
+  peer: { name: string; role: Role; disk: DiskState } | null;
+  resync: { direction: 'source' | 'target'; totalBytes: number; bytesLeft: number; rateBytesPerSec: number; etaSec: number | null } | null;
+  uuids: Uuids;
+  lastDecision: { decision: SyncDecision; rule: number } | null;
+  stats: { dataBytesSent: number; resyncBytesSent: number; resyncBytesReceived: number; framesRejected: number; verifiedBlocks: number; verifyOutOfSync: number };
+}
+
+interface PendingWrite {
+  first: number;
+  blocks: number;
+  needsPeer: 'none' | 'recv' | 'write';
+  done: () => void;
+}
+
+interface Link {
+  socket: net.Socket;
+  decoder: FrameDecoder;
+  sendSeq: number;
+  myNonce: string;
+  peerHello: Hello | null;
+  authSent: boolean;
+  authenticated: boolean;
+  peerState: PeerState | null;
+  peerBitmap: Uint8Array | null;
+  lastHeard: number;
+  decided: boolean;
+  closed: boolean;
+  handshakeTimer: NodeJS.Timeout | null;
+}
+
+const RESYNC_RUN_BLOCKS = 64;
+const RESYNC_WINDOW_BYTES = 8 * 1024 * 1024;
+const VERIFY_RUN_BLOCKS = 256;
+const META_FLUSH_MS = 1000;
+
+function sha(data: Buffer): Buffer {
+  return createHash('sha256').update(data).digest();
+}
+
+export class ReplicatedVolume extends EventEmitter implements BlockDevice {
+  readonly size: number;
+  readonly nodeName: string;
+  private role: Role = 'secondary';
+  private connection: ConnectionState = 'Connecting';
+  private splitBrain = false;
+  private discardMyData = false;
+  private link: Link | null = null;
+  private server: net.Server | null = null;
+  private reconnectTimer: NodeJS.Timeout | null = null;
+  private pingTimer: NodeJS.Timeout | null = null;
+  private metaTimer: NodeJS.Timeout | null = null;
+  private metaDirty = false;
+  private closed = false;
+  private dataSeq = 0;
+  private readonly pending = new Map<number, PendingWrite>();
+  private resyncState: { direction: 'source' | 'target'; totalBytes: number; startedAt: number; sent: number; inFlight: number; ackWaiters: Array<() => void> } | null = null;
+  private lastDecision: { decision: SyncDecision; rule: number } | null = null;
+  private verifyWaiters = new Map<number, (digests: Buffer) => void>();
+  private applyChain: Promise<void> = Promise.resolve();
+  private readonly metrics: VolumeMetrics;
+  private readonly stats = { dataBytesSent: 0, resyncBytesSent: 0, resyncBytesReceived: 0, framesRejected: 0, verifiedBlocks: 0, verifyOutOfSync: 0 };
+  private rateWindow = { at: Date.now(), bytes: 0, rate: 0 };
+
+  private constructor(
+    private readonly config: VolumeConfig,
+    private readonly dev: FileBlockDevice,
+    private meta: VolumeMetadata,
+    private readonly log: Logger,
+    registry: MetricsRegistry,
+  ) {
+    super();
+    this.size = config.sizeBytes;
+    this.nodeName = config.listen;
+    this.metrics = volumeMetrics(registry, config.name);
+    // A primary that stopped without demoting may have had writes in flight in its hot extents.
+    if (meta.flags.primaryCrashed) {
+      for (const e of meta.activityLog) meta.bitmap.setRange(e * EXTENT_BLOCKS, EXTENT_BLOCKS);
+      log.warn({ extents: meta.activityLog.length }, 'volume: this node crashed as primary; its activity-log extents will be resynced');
+    }
+  }
+
+  /** Opens (creating when missing) the data and metadata files, then starts the link. */
+  static async open(config: VolumeConfig, deps: { log: Logger; registry: MetricsRegistry }): Promise<ReplicatedVolume> {
+    let meta = readMetadata(config.metaFile);
+    if (meta && meta.sizeBytes !== config.sizeBytes) {
+      throw new BadInputError(`volume ${config.name}: ${config.metaFile} describes ${meta.sizeBytes} bytes but the config says ${config.sizeBytes}`);
+    }
+    if (!meta) {
+      meta = freshMetadata(config.sizeBytes);
+      writeMetadata(config.metaFile, meta);
+      deps.log.info({ volume: config.name, sizeBytes: config.sizeBytes }, 'volume: created new metadata');
+    }
+    const dev = await FileBlockDevice.open(config.dataFile, { size: config.sizeBytes, create: true });
+    const v = new ReplicatedVolume(config, dev, meta, deps.log, deps.registry);
+    await v.startLink();
+    v.metaTimer = setInterval(() => void v.flushMetaIfDirty(), META_FLUSH_MS);
+    v.metaTimer.unref();
+    v.updateGauges();
+    return v;
+  }
+
+  // --- the BlockDevice the store uses ------------------------------------------------------
+
+  get writable(): boolean {
+    return this.role === 'primary' && this.meta.disk === 'UpToDate' && !this.closed;
+  }
+
+  private checkUsable(what: string): void {
+    if (this.closed) throw new UnavailableError(`volume ${this.config.name} is closed`);
+    if (this.role !== 'primary') throw new UnavailableError(`volume ${this.config.name} is secondary: no ${what}`);
+    if (this.meta.disk !== 'UpToDate') throw new UnavailableError(`volume ${this.config.name}: disk is ${this.meta.disk}: no ${what}`);
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    checkRange(this.size, offset, length, false);
+    this.checkUsable('reads');
+    try {
+      return await this.dev.read(offset, length);
+    } catch (err) {
+      throw this.diskFailed(err);
+    }
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    checkRange(this.size, offset, data.length, true);
+    this.checkUsable('writes');
+    const started = process.hrtime.bigint();
+    const first = offset / BLOCK_SIZE;
+    const blocks = data.length / BLOCK_SIZE;
+    this.coverActivityLog(first, blocks);
+    const link = this.replicating() ? this.link : null;
+    let peerDone: Promise<void> = Promise.resolve();
+    if (link) {
+      // The DATA frame carries whole blocks: once sent, these blocks are the peer's business; a
+      // lost link puts them back in the bitmap (pending writes are re-marked on disconnect).
+      this.meta.bitmap.clearRange(first, blocks);
+      const seq = ++this.dataSeq;
+      const needsPeer = this.config.protocol === 'A' ? 'none' : this.config.protocol === 'B' ? 'recv' : 'write';
+      if (needsPeer !== 'none') {
+        peerDone = new Promise<void>((resolve) => this.pending.set(seq, { first, blocks, needsPeer, done: resolve }));
+      }
+      this.send(link, FrameType.Data, seq, encodeBlockWrite(offset, data));
+      this.stats.dataBytesSent += data.length;
+      this.metrics.bytesSent('data', data.length);
+    } else {
+      this.meta.bitmap.setRange(first, blocks);
+      this.metaDirty = true;
+    }
+    try {
+      await this.dev.writeNoSync(offset, data);
+      await this.dev.flush();
+    } catch (err) {
+      throw this.diskFailed(err);
+    }
+    await peerDone;
+    this.metrics.writes.inc();
+    this.metrics.writeSeconds.observe(Number(process.hrtime.bigint() - started) / 1e9);
+    this.updateGauges();
+  }
+
+  async flush(): Promise<void> {
+    if (this.meta.disk === 'Failed') throw new UnavailableError(`volume ${this.config.name}: disk failed`);
+    try {
+      await this.dev.flush();
+    } catch (err) {
+      throw this.diskFailed(err);
+    }
+  }
+
+  /** An I/O error on the local disk: detach (disk Failed), say so, and never acknowledge the write. */
+  private diskFailed(err: unknown): Error {
+    if (this.meta.disk !== 'Failed') {
+      this.meta.disk = 'Failed';
+      this.log.error({ volume: this.config.name, err: (err as Error).message }, 'volume: local disk I/O error: disk detached (Failed)');
+      this.emit('disk', 'Failed');
+      this.sendState();
+      this.updateGauges();
+    }
+    return new UnavailableError(`volume ${this.config.name}: local disk failed: ${(err as Error).message}`, { cause: err });
+  }
+
+  private replicating(): boolean {
+    return this.link !== null && this.link.decided && (this.connection === 'Connected' || this.connection === 'SyncSource');
+  }
+
+  // --- activity log ------------------------------------------------------------------------
+
+  /** Before a write lands in an extent the persisted activity log does not cover, persist it. */
+  private coverActivityLog(first: number, blocks: number): void {
+    const al = this.meta.activityLog;
+    let changed = false;
+    for (let e = Math.floor(first / EXTENT_BLOCKS); e <= Math.floor((first + blocks - 1) / EXTENT_BLOCKS); e++) {
+      const i = al.indexOf(e);
+      if (i >= 0) {
+        if (i !== al.length - 1) {
+          al.splice(i, 1);
+          al.push(e);
+        }
+        continue;
+      }
+      al.push(e);
+      if (al.length > AL_EXTENTS) al.shift();
+      changed = true;
+    }
+    if (changed) this.persistMeta();
+  }
+
+  // --- roles -------------------------------------------------------------------------------
+
+  async promote(opts: { force?: boolean } = {}): Promise<VolumeStatus> {
+    if (this.closed) throw new UnavailableError('volume is closed');
+    if (this.role === 'primary') return this.status();
+    const peer = this.link?.decided ? this.link.peerState : null;
+    if (peer?.role === 'primary') throw new ConflictError(`volume ${this.config.name}: the peer is primary; two primaries are never allowed`);
+    if (this.meta.disk === 'Failed') throw new ConflictError(`volume ${this.config.name}: disk failed; cannot promote`);
+    if (this.meta.disk !== 'UpToDate') {
+      if (!opts.force) throw new ConflictError(`volume ${this.config.name}: local data is ${this.meta.disk}; promote with force only if you know the peer's data is lost`);
+      if (this.connection === 'SyncTarget') throw new ConflictError('cannot force a promotion in the middle of a resync from the peer');
+      this.log.warn({ volume: this.config.name, disk: this.meta.disk }, 'volume: forced promotion of data that is not UpToDate');
+      this.meta.disk = 'UpToDate';
+      this.meta.flags.consistent = true;
+    }
+    if (!this.replicating()) {
+      // Alone: a new data generation starts here, and the bitmap records it.
+      this.meta.uuids = rotateUuids(this.meta.uuids);
+      this.meta.primarySince = Date.now();
+    }
+    this.role = 'primary';
+    this.meta.flags.primaryEver = true;
+    this.meta.flags.primaryCrashed = true;
+    this.persistMeta();
+    this.log.info({ volume: this.config.name, uuid: this.meta.uuids.current, connection: this.connection }, 'volume: promoted to primary');
+    this.sendState();
+    this.emit('role', 'primary');
+    this.updateGauges();
+    return this.status();
+  }
+
+  async demote(): Promise<VolumeStatus> {
+    if (this.role === 'secondary') return this.status();
+    await this.dev.flush().catch(() => undefined);
+    // Writes still waiting for the peer are complete locally; they resolve now.
+    this.role = 'secondary';
+    this.meta.flags.primaryCrashed = false;
+    this.meta.activityLog = [];
+    this.persistMeta();
+    this.log.info({ volume: this.config.name }, 'volume: demoted to secondary');
+    this.sendState();
+    this.emit('role', 'secondary');
+    this.updateGauges();
+    return this.status();
+  }
+
+  /** Stop trying to connect (StandAlone) and drop the link. */
+  disconnect(): VolumeStatus {
+    this.connection = 'StandAlone';
+    if (this.link) this.dropLink(this.link, 'disconnected by the operator', true);
+    this.emit('connection', this.connection);
+    this.updateGauges();
+    return this.status();
+  }
+
+  /** Try to connect again (after `disconnect`, a split brain or an unrelated peer). */
+  connect(): VolumeStatus {
+    if (this.connection === 'StandAlone') {
+      this.connection = 'Connecting';
+      this.emit('connection', this.connection);
+      this.scheduleConnect(0);
+    }
+    return this.status();
+  }
+
+  /**
+   * Settles a split brain by hand on the node whose changes are to be dropped: it becomes the
+   * sync target of the peer at the next connection.
+   */
+  resolve(opts: { discardMyData: boolean }): VolumeStatus {
+    if (!opts.discardMyData) throw new BadInputError('resolve needs --discard-my-data on the node whose changes are dropped');
+    if (this.role === 'primary') throw new ConflictError('demote this node before discarding its data');
+    this.discardMyData = true;
+    this.log.warn({ volume: this.config.name }, 'volume: operator chose to discard this node\'s data at the next connection');
+    return this.connect();
+  }
+
+  // --- status ------------------------------------------------------------------------------
+
+  status(): VolumeStatus {
+    const peer = this.link?.decided && this.link.peerState ? { name: this.link.peerState.name, role: this.link.peerState.role, disk: this.link.peerState.disk } : null;
+    const outOfSyncBytes = this.meta.bitmap.setCount * BLOCK_SIZE;
+    let resync: VolumeStatus['resync'] = null;
+    if (this.resyncState) {
+      const rate = this.rateWindow.rate;
+      resync = {
+        direction: this.resyncState.direction,
+        totalBytes: this.resyncState.totalBytes,
+        bytesLeft: outOfSyncBytes,
+        rateBytesPerSec: Math.round(rate),
+        etaSec: rate > 0 ? Math.round((outOfSyncBytes / rate) * 10) / 10 : null,
+      };
+    }
+    return {
+      name: this.config.name,
+      node: this.nodeName,
+      role: this.role,
+      disk: this.meta.disk,
+      connection: this.connection,
+      protocol: this.config.protocol,
+      splitBrain: this.splitBrain,
+      sizeBytes: this.size,
+      outOfSyncBytes,
+      peer,
+      resync,
+      uuids: { ...this.meta.uuids, history: [...this.meta.uuids.history] as [string, string] },
+      lastDecision: this.lastDecision,
+      stats: { ...this.stats },
+    };
+  }
+
+  private updateGauges(): void {
+    const s = this.status();
+    this.metrics.role.set(s.role === 'primary' ? 1 : 0);
+    this.metrics.connected.set(s.connection === 'StandAlone' || s.connection === 'Connecting' ? 0 : 1);
+    this.metrics.outOfSync.set(s.outOfSyncBytes);
+    this.metrics.resyncRate.set(s.resync?.rateBytesPerSec ?? 0);
+    this.metrics.resyncProgress.set(s.resync ? 1 - s.resync.bytesLeft / Math.max(1, s.resync.totalBytes) : 1);
+    this.metrics.diskUpToDate.set(s.disk === 'UpToDate' ? 1 : 0);
+    this.metrics.splitBrain.set(s.splitBrain ? 1 : 0);
+  }
+
+  // --- metadata ----------------------------------------------------------------------------
+
+  private persistMeta(): void {
+    try {
+      writeMetadata(this.config.metaFile, this.meta);
+      this.metaDirty = false;
+    } catch (err) {
+      this.diskFailed(err);
+    }
+  }
+
+  private async flushMetaIfDirty(): Promise<void> {
+    this.updateGauges();
+    if (!this.metaDirty || this.closed) return;
+    // Data first: a bit is only cleared on disk once the block it covers is durable.
+    await this.dev.flush().catch(() => undefined);
+    this.persistMeta();
+  }
+
+  // --- the link ----------------------------------------------------------------------------
+
+  private splitHostPort(hp: string): { host: string; port: number } {
+    const i = hp.lastIndexOf(':');
+    return { host: hp.slice(0, i).replace(/^\[|\]$/g, ''), port: Number(hp.slice(i + 1)) };
+  }
+
+  /** The node with the lower address dials; the other only accepts (no crossed connections). */
+  private get dials(): boolean {
+    return this.config.listen < this.config.peer;
+  }
+
+  private async startLink(): Promise<void> {
+    const { host, port } = this.splitHostPort(this.config.listen);
+    this.server = net.createServer((socket) => this.accepted(socket));
+    this.server.on('error', (err) => this.log.error({ err: err.message }, 'volume: replication listener error'));
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen(port, host, () => {
+        this.server!.off('error', reject);
+        resolve();
+      });
+    });
+    this.log.info({ volume: this.config.name, listen: this.config.listen, peer: this.config.peer, protocol: this.config.protocol }, 'volume: replication link listening');
+    this.pingTimer = setInterval(() => this.tick(), this.config.pingIntervalMs);
+    this.pingTimer.unref();
+    this.scheduleConnect(0);
+  }
+
+  get replicationAddress(): net.AddressInfo | null {
+    const a = this.server?.address();
+    return a && typeof a === 'object' ? a : null;
+  }
+
+  private scheduleConnect(delay: number): void {
+    if (!this.dials || this.closed || this.reconnectTimer || this.link || this.connection === 'StandAlone') return;
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = null;
+      this.dial();
+    }, delay);
+    this.reconnectTimer.unref();
+  }
+
+  private dial(): void {
+    if (this.link || this.closed || this.connection === 'StandAlone') return;
+    const { host, port } = this.splitHostPort(this.config.peer);
+    const socket = net.connect({ host, port });
+    const timer = setTimeout(() => socket.destroy(new Error('connect timeout')), this.config.connectTimeoutMs);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      this.startHandshake(socket);
+    });
+    socket.once('error', () => {
+      clearTimeout(timer);
+      if (!this.link || this.link.socket === socket) this.scheduleConnect(this.config.reconnectMs);
+    });
+  }
+
+  private accepted(socket: net.Socket): void {
+    if (this.closed || this.link || this.connection === 'StandAlone') {
+      socket.destroy();
+      return;
+    }
+    this.startHandshake(socket);
+  }
+
+  private startHandshake(socket: net.Socket): void {
+    if (this.link) {
+      socket.destroy();
+      return;
+    }
+    socket.setNoDelay(true);
+    socket.setKeepAlive(true, 1000);
+    const link: Link = {
+      socket,
+      decoder: new FrameDecoder(),
+      sendSeq: 0,
+      myNonce: randomBytes(32).toString('hex'),
+      peerHello: null,
+      authSent: false,
+      authenticated: false,
+      peerState: null,
+      peerBitmap: null,
+      lastHeard: Date.now(),
+      decided: false,
+      closed: false,
+      handshakeTimer: null,
+    };
+    this.link = link;
+    link.handshakeTimer = setTimeout(() => this.dropLink(link, 'handshake timed out'), Math.max(2000, this.config.connectTimeoutMs * 2));
+    socket.on('data', (chunk: Buffer) => this.onData(link, chunk));
+    socket.on('error', (err) => this.dropLink(link, `socket error: ${err.message}`));
+    socket.on('close', () => this.dropLink(link, link.decoder.pending ? `peer closed the link mid-frame (${link.decoder.pending} bytes pending)` : 'peer closed the link'));
+    const hello: Hello = { proto: 1, volume: this.config.name, node: this.nodeName, sizeBytes: this.size, nonce: link.myNonce };
+    this.send(link, FrameType.Hello, 0, encodeJson(hello));
+  }
+
+  private send(link: Link, type: FrameType, seq: number, payload?: Buffer | Buffer[]): void {
+    if (link.closed) return;
+    const body = Array.isArray(payload) ? Buffer.concat(payload) : payload;
+    for (const part of encodeFrame(type, seq || ++link.sendSeq, body)) link.socket.write(part);
+  }
+
+  private reject(link: Link, reason: string, detail: string): void {
+    this.stats.framesRejected++;
+    this.metrics.framesRejected(reason);
+    this.dropLink(link, `${reason}: ${detail}`);
+  }
+
+  private onData(link: Link, chunk: Buffer): void {
+    if (link.closed) return;
+    let frames: Frame[];
+    try {
+      frames = link.decoder.push(chunk);
+    } catch (err) {
+      this.reject(link, 'bad-frame', (err as Error).message);
+      return;
+    }
+    link.lastHeard = Date.now();
+    for (const f of frames) {
+      if (link.closed) return;
+      try {
+        this.onFrame(link, f);
+      } catch (err) {
+        this.reject(link, err instanceof ProtocolError ? 'protocol' : 'error', (err as Error).message);
+        return;
+      }
+    }
+  }
+
+  private onFrame(link: Link, f: Frame): void {
+    if (!link.authenticated) {
+      if (f.type === FrameType.Hello) {
+        if (link.peerHello) throw new ProtocolError('second HELLO');
+        const hello = decodeJson<Hello>(f.payload, 'HELLO');
+        if (hello.proto !== 1 || typeof hello.nonce !== 'string' || hello.nonce.length !== 64) throw new ProtocolError('malformed HELLO');
+        if (hello.volume !== this.config.name) throw new ProtocolError(`peer serves volume ${hello.volume}, not ${this.config.name}`);
+        if (hello.sizeBytes !== this.size) throw new ProtocolError(`peer volume is ${hello.sizeBytes} bytes, this one ${this.size}`);
+        link.peerHello = hello;
+        this.send(link, FrameType.Auth, 0, authResponse(this.config.secret, this.config.name, hello.nonce, link.myNonce));
+        link.authSent = true;
+        return;
+      }
+      if (f.type === FrameType.Auth && link.peerHello) {
+        const expected = authResponse(this.config.secret, this.config.name, link.myNonce, link.peerHello.nonce);
+        if (!authMatches(expected, f.payload)) {
+          this.stats.framesRejected++;
+          this.metrics.framesRejected('auth');
+          this.dropLink(link, 'peer failed the HMAC handshake (wrong secret, or not our peer)');
+          return;
+        }
+        link.authenticated = true;
+        if (link.handshakeTimer) clearTimeout(link.handshakeTimer);
+        this.log.info({ volume: this.config.name, peer: link.peerHello.node }, 'volume: peer authenticated');
+        this.sendState(true);
+        return;
+      }
+      throw new ProtocolError(`frame type ${f.type} before the handshake finished`);
+    }
+    switch (f.type) {
+      case FrameType.State: {
+        const st = decodeJson<PeerState>(f.payload, 'STATE');
+        link.peerState = st;
+        if (!link.decided) {
+          if (link.peerBitmap) this.decide(link);
+        } else {
+          if (st.verifyResync) this.becomeTarget(link, 'verify');
+          this.emit('peer', st);
+        }
+        return;
+      }
+      case FrameType.Bitmap: {
+        const want = Math.ceil(this.size / BLOCK_SIZE / 8);
+        if (f.payload.length !== want) throw new ProtocolError(`bitmap of ${f.payload.length} bytes, expected ${want}`);
+        link.peerBitmap = new Uint8Array(f.payload);
+        if (link.decided) {
+          // After a verify: the peer's marks are blocks we are about to receive.
+          this.meta.bitmap.merge(link.peerBitmap);
+          this.metaDirty = true;
+          return;
+        }
+        if (link.peerState) this.decide(link);
+        return;
+      }
+      case FrameType.Data:
+        return this.onPeerWrite(link, f, false);
+      case FrameType.ResyncData:
+        return this.onPeerWrite(link, f, true);
+      case FrameType.RecvAck:
+      case FrameType.WriteAck: {
+        const seq = decodeSeq(f.payload);
+        const p = this.pending.get(seq);
+        if (!p) return;
+        if (f.type === FrameType.RecvAck && p.needsPeer !== 'recv') return;
+        this.pending.delete(seq);
+        p.done();
+        return;
+      }
+      case FrameType.NegAck: {
+        // The peer could not write the block: it stays out of sync until the next resync.
+        const seq = decodeSeq(f.payload);
+        const p = this.pending.get(seq);
+        if (p) {
+          this.pending.delete(seq);
+          this.meta.bitmap.setRange(p.first, p.blocks);
+          this.metaDirty = true;
+          p.done();
+        }
+        return;
+      }
+      case FrameType.ResyncAck: {
+        const r = decodeRange(f.payload);
+        if (this.resyncState?.direction !== 'source') return;
+        this.resyncState.inFlight -= r.count;
+        // Cleared only now: a block sent but never acknowledged stays out of sync.
+        this.meta.bitmap.clearRange(r.offset / BLOCK_SIZE, r.count / BLOCK_SIZE);
+        this.metaDirty = true;
+        for (const w of this.resyncState.ackWaiters.splice(0)) w();
+        return;
+      }
+      case FrameType.ResyncDone:
+        return this.onResyncDone(link, decodeJson<{ uuids: Uuids }>(f.payload, 'RESYNC DONE').uuids);
+      case FrameType.VerifyRequest: {
+        const r = decodeRange(f.payload);
+        if (r.offset % BLOCK_SIZE !== 0 || r.offset + r.count * BLOCK_SIZE > this.size) throw new ProtocolError(`verify range ${r.offset}+${r.count} blocks is past the volume`);
+        this.answerVerify(link, f.seq, r.offset, r.count).catch((err) => this.dropLink(link, `verify: ${(err as Error).message}`));
+        return;
+      }
+      case FrameType.VerifyReply: {
+        const w = this.verifyWaiters.get(f.seq);
+        if (w) {
+          this.verifyWaiters.delete(f.seq);
+          w(f.payload);
+        }
+        return;
+      }
+      case FrameType.Ping:
+        this.send(link, FrameType.Pong, 0);
+        return;
+      case FrameType.Pong:
+        return;
+      case FrameType.Disconnect:
+        this.dropLink(link, `peer disconnected: ${decodeJson<{ reason: string }>(f.payload, 'DISCONNECT').reason}`);
+        return;
+      default:
+        throw new ProtocolError(`unexpected frame type ${f.type}`);
+    }
+  }
+
+  private myState(extra: Partial<PeerState> = {}): PeerState {
+    return {
+      name: this.nodeName,
+      role: this.role,
+      disk: this.meta.disk,
+      uuids: this.meta.uuids,
+      primaryCrashed: this.meta.flags.primaryCrashed,
+      primarySince: this.meta.primarySince,
+      changes: this.meta.bitmap.setCount,
+      discardMyData: this.discardMyData,
+      ...extra,
+    };
+  }
+
+  private sendState(withBitmap = false, extra: Partial<PeerState> = {}): void {
+    const link = this.link;
+    if (!link?.authenticated) return;
+    this.send(link, FrameType.State, 0, encodeJson(this.myState(extra)));
+    if (withBitmap) this.send(link, FrameType.Bitmap, 0, Buffer.from(this.meta.bitmap.bits));
+  }
+
+  /** Both sides run this on the same pair of states and reach mirror-image decisions. */
+  private decide(link: Link): void {
+    const peer = link.peerState!;
+    link.decided = true;
+    const self = this.myState();
+    let { decision, rule } = compareUuids(
+      { uuids: self.uuids, primaryCrashed: self.primaryCrashed, name: self.name },
+      { uuids: peer.uuids, primaryCrashed: peer.primaryCrashed, name: peer.name },
+    );
+    if (this.role === 'primary' && peer.role === 'primary') {
+      decision = 'split-brain';
+      rule = 200;
+    }
+    if (peer.disk === 'Failed' || this.meta.disk === 'Failed') decision = 'no-sync';
+    // An Inconsistent side (a resync cut short) never serves as a source.
+    if (this.meta.disk === 'Inconsistent' && (decision === 'source' || decision === 'source-full' || decision === 'no-sync') && peer.disk === 'UpToDate') decision = 'target';
+    if (peer.disk === 'Inconsistent' && (decision === 'target' || decision === 'target-full' || decision === 'no-sync') && this.meta.disk === 'UpToDate') decision = 'source';
+    this.lastDecision = { decision, rule };
+    this.log.info({ volume: this.config.name, decision, rule, self: self.uuids, peer: peer.uuids }, 'volume: connected; UUIDs compared');
+
+    if (decision === 'split-brain' || (this.discardMyData !== peer.discardMyData && decision !== 'unrelated')) {
+      const victim = this.discardMyData !== peer.discardMyData
+        ? (this.discardMyData ? 'self' : 'peer')
+        : splitBrainVictim(
+            { changes: self.changes, primary: self.role === 'primary', primarySince: self.primarySince, name: self.name },
+            { changes: peer.changes, primary: peer.role === 'primary', primarySince: peer.primarySince, name: peer.name },
+            { afterSb0Pri: this.config.afterSb0Pri, afterSb1Pri: this.config.afterSb1Pri },
+          );
+      if (decision === 'split-brain') {
+        this.metrics.splitBrains.inc();
+        this.log.error({ volume: this.config.name, rule, victim, policy: { afterSb0Pri: this.config.afterSb0Pri, afterSb1Pri: this.config.afterSb1Pri } }, 'volume: SPLIT BRAIN detected');
+      }
+      if (victim === null) {
+        this.splitBrain = true;
+        this.connection = 'StandAlone';
+        this.dropLink(link, 'split brain: waiting for the operator (pairgate volume resolve --discard-my-data on the node to discard)', true);
+        this.emit('connection', this.connection);
+        return;
+      }
+      if (victim === 'self' && this.role === 'primary') {
+        this.splitBrain = true;
+        this.connection = 'StandAlone';
+        this.dropLink(link, 'split brain: this primary would be discarded; demote it first', true);
+        this.emit('connection', this.connection);
+        return;
+      }
+      this.log.warn({ volume: this.config.name, discarded: victim === 'self' ? 'this node' : 'the peer' }, 'volume: split brain resolved by policy: the changes of one side are discarded');
+      this.splitBrain = false;
+      if (victim === 'self') this.becomeTarget(link, 'split-brain');
+      else void this.runResyncSource(link, false);
+      return;
+    }
+    switch (decision) {
+      case 'unrelated':
+        this.connection = 'StandAlone';
+        this.dropLink(link, 'peer has unrelated data (no common generation): refusing to connect; check the configuration', true);
+        this.emit('connection', this.connection);
+        return;
+      case 'no-sync':
+        if (rule === 10) {
+          // Two fresh volumes: both leave the "just created" state with the same first
+          // generation, derived from the handshake's two nonces (no extra round trip).
+          const nonces = [link.myNonce, link.peerHello!.nonce].sort().join('');
+          this.meta.uuids = { current: createHash('sha256').update(nonces).digest('hex').slice(0, 16), bitmap: NO_UUID, history: [NO_UUID, NO_UUID] };
+          this.persistMeta();
+        }
+        this.meta.bitmap.clearAll();
+        this.meta.flags.primaryCrashed = this.role === 'primary';
+        this.metaDirty = true;
+        this.setConnection('Connected');
+        return;
+      case 'source':
+      case 'source-full':
+        void this.runResyncSource(link, decision === 'source-full');
+        return;
+      case 'target':
+      case 'target-full':
+        if (this.role === 'primary') {
+          this.connection = 'StandAlone';
+          this.dropLink(link, 'the peer has newer data but this node is primary: refusing to become a sync target', true);
+          this.emit('connection', this.connection);
+          return;
+        }
+        this.becomeTarget(link, decision);
+        return;
+      default:
+        return;
+    }
+  }
+
+  private setConnection(c: ConnectionState): void {
+    if (this.connection === c) return;
+    this.connection = c;
+    this.log.info({ volume: this.config.name, connection: c }, 'volume: connection state');
+    this.emit('connection', c);
+    this.updateGauges();
+  }
+
+  // --- resync ------------------------------------------------------------------------------
+
+  private becomeTarget(link: Link, why: string): void {
+    const full = why === 'target-full' || (why === 'split-brain' && this.lastDecision?.rule === 100);
+    if (full) this.meta.bitmap.setAll();
+    else if (link.peerBitmap) this.meta.bitmap.merge(link.peerBitmap);
+    this.meta.disk = 'Inconsistent';
+    this.meta.flags.consistent = false;
+    this.persistMeta();
+    this.resyncState = { direction: 'target', totalBytes: this.meta.bitmap.setCount * BLOCK_SIZE, startedAt: Date.now(), sent: 0, inFlight: 0, ackWaiters: [] };
+    this.rateWindow = { at: Date.now(), bytes: 0, rate: 0 };
+    this.log.info({ volume: this.config.name, why, bytes: this.resyncState.totalBytes }, 'volume: sync target (Inconsistent until done)');
+    this.setConnection('SyncTarget');
+    this.emit('disk', this.meta.disk);
+    this.emit('sync', this.status().resync);
+  }
+
+  private async runResyncSource(link: Link, full: boolean): Promise<void> {
+    const bm = this.meta.bitmap;
+    if (full) bm.setAll();
+    else if (link.peerBitmap) bm.merge(link.peerBitmap);
+    this.metaDirty = true;
+    this.resyncState = { direction: 'source', totalBytes: bm.setCount * BLOCK_SIZE, startedAt: Date.now(), sent: 0, inFlight: 0, ackWaiters: [] };
+    this.rateWindow = { at: Date.now(), bytes: 0, rate: 0 };
+    this.setConnection('SyncSource');
+    this.log.info({ volume: this.config.name, bytes: this.resyncState.totalBytes, full }, 'volume: sync source');
+    this.emit('sync', this.status().resync);
+    const blocks = this.size / BLOCK_SIZE;
+    const rate = this.config.resyncRateBytesPerSec;
+    const state = this.resyncState;
+    try {
+      let cursor = 0;
+      for (;;) {
+        if (link.closed || this.link !== link) return;
+        const first = bm.next(cursor);
+        if (first < 0) {
+          // Everything sent: wait for the acks; blocks re-marked meanwhile start another pass.
+          while (state.inFlight > 0 && !link.closed) await new Promise<void>((r) => state.ackWaiters.push(r));
+          if (link.closed) return;
+          if (bm.setCount === 0) break;
+          cursor = 0;
+          continue;
+        }
+        let n = 1;
+        while (n < RESYNC_RUN_BLOCKS && first + n < blocks && bm.get(first + n)) n++;
+        cursor = first + n;
+        while (state.inFlight >= RESYNC_WINDOW_BYTES && !link.closed) await new Promise<void>((r) => state.ackWaiters.push(r));
+        // Rate limit: never ahead of rate × elapsed.
+        const due = state.startedAt + (state.sent / rate) * 1000;
+        if (due > Date.now()) await new Promise((r) => setTimeout(r, Math.min(1000, due - Date.now())));
+        let data: Buffer;
+        try {
+          data = await this.dev.read(first * BLOCK_SIZE, n * BLOCK_SIZE);
+        } catch (err) {
+          this.diskFailed(err);
+          this.dropLink(link, 'local disk failed during resync');
+          return;
+        }
+        if (link.closed || this.link !== link) return;
+        // A write that started after the run was chosen cleared its blocks' bits and sent them
+        // itself; only blocks still marked go out, as runs of consecutive blocks.
+        let i = 0;
+        while (i < n) {
+          if (!bm.get(first + i)) {
+            i++;
+            continue;
+          }
+          let j = i;
+          while (j < n && bm.get(first + j)) j++;
+          const offset = (first + i) * BLOCK_SIZE;
+          const chunk = data.subarray(i * BLOCK_SIZE, j * BLOCK_SIZE);
+          this.send(link, FrameType.ResyncData, 0, encodeBlockWrite(offset, chunk));
+          state.inFlight += chunk.length;
+          state.sent += chunk.length;
+          this.stats.resyncBytesSent += chunk.length;
+          this.metrics.bytesSent('resync', chunk.length);
+          this.countRate(chunk.length);
+          i = j;
+        }
+      }
+      this.meta.uuids = retireBitmapUuid(this.meta.uuids);
+      if (this.role !== 'primary') this.meta.flags.primaryCrashed = false;
+      this.persistMeta();
+      this.send(link, FrameType.ResyncDone, 0, encodeJson({ uuids: this.meta.uuids }));
+      this.log.info({ volume: this.config.name, bytes: state.totalBytes, ms: Date.now() - state.startedAt }, 'volume: resync done (source)');
+      this.resyncState = null;
+      this.setConnection('Connected');
+      this.emit('sync', null);
+    } catch (err) {
+      this.log.error({ err: (err as Error).message }, 'volume: resync failed');
+      this.dropLink(link, 'resync failed');
+    }
+  }
+
+  private countRate(bytes: number): void {
+    const w = this.rateWindow;
+    w.bytes += bytes;
+    const now = Date.now();
+    if (now - w.at >= 500) {
+      w.rate = (w.bytes * 1000) / (now - w.at);
+      w.at = now;
+      w.bytes = 0;
+    }
+  }
+
+  private onPeerWrite(link: Link, f: Frame, resync: boolean): void {
+    if (this.role === 'primary') throw new ProtocolError('peer sent a write to a primary (two primaries?)');
+    const { offset, data } = decodeBlockWrite(f.payload);
+    if (offset % BLOCK_SIZE !== 0 || data.length % BLOCK_SIZE !== 0 || data.length === 0) throw new ProtocolError(`unaligned write ${offset}+${data.length}`);
+    if (offset + data.length > this.size) throw new ProtocolError(`write ${offset}+${data.length} is past the end of the volume (${this.size})`);
+    if (resync && this.connection !== 'SyncTarget') throw new ProtocolError('resync data while not a sync target');
+    const seq = f.seq;
+    if (!resync && this.config.protocol === 'B') this.send(link, FrameType.RecvAck, 0, encodeSeq(seq));
+    // One queue keeps the peer's order: a later write to a block always lands last.
+    this.applyChain = this.applyChain.then(async () => {
+      if (this.meta.disk === 'Failed') {
+        if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
+        return;
+      }
+      try {
+        await this.dev.writeNoSync(offset, data);
+      } catch (err) {
+        this.diskFailed(err);
+        if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
+        return;
+      }
+      this.meta.bitmap.clearRange(offset / BLOCK_SIZE, data.length / BLOCK_SIZE);
+      this.metaDirty = true;
+      if (resync) {
+        this.stats.resyncBytesReceived += data.length;
+        this.countRate(data.length);
+        this.send(link, FrameType.ResyncAck, 0, encodeRange(offset, data.length));
+      } else if (this.config.protocol === 'C') {
+        // Group commit: writes arriving during one fdatasync share the next.
+        this.dev.flush().then(
+          () => this.send(link, FrameType.WriteAck, 0, encodeSeq(seq)),
+          (err) => {
+            this.diskFailed(err);
+            this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
+          },
+        );
+      }
+    });
+  }
+
+  private onResyncDone(link: Link, uuids: Uuids): void {
+    if (this.connection !== 'SyncTarget') throw new ProtocolError('RESYNC DONE while not a sync target');
+    this.applyChain = this.applyChain.then(async () => {
+      await this.dev.flush();
+      if (this.meta.bitmap.setCount !== 0) {
+        this.log.error({ left: this.meta.bitmap.setCount }, 'volume: resync ended with blocks still out of sync; staying Inconsistent');
+        this.dropLink(link, 'incomplete resync');
+        return;
+      }
+      this.meta.uuids = { current: uuids.current, bitmap: NO_UUID, history: [...uuids.history] as [string, string] };
+      this.meta.disk = 'UpToDate';
+      this.meta.flags.consistent = true;
+      this.meta.flags.primaryCrashed = false;
+      this.discardMyData = false;
+      this.splitBrain = false;
+      this.persistMeta();
+      this.log.info({ volume: this.config.name, ms: Date.now() - (this.resyncState?.startedAt ?? Date.now()) }, 'volume: resync done (target): UpToDate');
+      this.resyncState = null;
+      this.setConnection('Connected');
+      this.emit('disk', this.meta.disk);
+      this.emit('sync', null);
+    });
+  }
+
+  // --- online verify -----------------------------------------------------------------------
+
+  /**
+   * Compares every block's digest with the peer's. Differences are marked out of sync and
+   * resynced from this node at once (run it on the primary: its data wins).
+   */
+  async verify(onProgress?: (doneBlocks: number, totalBlocks: number) => void): Promise<{ checkedBlocks: number; outOfSyncBlocks: number }> {
+    const link = this.link;
+    if (!link?.decided || this.connection !== 'Connected') throw new ConflictError(`verify needs a connected peer with no resync running (connection: ${this.connection})`);
+    if (this.role === 'secondary' && link.peerState?.role === 'primary') throw new ConflictError('run verify on the primary: the verifying node is the resync source');
+    const blocks = this.size / BLOCK_SIZE;
+    const marked = new Bitmap(blocks);
+    let seq = 0;
+    for (let first = 0; first < blocks; first += VERIFY_RUN_BLOCKS) {
+      const n = Math.min(VERIFY_RUN_BLOCKS, blocks - first);
+      const reqSeq = ++seq;
+      const reply = new Promise<Buffer>((resolve, reject) => {
+        const t = setTimeout(() => {
+          this.verifyWaiters.delete(reqSeq);
+          reject(new UnavailableError('verify: the peer did not answer'));
+        }, 10_000);
+        this.verifyWaiters.set(reqSeq, (d) => {
+          clearTimeout(t);
+          resolve(d);
+        });
+      });
+      this.send(link, FrameType.VerifyRequest, reqSeq, encodeRange(first * BLOCK_SIZE, n));
+      const local = await this.dev.read(first * BLOCK_SIZE, n * BLOCK_SIZE);
+      const theirs = await reply;
+      if (link.closed) throw new UnavailableError('verify: the link dropped');
+      for (let i = 0; i < n; i++) {
+        const mine = sha(local.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE));
+        if (!mine.equals(theirs.subarray(i * 32, (i + 1) * 32))) marked.set(first + i);
+      }
+      onProgress?.(first + n, blocks);
+    }
+    this.stats.verifiedBlocks += blocks;
+    this.stats.verifyOutOfSync += marked.setCount;
+    this.metrics.verifyOutOfSync.inc(marked.setCount);
+    this.log.info({ volume: this.config.name, blocks, outOfSync: marked.setCount }, 'volume: online verify finished');
+    if (marked.setCount > 0 && this.connection === 'Connected') {
+      this.meta.bitmap.merge(marked.bits);
+      this.persistMeta();
+      // Tell the peer first (it turns sync target for these blocks), then send them.
+      this.send(link, FrameType.Bitmap, 0, Buffer.from(marked.bits));
+      this.sendState(false, { verifyResync: true });
+      link.peerBitmap = null;
+      void this.runResyncSource(link, false);
+    }
+    return { checkedBlocks: blocks, outOfSyncBlocks: marked.setCount };
+  }
+
+  private async answerVerify(link: Link, seq: number, offset: number, count: number): Promise<void> {
+    // Behind the queue of peer writes, so the digests reflect everything sent before the request.
+    await this.applyChain;
+    const data = await this.dev.read(offset, count * BLOCK_SIZE);
+    const out = Buffer.alloc(count * 32);
+    for (let i = 0; i < count; i++) sha(data.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)).copy(out, i * 32);
+    this.send(link, FrameType.VerifyReply, seq, out);
+  }
+
+  /**
+   * SHA-256 of every block of the local data (any role: it reads the backing file, not the
+   * store's view). For `pairgate volume digest`, tests and hand checks after a resync.
+   */
+  async blockDigests(): Promise<string[]> {
+    await this.applyChain.catch(() => undefined);
+    const out: string[] = [];
+    const chunk = 256 * BLOCK_SIZE;
+    for (let off = 0; off < this.size; off += chunk) {
+      const data = await this.dev.read(off, Math.min(chunk, this.size - off));
+      for (let i = 0; i < data.length; i += BLOCK_SIZE) out.push(sha(data.subarray(i, i + BLOCK_SIZE)).toString('hex').slice(0, 32));
+    }
+    return out;
+  }
+
+  // --- link loss ---------------------------------------------------------------------------
+
+  private tick(): void {
+    const link = this.link;
+    if (!link || link.closed) return;
+    if (Date.now() - link.lastHeard > this.config.pingTimeoutMs) {
+      this.dropLink(link, `no frame from the peer for ${this.config.pingTimeoutMs} ms`);
+      return;
+    }
+    if (link.authenticated) this.send(link, FrameType.Ping, 0);
+  }
+
+  private dropLink(link: Link, reason: string, tellPeer = false): void {
+    if (link.closed) return;
+    if (tellPeer && link.authenticated) this.send(link, FrameType.Disconnect, 0, encodeJson({ reason }));
+    link.closed = true;
+    if (link.handshakeTimer) clearTimeout(link.handshakeTimer);
+    link.socket.end();
+    setTimeout(() => link.socket.destroy(), 200).unref();
+    if (this.link !== link) return;
+    this.link = null;
+    const wasConnected = link.decided;
+    if (wasConnected || link.authenticated) this.log.warn({ volume: this.config.name, reason }, 'volume: replication link lost');
+    else this.log.warn({ volume: this.config.name, reason, remote: link.socket.remoteAddress }, 'volume: connection refused or failed before the handshake finished');
+    // Writes the peer never confirmed: complete locally, out of sync until the next resync.
+    for (const [seq, p] of this.pending) {
+      this.pending.delete(seq);
+      this.meta.bitmap.setRange(p.first, p.blocks);
+      p.done();
+    }
+    for (const w of this.verifyWaiters.values()) w(Buffer.alloc(0));
+    this.verifyWaiters.clear();
+    if (this.resyncState) {
+      for (const w of this.resyncState.ackWaiters.splice(0)) w();
+      this.resyncState = null;
+    }
+    if (wasConnected && this.role === 'primary') {
+      // The peer may be gone for good: a new generation starts, the bitmap tracks it.
+      this.meta.uuids = rotateUuids(this.meta.uuids);
+      this.meta.primarySince = Date.now();
+    }
+    this.metaDirty = true;
+    if (wasConnected) this.persistMeta();
+    if (this.connection !== 'StandAlone') {
+      this.setConnection('Connecting');
+      this.scheduleConnect(this.config.reconnectMs);
+    }
+    this.updateGauges();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const t of [this.reconnectTimer, this.metaTimer]) if (t) clearTimeout(t);
+    if (this.pingTimer) clearInterval(this.pingTimer);
+    if (this.metaTimer) clearInterval(this.metaTimer);
+    if (this.link) this.dropLink(this.link, 'volume closing', true);
+    await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
+    await this.applyChain.catch(() => undefined);
+    await this.dev.flush().catch(() => undefined);
+    // A clean stop of a primary is a demotion: nothing in flight to resync.
+    this.meta.flags.primaryCrashed = false;
+    this.meta.activityLog = [];
+    this.persistMeta();
+    await this.dev.close();
+  }
+}
