@@ -66,10 +66,10 @@ export class LdapBackend implements DirectoryBackend {
         const r = await client.search(this.usersDn, { scope: 'sub', filter, attributes: USER_ATTRIBUTES, sizeLimit });
         return r.searchEntries;
       } catch (err) {
-        // No ou=people at all: nobody is there (still logged, it is a set-up mistake).
+        // No users base at all is a set-up mistake: a temporary failure (mail is retried), not 550 for everyone.
         if (err instanceof ResultCodeError && err.code === 32) {
           this.warnOnce(`nobase|${this.usersDn}`, `directory: users base ${this.usersDn} does not exist`);
-          return [];
+          throw new UnavailableError(`users base ${this.usersDn} does not exist on the LDAP server (check usersDn/baseDn)`, { cause: err });
         }
         if (err instanceof ResultCodeError && err.code === 4) throw new ConflictError(`more than ${sizeLimit - 1} entries match`, { cause: err });
         throw err;
@@ -114,8 +114,16 @@ export class LdapBackend implements DirectoryBackend {
 
   async listPairs(): Promise<PairRecord[]> {
     const entries = await this.pool.run('search_pairs', async (client) => {
-      const r = await client.search(this.pairsDn, { scope: 'sub', filter: eq('objectClass', 'pairgatePair'), attributes: PAIR_ATTRIBUTES, paged: { pageSize: 500 } });
-      return r.searchEntries;
+      try {
+        const r = await client.search(this.pairsDn, { scope: 'sub', filter: eq('objectClass', 'pairgatePair'), attributes: PAIR_ATTRIBUTES, paged: { pageSize: 500 } });
+        return r.searchEntries;
+      } catch (err) {
+        if (err instanceof ResultCodeError && err.code === 32) {
+          this.warnOnce(`nobase|${this.pairsDn}`, `directory: pairs base ${this.pairsDn} does not exist`);
+          throw new UnavailableError(`pairs base ${this.pairsDn} does not exist on the LDAP server (check pairsDn/baseDn)`, { cause: err });
+        }
+        throw err;
+      }
     });
     const problems: PairParseProblem[] = [];
     const pairs = entries.map((e) => toPairRecord(e.dn, attrMap(e), problems)).filter((p): p is PairRecord => p !== null);

@@ -10,7 +10,7 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import tls, { type ConnectionOptions } from 'node:tls';
 import { Client, ResultCodeError } from 'ldapts';
-import { ConfigError, UnavailableError } from '../common/errors.ts';
+import { ConfigError, PairgateError, UnavailableError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import type { DirectoryMetrics } from './metrics.ts';
 
@@ -33,6 +33,8 @@ export interface LdapPoolOptions {
 const SERVER_TROUBLE = new Set([3 /* timeLimitExceeded */, 51 /* busy */, 52 /* unavailable */, 80 /* other */]);
 
 export function errorKind(err: unknown): string | null {
+  // Our own typed errors (made from a result inside an operation) are answers, not failures.
+  if (err instanceof PairgateError) return null;
   if (err instanceof ResultCodeError) return SERVER_TROUBLE.has(err.code) ? 'server' : null;
   const msg = String((err as Error)?.message ?? err);
   const code = (err as NodeJS.ErrnoException)?.code ?? '';
@@ -215,7 +217,14 @@ export class LdapPool {
       } catch (err) {
         end();
         const kind = errorKind(err);
-        if (kind === null) throw err;
+        if (kind === null) {
+          if (err instanceof ResultCodeError) {
+            // A refusal the caller did not expect (insufficient access, bad base…): a set-up
+            // problem of the directory, so a temporary failure, never "unknown user".
+            throw new UnavailableError(`LDAP ${op} refused by ${s.url}: ${err.message}`, { cause: err, details: { ldapCode: err.code } });
+          }
+          throw err;
+        }
         last = err;
         this.fail(s, conn, err, kind, op);
       }
@@ -288,7 +297,10 @@ export class LdapPool {
         const kind = errorKind(err);
         if (kind === null) {
           this.releaseAuth(s, conn);
-          if (err instanceof ResultCodeError && err.code === 49) return false;
+          // invalidCredentials, inappropriateAuthentication, insufficientAccess, unwillingToPerform
+          // (a locked account under a password policy): the server said no to these credentials.
+          if (err instanceof ResultCodeError && [49, 48, 50, 53].includes(err.code)) return false;
+          if (err instanceof ResultCodeError) throw new UnavailableError(`LDAP bind refused by ${s.url}: ${err.message}`, { cause: err, details: { ldapCode: err.code } });
           throw err;
         }
         last = err;

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Client } from 'ldapts';
-import { AuthError, UnavailableError } from '../../common/errors.ts';
+import { AuthError, ConflictError, UnavailableError } from '../../common/errors.ts';
 import { silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { openDirectory } from '../../directory/index.ts';
@@ -94,6 +94,23 @@ describe('LDAP specifics', () => {
       await expect(d.authenticate('bob', 'bob-pass')).rejects.toBeInstanceOf(UnavailableError);
     } finally {
       await d.close();
+    }
+  });
+
+  it('a refused write is a ConflictError (no failover, no server marked down); a wrong base is temporary, not "unknown user"', async () => {
+    const registry = createRegistry({}, false);
+    const readOnly = await openDirectory(lookupConfig([slapd.url]), { log: silentLogger, registry });
+    const wrongBase = await openDirectory(lookupConfig([slapd.url], { usersDn: `ou=nobody,${BASE}`, pairsDn: `ou=nopairs,${BASE}` }), { log: silentLogger });
+    try {
+      await expect(readOnly.addUser({ uid: 'ro1', password: 'p', mail: 'ro1@example.net', pair: 'pair-01' })).rejects.toThrow(/may not write/);
+      await expect(readOnly.addUser({ uid: 'ro1', password: 'p', mail: 'ro1@example.net', pair: 'pair-01' })).rejects.toBeInstanceOf(ConflictError);
+      expect(await registry.metrics()).not.toMatch(/pairgate_directory_ldap_errors_total\{kind="[a-z]+"\} [1-9]/);
+      expect((await readOnly.findLogin('alice'))?.uid).toBe('alice');
+      await expect(wrongBase.findLogin('alice')).rejects.toBeInstanceOf(UnavailableError);
+      await expect(wrongBase.listPairs()).rejects.toBeInstanceOf(UnavailableError);
+    } finally {
+      await readOnly.close();
+      await wrongBase.close();
     }
   });
 
