@@ -35,11 +35,11 @@ export interface CachingDirectoryOptions {
 }
 
 /** Normal form of a login or address for cache keys and look-ups; null when it cannot name anyone. */
-export function normalizeLogin(login: string): string | null {
+export function normalizeLogin(login: string, caseInsensitiveUid = false): string | null {
   if (typeof login !== 'string') return null;
   const t = login.trim();
   if (!t || t.length > MAX_LOGIN_LENGTH || /[\x00-\x1f\x7f]/.test(t)) return null;
-  return t.includes('@') ? normalizeAddress(t) : t;
+  return caseInsensitiveUid || t.includes('@') ? normalizeAddress(t) : t;
 }
 
 function clone(u: UserRecord): UserRecord {
@@ -48,6 +48,8 @@ function clone(u: UserRecord): UserRecord {
 
 export class CachingDirectory implements Directory {
   private readonly backend: DirectoryBackend;
+  /** LDAP compares uid with caseIgnoreMatch: `Alice` and `alice` share cache entries there. */
+  private readonly uidFold: boolean;
   private readonly cfg: CacheConfig;
   private readonly log: Logger;
   private readonly m: DirectoryMetrics;
@@ -67,6 +69,7 @@ export class CachingDirectory implements Directory {
 
   constructor(opts: CachingDirectoryOptions) {
     this.backend = opts.backend;
+    this.uidFold = opts.backend.kind === 'ldap';
     this.cfg = opts.cache;
     this.log = opts.log;
     this.m = opts.metrics;
@@ -108,7 +111,7 @@ export class CachingDirectory implements Directory {
   }
 
   private async lookup(kind: Kind, raw: string): Promise<UserRecord | null> {
-    const key = normalizeLogin(raw);
+    const key = normalizeLogin(raw, this.uidFold);
     if (key === null || (kind === 'rcpt' && !key.includes('@'))) {
       this.count.notFound.inc();
       return null;
@@ -353,7 +356,7 @@ export class CachingDirectory implements Directory {
   /** Drops local entries for these logins and every entry of the users they name. */
   private dropLocal(logins: string[]): string[] {
     this.epoch++;
-    const normal = new Set(logins.map((l) => normalizeLogin(l)).filter((l): l is string => l !== null));
+    const normal = new Set(logins.map((l) => normalizeLogin(l, this.uidFold)).filter((l): l is string => l !== null));
     for (const l of normal) {
       // Later callers must not join a look-up that started before the change.
       this.inflight.delete(`login:${l}`);
@@ -366,7 +369,7 @@ export class CachingDirectory implements Directory {
         const c = this.lru.peek(`${kind}:${l}`);
         if (c?.user) {
           uids.add(c.user.uid);
-          normal.add(c.user.uid);
+          normal.add(this.uidFold ? c.user.uid.toLowerCase() : c.user.uid);
           normal.add(c.user.mail);
           for (const a of c.user.aliases) normal.add(a);
         }

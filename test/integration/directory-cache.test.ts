@@ -123,6 +123,16 @@ describe('directory caches (slapd + redis)', () => {
     expect((await c.findLogin('carol'))?.pair).toBe('pair-02');
   });
 
+  it('LDAP uids compare case-insensitively, so both spellings share one cache entry and one invalidation', async () => {
+    const a = await open();
+    const b = await open();
+    expect((await b.findLogin('BOB'))?.uid).toBe('bob');
+    expect((await b.findLogin('bob'))?.pair).toBe('pair-02');
+    await a.setUserPair('bob', 'pair-01');
+    await waitFor(async () => (await b.findLogin('Bob'))?.pair === 'pair-01', 3000, 'b sees the move under every spelling');
+    expect(await opened[0]!.bus.get(keys.route('BOB'))).toBeNull();
+  });
+
   it('caches "no such user" in Redis too, shorter; invalidate clears it everywhere', async () => {
     const a = await open();
     const rb = createRegistry({}, false);

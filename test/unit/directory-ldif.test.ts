@@ -124,6 +124,7 @@ describe('records and placement', () => {
   it('normalizes logins: addresses lower-cased, uids exact, junk refused', () => {
     expect(normalizeLogin(' Alice@Example.NET ')).toBe('alice@example.net');
     expect(normalizeLogin('Alice')).toBe('Alice');
+    expect(normalizeLogin('Alice', true)).toBe('alice');
     expect(normalizeLogin('')).toBeNull();
     expect(normalizeLogin('a\r\nb')).toBeNull();
     expect(normalizeLogin('x'.repeat(400))).toBeNull();
