@@ -168,8 +168,18 @@ export function register(program: Command): void {
       } catch (err) {
         if (!(err instanceof PairgateError)) throw err;
       }
-      const t = table(['pair', 'state', 'weight', 'address', 'ports']);
-      for (const p of pairs) t.push([p.id, p.state, String(p.weight), p.address, formatPorts(p.ports) || '-']);
+      let counts: Map<string, number> | null = null;
+      try {
+        counts = (await d.usersPerPair?.()) ?? null;
+      } catch (err) {
+        if (!(err instanceof PairgateError)) throw err;
+        process.stderr.write(`users per pair unknown: ${err.message}\n`);
+      }
+      const t = table(['pair', 'state', 'weight', 'users', 'free', 'address', 'ports']);
+      for (const p of pairs) {
+        const n = counts?.get(p.id) ?? 0;
+        t.push([p.id, p.state, String(p.weight), counts ? String(n) : '?', counts ? String(p.weight - n) : '?', p.address, formatPorts(p.ports) || '-']);
+      }
       out(t.toString());
       out(`${pairs.length} pair(s); a new user would be placed on ${next}`);
     });

@@ -299,6 +299,10 @@ export class CachingDirectory implements Directory {
     return byPair;
   }
 
+  async usersPerPair(): Promise<Map<string, number>> {
+    return new Map(await this.userCounts());
+  }
+
   async placeNewUser(): Promise<PairRecord> {
     const [pairs, counts] = await Promise.all([this.pairList(false), this.userCounts()]);
     const chosen = choosePair(pairs, counts);

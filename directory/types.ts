@@ -61,6 +61,8 @@ export interface Directory {
   getPair(id: string): Promise<PairRecord | null>;
   /** The active pair with the most free capacity (weight-aware), for a new user. */
   placeNewUser(): Promise<PairRecord>;
+  /** Users homed on each pair (what placement counts with); optional for other implementations. */
+  usersPerPair?(): Promise<Map<string, number>>;
   addUser(user: NewUser): Promise<UserRecord>;
   /** Changes a user's home pair (user move) and publishes the cache invalidation. */
   setUserPair(uid: string, pair: string): Promise<void>;
