@@ -48,7 +48,7 @@ export const directoryConfigSchema = z
     /** Service account for lookups (absent: anonymous). */
     bindDn: z.string().optional(),
     /** Its password; use an environment reference such as `${PAIRGATE_LDAP_PASSWORD}`. */
-    bindPassword: z.string().optional(),
+    bindPassword: z.string().min(1, 'must not be empty (an empty password is an unauthenticated bind)').optional(),
     baseDn: z.string().min(1).optional(),
     /** Default `ou=people,<baseDn>` (LDIF: the `ou=people` entry of the file). */
     usersDn: z.string().min(1).optional(),

@@ -34,5 +34,14 @@ export async function openDirectory(config: unknown, deps: DirectoryDeps): Promi
     c.urls ? { backend: 'ldap', urls: c.urls, baseDn: c.baseDn, redisCache: !!deps.bus && c.cache.redis } : { backend: 'ldif', file: c.ldif, redisCache: !!deps.bus && c.cache.redis },
     'directory opened',
   );
-  return new CachingDirectory({ backend, cache: c.cache, log, metrics, bus: deps.bus });
+  const directory = new CachingDirectory({ backend, cache: c.cache, log, metrics, bus: deps.bus });
+  // A directory that shows no pairs (wrong base, or ACLs hiding entries from the bind DN)
+  // would route nobody: say so at once rather than at the first failed delivery.
+  directory.listPairs().then(
+    (pairs) => {
+      if (pairs.length === 0) log.warn({ backend: c.urls ? 'ldap' : 'ldif', bindDn: c.bindDn }, 'directory: no pairs visible; check baseDn/pairsDn and that the bind DN may read them');
+    },
+    () => undefined,
+  );
+  return directory;
 }

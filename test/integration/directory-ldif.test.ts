@@ -98,6 +98,8 @@ describe('LDIF file specifics', () => {
     await expect(openDirectory({ ldif: f, urls: ['ldap://127.0.0.1:1'] }, { log: silentLogger })).rejects.toThrow(/either ldif/);
     await expect(openDirectory({ urls: ['ldap://127.0.0.1:1'] }, { log: silentLogger })).rejects.toThrow(/baseDn/);
     await expect(openDirectory({ ldif: f, bogus: 1 }, { log: silentLogger })).rejects.toThrow(/bogus: unknown key/);
+    await expect(openDirectory({ urls: ['ldap://127.0.0.1:1'], baseDn: 'dc=x', bindDn: 'cn=x', bindPassword: '' }, { log: silentLogger })).rejects.toThrow(/bindPassword: must not be empty/);
+    await expect(openDirectory({ urls: ['ldap://127.0.0.1:1'], baseDn: 'dc=x', bindDn: 'cn=x', bindPassword: '${PG_UNSET_TEST_VAR}' }, { log: silentLogger })).rejects.toThrow(/PG_UNSET_TEST_VAR is not set/);
     await expect(openDirectory({ ldif: join(dir.path, 'missing.ldif') }, { log: silentLogger })).rejects.toThrow(/cannot read/);
   });
 });
