@@ -1,0 +1,176 @@
+/**
+ * The volume's pure parts: the UUID decision table (each DRBD rule that applies, and mirror
+ * symmetry), the split-brain policies, the frame codec against bad input, and the metadata file.
+ */
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ProtocolError, IntegrityError } from '../../common/errors.ts';
+import { crc32c } from '../../pair-agent/store/crc32c.ts';
+import { Bitmap, JUST_CREATED, NO_UUID, freshMetadata, readMetadata, retireBitmapUuid, rotateUuids, writeMetadata, type Uuids } from '../../pair-agent/volume/metadata.ts';
+import { compareUuids, mirrorDecision, splitBrainVictim, type UuidSide } from '../../pair-agent/volume/uuid-compare.ts';
+import { FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, authMatches, authResponse, decodeBlockWrite, encodeBlockWrite, encodeFrame } from '../../pair-agent/volume/wire.ts';
+
+const side = (uuids: Partial<Uuids>, extra: Partial<UuidSide> = {}): UuidSide => ({
+  uuids: { current: 'aaaa', bitmap: NO_UUID, history: [NO_UUID, NO_UUID], ...uuids },
+  primaryCrashed: false,
+  name: 'x',
+  ...extra,
+});
+
+describe('UUID decision table', () => {
+  const cases: Array<[string, UuidSide, UuidSide, string, number]> = [
+    ['two fresh volumes: no initial sync', side({ current: JUST_CREATED }), side({ current: JUST_CREATED }), 'no-sync', 10],
+    ['fresh self, peer with data: full sync from the peer', side({ current: JUST_CREATED }), side({ current: 'c1' }), 'target-full', 20],
+    ['fresh peer: full sync to it', side({ current: 'c1' }), side({ current: JUST_CREATED }), 'source-full', 30],
+    ['same generation, clean: nothing', side({ current: 'c1' }), side({ current: 'c1' }), 'no-sync', 42],
+    ['same generation, self crashed as primary: resend its activity log', side({ current: 'c1' }, { primaryCrashed: true }), side({ current: 'c1' }), 'source', 40],
+    ['same generation, peer crashed as primary', side({ current: 'c1' }), side({ current: 'c1' }, { primaryCrashed: true }), 'target', 40],
+    ['peer moved on from our generation: bitmap resync from it', side({ current: 'c1' }), side({ current: 'c2', bitmap: 'c1' }), 'target', 50],
+    ['our generation is in the peer history: full resync from it', side({ current: 'c1' }), side({ current: 'c3', history: ['c2', 'c1'] }), 'target-full', 60],
+    ['we moved on from the peer generation', side({ current: 'c2', bitmap: 'c1' }), side({ current: 'c1' }), 'source', 70],
+    ['the peer generation is in our history', side({ current: 'c3', history: ['c2', 'c1'] }), side({ current: 'c1' }), 'source-full', 80],
+    ['both moved on from the same generation: split brain', side({ current: 'c2', bitmap: 'c1' }), side({ current: 'c3', bitmap: 'c1' }), 'split-brain', 90],
+    ['older common ancestor only: split brain', side({ current: 'c5', bitmap: 'c4', history: ['c1', NO_UUID] }), side({ current: 'c6', bitmap: 'c3', history: ['c1', NO_UUID] }), 'split-brain', 100],
+    ['nothing in common: unrelated', side({ current: 'c1', bitmap: 'c0' }), side({ current: 'd1', bitmap: 'd0' }), 'unrelated', 1000],
+  ];
+  for (const [name, self, peer, decision, rule] of cases) {
+    it(`${name} (rule ${rule})`, () => {
+      expect(compareUuids(self, peer)).toEqual({ decision, rule });
+      // The peer, running the same function, reaches the mirror image.
+      expect(compareUuids(peer, self).decision).toBe(mirrorDecision(decision as never));
+    });
+  }
+
+  it('both crashed as primary of the same generation: the tie is broken the same way on both sides', () => {
+    const a = side({ current: 'c1' }, { primaryCrashed: true, name: 'a' });
+    const b = side({ current: 'c1' }, { primaryCrashed: true, name: 'b' });
+    expect(compareUuids(a, b).decision).toBe('source');
+    expect(compareUuids(b, a).decision).toBe('target');
+  });
+
+  it('generations rotate as DRBD does: new current, old current kept as bitmap UUID, then history', () => {
+    const u0: Uuids = { current: 'c1', bitmap: NO_UUID, history: [NO_UUID, NO_UUID] };
+    const u1 = rotateUuids(u0);
+    expect(u1.bitmap).toBe('c1');
+    expect(u1.current).not.toBe('c1');
+    expect(rotateUuids(u1).bitmap).toBe('c1'); // a second promotion keeps the bitmap base
+    expect(retireBitmapUuid(u1)).toEqual({ current: u1.current, bitmap: NO_UUID, history: ['c1', NO_UUID] });
+  });
+});
+
+describe('after-split-brain policies', () => {
+  const s = (name: string, changes: number, primarySince: number, primary = false) => ({ name, changes, primarySince, primary });
+  const zero = (p: string) => ({ afterSb0Pri: p as never, afterSb1Pri: 'disconnect' as const });
+  it('disconnect: always the operator', () => expect(splitBrainVictim(s('a', 0, 1), s('b', 5, 2), zero('disconnect'))).toBeNull());
+  it('discard-zero-changes', () => {
+    expect(splitBrainVictim(s('a', 0, 1), s('b', 5, 2), zero('discard-zero-changes'))).toBe('self');
+    expect(splitBrainVictim(s('a', 3, 1), s('b', 5, 2), zero('discard-zero-changes'))).toBeNull();
+  });
+  it('discard-younger-primary', () => expect(splitBrainVictim(s('a', 3, 10), s('b', 5, 20), zero('discard-younger-primary'))).toBe('peer'));
+  it('discard-least-changes', () => expect(splitBrainVictim(s('a', 3, 10), s('b', 5, 20), zero('discard-least-changes'))).toBe('self'));
+  it('one primary: discard-secondary and consensus', () => {
+    const p = s('a', 3, 10, true);
+    const q = s('b', 0, 20);
+    expect(splitBrainVictim(p, q, { afterSb0Pri: 'disconnect', afterSb1Pri: 'discard-secondary' })).toBe('peer');
+    expect(splitBrainVictim(p, q, { afterSb0Pri: 'discard-zero-changes', afterSb1Pri: 'consensus' })).toBe('peer');
+    expect(splitBrainVictim(p, q, { afterSb0Pri: 'discard-younger-primary', afterSb1Pri: 'consensus' })).toBe('peer');
+    expect(splitBrainVictim(p, s('b', 9, 5), { afterSb0Pri: 'discard-younger-primary', afterSb1Pri: 'consensus' })).toBeNull();
+  });
+  it('two primaries: never decided automatically', () => {
+    expect(splitBrainVictim(s('a', 0, 1, true), s('b', 5, 2, true), { afterSb0Pri: 'discard-zero-changes', afterSb1Pri: 'discard-secondary' })).toBeNull();
+  });
+});
+
+describe('replication frames', () => {
+  it('round trip, split across any chunk boundaries', () => {
+    const payload = Buffer.concat(encodeBlockWrite(8192, Buffer.alloc(4096, 7)));
+    const wire = Buffer.concat([...encodeFrame(FrameType.Data, 42, payload), ...encodeFrame(FrameType.Ping, 43)]);
+    for (const step of [1, 7, 24, 100, wire.length]) {
+      const d = new FrameDecoder();
+      const frames = [];
+      for (let i = 0; i < wire.length; i += step) frames.push(...d.push(wire.subarray(i, i + step)));
+      expect(frames.map((f) => [f.type, f.seq])).toEqual([
+        [FrameType.Data, 42],
+        [FrameType.Ping, 43],
+      ]);
+      expect(decodeBlockWrite(frames[0]!.payload)).toEqual({ offset: 8192, data: Buffer.alloc(4096, 7) });
+    }
+  });
+
+  const bad = (mutate: (b: Buffer) => void, message: RegExp) => {
+    const b = Buffer.concat(encodeFrame(FrameType.State, 1, Buffer.from('{"role":"primary"}')));
+    mutate(b);
+    expect(() => new FrameDecoder().push(b)).toThrow(message);
+    expect(() => new FrameDecoder().push(b)).toThrow(ProtocolError);
+  };
+  it('wrong magic', () => bad((b) => b.writeUInt32BE(0x12345678, 0), /magic/));
+  it('wrong header checksum', () => bad((b) => (b[9] ^= 1), /header checksum/));
+  it('wrong payload checksum', () => bad((b) => (b[HEADER_BYTES + 2] ^= 1), /payload checksum/));
+  it('unknown type (with a valid header checksum)', () => {
+    const b = Buffer.concat(encodeFrame(FrameType.Ping, 1));
+    b[4] = 200;
+    b.writeUInt32BE(crc32c(b, 0, 0, 20), 20);
+    expect(() => new FrameDecoder().push(b)).toThrow(/unknown frame type 200/);
+  });
+  it('length over the limit', () => {
+    const b = Buffer.concat(encodeFrame(FrameType.Ping, 1));
+    b.writeUInt32BE(MAX_PAYLOAD + 1, 12);
+    b.writeUInt32BE(crc32c(b, 0, 0, 20), 20);
+    expect(() => new FrameDecoder().push(b)).toThrow(/over the/);
+  });
+  it('a truncated frame is held, not delivered', () => {
+    const d = new FrameDecoder();
+    expect(d.push(Buffer.concat(encodeFrame(FrameType.Ping, 1)).subarray(0, 10))).toEqual([]);
+    expect(d.pending).toBe(10);
+  });
+  it('HMAC handshake answers bind the secret, the volume and both nonces', () => {
+    const r = authResponse('secret-0123456789', 'vol', 'n1', 'n2');
+    expect(authMatches(r, authResponse('secret-0123456789', 'vol', 'n1', 'n2'))).toBe(true);
+    expect(authMatches(r, authResponse('secret-0123456789', 'vol', 'n2', 'n1'))).toBe(false);
+    expect(authMatches(r, authResponse('other-secret-012345', 'vol', 'n1', 'n2'))).toBe(false);
+    expect(authMatches(r, authResponse('secret-0123456789', 'vol2', 'n1', 'n2'))).toBe(false);
+    expect(authMatches(r, r.subarray(0, 16))).toBe(false);
+  });
+});
+
+describe('volume metadata file', () => {
+  it('round trip with bitmap and activity log; a corrupted file is refused, not misread', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-meta-'));
+    try {
+      const file = join(dir, 'v.meta');
+      const m = freshMetadata(8 * 1024 * 1024);
+      m.bitmap.setRange(100, 10);
+      m.activityLog = [0, 3];
+      m.uuids = rotateUuids({ current: 'c1', bitmap: NO_UUID, history: [NO_UUID, NO_UUID] });
+      writeMetadata(file, m);
+      const back = readMetadata(file)!;
+      expect(back.bitmap.setCount).toBe(10);
+      expect(back.bitmap.get(105)).toBe(true);
+      expect(back.activityLog).toEqual([0, 3]);
+      expect(back.uuids).toEqual(m.uuids);
+      const raw = readFileSync(file);
+      raw[raw.length - 5] ^= 0xff;
+      writeFileSync(file, raw);
+      expect(() => readMetadata(file)).toThrow(IntegrityError);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('bitmap: counts, next set bit, merge', () => {
+    const b = new Bitmap(100);
+    b.set(3);
+    b.set(64);
+    expect(b.next(0)).toBe(3);
+    expect(b.next(4)).toBe(64);
+    expect(b.next(65)).toBe(-1);
+    const o = new Bitmap(100);
+    o.set(99);
+    b.merge(o.bits);
+    expect(b.setCount).toBe(3);
+    b.clearRange(0, 100);
+    expect(b.setCount).toBe(0);
+  });
+});
