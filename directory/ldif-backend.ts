@@ -143,6 +143,7 @@ export class LdifBackend implements DirectoryBackend {
         if (!name || name === basename(this.file)) this.scheduleReload();
       });
       this.watcher.on('error', () => undefined);
+      this.watcher.unref();
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, 'directory: cannot watch the LDIF directory; polling only');
     }
