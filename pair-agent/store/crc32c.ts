@@ -1,7 +1,18 @@
 /**
  * CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum of every record the
- * store writes. Slice-by-8 tables: Node 20 has no built-in CRC-32C.
+ * store writes and of every replication frame. Node 20 has no built-in CRC-32C: the native
+ * @node-rs/crc32 (SSE4.2, ~5 GiB/s here) when its binary loads, else slice-by-8 tables in
+ * JavaScript (~0.6 GiB/s). Both give the same values (tested).
  */
+import { createRequire } from 'node:module';
+
+type NativeCrc = (input: Uint8Array, initialState?: number) => number;
+let native: NativeCrc | null = null;
+try {
+  native = (createRequire(import.meta.url)('@node-rs/crc32') as { crc32c: NativeCrc }).crc32c;
+} catch {
+  native = null;
+}
 const POLY = 0x82f63b78;
 const T = new Int32Array(8 * 256);
 for (let i = 0; i < 256; i++) {
@@ -15,6 +26,12 @@ for (let i = 0; i < 256; i++) {
 
 /** Continues `crc` (0 to start) over `buf[start, end)`. */
 export function crc32c(buf: Uint8Array, crc = 0, start = 0, end = buf.length): number {
+  if (native && end - start >= 64) return native(Buffer.from(buf.buffer, buf.byteOffset + start, end - start), crc) >>> 0;
+  return crc32cJs(buf, crc, start, end);
+}
+
+/** The table-driven fallback (also the reference the native binding is tested against). */
+export function crc32cJs(buf: Uint8Array, crc = 0, start = 0, end = buf.length): number {
   let c = ~crc;
   let i = start;
   while (end - i >= 8) {

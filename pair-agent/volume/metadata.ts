@@ -18,8 +18,8 @@ import { BLOCK_SIZE } from './block-device.ts';
 
 /** One activity-log extent covers 4 MiB (1024 blocks), as in DRBD. */
 export const EXTENT_BLOCKS = 1024;
-/** Extents kept "hot" in the activity log; a crashed primary resyncs at most this many. */
-export const AL_EXTENTS = 61;
+/** Extents kept "hot" in the activity log (DRBD's default, ~4.8 GiB); a crashed primary resyncs at most these. */
+export const AL_EXTENTS = 1237;
 
 const MAGIC = 'pairgate-volume-meta-v1';
 

@@ -530,8 +530,10 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   private send(link: Link, type: FrameType, seq: number, payload?: Buffer | Buffer[]): void {
     if (link.closed) return;
-    const body = Array.isArray(payload) ? Buffer.concat(payload) : payload;
-    for (const part of encodeFrame(type, seq || ++link.sendSeq, body)) link.socket.write(part);
+    const parts = encodeFrame(type, seq || ++link.sendSeq, payload);
+    link.socket.cork();
+    for (const part of parts) link.socket.write(part);
+    link.socket.uncork();
   }
 
   private reject(link: Link, reason: string, detail: string): void {

@@ -51,16 +51,24 @@ export interface Frame {
   payload: Buffer;
 }
 
-export function encodeFrame(type: FrameType, seq: number, payload: Buffer = Buffer.alloc(0)): Buffer[] {
-  if (payload.length > MAX_PAYLOAD) throw new ProtocolError(`frame payload of ${payload.length} bytes is over the ${MAX_PAYLOAD}-byte limit`);
+/** Header plus payload parts (not concatenated: a 1 MiB write is not copied to be framed). */
+export function encodeFrame(type: FrameType, seq: number, payload: Buffer | Buffer[] = []): Buffer[] {
+  const parts = Array.isArray(payload) ? payload : [payload];
+  let length = 0;
+  let crc = 0;
+  for (const p of parts) {
+    length += p.length;
+    crc = crc32c(p, crc);
+  }
+  if (length > MAX_PAYLOAD) throw new ProtocolError(`frame payload of ${length} bytes is over the ${MAX_PAYLOAD}-byte limit`);
   const h = Buffer.alloc(HEADER_BYTES);
   h.writeUInt32BE(MAGIC, 0);
   h.writeUInt8(type, 4);
   h.writeUInt32BE(seq >>> 0, 8);
-  h.writeUInt32BE(payload.length, 12);
-  h.writeUInt32BE(crc32c(payload), 16);
+  h.writeUInt32BE(length, 12);
+  h.writeUInt32BE(crc, 16);
   h.writeUInt32BE(crc32c(h, 0, 0, 20), 20);
-  return payload.length ? [h, payload] : [h];
+  return [h, ...parts.filter((p) => p.length > 0)];
 }
 
 /** Incremental decoder: feed it socket chunks, get whole, checked frames. */

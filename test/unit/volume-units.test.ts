@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ProtocolError, IntegrityError } from '../../common/errors.ts';
-import { crc32c } from '../../pair-agent/store/crc32c.ts';
+import { crc32c, crc32cJs } from '../../pair-agent/store/crc32c.ts';
 import { Bitmap, JUST_CREATED, NO_UUID, freshMetadata, readMetadata, retireBitmapUuid, rotateUuids, writeMetadata, type Uuids } from '../../pair-agent/volume/metadata.ts';
 import { compareUuids, mirrorDecision, splitBrainVictim, type UuidSide } from '../../pair-agent/volume/uuid-compare.ts';
 import { FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, authMatches, authResponse, decodeBlockWrite, encodeBlockWrite, encodeFrame } from '../../pair-agent/volume/wire.ts';
@@ -132,6 +132,18 @@ describe('replication frames', () => {
     expect(authMatches(r, authResponse('other-secret-012345', 'vol', 'n1', 'n2'))).toBe(false);
     expect(authMatches(r, authResponse('secret-0123456789', 'vol2', 'n1', 'n2'))).toBe(false);
     expect(authMatches(r, r.subarray(0, 16))).toBe(false);
+  });
+});
+
+describe('CRC-32C', () => {
+  it('the native binding and the table-driven fallback agree, whole, continued and on sub-ranges', () => {
+    const b = Buffer.alloc(100_003);
+    for (let i = 0; i < b.length; i++) b[i] = (i * 7919) & 0xff;
+    expect(crc32c(b)).toBe(crc32cJs(b));
+    expect(crc32c(b, crc32c(b.subarray(0, 500)), 500)).toBe(crc32cJs(b));
+    expect(crc32c(b, 0, 1000, 90_000)).toBe(crc32cJs(b, 0, 1000, 90_000));
+    expect(crc32c(new Uint8Array(b.buffer, b.byteOffset + 3, 5000))).toBe(crc32cJs(b, 0, 3, 5003));
+    expect(crc32cJs(Buffer.from('123456789'))).toBe(0xe3069283); // the standard check value
   });
 });
 
