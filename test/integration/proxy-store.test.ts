@@ -18,7 +18,7 @@ import { startHarness, MASTER, type Harness } from './imap-harness.ts';
 import { startPop3Server, type Pop3Server } from '../../pair-agent/store/pop3/server.ts';
 import { AddressList } from '../../common/cidr.ts';
 import net from 'node:net';
-import { startSlapd, BASE_DN, type Slapd } from '../helpers/slapd.ts';
+import { startSlapd, BASE_DN, SERVICE_DN, SERVICE_PASSWORD, type Slapd } from '../helpers/slapd.ts';
 
 describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-test table'})`, () => {
   let harness: Harness;
@@ -67,7 +67,7 @@ describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-te
         new Change({ operation: 'replace', modification: new Attribute({ type: 'pairgatePorts', values: [`imap=${harness.port},pop3=${pop3.port},admin=${adminPort}`] }) }),
       ]);
       await ldap.unbind();
-      directory = await openDirectory({ urls: [slapd.url], base: BASE_DN }, { log: silentLogger });
+      directory = await openDirectory({ urls: [slapd.url], baseDn: BASE_DN, bindDn: SERVICE_DN, bindPassword: SERVICE_PASSWORD }, { log: silentLogger });
     } else {
       const pair = { id: 'pair-01', dn: `cn=pair-01,ou=pairs,${BASE_DN}`, address: '127.0.0.1', ports: { imap: harness.port, pop3: pop3.port, admin: adminPort }, state: 'active' as const, weight: 100 };
       directory = tableDirectory([{ uid: 'alice', password: 'alice-pass', pair: 'pair-01' }, { uid: 'carol', password: 'carol-pass', pair: 'pair-01' }], [pair]);
