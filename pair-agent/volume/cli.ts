@@ -10,16 +10,16 @@
  *   pairgate volume connect --config b.yaml --wait   # resync with a progress bar
  *   pairgate volume verify --config a.yaml
  */
-import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
-import { adminCall, startAdminServer } from '../../common/admin-http.ts';
+import { adminCall } from '../../common/admin-http.ts';
+import { startVolumeAdmin } from './admin.ts';
 import { loadConfigFile } from '../../common/config.ts';
 import { BadInputError, ConflictError, UnavailableError } from '../../common/errors.ts';
 import { createLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
-import { BLOCK_SIZE, FileBlockDevice } from './block-device.ts';
+import { FileBlockDevice } from './block-device.ts';
 import { volumeConfigSchema, type VolumeConfig } from './config.ts';
 import { freshMetadata, writeMetadata } from './metadata.ts';
 import { ReplicatedVolume, type VolumeStatus } from './replicated-volume.ts';
@@ -92,61 +92,12 @@ async function waitInSync(t: Target, timeoutMs: number): Promise<VolumeStatus> {
   }
 }
 
-/** The admin routes of a volume node (also opened by a pair-agent when its volume has `admin:`). */
-export function volumeRoutes(volume: ReplicatedVolume) {
-  return {
-    'GET /status': () => volume.status(),
-    'POST /primary': ({ body }: { body: unknown }) => volume.promote({ force: (body as { force?: boolean })?.force === true }),
-    'POST /secondary': () => volume.demote(),
-    'POST /connect': () => volume.connect(),
-    'POST /disconnect': () => volume.disconnect(),
-    'POST /verify': () => volume.verify(),
-    'POST /resolve': ({ body }: { body: unknown }) => volume.resolve({ discardMyData: (body as { discardMyData?: boolean })?.discardMyData === true }),
-    'GET /digest': async () => {
-      const blocks = await volume.blockDigests();
-      return { blocks: blocks.length, digest: createHash('sha256').update(blocks.join('')).digest('hex'), blockDigests: blocks };
-    },
-    /** Writes base64 data at an offset through the store's path (primary only); for tests and demos. */
-    'POST /write': async ({ body }: { body: unknown }) => {
-      const b = body as { offset?: number; data?: string };
-      if (typeof b?.offset !== 'number' || typeof b.data !== 'string') throw new BadInputError('POST /write needs {offset, data (base64)}');
-      await volume.write(b.offset, Buffer.from(b.data, 'base64'));
-      return { ok: true };
-    },
-    /** Fills `bytes` from `offset` with random 64 KiB writes (primary only). */
-    'POST /fill': async ({ body }: { body: unknown }) => {
-      const b = body as { offset?: number; bytes?: number };
-      const offset = b?.offset ?? 0;
-      const bytes = b?.bytes ?? 0;
-      if (!Number.isInteger(bytes) || bytes <= 0 || bytes % BLOCK_SIZE !== 0) throw new BadInputError(`fill needs bytes, a positive multiple of ${BLOCK_SIZE}`);
-      const started = Date.now();
-      for (let done = 0; done < bytes; ) {
-        const n = Math.min(64 * 1024, bytes - done);
-        await volume.write(offset + done, randomBytes(n));
-        done += n;
-      }
-      return { bytes, ms: Date.now() - started };
-    },
-  };
-}
-
 async function serve(config: VolumeConfig, level: string): Promise<void> {
   if (!config.admin) throw new BadInputError('volume serve needs an admin: block (host, port) so that the volume commands can reach it');
   const log = createLogger({ role: 'volume', level });
   const registry = createRegistry({ role: 'volume', volume: config.name });
   const volume = await ReplicatedVolume.open(config, { log, registry });
-  const admin = await startAdminServer({
-    host: config.admin.host,
-    port: config.admin.port,
-    token: config.admin.token,
-    registry,
-    log,
-    health: () => {
-      const s = volume.status();
-      return { healthy: s.disk === 'UpToDate' && !s.splitBrain, body: s };
-    },
-    routes: volumeRoutes(volume),
-  });
+  const admin = await startVolumeAdmin(volume, config.admin, { log, registry });
   log.info({ admin: admin.url, replication: volume.replicationAddress }, 'volume node serving');
   process.stdout.write(`volume ${config.name}: replication ${config.listen}, admin ${admin.url}\n`);
   let stopping = false;

@@ -915,7 +915,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     const seq = f.seq;
     if (!resync && this.config.protocol === 'B') this.send(link, FrameType.RecvAck, 0, encodeSeq(seq));
     // One queue keeps the peer's order: a later write to a block always lands last.
-    this.applyChain = this.applyChain.then(async () => {
+    this.enqueueApply(link, async () => {
       if (this.meta.disk === 'Failed') {
         if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
         return;
@@ -946,9 +946,18 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     });
   }
 
+  /** Runs `step` after every earlier peer write; a failure drops the link (never an unhandled rejection). */
+  private enqueueApply(link: Link, step: () => Promise<void>): void {
+    this.applyChain = this.applyChain.then(step).catch((err: unknown) => {
+      this.log.error({ volume: this.config.name, err: (err as Error).message }, 'volume: applying a peer frame failed');
+      this.dropLink(link, `apply failed: ${(err as Error).message}`);
+    });
+  }
+
   private onResyncDone(link: Link, uuids: Uuids): void {
     if (this.connection !== 'SyncTarget') throw new ProtocolError('RESYNC DONE while not a sync target');
-    this.applyChain = this.applyChain.then(async () => {
+    this.enqueueApply(link, async () => {
+      if (link.closed) return;
       await this.dev.flush();
       if (this.meta.bitmap.setCount !== 0) {
         this.log.error({ left: this.meta.bitmap.setCount }, 'volume: resync ended with blocks still out of sync; staying Inconsistent');
@@ -1111,5 +1120,6 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     this.meta.activityLog = [];
     this.persistMeta();
     await this.dev.close();
+    this.emit('closed');
   }
 }

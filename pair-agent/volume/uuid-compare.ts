@@ -63,6 +63,10 @@ export function compareUuids(self: UuidSide, peer: UuidSide): Comparison {
   // 10: two volumes just created: identical by definition (no initial full sync, like
   // `drbdadm new-current-uuid --clear-bitmap` on fresh disks).
   if (sNew && pNew) return { decision: 'no-sync', rule: 10 };
+  // 15: one side was promoted alone while both were still "just created": its bitmap holds
+  // every block it wrote since, so a bitmap resync suffices (rules 50/70 on the fresh state).
+  if (pNew && s.bitmap === p.current) return { decision: 'source', rule: 15 };
+  if (sNew && p.bitmap === s.current) return { decision: 'target', rule: 15 };
   // 20/30: one side never held data: it takes everything from the other.
   if (sNew) return { decision: 'target-full', rule: 20 };
   if (pNew) return { decision: 'source-full', rule: 30 };

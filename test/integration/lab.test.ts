@@ -6,7 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { PAIRGATE_BIN, REPO_ROOT, pidAlive, type LabState } from '../../bin/lab/supervisor.ts';
 import type { LabPlan } from '../../bin/lab/plan.ts';
 import { haveReplicatedVolume } from '../../bin/lab/role-configs.ts';
@@ -79,13 +79,20 @@ beforeAll(async () => {
   prometheus = await startPrometheus();
 }, 180_000);
 
+let failed = false;
+afterEach((ctx) => {
+  if (ctx.task.result?.state === 'fail') failed = true;
+});
+
 afterAll(async () => {
   await prometheus?.proc.stop();
   if (lab && lab.exitCode === null) {
     lab.kill('SIGINT');
     await waitFor(() => lab.exitCode !== null, 30_000, 'the lab to stop').catch(() => lab.kill('SIGKILL'));
   }
-  dir.cleanup();
+  // A failed run keeps the lab folder (every process's log) for a look.
+  if (failed || !plan) process.stderr.write(`lab test failed: the lab's logs stay in ${dir.path}/logs\n`);
+  else dir.cleanup();
 }, 60_000);
 
 describe('pairgate lab', () => {

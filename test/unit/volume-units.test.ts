@@ -22,6 +22,7 @@ const side = (uuids: Partial<Uuids>, extra: Partial<UuidSide> = {}): UuidSide =>
 describe('UUID decision table', () => {
   const cases: Array<[string, UuidSide, UuidSide, string, number]> = [
     ['two fresh volumes: no initial sync', side({ current: JUST_CREATED }), side({ current: JUST_CREATED }), 'no-sync', 10],
+    ['fresh self, peer promoted alone from the same fresh state: bitmap resync', side({ current: JUST_CREATED }), side({ current: 'c1', bitmap: JUST_CREATED }), 'target', 15],
     ['fresh self, peer with data: full sync from the peer', side({ current: JUST_CREATED }), side({ current: 'c1' }), 'target-full', 20],
     ['fresh peer: full sync to it', side({ current: 'c1' }), side({ current: JUST_CREATED }), 'source-full', 30],
     ['same generation, clean: nothing', side({ current: 'c1' }), side({ current: 'c1' }), 'no-sync', 42],

@@ -1,0 +1,114 @@
+/**
+ * The pair agent with its replicated volume as a resource (two agents as processes): the
+ * volume follows the HA decisions. SIGKILL of the primary: the standby fences it, promotes its
+ * volume with every acknowledged write, and the restarted node rejoins as secondary and resyncs.
+ * A heartbeat partition: the volumes' roles are sampled throughout, never two primaries.
+ */
+import { createHash } from 'node:crypto';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { adminCall } from '../../common/admin-http.ts';
+import type { VolumeStatus } from '../../pair-agent/volume/index.ts';
+import { freePort, sleep, waitFor } from '../helpers/net.ts';
+import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
+import { block } from './volume-harness.ts';
+
+let pair: TestPair | null = null;
+afterEach(async () => {
+  await pair?.stop();
+  pair = null;
+});
+
+const BS = 4096;
+
+async function volumeNodes() {
+  const ports = { a: { repl: await freePort(), admin: await freePort() }, b: { repl: await freePort(), admin: await freePort() } };
+  const volume = (id: NodeId) => (dir: string) => {
+    const peer: NodeId = id === 'a' ? 'b' : 'a';
+    return {
+      volume: {
+        name: 'pair-t-mail',
+        dataFile: join(dir, `${id}.volume`),
+        metaFile: join(dir, `${id}.volume-meta`),
+        sizeBytes: 8 * 1024 * 1024,
+        listen: `127.0.0.1:${ports[id].repl}`,
+        peer: `127.0.0.1:${ports[peer].repl}`,
+        secret: 'pair-agent-volume-secret-0123',
+        pingIntervalMs: 100,
+        pingTimeoutMs: 500,
+        reconnectMs: 100,
+        admin: { host: '127.0.0.1', port: ports[id].admin },
+      },
+    };
+  };
+  const url = (id: NodeId) => `http://127.0.0.1:${ports[id].admin}`;
+  const status = async (id: NodeId): Promise<VolumeStatus | null> => {
+    try {
+      return (await adminCall(url(id), 'GET', '/status', undefined, { timeoutMs: 500 })).body as VolumeStatus;
+    } catch {
+      return null;
+    }
+  };
+  return { a: volume('a'), b: volume('b'), url, status };
+}
+
+describe('pair agent with a replicated volume', () => {
+  it('SIGKILL of the primary: the standby promotes its volume with every acknowledged write; the old primary resyncs as secondary', async () => {
+    const vol = await volumeNodes();
+    pair = await startPair({ a: vol.a, b: vol.b });
+    expect(await pair.waitPrimary()).toBe('a');
+    await waitFor(async () => (await vol.status('a'))?.role === 'primary' && (await vol.status('b'))?.connection === 'Connected', 10_000, 'a primary volume, b connected');
+    for (let i = 0; i < 40; i++) {
+      const res = await adminCall(vol.url('a'), 'POST', '/write', { offset: i * BS, data: block(i).toString('base64') });
+      expect(res.status).toBe(200);
+    }
+    pair.a.proc!.kill('SIGKILL');
+    await waitFor(async () => (await vol.status('b'))?.role === 'primary', 15_000, "b's volume promoted by the takeover");
+    expect((await pair.b.status())?.state).toBe('primary');
+    const digests = ((await adminCall(vol.url('b'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { blockDigests: string[] }).blockDigests;
+    for (let i = 0; i < 40; i++) expect(digests[i]).toBe(createHash('sha256').update(block(i)).digest('hex').slice(0, 32));
+    // Written on b while a is away, then a comes back: secondary, sync target, identical.
+    await adminCall(vol.url('b'), 'POST', '/write', { offset: 100 * BS, data: block(100).toString('base64') });
+    await pair.a.start();
+    await waitFor(
+      async () => {
+        const [sa, sb] = [await vol.status('a'), await vol.status('b')];
+        return sa?.role === 'secondary' && sa.connection === 'Connected' && sa.disk === 'UpToDate' && sb?.outOfSyncBytes === 0;
+      },
+      20_000,
+      'a back as an UpToDate secondary',
+    );
+    expect((await vol.status('a'))?.lastDecision?.decision).toBe('target');
+    const da = ((await adminCall(vol.url('a'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { digest: string }).digest;
+    const db = ((await adminCall(vol.url('b'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { digest: string }).digest;
+    expect(da).toBe(db);
+    expect((await pair.a.status())?.state).toBe('standby');
+  });
+
+  it('heartbeat partition with both nodes alive: the volumes are never primary on both nodes at once', async () => {
+    const vol = await volumeNodes();
+    pair = await startPair({ a: vol.a, b: vol.b, relay: true });
+    expect(await pair.waitPrimary()).toBe('a');
+    await waitFor(async () => (await vol.status('b'))?.connection === 'Connected', 10_000, 'volumes connected');
+    let running = true;
+    const both: string[] = [];
+    let samples = 0;
+    const sampler = (async () => {
+      while (running) {
+        const [sa, sb] = await Promise.all([vol.status('a'), vol.status('b')]);
+        samples++;
+        if (sa?.role === 'primary' && sb?.role === 'primary') both.push(new Date().toISOString());
+        await sleep(30);
+      }
+    })();
+    pair.cutLink(0, true);
+    await waitFor(() => !pair!.a.proc!.alive() || !pair!.b.proc!.alive(), 10_000, 'one node fenced');
+    await sleep(1500);
+    running = false;
+    await sampler;
+    expect(both).toEqual([]);
+    expect(samples).toBeGreaterThan(20);
+    const survivor = pair.a.proc!.alive() ? 'a' : 'b';
+    await waitFor(async () => (await vol.status(survivor))?.role === 'primary', 10_000, 'the survivor holds the primary volume');
+  });
+});
