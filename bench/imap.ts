@@ -247,7 +247,9 @@ async function measure(t: Target): Promise<Record<string, number>> {
 
 async function startPairgate(): Promise<{ port: number; populateMs: number; child: ChildProcess }> {
   const self = fileURLToPath(import.meta.url);
-  const child = spawn(process.execPath, ['--import', 'tsx', self, '--serve', '--messages', String(MESSAGES), '--big-mib', String(BIG_MIB)], {
+  // IMAP_BENCH_PROF=dir writes a CPU profile of the pairgate server process there (on its exit).
+  const prof = process.env.IMAP_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.IMAP_BENCH_PROF] : [];
+  const child = spawn(process.execPath, [...prof, '--import', 'tsx', self, '--serve', '--messages', String(MESSAGES), '--big-mib', String(BIG_MIB)], {
     stdio: ['pipe', 'pipe', 'inherit'],
   });
   const line = await new Promise<string>((resolve, reject) => {

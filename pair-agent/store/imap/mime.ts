@@ -336,6 +336,29 @@ function childPart(node: MimePart, n: number, isRoot: boolean): MimePart | null 
 }
 
 /** The bytes of a BODY[section] (before any <partial>); an empty buffer where the part does not exist. */
+/**
+ * The top-level HEADER, TEXT and HEADER.FIELDS[.NOT] sections need only the header block, not the
+ * MIME tree: cut them without parsing the body (what mail clients fetch most, for lists of
+ * messages). Returns null for sections that need the tree. Same bytes as `extractSection`.
+ */
+export function extractTopSection(buf: Buffer, spec: SectionSpec): Buffer | null {
+  if (spec.path.length !== 0) return null;
+  if (spec.specifier === '') return buf;
+  if (spec.specifier !== 'HEADER' && spec.specifier !== 'TEXT' && spec.specifier !== 'HEADER.FIELDS' && spec.specifier !== 'HEADER.FIELDS.NOT') return null;
+  const { headerEnd, bodyStart } = findHeaderEnd(buf, 0, buf.length);
+  if (spec.specifier === 'HEADER') return buf.subarray(0, bodyStart);
+  if (spec.specifier === 'TEXT') return buf.subarray(bodyStart);
+  return filterHeaderFields(parseHeaderBlock(buf.subarray(0, headerEnd)), spec);
+}
+
+function filterHeaderFields(headers: HeaderField[], spec: SectionSpec): Buffer {
+  const wanted = new Set(spec.fields.map((f) => f.toLowerCase()));
+  const keep = spec.specifier === 'HEADER.FIELDS';
+  const parts = headers.filter((h) => wanted.has(h.key) === keep).map((h) => (h.raw[h.raw.length - 1] === 0x0a ? h.raw : Buffer.concat([h.raw, Buffer.from('\r\n')])));
+  parts.push(Buffer.from('\r\n'));
+  return Buffer.concat(parts);
+}
+
 export function extractSection(buf: Buffer, root: MimePart, spec: SectionSpec): Buffer {
   let node: MimePart | null = root;
   let isRoot = true;
@@ -357,11 +380,7 @@ export function extractSection(buf: Buffer, root: MimePart, spec: SectionSpec): 
   if (!msg) return Buffer.alloc(0);
   if (spec.specifier === 'TEXT') return buf.subarray(msg.bodyStart, msg.end);
   if (spec.specifier === 'HEADER') return buf.subarray(msg.start, msg.bodyStart);
-  const wanted = new Set(spec.fields.map((f) => f.toLowerCase()));
-  const keep = spec.specifier === 'HEADER.FIELDS';
-  const parts = msg.headers.filter((h) => wanted.has(h.key) === keep).map((h) => (h.raw[h.raw.length - 1] === 0x0a ? h.raw : Buffer.concat([h.raw, Buffer.from('\r\n')])));
-  parts.push(Buffer.from('\r\n'));
-  return Buffer.concat(parts);
+  return filterHeaderFields(msg.headers, spec);
 }
 
 /** Decoded text of header fields for SEARCH (encoded words decoded). */

@@ -38,6 +38,8 @@ export interface ServerContext {
 export class ArgError extends Error {}
 
 const MAILBOX_MAX_BYTES = 255;
+/** Batched output is written once it reaches this size (and at the end of each command). */
+const OUTPUT_BATCH_BYTES = 256 * 1024;
 
 let nextCid = 1;
 
@@ -60,6 +62,19 @@ export class Session {
   private closed = false;
   private userHeld: string | null = null;
   private paused = false;
+  /**
+   * Output of the running command, written in one go (one system call) at its end, when it
+   * reaches OUTPUT_BATCH_BYTES, or before the session waits for the client; a FETCH of 100
+   * headers is then one write instead of one per message.
+   */
+  private outParts: Array<Buffer | string> = [];
+  private outBytes = 0;
+  private batching = false;
+  /** Session figures for the closing log line. */
+  private readonly startedAt = Date.now();
+  private commandCount = 0;
+  private bytesIn = 0;
+  private bytesOut = 0;
   /** Set while IDLE runs: wakes it to report changes. */
   idleWake: (() => void) | null = null;
   private readonly onData = (chunk: Buffer) => this.receive(chunk);
@@ -115,7 +130,45 @@ export class Session {
   writeLine(text: string): void {
     if (this.closed) return;
     if (this.log.isLevelEnabled('debug')) this.log.debug(`S: ${text.slice(0, 300)}`);
-    this.socket.write(text + '\r\n');
+    this.emit(text + '\r\n');
+  }
+
+  private emit(part: Buffer | string): void {
+    const n = typeof part === 'string' ? Buffer.byteLength(part) : part.length;
+    this.bytesOut += n;
+    if (!this.batching) {
+      this.socket.write(part);
+      return;
+    }
+    this.outParts.push(part);
+    this.outBytes += n;
+    if (this.outBytes >= OUTPUT_BATCH_BYTES) this.flush();
+  }
+
+  /** Writes the batched output: small parts joined into one buffer, large buffers by reference. */
+  flush(): void {
+    if (!this.outParts.length) return;
+    const parts = this.outParts;
+    this.outParts = [];
+    this.outBytes = 0;
+    if (this.closed || this.socket.destroyed) return;
+    const small: Buffer[] = [];
+    const writeSmall = () => {
+      if (!small.length) return;
+      this.socket.write(small.length === 1 ? small[0]! : Buffer.concat(small));
+      small.length = 0;
+    };
+    this.socket.cork();
+    for (const p of parts) {
+      if (typeof p === 'string') small.push(Buffer.from(p, 'utf8'));
+      else if (p.length < 16 * 1024) small.push(p);
+      else {
+        writeSmall();
+        this.socket.write(p);
+      }
+    }
+    writeSmall();
+    this.socket.uncork();
   }
 
   /** Writes an untagged response `* v1 v2 …`. */
@@ -129,13 +182,18 @@ export class Session {
       const text = parts.map((p) => (typeof p === 'string' ? p : p.length > 200 ? `<${p.length} bytes>` : p.toString('latin1'))).join('');
       this.log.debug(`S: ${text.slice(0, 300).replace(/\r\n$/, '')}`);
     }
+    if (this.batching) {
+      for (const p of parts) this.emit(p);
+      return;
+    }
     this.socket.cork();
-    for (const p of parts) this.socket.write(p);
+    for (const p of parts) this.emit(p);
     this.socket.uncork();
   }
 
   /** Waits while more than the write limit is buffered (a slow reader), bounded by the idle timeout. */
   async drain(): Promise<void> {
+    if (this.outBytes >= OUTPUT_BATCH_BYTES / 2) this.flush();
     if (this.closed || this.socket.writableLength <= this.ctx.limits.maxWriteBufferBytes) return;
     await new Promise<void>((resolve) => {
       const done = () => {
@@ -162,6 +220,8 @@ export class Session {
 
   close(): void {
     if (this.closed) return;
+    this.flush();
+    this.batching = false;
     this.socket.end();
     // A peer that never reads must not keep the socket: destroy after a grace period.
     setTimeout(() => this.socket.destroy(), 2000).unref();
@@ -171,9 +231,16 @@ export class Session {
   private cleanup(): void {
     if (this.closed) return;
     this.closed = true;
+    this.outParts = [];
+    this.outBytes = 0;
     const prev = this.state.name;
     this.state = { name: 'logout' };
     if (prev !== 'logout') this.log.info({ from: prev, to: 'logout', reason: 'connection closed' }, 'state change');
+    // One line per session (the log child carries the user and the address the proxy forwarded).
+    this.log.info(
+      { durationMs: Date.now() - this.startedAt, commands: this.commandCount, bytesIn: this.bytesIn, bytesOut: this.bytesOut, lastState: prev, tls: this.tlsActive },
+      'session closed',
+    );
     if (this.userHeld) this.ctx.releaseUser(this.userHeld);
     this.userHeld = null;
     this.rawWaiter?.(null);
@@ -195,6 +262,7 @@ export class Session {
 
   private receive(chunk: Buffer): void {
     if (this.closed) return;
+    this.bytesIn += chunk.length;
     let events: FrameEvent[];
     try {
       events = this.framer.push(chunk);
@@ -205,7 +273,12 @@ export class Session {
     }
     for (const ev of events) {
       if (ev.kind === 'continue') {
+        // Not held back by a running command's batch: the client waits for it.
+        this.flush();
+        const was = this.batching;
+        this.batching = false;
         this.writeLine('+ Ready for literal data');
+        this.batching = was;
         continue;
       }
       if (this.rawWaiter) {
@@ -235,6 +308,8 @@ export class Session {
       }
       return null;
     };
+    // The client answers only what it has seen: send everything before waiting.
+    this.flush();
     const ev = this.queue.shift();
     if (ev) return Promise.resolve(toResult(ev));
     if (this.closed) return Promise.resolve(null);
@@ -257,7 +332,15 @@ export class Session {
           this.replyBad(ev.tag, ev.reason, 'PARSE');
           continue;
         }
-        if (ev.kind === 'unit') await this.execute(ev.unit);
+        if (ev.kind === 'unit') {
+          this.batching = true;
+          try {
+            await this.execute(ev.unit);
+          } finally {
+            this.batching = false;
+            this.flush();
+          }
+        }
       }
     } catch (err) {
       this.log.error({ err }, 'session failed');
@@ -286,6 +369,7 @@ export class Session {
       throw err;
     }
     const { tag } = parsed;
+    this.commandCount++;
     let name = parsed.name;
     let tokens = parsed.args;
     let uid = false;
@@ -338,6 +422,8 @@ export class Session {
     }
     this.ctx.commandsTotal.inc({ command: label, result: reply.status });
     this.writeLine(`${tag} ${reply.status} ${reply.code ? `[${reply.code}] ` : ''}${safeText(reply.text)}`);
+    // The tagged reply goes out before anything `after` does (STARTTLS, LOGOUT's close).
+    this.flush();
     if (reply.after) await reply.after();
   }
 

@@ -7,7 +7,7 @@
 import { NotFoundError } from '../../../../common/errors.ts';
 import type { MessageMeta } from '../../types.ts';
 import { flagValues } from '../mailbox-view.ts';
-import { deserializeSummary, extractSection, parseMime, serializeSummary, summarize, type MimePart, type SectionSpec, type StructureSummary } from '../mime.ts';
+import { deserializeSummary, extractSection, extractTopSection, parseMime, serializeSummary, summarize, type MimePart, type SectionSpec, type StructureSummary } from '../mime.ts';
 import type { Token } from '../parser.ts';
 import type { SeqSet } from '../seqset.ts';
 import { ArgError, type Session } from '../session.ts';
@@ -183,7 +183,8 @@ export const fetch = defineCommand({
           }
           const buf = await body();
           let bytes: Buffer;
-          if (item.section.path.length === 0 && item.section.specifier === '') bytes = buf;
+          const top = root ? null : extractTopSection(buf, item.section);
+          if (top) bytes = top;
           else {
             root ??= parseMime(buf);
             bytes = extractSection(buf, root, item.section);

@@ -444,6 +444,7 @@ export const idle = defineCommand({
         }
         if (result || session.isClosed) break;
         if (session.state.name === 'selected' && session.state.view.dirty) continue;
+        session.flush();
         await new Promise<void>((resolve) => {
           session.idleWake = resolve;
         });
