@@ -1,33 +1,64 @@
 /**
- * Failover of the store with the pair agent (shared-disk mode, fencing keeps one writer): LMTP
- * deliveries run continuously against the floating address while the primary is SIGKILLed; on
- * the new primary every acknowledged delivery is there with the same UID and UIDVALIDITY (read
- * back through POP3 UIDL, which encodes both). The replicated volume (protocol C) is not in the
- * tree yet; the shared disk gives the same "other node recovers the same blocks" situation.
+ * Failover of the store with the pair agent on the replicated volume (protocol C): LMTP
+ * deliveries run continuously against the floating address while the primary is SIGKILLed; the
+ * standby fences it, promotes its own copy of the volume and recovers the store from it. Every
+ * acknowledged delivery is there with the same UID and UIDVALIDITY (read back through POP3
+ * UIDL, which encodes both). Then the killed node comes back, resyncs as secondary, and the
+ * resources are handed back to it: the store it recovers from the resynced copy holds every
+ * acknowledged message too (including those delivered while it was away).
+ * (The shared-disk mode's failover is covered by pair-agent-store.test.ts.)
  */
 import net from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { adminCall } from '../../common/admin-http.ts';
+import type { VolumeStatus } from '../../pair-agent/volume/index.ts';
 import { freePort, waitFor } from '../helpers/net.ts';
-import { startPair, type TestPair } from './pair-agent-harness.ts';
+import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
 
 const MASTER = { user: 'proxy-master', secret: 'master-secret-123' };
 const USERS = ['fa', 'fb', 'fc'];
 let pair: TestPair;
 let ports: { lmtp: number; pop3: number; imap: number };
+const volPorts = { a: { repl: 0, admin: 0 }, b: { repl: 0, admin: 0 } };
 
 beforeAll(async () => {
   ports = { lmtp: await freePort(), pop3: await freePort(), imap: await freePort() };
-  const node = (dir: string) => ({
-    sharedDisk: { file: join(dir, 'shared.disk'), sizeBytes: 32 * 1024 * 1024 },
-    store: { ports, masterUser: MASTER.user, masterSecret: MASTER.secret, compactBytesPerSec: 0, checkpointBytes: 1024 * 1024 },
-  });
-  pair = await startPair({ a: node, b: node });
+  for (const id of ['a', 'b'] as const) volPorts[id] = { repl: await freePort(), admin: await freePort() };
+  const node = (id: NodeId) => (dir: string) => {
+    const peer: NodeId = id === 'a' ? 'b' : 'a';
+    return {
+      volume: {
+        name: 'pair-t-mail',
+        dataFile: join(dir, `${id}.data`),
+        metaFile: join(dir, `${id}.meta`),
+        sizeBytes: 32 * 1024 * 1024,
+        listen: `127.0.0.1:${volPorts[id].repl}`,
+        peer: `127.0.0.1:${volPorts[peer].repl}`,
+        secret: 'store-failover-volume-secret',
+        protocol: 'C',
+        pingIntervalMs: 100,
+        pingTimeoutMs: 500,
+        reconnectMs: 100,
+        admin: { host: '127.0.0.1', port: volPorts[id].admin },
+      },
+      store: { ports, masterUser: MASTER.user, masterSecret: MASTER.secret, compactBytesPerSec: 0, checkpointBytes: 1024 * 1024 },
+    };
+  };
+  pair = await startPair({ a: node('a'), b: node('b') });
 }, 60_000);
 
 afterAll(async () => {
   await pair?.stop();
 });
+
+async function volumeStatus(id: NodeId): Promise<VolumeStatus | null> {
+  try {
+    return (await adminCall(`http://127.0.0.1:${volPorts[id].admin}`, 'GET', '/status', undefined, { timeoutMs: 500 })).body as VolumeStatus;
+  } catch {
+    return null;
+  }
+}
 
 /** A line client for SMTP-style replies (multi-line replies folded to their last line). */
 function lineClient(sock: net.Socket) {
@@ -123,9 +154,26 @@ async function uidls(user: string, subjects?: Map<string, string>): Promise<stri
   }
 }
 
-describe('store failover with the pair agent', () => {
-  it('every acknowledged delivery keeps its UID and UIDVALIDITY after a SIGKILL of the primary', async () => {
+/** The acknowledged deliveries of each user must be in the maildrop with the same UID (and one UIDVALIDITY, the one seen before). */
+async function expectAllPresent(acked: Array<{ user: string; uid: number; id: string }>, uvBefore: Map<string, string>, when: string): Promise<void> {
+  for (const u of USERS) {
+    const subjects = new Map<string, string>();
+    const list = await uidls(u, subjects);
+    const byUid = new Map(list.map((x) => [parseInt(x.slice(0, 8), 16), subjects.get(x)]));
+    const uv = new Set(list.map((x) => x.slice(8)));
+    expect(uv.size, `${u}: one UIDVALIDITY ${when}`).toBe(1);
+    if (uvBefore.has(u)) expect([...uv][0], `${u}: UIDVALIDITY ${when}`).toBe(uvBefore.get(u));
+    // Same UID, same message: a lost delivery whose UID was handed out again would show here.
+    const missing = acked.filter((a) => a.user === u && byUid.get(a.uid) !== a.id);
+    expect(missing, `${u}: acknowledged UIDs missing ${when}`).toEqual([]);
+  }
+}
+
+describe('store failover with the pair agent on the replicated volume (protocol C)', () => {
+  it('every acknowledged delivery keeps its UID and UIDVALIDITY after a SIGKILL of the primary, and after the handback to the resynced node', async () => {
     expect(await pair.waitPrimary()).toBe('a');
+    await waitFor(async () => (await volumeStatus('a'))?.role === 'primary' && (await volumeStatus('b'))?.connection === 'Connected', 15_000, 'a primary volume, b connected');
+    expect((await volumeStatus('a'))?.protocol).toBe('C');
     const acked: Array<{ user: string; uid: number; id: string }> = [];
     let stop = false;
     const deliverLoop = async (w: number) => {
@@ -159,7 +207,7 @@ describe('store failover with the pair agent', () => {
         sock.destroy();
       }
     };
-    const loops = [0, 1].map(deliverLoop);
+    let loops = [0, 1].map(deliverLoop);
     await waitFor(() => acked.length >= 30, 20_000, '30 deliveries before the kill');
     const uvBefore = new Map<string, string>();
     for (const u of USERS) {
@@ -168,22 +216,37 @@ describe('store failover with the pair agent', () => {
     }
     pair.a.proc!.kill('SIGKILL');
     await waitFor(async () => (await pair.floatingHealth(200))?.body.primary === 'b', 20_000, 'b primary');
+    expect((await volumeStatus('b'))?.role).toBe('primary');
     // Deliveries resume on b; let a few go through, then stop.
     const atFailover = acked.length;
     await waitFor(() => acked.length >= atFailover + 10, 20_000, 'deliveries on the new primary');
     stop = true;
     await Promise.all(loops);
-    for (const u of USERS) {
-      const subjects = new Map<string, string>();
-      const list = await uidls(u, subjects);
-      const byUid = new Map(list.map((x) => [parseInt(x.slice(0, 8), 16), subjects.get(x)]));
-      const uv = new Set(list.map((x) => x.slice(8)));
-      expect(uv.size, `${u}: one UIDVALIDITY`).toBe(1);
-      if (uvBefore.has(u)) expect([...uv][0]).toBe(uvBefore.get(u));
-      // Same UID, same message: a lost delivery whose UID was handed out again would show here.
-      const missing = acked.filter((a) => a.user === u && byUid.get(a.uid) !== a.id);
-      expect(missing, `${u}: acknowledged UIDs missing after failover`).toEqual([]);
-    }
-    console.log(`store failover: ${acked.length} acknowledged deliveries (${atFailover} before the kill) all present with their UIDs`);
-  }, 90_000);
+    await expectAllPresent(acked, uvBefore, 'after the failover to b');
+    const onB = acked.length;
+
+    // a comes back: secondary, resynced from b (it missed what b took while it was away).
+    await pair.a.start();
+    await waitFor(
+      async () => {
+        const [sa, sb] = [await volumeStatus('a'), await volumeStatus('b')];
+        return sa?.role === 'secondary' && sa.connection === 'Connected' && sa.disk === 'UpToDate' && sb?.outOfSyncBytes === 0;
+      },
+      30_000,
+      'a back as an UpToDate secondary',
+    );
+    // Hand the resources back to a while deliveries run again: a's store opens on the resynced copy.
+    stop = false;
+    loops = [2, 3].map(deliverLoop);
+    await waitFor(() => acked.length >= onB + 10, 20_000, 'deliveries before the handback');
+    const res = await pair.b.post('/standby');
+    expect(res.status).toBe(200);
+    await waitFor(async () => (await pair.floatingHealth(200))?.body.primary === 'a', 30_000, 'a primary again');
+    const atHandback = acked.length;
+    await waitFor(() => acked.length >= atHandback + 10, 20_000, 'deliveries on a after the handback');
+    stop = true;
+    await Promise.all(loops);
+    await expectAllPresent(acked, uvBefore, 'after the handback to a');
+    console.log(`store failover on the replicated volume: ${acked.length} acknowledged deliveries (${atFailover} before the kill, ${onB} before a came back) all present with their UIDs on b and again on a`);
+  }, 150_000);
 });
