@@ -1,18 +1,27 @@
 /**
  * bench/proxy: the proxy tier against its baselines, interleaved in the same run.
  *
- *   npm run bench -- proxy [--seconds 4] [--concurrency 32] [--big-mib 10] [--idle 300]
+ *   npm run bench -- proxy [--seconds 4] [--concurrency 32] [--big-mib 10] [--idle 5000]
+ *                          [--idle-backend store|dovecot]
  *
  * Paths measured, all to the same Dovecot (the pair's backend) on this machine:
  *   - direct: clients log in to Dovecot themselves;
  *   - pairgate: through `pairgate proxy` (a child process: LDIF directory, LDAP-style bind,
  *     health polling, master login with ID/XCLIENT forwarding, splice);
  *   - haproxy: HAProxy in TCP mode (an L4 relay: no login handling, the floor for any proxy);
- *   - nginx mail proxy / Perdition: measured when installed (`nginx` with libnginx-mod-mail,
- *     `perdition`); skipped with a note otherwise.
+ *   - nginx: nginx's mail proxy (libnginx-mod-mail) with an auth_http endpoint answering from
+ *     the same directory;
+ *   - perdition: Perdition (Debian package) in the foreground, one process per protocol, with
+ *     its posix_regex map (the LDAP map is a separate package, perdition-ldap, not installed
+ *     here, and it wants the server's address in the user's own entry, which pairgate's
+ *     directory keeps on the pair entry instead);
+ *   nginx and Perdition are skipped with a note when not installed.
  * Figures: IMAP sessions/s (connect, LOGIN, SELECT, FETCH 1 BODY[], LOGOUT) and POP3
  * sessions/s (connect, USER/PASS, STAT, RETR 1, QUIT) at --concurrency; bulk FETCH of a
  * --big-mib message (MiB/s); proxy RSS per idle proxied IMAP session (--idle sessions open).
+ * The idle sessions end at pairgate's own store IMAP server (one process, in this bench's
+ * process) by default: each Dovecot session costs an imap process, which caps what the
+ * machine holds far below 5,000; `--idle-backend dovecot` measures against Dovecot instead.
  * Targets (issue 7): bulk >= 0.8x direct; <= 40 KiB per idle session; session rate >= 1.0x
  * nginx's mail proxy (reported against HAProxy when nginx is not installed, as information).
  * Ends with one JSON line.
@@ -31,6 +40,7 @@ import type { Directory, PairRecord } from '../directory/types.ts';
 import { startProxy, proxyConfigSchema } from '../proxy/index.ts';
 import { haveDirectory, openDirectory, tableDirectory } from '../test/integration/proxy-harness.ts';
 import { startDovecot, type Dovecot } from '../test/helpers/dovecot.ts';
+import { startHarness, MASTER as STORE_MASTER } from '../test/integration/imap-harness.ts';
 import { freePort, waitForPort } from '../test/helpers/net.ts';
 import { tempDir } from '../test/helpers/proc.ts';
 
@@ -39,7 +49,8 @@ const { values: args } = parseArgs({
     seconds: { type: 'string', default: '4' },
     concurrency: { type: 'string', default: '32' },
     'big-mib': { type: 'string', default: '10' },
-    idle: { type: 'string', default: '400' },
+    idle: { type: 'string', default: '5000' },
+    'idle-backend': { type: 'string', default: 'store' },
     help: { type: 'boolean', default: false },
     'serve-proxy': { type: 'string' },
   },
@@ -52,6 +63,7 @@ const SECONDS = Number(args.seconds);
 const CONCURRENCY = Number(args.concurrency);
 const BIG_MIB = Number(args['big-mib']);
 const IDLE = Number(args.idle);
+const IDLE_BACKEND = args['idle-backend'] === 'dovecot' ? 'dovecot' : 'store';
 const USERS = 40;
 const MASTER = 'pgmaster';
 const MASTER_SECRET = randomBytes(8).toString('hex');
@@ -211,25 +223,38 @@ function rssKiB(pid: number): number {
   return m ? Number(m[1]) : 0;
 }
 
-async function idleCost(port: number, pid: number): Promise<number> {
+/**
+ * Opens `IDLE` logged-in IMAP sessions through the proxy (20 at a time, bounded to 180 s) and
+ * returns the proxy's RSS growth per open session, measured after the sessions settle.
+ */
+async function idleCost(port: number, pid: number): Promise<{ perSessionKiB: number; sessions: number; beforeKiB: number; afterKiB: number; failed: number }> {
   const conns: Conn[] = [];
   for (let w = 0; w < 20; w++) await imapSession(port, w % USERS);
   await new Promise((r) => setTimeout(r, 1000));
   const before = rssKiB(pid);
+  const deadline = Date.now() + 180_000;
+  let failed = 0;
+  let opened = 0;
   try {
-    for (let k = 0; k < IDLE; k += 20) {
+    for (let k = 0; k < IDLE && Date.now() < deadline && failed < 100; k += 20) {
       await Promise.all(
         Array.from({ length: Math.min(20, IDLE - k) }, async (_x, j) => {
-          const c = await Conn.open(port);
-          await c.wait(lineEnd);
-          await c.cmd(`a LOGIN ${user((k + j) % USERS)} ${pass((k + j) % USERS)}`, tagged('a'));
-          conns.push(c);
+          try {
+            const c = await Conn.open(port);
+            conns.push(c);
+            await c.wait(lineEnd);
+            const r = await c.cmd(`a LOGIN ${user((k + j) % USERS)} ${pass((k + j) % USERS)}`, tagged('a'));
+            if (!/\ba OK/.test(r.toString())) throw new Error(r.toString().slice(0, 200));
+            opened++;
+          } catch (err) {
+            if (failed++ === 0) process.stderr.write(`idle session failed: ${(err as Error).message}\n`);
+          }
         }),
       );
     }
-    await new Promise((r) => setTimeout(r, 2000));
+    await new Promise((r) => setTimeout(r, 3000));
     const after = rssKiB(pid);
-    return (after - before) / conns.length;
+    return { perSessionKiB: (after - before) / Math.max(1, opened), sessions: opened, beforeKiB: before, afterKiB: after, failed };
   } finally {
     for (const c of conns) c.close();
   }
@@ -301,25 +326,31 @@ async function main(): Promise<void> {
     health = http.createServer((_q, res) => res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(healthRecord('pair-bench'))));
     await new Promise<void>((r) => health!.listen(0, '127.0.0.1', r));
     const adminPort = (health.address() as net.AddressInfo).port;
-    const ldif = [
-      'dn: dc=pairgate,dc=test\nobjectClass: dcObject\nobjectClass: organization\ndc: pairgate\no: bench\n',
-      'dn: ou=people,dc=pairgate,dc=test\nobjectClass: organizationalUnit\nou: people\n',
-      'dn: ou=pairs,dc=pairgate,dc=test\nobjectClass: organizationalUnit\nou: pairs\n',
-      `dn: cn=pair-bench,ou=pairs,dc=pairgate,dc=test\nobjectClass: pairgatePair\ncn: pair-bench\npairgateAddress: 127.0.0.1\npairgatePorts: imap=${dovecot.imapPort},pop3=${dovecot.pop3Port},lmtp=${dovecot.lmtpPort},admin=${adminPort}\npairgateState: active\npairgateWeight: 100\n`,
-      ...Array.from(
-        { length: USERS },
-        (_x, i) =>
-          `dn: uid=${user(i)},ou=people,dc=pairgate,dc=test\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: ${user(i)}\ncn: ${user(i)}\nsn: ${user(i)}\nmail: ${user(i)}@example.net\nmailHost: pair-bench\nuserPassword: ${ssha(pass(i))}\n`,
-      ),
-    ].join('\n');
-    writeFileSync(join(tmp.path, 'dir.ldif'), ldif);
-
+    // The directory as an LDIF file (read by the proxy process) and as the in-test table's
+    // spec; `ports` says where the one pair's services are (Dovecot, or the store for the idle run).
+    const writeDirectory = (file: string, ports: { imap: number; pop3: number; lmtp?: number }) => {
+      const portList = `imap=${ports.imap},pop3=${ports.pop3}${ports.lmtp ? `,lmtp=${ports.lmtp}` : ''},admin=${adminPort}`;
+      const ldif = [
+        'dn: dc=pairgate,dc=test\nobjectClass: dcObject\nobjectClass: organization\ndc: pairgate\no: bench\n',
+        'dn: ou=people,dc=pairgate,dc=test\nobjectClass: organizationalUnit\nou: people\n',
+        'dn: ou=pairs,dc=pairgate,dc=test\nobjectClass: organizationalUnit\nou: pairs\n',
+        `dn: cn=pair-bench,ou=pairs,dc=pairgate,dc=test\nobjectClass: pairgatePair\ncn: pair-bench\npairgateAddress: 127.0.0.1\npairgatePorts: ${portList}\npairgateState: active\npairgateWeight: 100\n`,
+        ...Array.from(
+          { length: USERS },
+          (_x, i) =>
+            `dn: uid=${user(i)},ou=people,dc=pairgate,dc=test\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: ${user(i)}\ncn: ${user(i)}\nsn: ${user(i)}\nmail: ${user(i)}@example.net\nmailHost: pair-bench\nuserPassword: ${ssha(pass(i))}\n`,
+        ),
+      ].join('\n');
+      writeFileSync(file, ldif);
+      return JSON.stringify({
+        users: Array.from({ length: USERS }, (_x, i) => ({ uid: user(i), password: pass(i), pair: 'pair-bench' })),
+        pairs: [{ id: 'pair-bench', dn: 'cn=pair-bench,ou=pairs,dc=pairgate,dc=test', address: '127.0.0.1', ports: { ...ports, admin: adminPort }, state: 'active', weight: 100 }],
+      });
+    };
+    const directoryFile = join(tmp.path, 'dir.ldif');
+    const directorySpec = writeDirectory(directoryFile, { imap: dovecot.imapPort, pop3: dovecot.pop3Port, lmtp: dovecot.lmtpPort });
     const [hImap, hPop] = await Promise.all([freePort(), freePort()]);
-    const directorySpec = JSON.stringify({
-      users: Array.from({ length: USERS }, (_x, i) => ({ uid: user(i), password: pass(i), pair: 'pair-bench' })),
-      pairs: [{ id: 'pair-bench', dn: 'cn=pair-bench,ou=pairs,dc=pairgate,dc=test', address: '127.0.0.1', ports: { imap: dovecot.imapPort, pop3: dovecot.pop3Port, lmtp: dovecot.lmtpPort, admin: adminPort }, state: 'active', weight: 100 }],
-    });
-    const startPairgate = async (name: string, nodeFlags: string[] = []) => {
+    const startPairgate = async (name: string, nodeFlags: string[] = [], dir = { file: directoryFile, spec: directorySpec }, master = { user: MASTER, secret: MASTER_SECRET }) => {
       const [imapPort, pop3Port, adminPortP] = await Promise.all([freePort(), freePort(), freePort()]);
       const file = join(tmp.path, `${name}.yaml`);
       writeFileSync(
@@ -328,20 +359,20 @@ async function main(): Promise<void> {
           id: name,
           log: { level: 'warn' },
           admin: { host: '127.0.0.1', port: adminPortP },
-          directory: { ldif: join(tmp.path, 'dir.ldif') },
+          directory: { ldif: dir.file },
           listeners: [
             { protocol: 'imap', host: '127.0.0.1', port: imapPort, tls: 'none' },
             { protocol: 'pop3', host: '127.0.0.1', port: pop3Port, tls: 'none' },
           ],
-          backend: { masterUser: MASTER, masterSecret: '${BENCH_MASTER_SECRET}', trustedNetworks: ['127.0.0.0/8'] },
+          backend: { masterUser: master.user, masterSecret: '${BENCH_MASTER_SECRET}', trustedNetworks: ['127.0.0.0/8'] },
           limits: { maxConnectionsPerIp: 0, maxSessionsPerUser: 0, maxConnections: 0 },
           authLimits: { maxPerIp: 0, maxPerLogin: 0 },
         }),
       );
       const child = startChild(process.execPath, [...nodeFlags, '--import', 'tsx', fileURLToPath(import.meta.url), '--serve-proxy', file], {
         ...process.env,
-        BENCH_MASTER_SECRET: MASTER_SECRET,
-        BENCH_DIRECTORY_SPEC: directorySpec,
+        BENCH_MASTER_SECRET: master.secret,
+        BENCH_DIRECTORY_SPEC: dir.spec,
       });
       children.push(child);
       await waitForPort('127.0.0.1', imapPort, 20_000);
@@ -366,7 +397,7 @@ async function main(): Promise<void> {
     const mailModule = '/usr/lib/nginx/modules/ngx_mail_module.so';
     let nginxPorts: { imap: number; pop3: number } | null = null;
     if (nginxBin && existsSync(mailModule)) {
-      const directory = await benchDirectory(join(tmp.path, 'dir.ldif'), JSON.parse(directorySpec));
+      const directory = await benchDirectory(directoryFile, JSON.parse(directorySpec));
       closers.push(() => directory.close());
       const ports = { imap: dovecot.imapPort, pop3: dovecot.pop3Port };
       authServer = http.createServer(async (req, res) => {
@@ -398,12 +429,49 @@ async function main(): Promise<void> {
       await waitForPort('127.0.0.1', nImap, 10_000);
       nginxPorts = { imap: nImap, pop3: nPop };
     } else notes.push('nginx mail proxy (libnginx-mod-mail) not installed: not measured');
-    notes.push(existsSync('/usr/sbin/perdition') ? 'perdition installed but not wired into this bench yet' : 'perdition not installed: not measured');
+    // Perdition: one foreground process per protocol (it forks a child per connection), its
+    // posix_regex map sending every bench user to the pair's Dovecot. The user's own
+    // credentials go through to Dovecot (Perdition has no master login), as with nginx.
+    const perditionBin = ['/usr/sbin/perdition'].find((f) => existsSync(f));
+    const regexMap = ['/usr/lib/x86_64-linux-gnu/libperditiondb_posix_regex.so.0', '/usr/lib/libperditiondb_posix_regex.so.0'].find((f) => existsSync(f));
+    let perditionPorts: { imap: number; pop3: number } | null = null;
+    if (perditionBin && regexMap) {
+      const [pdImap, pdPop] = [await freePort(), await freePort()];
+      writeFileSync(join(tmp.path, 'perdition.conf'), '# empty: everything is on the command line\n');
+      for (const [protocol, listen, backendPort] of [
+        ['IMAP4', pdImap, dovecot.imapPort],
+        ['POP3', pdPop, dovecot.pop3Port],
+      ] as const) {
+        const map = join(tmp.path, `popmap-${protocol}.re`);
+        writeFileSync(map, `^bench[0-9]+$: 127.0.0.1:${backendPort}\n`);
+        children.push(
+          startChild(perditionBin, [
+            '--no_daemon',
+            '--config_file', join(tmp.path, 'perdition.conf'),
+            '--protocol', protocol,
+            '--bind_address', '127.0.0.1',
+            '--listen_port', String(listen),
+            '--map_library', regexMap,
+            '--map_library_opt', map,
+            '--no_lookup',
+            '--ssl_mode', 'none',
+            '--pid_file', join(tmp.path, `perdition-${protocol}.pid`),
+            '--log_facility', join(tmp.path, `perdition-${protocol}.log`),
+            '--quiet',
+          ]),
+        );
+      }
+      await waitForPort('127.0.0.1', pdImap, 10_000);
+      await waitForPort('127.0.0.1', pdPop, 10_000);
+      perditionPorts = { imap: pdImap, pop3: pdPop };
+      notes.push('perdition: posix_regex map (perdition-ldap, its LDAP map, is not installed; it also wants the server address in the user entry, which pairgate keeps on the pair entry)');
+    } else notes.push('perdition (with its posix_regex map) not installed: not measured');
 
     const paths: Array<{ name: string; imap: number; pop3: number }> = [
       { name: 'direct', imap: dovecot.imapPort, pop3: dovecot.pop3Port },
       { name: 'pairgate', imap: pImap, pop3: pPop },
       ...(nginxPorts ? [{ name: 'nginx', imap: nginxPorts.imap, pop3: nginxPorts.pop3 }] : []),
+      ...(perditionPorts ? [{ name: 'perdition', imap: perditionPorts.imap, pop3: perditionPorts.pop3 }] : []),
       ...(haproxyBin ? [{ name: 'haproxy', imap: hImap, pop3: hPop }] : []),
     ];
     // Warm up every path (Dovecot login processes, the proxy's JIT and caches).
@@ -427,24 +495,44 @@ async function main(): Promise<void> {
     const bulkFigures = await bulk(paths.map((p) => p.imap));
     paths.forEach((p, k) => (results[p.name]!.bulk = bulkFigures[k]!));
     // Idle cost in a fresh proxy process, so that heap growth from the rate rounds does not blur it.
-    let perSessionKiB = 0;
+    let idle: Awaited<ReturnType<typeof idleCost>> | null = null;
+    let idleBackendNote = '';
     if (IDLE > 0) {
       main.child.kill('SIGTERM');
+      let dir = { file: directoryFile, spec: directorySpec };
+      let master = { user: MASTER, secret: MASTER_SECRET };
+      if (IDLE_BACKEND === 'store') {
+        // pairgate's own store IMAP server (the pair-agent's, on a file-backed volume) as the
+        // backend: one process holds thousands of sessions, so the figure is the proxy's cost
+        // per session at the issue's 5,000 rather than at what Dovecot's process-per-session
+        // model fits on this machine. It runs in this bench process; only the proxy's RSS is read.
+        const store = await startHarness({ users: {}, limits: { maxSessionsPerUser: IDLE + 100 }, volumeBytes: 64 * 1024 * 1024 });
+        closers.push(() => store.close());
+        dir = { file: join(tmp.path, 'dir-idle.ldif'), spec: '' };
+        dir.spec = writeDirectory(dir.file, { imap: store.port, pop3: dovecot.pop3Port });
+        master = { user: STORE_MASTER.user, secret: STORE_MASTER.secret };
+        idleBackendNote = "pairgate store IMAP server (one process)";
+      } else idleBackendNote = 'Dovecot (one imap process per session)';
       // Frequent full GCs in this process only, so that RSS growth is live memory rather than
       // garbage from the logins that V8 has not collected yet.
-      const idleProxy = await startPairgate('bench-idle', ['--gc-global', '--gc-interval=20000']);
-      perSessionKiB = await idleCost(idleProxy.imapPort, idleProxy.child.pid!);
+      const idleProxy = await startPairgate('bench-idle', ['--gc-global', '--gc-interval=20000'], dir, master);
+      idle = await idleCost(idleProxy.imapPort, idleProxy.child.pid!);
     }
+    const perSessionKiB = idle?.perSessionKiB ?? 0;
 
     const pad = (s: string, n: number) => s.padEnd(n);
     const lines = [
-      `proxy bench: concurrency ${CONCURRENCY}, ${SECONDS}s per round x2 (best), bulk ${BIG_MIB} MiB FETCH, ${IDLE} idle sessions`,
+      `proxy bench: concurrency ${CONCURRENCY}, ${SECONDS}s per round x2 (best), bulk ${BIG_MIB} MiB FETCH, ${IDLE} idle sessions (backend: ${IDLE_BACKEND})`,
       `${pad('path', 10)} ${pad('IMAP sess/s', 12)} ${pad('POP3 sess/s', 12)} ${pad('bulk MiB/s', 11)} errors`,
       ...paths.map((p) => {
         const r = results[p.name]!;
         return `${pad(p.name, 10)} ${pad(r.imap.toFixed(1), 12)} ${pad(r.pop3.toFixed(1), 12)} ${pad(r.bulk.toFixed(1), 11)} ${r.errors}`;
       }),
-      `pairgate RSS per idle proxied IMAP session: ${perSessionKiB.toFixed(1)} KiB`,
+      ...(idle
+        ? [
+            `pairgate RSS per idle proxied IMAP session: ${perSessionKiB.toFixed(1)} KiB (${idle.sessions} sessions open, ${idle.failed} failed; proxy RSS ${idle.beforeKiB} -> ${idle.afterKiB} KiB; backend: ${idleBackendNote})`,
+          ]
+        : []),
       ...notes.map((n) => `note: ${n}`),
     ];
     process.stdout.write(lines.join('\n') + '\n');
@@ -454,7 +542,7 @@ async function main(): Promise<void> {
     const targets: Record<string, { value: number; min?: number; max?: number }> = {
       ...(results.nginx ? { imap_rate_vs_nginx: { value: Number((pg.imap / results.nginx.imap).toFixed(3)), min: 1.0 }, pop3_rate_vs_nginx: { value: Number((pg.pop3 / results.nginx.pop3).toFixed(3)), min: 1.0 } } : {}),
       bulk_vs_direct: { value: Number(bulkRatio.toFixed(3)), min: 0.8 },
-      ...(IDLE > 0 ? { idle_session_kib: { value: Number(perSessionKiB.toFixed(1)), max: 40 } } : {}),
+      ...(idle ? { idle_session_kib: { value: Number(perSessionKiB.toFixed(1)), max: 40 } } : {}),
     };
     const met = Object.values(targets).every((t) => (t.min === undefined || t.value >= t.min) && (t.max === undefined || t.value <= t.max));
     const figures: Record<string, number> = {};
@@ -465,6 +553,11 @@ async function main(): Promise<void> {
     }
     if (results.haproxy) figures.pairgate_vs_haproxy_imap_rate = Number((pg.imap / results.haproxy.imap).toFixed(3));
     figures.pairgate_vs_direct_imap_rate = Number((pg.imap / direct.imap).toFixed(3));
+    if (results.perdition) {
+      figures.pairgate_vs_perdition_imap_rate = Number((pg.imap / results.perdition.imap).toFixed(3));
+      figures.pairgate_vs_perdition_pop3_rate = Number((pg.pop3 / results.perdition.pop3).toFixed(3));
+    }
+    if (idle) figures.idle_sessions_open = idle.sessions;
     process.stdout.write(JSON.stringify({ bench: 'proxy', figures, targets, met }) + '\n');
   } finally {
     for (const c of children) c.kill('SIGTERM');
