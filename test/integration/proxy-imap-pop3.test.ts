@@ -12,6 +12,9 @@ import { createHash, randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
+import { Writable } from 'node:stream';
+import { pino } from 'pino';
+import type { Logger } from '../../common/log.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ImapFlow } from 'imapflow';
 import { V2ProxyProtocol, Command, TransportProtocol, IPv4ProxyAddress, IPv4Address } from 'proxy-protocol-js';
@@ -453,13 +456,166 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     await waitFor(() => /Login: user=<alice>.*rip=192\.0\.2\.44/.test(dovA.log()), 5000, 'dovecot log with rip=192.0.2.44');
   });
 
+  it('POP3 and IMAP STARTTLS logins land on the home pair, with and without a PROXY v2 header; the pair sees the original address', async () => {
+    // Each case comes from its own address (a PROXY v2 source, or a loopback alias used as the
+    // client's own address) so that the pair's log line for it is unambiguous; the other pair
+    // must not have seen it.
+    const pop3Login = async (c: LineClient, user: string, stls: boolean) => {
+      expect(await c.line()).toMatch(/^\+OK/);
+      if (stls) {
+        c.send('STLS');
+        await c.until(/^\+OK/);
+        c = await c.starttls();
+      }
+      c.send(`USER ${user}`);
+      await c.until(/^\+OK/);
+      c.send(`PASS ${user}-pass`);
+      expect(await c.line(20_000)).toMatch(/^\+OK/);
+      c.send('STAT');
+      expect(await c.line()).toMatch(/^\+OK \d+ \d+/);
+      c.send('QUIT');
+      await c.closed;
+    };
+    const imapStarttlsLogin = async (c: LineClient, user: string) => {
+      await c.until(/^\* OK/);
+      c.send('a1 STARTTLS');
+      await c.until(/^a1 OK/);
+      const s = await c.starttls();
+      s.send(`a2 LOGIN ${user} ${user}-pass`);
+      expect(await s.until(/^a2 /, 20_000)).toMatch(/^a2 OK/);
+      s.send('a3 SELECT INBOX');
+      expect(await s.until(/^a3 /)).toMatch(/^a3 OK/);
+      s.send('a4 LOGOUT');
+      await s.closed;
+    };
+    const cases = [
+      { what: 'POP3 plain, PROXY v2', user: 'bob', home: () => dovB, rip: '192.0.2.51', run: async () => pop3Login(await LineClient.connect(port('pop3-plain'), { localAddress: '127.0.0.2', prefix: proxyV2('192.0.2.51', 41051) }), 'bob', false) },
+      { what: 'POP3 STLS, PROXY v2', user: 'carol', home: () => dovA, rip: '192.0.2.52', run: async () => pop3Login(await LineClient.connect(port('pop3-starttls'), { localAddress: '127.0.0.2', prefix: proxyV2('192.0.2.52', 41052) }), 'carol', true) },
+      { what: 'POP3 plain, direct', user: 'dave', home: () => dovB, rip: '127.0.0.7', run: async () => pop3Login(await LineClient.connect(port('pop3-plain'), { localAddress: '127.0.0.7' }), 'dave', false) },
+      { what: 'POP3 STLS, direct', user: 'alice', home: () => dovA, rip: '127.0.0.8', run: async () => pop3Login(await LineClient.connect(port('pop3-starttls'), { localAddress: '127.0.0.8' }), 'alice', true) },
+      { what: 'IMAP STARTTLS, PROXY v2', user: 'dave', home: () => dovB, rip: '192.0.2.53', run: async () => imapStarttlsLogin(await LineClient.connect(port('imap-starttls'), { localAddress: '127.0.0.2', prefix: proxyV2('192.0.2.53', 41053) }), 'dave') },
+      { what: 'IMAP STARTTLS, direct', user: 'carol', home: () => dovA, rip: '127.0.0.10', run: async () => imapStarttlsLogin(await LineClient.connect(port('imap-starttls'), { localAddress: '127.0.0.10' }), 'carol') },
+    ];
+    for (const k of cases) {
+      await k.run();
+      const protocol = k.what.startsWith('POP3') ? 'pop3' : 'imap';
+      const line = new RegExp(`${protocol}-login: Info: Login: user=<${k.user}>.*rip=${k.rip.replace(/\./g, '\\.')},`);
+      await waitFor(() => line.test(k.home().log()), 5000, `${k.what}: ${line} in the home pair's log`);
+      const other = k.home() === dovA ? dovB : dovA;
+      expect(other.log(), k.what).not.toMatch(new RegExp(`rip=${k.rip.replace(/\./g, '\\.')},`));
+    }
+  });
+
+  it('CR/LF/NUL in logins and malformed PROXY headers: protocol errors and log lines, nothing reaches the directory or a pair', async () => {
+    const logLines: string[] = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        for (const l of chunk.toString().split('\n')) if (l) logLines.push(l);
+        cb();
+      },
+    });
+    const log = pino({ level: 'debug' }, sink) as unknown as Logger;
+    // Every string the proxy hands the directory is recorded.
+    const asked: string[] = [];
+    const spy = new Proxy(directory, {
+      get(target, key, receiver) {
+        const v = Reflect.get(target, key, receiver) as unknown;
+        if (typeof v !== 'function') return v;
+        return (...args: unknown[]) => {
+          for (const a of args) if (typeof a === 'string') asked.push(a);
+          return (v as (...a: unknown[]) => unknown).apply(target, args);
+        };
+      },
+    }) as Directory;
+    const px = await startProxy(baseConfig({ id: 'proxy-bad-input', timeouts: { proxyHeaderMs: 600 } }), { log, registry: createRegistry({}, false), directory: spy });
+    const pxPort = (name: string) => px.listeners.find((l) => l.name === name)!.address.port;
+    const from = { localAddress: '127.0.0.9' }; // its own address: the failures count there only
+    try {
+      const c = await LineClient.connect(pxPort('imap-plain'), from);
+      await c.until(/^\* OK/);
+      // A login literal with CR LF inside, one with NUL, a password with NUL, SASL PLAIN with LF.
+      for (const [tag, literal, rest] of [
+        ['b1', 'car\r\nol', ' carol-pass'],
+        ['b2', 'car\0ol', ' carol-pass'],
+        ['b3', 'carol', ' {11}'],
+      ] as const) {
+        c.socket.write(`${tag} LOGIN {${Buffer.byteLength(literal)}}\r\n`);
+        await c.until(/^\+ /);
+        c.socket.write(literal + rest + '\r\n');
+        if (tag === 'b3') {
+          await c.until(/^\+ /);
+          c.socket.write('carol\0-pass\r\n');
+        }
+        expect(await c.until(new RegExp(`^${tag} `), 10_000), tag).toMatch(new RegExp(`^${tag} (NO|BAD)`));
+      }
+      c.send(`b4 AUTHENTICATE PLAIN ${Buffer.from('\0car\nol\0carol-pass').toString('base64')}`);
+      expect(await c.until(/^b4 /, 10_000)).toMatch(/^b4 (NO|BAD)/);
+      c.socket.write('b5 LOGIN car\0ol carol-pass\r\n');
+      expect(await c.until(/^b5 /, 10_000)).toMatch(/^b5 (NO|BAD)/);
+      c.close();
+
+      const p = await LineClient.connect(pxPort('pop3-plain'), from);
+      await p.line();
+      p.socket.write('USER car\0ol\r\n');
+      const user = await p.line();
+      if (user.startsWith('+OK')) {
+        p.send('PASS carol-pass');
+        expect(await p.line(10_000)).toMatch(/^-ERR/);
+      } else expect(user).toMatch(/^-ERR/);
+      p.send(`AUTH PLAIN ${Buffer.from('\0car\r\nol\0carol-pass').toString('base64')}`);
+      expect(await p.line(10_000)).toMatch(/^-ERR/);
+      p.close();
+
+      // Malformed PROXY headers from the load balancer's address: closed without a greeting.
+      const v2 = proxyV2('192.0.2.80', 4080);
+      const badVersion = Buffer.from(v2);
+      badVersion[12] = 0x31;
+      const badLength = Buffer.from(v2);
+      badLength.writeUInt16BE(60000, 14);
+      for (const [what, header] of [
+        ['v2 with version 3', badVersion],
+        ['v2 with an oversized length', badLength],
+        ['v2 cut short, then silence', v2.subarray(0, 20)],
+        ['v1 with a bad address', Buffer.from('PROXY TCP4 999.1.2.3 127.0.0.1 4081 143\r\n')],
+        ['v1 without CR', Buffer.from('PROXY TCP4 192.0.2.81 127.0.0.1 4081 143\n')],
+        ['v1 garbage', Buffer.from('PROXY \x00\xff\xfe garbage\r\n')],
+      ] as const) {
+        const before = logLines.length;
+        const bad = await LineClient.connect(pxPort('imap-plain'), { localAddress: '127.0.0.2', prefix: header });
+        await Promise.race([bad.closed, sleep(5000).then(() => Promise.reject(new Error(`${what}: still open`)))]);
+        await expect(bad.line(50), what).rejects.toThrow(); // no greeting
+        expect(logLines.slice(before).some((l) => /without a valid PROXY header/.test(l)), what).toBe(true);
+      }
+
+      // The proxy keeps serving, and the good login was seen by the spy (so the spy works).
+      const good = await imapLogin(pxPort('imap-plain'), 'carol', 'carol-pass', { localAddress: '127.0.0.2', prefix: proxyV2('192.0.2.82', 4082) });
+      expect(good.answer).toMatch(/^a1 OK/);
+      good.c.close();
+      expect(asked).toContain('carol');
+      // eslint-disable-next-line no-control-regex
+      expect(asked.filter((a) => /[\x00\r\n]/.test(a))).toEqual([]);
+      expect(logLines.some((l) => /malformed credentials/.test(l))).toBe(true);
+      for (const d of [dovA, dovB]) expect(d.log()).not.toMatch(/user=<car(?!ol>)/);
+    } finally {
+      await px.stop(200);
+    }
+  });
+
   it('pair down: open sessions closed with BYE, new logins NO [UNAVAILABLE] / -ERR [SYS/TEMP]', async () => {
     const { c, answer } = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
     expect(answer).toMatch(/^a1 OK/);
+    const open = await LineClient.connect(port('pop3-plain'));
+    await open.line();
+    open.send('USER carol');
+    await open.line();
+    open.send('PASS carol-pass');
+    expect(await open.line(20_000)).toMatch(/^\+OK/);
     adminA.set('down');
     try {
       expect(await c.until(/^\* BYE/, 5000)).toMatch(/UNAVAILABLE/);
       await c.closed;
+      // POP3 has no unsolicited replies: its session on the pair is closed without a line.
+      await Promise.race([open.closed, sleep(5000).then(() => Promise.reject(new Error('POP3 session on the down pair still open')))]);
       const again = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
       expect(again.answer).toMatch(/^a1 NO \[UNAVAILABLE\]/);
       again.c.close();
@@ -570,13 +726,31 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       const bad = await imapLogin(port('imap-plain'), 'alice', 'nope');
       expect(bad.answer).toMatch(/AUTHENTICATIONFAILED/);
       bad.c.close();
+      // Health is still followed, by polling the pairs' /health: pair-b going down is seen, its
+      // open session closed and new logins refused; back up, logins are routed again.
+      const open = await imapLogin(port('imap-plain'), 'bob', 'bob-pass');
+      expect(open.answer).toMatch(/^a1 OK/);
+      adminB.set('down');
+      try {
+        await waitFor(() => proxy.pairHealth.state('pair-b') === 'down', 5000, 'pair-b down seen by polling');
+        expect(await open.c.until(/^\* BYE/, 5000)).toMatch(/UNAVAILABLE/);
+        const refused = await imapLogin(port('imap-plain'), 'dave', 'dave-pass');
+        expect(refused.answer).toMatch(/^a1 NO \[UNAVAILABLE\]/);
+        refused.c.close();
+      } finally {
+        adminB.set('ok');
+      }
+      await waitFor(() => proxy.pairHealth.state('pair-b') === 'ok', 5000, 'pair-b ok again by polling');
+      const back = await imapLogin(port('imap-plain'), 'dave', 'dave-pass');
+      expect(back.answer).toMatch(/^a1 OK/);
+      back.c.close();
     } finally {
       await redis.start();
     }
   });
 
   it('HAProxy (TCP mode, send-proxy-v2) in front of the proxy: the backend sees the original client', async () => {
-    const front = await freePort();
+    const [front, frontPop] = [await freePort(), await freePort()];
     const cfg = join(dir.path, 'haproxy.cfg');
     writeFileSync(
       cfg,
@@ -593,6 +767,11 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
         '  default_backend proxies',
         'backend proxies',
         `  server p1 127.0.0.1:${port('imap-plain')} send-proxy-v2 source 127.0.0.2`,
+        'frontend pop3',
+        `  bind 127.0.0.1:${frontPop}`,
+        '  default_backend proxies-pop3',
+        'backend proxies-pop3',
+        `  server p1 127.0.0.1:${port('pop3-plain')} send-proxy-v2 source 127.0.0.2`,
         '',
       ].join('\n'),
     );
@@ -604,6 +783,15 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       c.send('a2 LOGOUT');
       await c.closed;
       await waitFor(() => /Login: user=<carol>.*rip=127\.0\.0\.3/.test(dovA.log()), 5000, 'dovecot log with rip=127.0.0.3');
+      const p = await LineClient.connect(frontPop, { localAddress: '127.0.0.6' });
+      expect(await p.line()).toMatch(/^\+OK/);
+      p.send('USER dave');
+      await p.line();
+      p.send('PASS dave-pass');
+      expect(await p.line(20_000)).toMatch(/^\+OK/);
+      p.send('QUIT');
+      await p.closed;
+      await waitFor(() => /pop3-login: Info: Login: user=<dave>.*rip=127\.0\.0\.6/.test(dovB.log()), 5000, 'dovecot pop3 log with rip=127.0.0.6');
     } finally {
       await haproxy.stop();
     }
@@ -675,8 +863,17 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     const p3port = p3.listeners.find((l) => l.name === 'imap-plain')!.address.port;
     const { c, answer } = await imapLogin(p3port, 'bob', 'bob-pass');
     expect(answer).toMatch(/^a1 OK/);
-    const stopping = p3.stop(300);
+    const finisher = await imapLogin(p3port, 'alice', 'alice-pass');
+    expect(finisher.answer).toMatch(/^a1 OK/);
+    const stopping = p3.stop(1500);
     await expect(LineClient.connect(p3port)).rejects.toThrow();
+    // Within the grace time a session goes on: its commands reach the pair and it logs out itself.
+    finisher.c.send('a2 SELECT INBOX');
+    expect(await finisher.c.until(/^a2 /, 5000)).toMatch(/^a2 OK/);
+    finisher.c.send('a3 LOGOUT');
+    expect(await finisher.c.until(/^a3 /, 5000)).toMatch(/^a3 OK/);
+    await finisher.c.closed;
+    // The one still open after the grace time is closed with BYE.
     expect(await c.until(/^\* BYE/, 5000)).toMatch(/shutting down/);
     await c.closed;
     await stopping;
