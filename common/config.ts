@@ -31,7 +31,7 @@ export function expandEnv(value: unknown, env: NodeJS.ProcessEnv = process.env, 
 }
 
 function describeReceived(issue: z.ZodIssue): string {
-  if (issue.code === 'invalid_type') return `expected ${issue.expected}, got ${issue.received}`;
+  if (issue.code === 'invalid_type') return issue.received === 'undefined' ? `missing (expected ${issue.expected})` : `expected ${issue.expected}, got ${issue.received}`;
   if (issue.code === 'unrecognized_keys') return `unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.join(', ')}`;
   if (issue.code === 'invalid_enum_value') return `expected one of ${issue.options.join('|')}, got ${JSON.stringify(issue.received)}`;
   return issue.message;

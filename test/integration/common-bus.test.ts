@@ -36,18 +36,50 @@ describe('redis bus against a real redis-server', () => {
     await b.close();
   });
 
-  it('fails fast with UnavailableError while Redis is down and recovers after', async () => {
-    const bus = new RedisBus({ url: redis.url });
-    await waitFor(() => bus.connected, 5000, 'redis ready');
+  it('fails fast with UnavailableError while Redis is down and recovers after, events included', async () => {
+    const bus = new RedisBus({ url: redis.url, subscribe: true });
+    const other = new RedisBus({ url: redis.url });
+    const seen: BusEvent[] = [];
+    const downs: string[] = [];
+    bus.onEvent((e) => seen.push(e));
+    bus.on('down', (name: string) => downs.push(name));
+    await waitFor(() => bus.connected && other.connected, 5000, 'redis ready');
     await redis.stop();
-    await waitFor(() => !bus.connected, 5000, 'disconnect noticed');
-    const t0 = Date.now();
-    await expect(bus.get('pairgate:x')).rejects.toBeInstanceOf(UnavailableError);
-    expect(Date.now() - t0).toBeLessThan(1000);
+    await waitFor(() => !bus.connected && !other.connected, 5000, 'disconnect noticed');
+    // While it is down: every call fails at once with the typed error, nothing throws out of
+    // ioredis's reconnect loop (an unhandled 'error' event would fail this test file).
+    for (let i = 0; i < 20; i++) {
+      const t0 = Date.now();
+      await expect(bus.get('pairgate:x')).rejects.toBeInstanceOf(UnavailableError);
+      await expect(bus.incrWithTtl('pairgate:n', 1000)).rejects.toBeInstanceOf(UnavailableError);
+      expect(Date.now() - t0).toBeLessThan(1000);
+      bus.publishQuietly({ type: 'state', reason: 'while down' });
+    }
+    await new Promise((r) => setTimeout(r, 700)); // a few reconnect attempts against a closed port
+    expect(downs.length).toBe(0); // reconnecting, never given up ('end')
     await redis.start();
-    await waitFor(() => bus.connected, 10_000, 'reconnect');
+    await waitFor(() => bus.connected && other.connected, 10_000, 'reconnect');
     await bus.set('pairgate:x', '1');
     expect(await bus.get('pairgate:x')).toBe('1');
+    // The subscriber re-subscribed by itself: events published after the outage arrive.
+    await waitFor(async () => {
+      await other.publish({ type: 'route-invalidate', logins: ['after-outage'] });
+      return seen.some((e) => e.type === 'route-invalidate');
+    }, 10_000, 'event after the outage');
+    await bus.close();
+    await other.close();
+  });
+
+  it('starts while Redis is down without failing, and connects once it is up', async () => {
+    await redis.stop();
+    const bus = new RedisBus({ url: redis.url, subscribe: true });
+    await expect(bus.get('pairgate:y')).rejects.toBeInstanceOf(UnavailableError);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(bus.connected).toBe(false);
+    await redis.start();
+    await waitFor(() => bus.connected, 10_000, 'first connect');
+    await bus.set('pairgate:y', '2');
+    expect(await bus.get('pairgate:y')).toBe('2');
     await bus.close();
   });
 });

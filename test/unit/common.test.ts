@@ -2,6 +2,10 @@ import { describe, expect, it } from 'vitest';
 import { validateConfig, parseYaml, expandEnv, z, port } from '../../common/config.ts';
 import { ConfigError } from '../../common/errors.ts';
 import { AddressList } from '../../common/cidr.ts';
+import { createLogger } from '../../common/log.ts';
+import { Writable } from 'node:stream';
+import { readFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
 
 const schema = z
   .object({
@@ -32,6 +36,10 @@ describe('config', () => {
     expect(err).toBeInstanceOf(ConfigError);
     expect(err!.key).toBe('listen.port');
     expect(err!.message).toMatch(/expected number, got string/);
+  });
+
+  it('names a missing key as missing', () => {
+    expect(() => validateConfig(schema, { listen: { host: 'h', port: 1 } }, 'x.yaml')).toThrowError(/^secret: missing \(expected string\) \(in x\.yaml\)$/);
   });
 
   it('names an enum key and its choices', () => {
@@ -65,5 +73,58 @@ describe('address lists', () => {
   it('refuses a bad entry, naming it', () => {
     expect(() => new AddressList(['10.0.0.0/33'], 'trusted')).toThrowError(/trusted\[0\]/);
     expect(() => new AddressList(['nope'], 'trusted')).toThrowError(/trusted\[0\]: not an IP/);
+  });
+});
+
+describe('logging', () => {
+  function capture(): { log: ReturnType<typeof createLogger>; lines: () => Record<string, unknown>[]; raw: () => string } {
+    const chunks: string[] = [];
+    const dest = new Writable({
+      write(c, _e, cb) {
+        chunks.push(String(c));
+        cb();
+      },
+    });
+    const log = createLogger({ role: 'test', level: 'info', destination: dest as never });
+    return { log, raw: () => chunks.join(''), lines: () => chunks.join('').trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>) };
+  }
+
+  it('redacts secrets by key at any depth, in URLs and in the message, without touching the caller\'s object', () => {
+    const { log, lines, raw } = capture();
+    const config = {
+      directory: { urls: ['ldap://ldap1:389'], bindDn: 'cn=svc', bindPassword: 'S-bind' },
+      proxy: { backend: { master: { user: 'master', masterSecret: 'S-master' } } },
+      heartbeat: { links: [{ host: '10.0.0.1', hmacKey: 'S-hmac' }] },
+      volume: { replicationSecret: 'S-repl' },
+      admin: { port: 9000, token: 'S-token' },
+      headers: { Authorization: 'Bearer S-bearer' },
+      redis: { url: 'redis://default:S-url@127.0.0.1:6379/0' },
+    };
+    const before = JSON.stringify(config);
+    log.info({ config, password: 'S-top', user: { login: 'alice', password: 'S-user' } }, 'connecting to redis://:S-msg@10.0.0.9:6379');
+    log.child({ tokens: ['S-child'] }).warn('child');
+    log.error({ err: new Error('failed at ldap://cn=x:S-err@h:389') }, 'with an error');
+    expect(JSON.stringify(config)).toBe(before);
+    const out = raw();
+    for (const s of ['S-bind', 'S-master', 'S-hmac', 'S-repl', 'S-token', 'S-bearer', 'S-url', 'S-top', 'S-user', 'S-msg', 'S-child', 'S-err']) expect(out).not.toContain(s);
+    const [first, , third] = lines();
+    expect(first).toMatchObject({
+      msg: 'connecting to redis://:[redacted]@10.0.0.9:6379',
+      config: { directory: { urls: ['ldap://ldap1:389'], bindDn: 'cn=svc', bindPassword: '[redacted]' }, redis: { url: 'redis://default:[redacted]@127.0.0.1:6379/0' } },
+      user: { login: 'alice', password: '[redacted]' },
+    });
+    // Errors keep what explains them.
+    expect(third!.err).toMatchObject({ type: 'Error', message: 'failed at ldap://cn=x:[redacted]@h:389' });
+    expect(String((third!.err as { stack: string }).stack)).toContain('common.test.ts');
+  });
+});
+
+describe('package.json', () => {
+  it('has a bench:<subject> script for every bench/*.ts, running the same as `npm run bench -- <subject>`', () => {
+    const root = join(import.meta.dirname, '../..');
+    const scripts = (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts;
+    const subjects = readdirSync(join(root, 'bench')).filter((f) => f.endsWith('.ts')).map((f) => f.slice(0, -3));
+    expect(subjects.length).toBeGreaterThan(0);
+    for (const s of subjects) expect(scripts[`bench:${s}`], `bench:${s}`).toBe(`${scripts.bench} ${s}`);
   });
 });
