@@ -493,27 +493,41 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     d.close();
   });
 
-  it('MX: a pair that is down gets 451 4.3.2 at RCPT; the other pair still gets the message', async () => {
+  it('MX: three recipients on two pairs, one pair down: 451 4.3.2 at RCPT for its recipient, the others delivered; the retry after recovery adds no duplicate', async () => {
+    const tag = `down-${randomBytes(4).toString('hex')}`;
+    const raw = message(tag);
     await setPair(adminB, 'pair-b', 'down', 'down');
     try {
-      const tag = `down-${randomBytes(4).toString('hex')}`;
       const c = await SmtpClient.connect(mxPort());
       await c.reply();
       await c.cmd('EHLO client.test');
       await c.cmd('MAIL FROM:<a@remote.example>');
-      expect(await c.cmd('RCPT TO:<bob@example.net>')).toMatch(/^451 4\.3\.2 /);
       expect(await c.cmd('RCPT TO:<alice@example.net>')).toMatch(/^250 /);
+      expect(await c.cmd('RCPT TO:<bob@example.net>')).toMatch(/^451 4\.3\.2 /);
+      expect(await c.cmd('RCPT TO:<carol@example.net>')).toMatch(/^250 /);
       expect(await c.cmd('DATA')).toMatch(/^354 /);
-      expect(await c.cmd(`${message(tag)}.`, 20_000)).toMatch(/^250 /);
+      expect(await c.cmd(`${raw}.`, 20_000)).toMatch(/^250 /);
       c.close();
       const got = withTag(dovA.messages('alice'), tag);
       expect(got).toHaveLength(1);
-      // The pair saw the recipient rewritten to <uid>@<pair-id> (Dovecot's Received header names it).
-      expect(got[0]!.toString()).toMatch(/for <alice@pair-a>/);
+      expect(withTag(dovA.messages('carol'), tag)).toHaveLength(1);
       expect(withTag(dovB.messages('bob'), tag)).toHaveLength(0);
     } finally {
       await setPair(adminB, 'pair-b', 'ok', 'ok');
     }
+    // The sender retries what got 451 (bob only, as an MTA queues per recipient): bob gets it
+    // once, alice and carol still hold exactly one copy, and no pair holds it for anyone else.
+    const info = await mxTransport().sendMail({ envelope: { from: 'a@remote.example', to: ['bob@example.net'] }, raw });
+    expect(info.response).toMatch(/^250 /);
+    const bobs = withTag(dovB.messages('bob'), tag);
+    expect(bobs).toHaveLength(1);
+    // The pair saw the recipient rewritten to <uid>@<pair-id> (Dovecot's Received header names a
+    // single recipient).
+    expect(bobs[0]!.toString()).toMatch(/for <bob@pair-b>/);
+    expect(withTag(dovA.messages('alice'), tag)).toHaveLength(1);
+    expect(withTag(dovA.messages('carol'), tag)).toHaveLength(1);
+    for (const u of ['alice', 'carol']) expect(withTag(dovB.messages(u), tag), `${u} on pair-b`).toHaveLength(0);
+    expect(withTag(dovA.messages('bob'), tag)).toHaveLength(0);
   });
 
   it('MX: a pair failing at DATA gives 451 for the message; the retry carries the same delivery id', async () => {
