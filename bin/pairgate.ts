@@ -25,6 +25,32 @@ const COMMAND_MODULES = [
   'bin/lab.ts',
 ];
 
+/**
+ * Which modules a top-level command needs. Loading every role's code costs seconds of start-up
+ * (tsx compiles each module), which every `pairgate lb status` and every test that runs the
+ * CLI pays; so a known command loads only its own modules. Anything else (help, an unknown or
+ * newly added command) loads them all, so this table can lag behind without breaking a command.
+ */
+const COMMAND_OWNERS: Record<string, string[]> = {
+  lb: ['loadbalancer/cli.ts'],
+  proxy: ['proxy/cli.ts'],
+  'pair-agent': ['pair-agent/cli.ts'],
+  pair: ['pair-agent/cli.ts', 'bin/maintain.ts'],
+  volume: ['pair-agent/volume/cli.ts'],
+  store: ['pair-agent/store/cli.ts'],
+  directory: ['directory/cli.ts'],
+  status: ['bin/status.ts'],
+  user: ['bin/user.ts'],
+  lab: ['bin/lab.ts'],
+};
+
+export function modulesFor(argv: string[]): string[] {
+  const first = argv.find((a) => !a.startsWith('-'));
+  const wantsHelp = argv.includes('-h') || argv.includes('--help');
+  const owners = first !== undefined && !wantsHelp ? COMMAND_OWNERS[first] : undefined;
+  return owners ? COMMAND_MODULES.filter((m) => owners.includes(m)) : COMMAND_MODULES;
+}
+
 export type Register = (program: Command) => void;
 
 function fail(err: unknown): never {
@@ -46,7 +72,7 @@ async function main(): Promise<void> {
     .description('Scale-out mail gateway over two-node HA pairs')
     .showHelpAfterError()
     .exitOverride();
-  for (const rel of COMMAND_MODULES) {
+  for (const rel of modulesFor(process.argv.slice(2))) {
     const file = join(root, rel);
     if (!existsSync(file)) continue;
     const mod = (await import(pathToFileURL(file).href)) as { register?: Register };

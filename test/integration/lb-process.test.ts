@@ -115,7 +115,7 @@ describe('pairgate lb (process)', () => {
     const badw = await run(['lb', 'weight', 'b2', 'lots', '--admin', admin]);
     expect(badw.code).toBe(2);
     expect(badw.stderr).toMatch(/weight must be an integer/);
-  });
+  }, 180_000); // fourteen CLI processes, each compiling its modules: slow on a loaded 2-core machine
 
   it('a bad config exits 2 and names the key (unknown method, duplicate port)', async () => {
     const f1 = join(tmp.path, 'bad1.yaml');
@@ -137,7 +137,22 @@ describe('pairgate lb (process)', () => {
     const r2 = await run(['lb', '--config', f2]);
     expect(r2.code).toBe(2);
     expect(r2.stderr).toMatch(/listeners\[1\]\.listen: duplicate port 1143/);
-  });
+    const f3 = join(tmp.path, 'bad3.yaml');
+    writeFileSync(f3, 'listeners:\n  - name: a\n   listen: [\n');
+    const r3 = await run(['lb', '--config', f3]);
+    expect(r3.code).toBe(2);
+    expect(r3.stderr).toMatch(/bad3\.yaml:\d+: malformed YAML/);
+    const f4 = join(tmp.path, 'bad4.yaml');
+    writeFileSync(f4, stringify({ listeners: [{ name: 'a', listen: '127.0.0.1:1143', pool: 'p' }], pools: { p: { backends: [{ name: 'x' }] } } }));
+    const r4 = await run(['lb', '--config', f4]);
+    expect(r4.code).toBe(2);
+    expect(r4.stderr).toMatch(/pools\.p\.backends\[0\]\.address: missing/);
+    // One line each, no stack trace.
+    for (const r of [r1, r2, r3, r4]) {
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).not.toMatch(/^\s+at /m);
+    }
+  }, 120_000);
 
   it('SIGTERM stops it', async () => {
     lb.kill('SIGTERM');
