@@ -108,3 +108,59 @@ describe('two sessions on one mailbox', () => {
     d.close();
   });
 });
+
+describe('SELECT from a shared message-list snapshot', () => {
+  it('reuses the list of an unchanged mailbox and never shows a stale one after a change', async () => {
+    const user = 'carol';
+    await h.store.ensureUser(user);
+    for (let i = 1; i <= 4; i++) await h.deliver([user], message(`snap-${i}`));
+    // Count the store reads behind SELECT (the real store, only observed).
+    const store = h.store as unknown as { listMessages: (u: string, m: string) => Promise<unknown[]> };
+    const original = store.listMessages.bind(h.store);
+    let reads = 0;
+    store.listMessages = async (u, m) => {
+      if (u === user && m === 'INBOX') reads++;
+      return original(u, m);
+    };
+    const a = await loggedIn(h.port, user);
+    const b = await loggedIn(h.port, user);
+    try {
+      const exists = async (c: RawClient) => Number(/^\* (\d+) EXISTS\r$/m.exec((await c.send('SELECT INBOX')).text)![1]);
+      expect(await exists(a)).toBe(4);
+      const afterFirst = reads;
+      expect(await exists(b)).toBe(4);
+      expect(reads).toBe(afterFirst);
+
+      // A flag change by one session is in the next SELECT of the other.
+      await a.send('STORE 2 +FLAGS (\\Flagged)');
+      await b.send('UNSELECT');
+      expect(await exists(b)).toBe(4);
+      expect((await b.send('FETCH 2 FLAGS')).text).toMatch(/^\* 2 FETCH \(FLAGS \([^)]*\\Flagged/m);
+      // So is an expunge, and a delivery.
+      await a.send('STORE 1 +FLAGS.SILENT (\\Deleted)');
+      await a.send('EXPUNGE');
+      await h.deliver([user], message('snap-5'));
+      await b.send('UNSELECT');
+      expect(await exists(b)).toBe(4);
+      expect((await b.send('FETCH 1:* (UID)')).text).toMatch(/^\* 1 FETCH \(UID 2\)\r\n\* 2 FETCH \(UID 3\)\r\n\* 3 FETCH \(UID 4\)\r\n\* 4 FETCH \(UID 5\)\r$/m);
+      // A mailbox renamed away and created anew under the same name is empty, whatever was cached.
+      await a.send('CREATE Box');
+      await a.send('COPY 1:2 Box');
+      await a.send('SELECT Box');
+      await b.send('SELECT Box');
+      await a.send('UNSELECT');
+      await b.send('UNSELECT');
+      expect((await a.send('RENAME Box Box2')).status).toBe('OK');
+      expect((await a.send('CREATE Box')).status).toBe('OK');
+      expect(await exists(b)).toBe(4);
+      const sel = await b.send('SELECT Box');
+      expect(sel.text).toMatch(/^\* 0 EXISTS\r$/m);
+      expect((await b.send('SELECT Box2')).text).toMatch(/^\* 2 EXISTS\r$/m);
+    } finally {
+      store.listMessages = original;
+      a.close();
+      b.close();
+    }
+  });
+});
+

@@ -17,8 +17,8 @@ export interface ViewUpdateSink {
 export class RecentTracker {
   private readonly claimed = new Map<string, { uidValidity: number; uid: number }>();
 
-  /** Returns the UIDs (of `uids`, ascending) that become recent for the caller. */
-  claim(user: string, mailbox: string, uidValidity: number, uids: number[]): Set<number> {
+  /** Returns the UIDs (of `list`, in ascending UID order) that become recent for the caller. */
+  claim(user: string, mailbox: string, uidValidity: number, list: ReadonlyArray<{ uid: number }>): Set<number> {
     const key = `${user}\0${mailbox}`;
     let c = this.claimed.get(key);
     if (!c || c.uidValidity !== uidValidity) {
@@ -26,8 +26,9 @@ export class RecentTracker {
       this.claimed.set(key, c);
     }
     const out = new Set<number>();
-    for (const uid of uids) if (uid > c.uid) out.add(uid);
-    if (uids.length) c.uid = Math.max(c.uid, uids[uids.length - 1]!);
+    // From the end: only UIDs above the last claimed one count, and the list is ascending.
+    for (let i = list.length - 1; i >= 0 && list[i]!.uid > c.uid; i--) out.add(list[i]!.uid);
+    if (list.length) c.uid = Math.max(c.uid, list[list.length - 1]!.uid);
     return out;
   }
 
@@ -173,7 +174,7 @@ export class MailboxView {
     const max = this.maxUid;
     const added = current.filter((m) => m.uid > max);
     if (added.length) {
-      const recent = this.readOnly ? new Set<number>() : this.recentTracker.claim(this.user, this.name, this.uidValidity, added.map((m) => m.uid));
+      const recent = this.readOnly ? new Set<number>() : this.recentTracker.claim(this.user, this.name, this.uidValidity, added);
       for (const m of added) {
         this.messages.push(m);
         if (recent.has(m.uid)) this.recent.add(m.uid);

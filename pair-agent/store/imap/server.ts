@@ -13,6 +13,7 @@ import { commandTable } from './commands/index.ts';
 import { normalizeLimits, type ImapLimits } from './limits.ts';
 import { RecentTracker } from './mailbox-view.ts';
 import { Session, type ServerContext } from './session.ts';
+import { SnapshotCache } from './snapshots.ts';
 
 export interface ImapServerOptions {
   store: MailStore;
@@ -49,7 +50,9 @@ export async function startImapServer(opts: ImapServerOptions): Promise<ImapServ
   const commandsTotal = counter(opts.registry, 'imap_commands_total', 'IMAP commands by command and result', ['command', 'result']);
   const sessions = new Set<Session>();
   const perUser = new Map<string, number>();
+  const snapshots = new SnapshotCache();
   const byMailbox = (change: StoreChange) => {
+    snapshots.onChange(change);
     for (const s of sessions) {
       if (s.state.name !== 'selected' || s.state.user !== change.user) continue;
       if (change.kind === 'mailboxes' || s.state.view.name === change.mailbox) s.mailboxChanged();
@@ -63,6 +66,7 @@ export async function startImapServer(opts: ImapServerOptions): Promise<ImapServ
     secureContext: opts.tls ? createSecureContext({ key: opts.tls.key, cert: opts.tls.cert }) : undefined,
     idleTimeoutMs: opts.idleTimeoutMs ?? 30 * 60_000,
     recent: new RecentTracker(),
+    snapshots,
     commands: commandTable(),
     commandsTotal,
     acquireUser(user) {

@@ -14,6 +14,7 @@ import type { AuthConfig } from './auth.ts';
 import { replyForError } from './errors.ts';
 import type { ImapLimits } from './limits.ts';
 import { RecentTracker } from './mailbox-view.ts';
+import type { SnapshotCache } from './snapshots.ts';
 import { ImapFramer, ParseError, parseCommand, type CommandUnit, type FrameEvent, type Token } from './parser.ts';
 import { parseSeqSet, SeqSetError } from './seqset.ts';
 import type { ArgKind, ArgSpec, ArgValue, CommandDef, ImapState, Reply } from './state.ts';
@@ -27,6 +28,8 @@ export interface ServerContext {
   secureContext?: SecureContext | undefined;
   idleTimeoutMs: number;
   recent: RecentTracker;
+  /** Message lists of unchanged mailboxes, shared by the sessions that SELECT them. */
+  snapshots: SnapshotCache;
   commands: Map<string, CommandDef>;
   commandsTotal: Counter<'command' | 'result'>;
   /** Counts a user's sessions; false when the per-user limit is reached. */

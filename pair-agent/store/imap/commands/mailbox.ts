@@ -24,24 +24,21 @@ async function openMailbox(session: Session, state: ImapState, mailbox: string, 
     }
   }
   let info: MailboxInfo;
-  let messages;
+  let snap;
   try {
     info = await session.store.mailboxInfo(user, mailbox);
-    messages = await session.store.listMessages(user, mailbox);
+    snap = await session.ctx.snapshots.get(session.store, user, mailbox, info);
   } catch (err) {
     // A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1).
     if (err instanceof NotFoundError) return { status: 'NO', code: 'NONEXISTENT', text: `Mailbox doesn't exist: ${mailbox}`, next: { name: 'authenticated', user } };
     throw err;
   }
-  const recent = readOnly ? new Set<number>() : session.ctx.recent.claim(user, mailbox, info.uidValidity, messages.map((m) => m.uid));
+  const { keywords, firstUnseen } = snap;
+  // The snapshot is shared with other sessions: the view gets its own array of the same objects.
+  const messages = snap.messages.slice();
+  const recent = readOnly ? new Set<number>() : session.ctx.recent.claim(user, mailbox, info.uidValidity, messages);
   const highest = Math.max(info.highestModseq, ...messages.slice(-1).map((m) => m.modseq));
   const view = new MailboxView(user, mailbox, readOnly, info.uidValidity, messages, highest, recent, session.ctx.recent);
-  const keywords = new Set<string>();
-  let firstUnseen = 0;
-  messages.forEach((m, i) => {
-    for (const f of m.flags) if (!f.startsWith('\\')) keywords.add(f);
-    if (!firstUnseen && !m.flags.includes('\\Seen')) firstUnseen = i + 1;
-  });
   const flags = [...SYSTEM_FLAGS, ...keywords].join(' ');
   session.writeLine(`* FLAGS (${flags})`);
   session.writeLine(`* OK [PERMANENTFLAGS (${readOnly ? '' : `${flags} \\*`})] ${readOnly ? 'Read-only mailbox' : 'Flags permitted'}`);
