@@ -17,10 +17,11 @@ import type { Command } from 'commander';
 import { Client, ResultCodeError } from 'ldapts';
 import { parseYaml, validateConfig } from '../common/config.ts';
 import { AuthError, BadInputError, ConfigError, NotFoundError, PairgateError, UnavailableError } from '../common/errors.ts';
-import { createLogger } from '../common/log.ts';
+import { createLogger, silentLogger } from '../common/log.ts';
 import { directoryConfigSchema, type DirectoryConfig } from './config.ts';
 import { generateLdif } from './generate.ts';
 import { openDirectory } from './index.ts';
+import { LdifBackend } from './ldif-backend.ts';
 import { parseLdif } from './ldif.ts';
 import { formatPorts } from './records.ts';
 import type { Directory } from './types.ts';
@@ -232,11 +233,10 @@ export function register(program: Command): void {
       }
     });
 
-  withBackend(dir.command('import').description('add the entries of an LDIF file to LDAP (progress bar; existing entries skipped)').argument('<file>'))
+  withBackend(dir.command('import').description('add the entries of an LDIF file to LDAP or to the embedded LDIF directory (existing entries skipped)').argument('<file>'))
     .option('--concurrency <n>', 'adds in flight', positiveInt('--concurrency'), 8)
     .action(async (file: string, o: BackendOpts & { concurrency: number }) => {
       const c = backendConfig(o);
-      if (!c.urls) throw new BadInputError('import writes to LDAP: give --url (or a --config with urls)');
       let text: string;
       try {
         text = readFileSync(file, 'utf8');
@@ -244,11 +244,23 @@ export function register(program: Command): void {
         throw new BadInputError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
       }
       const entries = parseLdif(text, file).flatMap((r) => (r.entry ? [r.entry] : []));
+      if (c.ldif) {
+        // The embedded directory: one atomic rewrite of its file (a running proxy reloads it).
+        const backend = await LdifBackend.open({ file: c.ldif, usersDn: c.usersDn, watch: false, log: silentLogger });
+        try {
+          const r = await backend.importEntries(entries);
+          out(`imported ${r.added} entries into ${c.ldif}, ${r.skipped} already there`);
+        } finally {
+          await backend.close();
+        }
+        return;
+      }
+      const urls = c.urls!;
       const client = new Client({
-        url: c.urls[0]!,
+        url: urls[0]!,
         timeout: c.timeoutMs ?? 10_000,
         connectTimeout: c.connectTimeoutMs ?? 3_000,
-        ...(c.urls[0]!.startsWith('ldaps') && c.tls?.ca ? { tlsOptions: { ca: readFileSync(c.tls.ca) } } : {}),
+        ...(urls[0]!.startsWith('ldaps') && c.tls?.ca ? { tlsOptions: { ca: readFileSync(c.tls.ca) } } : {}),
       });
       const bar = new cliProgress.SingleBar({ format: 'import [{bar}] {value}/{total} entries, {skipped} skipped, {eta}s left', stream: process.stderr, noTTYOutput: true, notTTYSchedule: 2000 }, cliProgress.Presets.legacy);
       let added = 0;
@@ -276,12 +288,12 @@ export function register(program: Command): void {
         await Promise.all(Array.from({ length: Math.max(1, o.concurrency) }, worker));
       } catch (err) {
         if (err instanceof PairgateError) throw err;
-        throw new UnavailableError(`LDAP ${c.urls[0]}: ${(err as Error).message}`, { cause: err });
+        throw new UnavailableError(`LDAP ${urls[0]}: ${(err as Error).message}`, { cause: err });
       } finally {
         bar.stop();
         await client.unbind().catch(() => undefined);
       }
-      out(`imported ${added} entries into ${c.urls[0]}, ${skipped} already there`);
+      out(`imported ${added} entries into ${urls[0]}, ${skipped} already there`);
     });
 
 }

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
 import { open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { AuthError, ConfigError, NotFoundError } from '../common/errors.ts';
+import { AuthError, BadInputError, ConfigError, NotFoundError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import type { BackendChange, DirectoryBackend, NewUserEntry } from './backend.ts';
 import { escapeDnValue, normalizeDn, parentDn } from './escape.ts';
@@ -324,6 +324,44 @@ export class LdifBackend implements DirectoryBackend {
       records.push({ entry, text: formatEntry(entry), comments: [], line: 0 });
     });
     return (await this.findLogin(u.uid))!;
+  }
+
+  /**
+   * Adds the entries of another LDIF file (`pairgate directory import --ldif`), as an LDAP
+   * import would: an entry whose DN is already in the file is skipped, the rest are appended
+   * in one atomic write. Entries that would give a second user the same uid or address are
+   * refused whole (BadInputError naming them), since the file would then answer ambiguously.
+   */
+  async importEntries(entries: LdifEntry[]): Promise<{ added: number; skipped: number }> {
+    return this.mutate((records) => {
+      const dns = new Set(records.flatMap((r) => (r.entry ? [normalizeDn(r.entry.dn)] : [])));
+      const uids = new Set(this.snap.users.keys());
+      const addresses = new Set(this.snap.byAddress.keys());
+      let added = 0;
+      let skipped = 0;
+      for (const e of entries) {
+        const dn = normalizeDn(e.dn);
+        if (dns.has(dn)) {
+          skipped++;
+          continue;
+        }
+        if (!isPair(e)) {
+          const u = toUserRecord(e.dn, attrMap(e));
+          if (u) {
+            if (uids.has(u.uid)) throw new BadInputError(`${e.dn}: uid ${u.uid} is already taken in ${this.file}`);
+            for (const a of [u.mail, ...u.aliases]) {
+              if (a && addresses.has(a)) throw new BadInputError(`${e.dn}: address ${a} already belongs to someone in ${this.file}`);
+              if (a) addresses.add(a);
+            }
+            uids.add(u.uid);
+          }
+        }
+        dns.add(dn);
+        records.push({ entry: e, text: formatEntry(e), comments: [], line: 0 });
+        added++;
+      }
+      return { added, skipped };
+    });
   }
 
   async setUserPair(uid: string, pair: string): Promise<UserRecord> {

@@ -1,7 +1,7 @@
 /** `pairgate directory …` run as a process: lookup, auth, generate, import into slapd, add-user, bad arguments. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseLdifEntries, attrValue } from '../../directory/ldif.ts';
@@ -91,7 +91,27 @@ describe('pairgate directory (CLI)', () => {
     expect(look.stdout).toMatch(new RegExp(`uid:\\s+${uid.replace('.', '\\.')}`));
     const ok = await run(['auth', uid, '--url', slapd.url, '--base-dn', slapd.suffix, '--bind-dn', slapd.adminDn, '--password-env', 'P'], { env: { PAIRGATE_LDAP_PASSWORD: slapd.adminPassword, P: `${uid}-pass` } });
     expect(ok.stdout).toMatch(/^ok: /);
-  }, 60_000);
+    // The same import into the embedded LDIF directory (a copy of the sample).
+    const dirFile = join(tmp.path, 'embedded.ldif');
+    copyFileSync(SAMPLE_LDIF, dirFile);
+    const li = await run(['import', file, '--ldif', dirFile]);
+    expect(li.stdout).toMatch(/imported 304 entries into .*, 2 already there/);
+    expect(li.code).toBe(0);
+    const look2 = await run(['lookup', attrValue(users[7]!, 'mail')!, '--ldif', dirFile]);
+    expect(look2.stdout).toMatch(new RegExp(`uid:\\s+${uid.replace('.', '\\.')}`));
+    expect((await run(['auth', uid, '--ldif', dirFile, '--password-env', 'P'], { env: { P: `${uid}-pass` } })).stdout).toMatch(/^ok: /);
+    expect((await run(['lookup', 'alice', '--ldif', dirFile])).stdout).toMatch(/pair:\s+pair-01/); // the sample's own entries stay
+    const again = await run(['import', file, '--ldif', dirFile]);
+    expect(again.stdout).toMatch(/imported 0 entries into .*, 306 already there/);
+    // A new DN that reuses a uid (or address) of the file is refused whole, naming it.
+    const clash = join(tmp.path, 'clash.ldif');
+    writeFileSync(clash, 'dn: uid=alice2,ou=people,dc=pairgate,dc=test\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\nuid: alice2\ncn: A\nsn: A\nmail: alice@example.net\nmailHost: pair-01\n');
+    const before = readFileSync(dirFile, 'utf8');
+    const bad = await run(['import', clash, '--ldif', dirFile]);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/uid=alice2.*address alice@example\.net already belongs/);
+    expect(readFileSync(dirFile, 'utf8')).toBe(before);
+  }, 90_000);
 
   it('add-user places the user and pairs lists the pairs', async () => {
     const file = join(tmp.path, 'small.ldif');

@@ -17,7 +17,10 @@ function user(uid: string, pair: string): UserRecord {
 
 function scripted(answer: (login: string) => Promise<UserRecord | null>) {
   const calls: string[] = [];
-  const pairs: PairRecord[] = [{ id: 'p1', dn: 'cn=p1', address: '10.0.0.1', ports: {}, state: 'active', weight: 10 }];
+  const pairs: PairRecord[] = [
+    { id: 'p1', dn: 'cn=p1', address: '10.0.0.1', ports: {}, state: 'active', weight: 10 },
+    { id: 'p-old', dn: 'cn=p-old', address: '10.0.0.9', ports: {}, state: 'retired', weight: 10 },
+  ];
   const backend: DirectoryBackend = {
     kind: 'ldif',
     findLogin: (l) => {
@@ -113,14 +116,26 @@ describe('caching Directory', () => {
     expect(calls).toEqual(['erin', 'e@example.net', 'rcpt:erin@example.net', 'erin', 'rcpt:erin@example.net']);
   });
 
-  it('logs a user on a missing pair once, with the DN', async () => {
+  it('logs a user on a missing, retired or absent pair once each, with the DN; the error is typed and carries the DN', async () => {
     const lines: Array<{ dn?: string; msg?: string }> = [];
     const log = pino({ level: 'error' }, { write: (s: string) => lines.push(JSON.parse(s)) });
-    const { backend } = scripted(async (l) => user(l, 'nope'));
+    const homes: Record<string, string> = { frank: 'nope', gina: 'p-old', hank: '', ivy: 'p1' };
+    const { backend } = scripted(async (l) => user(l, homes[l]!));
     const d = open(backend, {}, log);
-    const u = (await d.findLogin('frank'))!;
-    for (let i = 0; i < 3; i++) await expect(d.routeFor(u)).rejects.toBeInstanceOf(NotFoundError);
-    expect(lines.filter((l) => l.dn === u.dn)).toHaveLength(1);
-    expect(lines[0]!.msg).toMatch(/names no pair/);
+    for (const [uid, re] of [['frank', /names no pair/], ['gina', /retired pair/], ['hank', /no mailHost/]] as const) {
+      const u = (await d.findLogin(uid))!;
+      for (let i = 0; i < 3; i++) {
+        const err = await d.routeFor(u).catch((e: unknown) => e);
+        expect(err).toBeInstanceOf(NotFoundError);
+        expect((err as NotFoundError).temporary).toBe(false);
+        expect((err as NotFoundError).details.dn).toBe(u.dn);
+      }
+      const mine = lines.filter((l) => l.dn === u.dn);
+      expect(mine, uid).toHaveLength(1);
+      expect(mine[0]!.msg).toMatch(re);
+    }
+    // A user on a good pair routes, and logs nothing.
+    expect((await d.routeFor((await d.findLogin('ivy'))!)).pair.id).toBe('p1');
+    expect(lines).toHaveLength(3);
   });
 });
