@@ -858,6 +858,42 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     }
   });
 
+  it('slow clients: a line trickled byte by byte is cut at the pre-login timeout; idle proxied sessions are closed', async () => {
+    const p5 = await startProxy(baseConfig({ id: 'proxy-test-5', timeouts: { preLoginMs: 700, imapIdleMs: 900, pop3IdleMs: 900 } }), {
+      log: silentLogger,
+      registry: createRegistry({}, false),
+      directory,
+    });
+    const p5port = (name: string) => p5.listeners.find((l) => l.name === name)!.address.port;
+    try {
+      // A complete command resets the pre-login timer; bytes of an unfinished one do not.
+      const slow = await LineClient.connect(p5port('imap-plain'));
+      await slow.until(/^\* OK/);
+      const text = 'a1 LOGIN alice alice-pass';
+      for (let i = 0; i < 40 && !slow.ended; i++) {
+        slow.socket.write(text[i % text.length]!);
+        await sleep(100);
+      }
+      expect(slow.ended).toBe(true);
+      expect(await slow.line(100)).toMatch(/^\* BYE/);
+
+      // After login, no traffic either way for the idle time: IMAP gets BYE, POP3 is closed.
+      const { c, answer } = await imapLogin(p5port('imap-plain'), 'bob', 'bob-pass');
+      expect(answer).toMatch(/^a1 OK/);
+      expect(await c.until(/^\* BYE/, 5000)).toMatch(/BYE/);
+      await c.closed;
+      const p = await LineClient.connect(p5port('pop3-plain'));
+      await p.line();
+      p.send('USER dave');
+      await p.line();
+      p.send('PASS dave-pass');
+      expect(await p.line(20_000)).toMatch(/^\+OK/);
+      await Promise.race([p.closed, sleep(5000).then(() => Promise.reject(new Error('idle POP3 session still open')))]);
+    } finally {
+      await p5.stop(200);
+    }
+  });
+
   it('graceful stop: stops accepting, closes sessions left after the grace time with BYE', async () => {
     const p3 = await startProxy(baseConfig({ id: 'proxy-test-3' }), { log: silentLogger, registry: createRegistry({}, false), directory });
     const p3port = p3.listeners.find((l) => l.name === 'imap-plain')!.address.port;
