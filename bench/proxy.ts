@@ -1,7 +1,7 @@
 /**
  * bench/proxy: the proxy tier against its baselines, interleaved in the same run.
  *
- *   npm run bench -- proxy [--seconds 4] [--concurrency 32] [--big-mib 10] [--idle 5000]
+ *   npm run bench -- proxy [--seconds 4] [--rounds 3] [--concurrency 32] [--big-mib 10] [--idle 5000]
  *                          [--idle-backend store|dovecot]
  *
  * Paths measured, all to the same Dovecot (the pair's backend) on this machine:
@@ -47,6 +47,7 @@ import { tempDir } from '../test/helpers/proc.ts';
 const { values: args } = parseArgs({
   options: {
     seconds: { type: 'string', default: '4' },
+    rounds: { type: 'string', default: '3' },
     concurrency: { type: 'string', default: '32' },
     'big-mib': { type: 'string', default: '10' },
     idle: { type: 'string', default: '5000' },
@@ -60,6 +61,7 @@ if (args.help) {
   process.exit(0);
 }
 const SECONDS = Number(args.seconds);
+const ROUNDS = Math.max(1, Number(args.rounds));
 const CONCURRENCY = Number(args.concurrency);
 const BIG_MIB = Number(args['big-mib']);
 const IDLE = Number(args.idle);
@@ -481,9 +483,12 @@ async function main(): Promise<void> {
     }
     const results: Record<string, { imap: number; pop3: number; bulk: number; errors: number }> = {};
     for (const p of paths) results[p.name] = { imap: 0, pop3: 0, bulk: 0, errors: 0 };
-    // Interleaved rounds so that machine noise hits every path alike; best round kept.
-    for (let round = 0; round < 2; round++) {
-      for (const p of paths) {
+    // Interleaved rounds so that machine noise hits every path alike, the order rotated each
+    // round so that no path always runs first or last; best round kept per path.
+    const load = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+    const loadBefore = load();
+    for (let round = 0; round < ROUNDS; round++) {
+      for (const p of [...paths.slice(round % paths.length), ...paths.slice(0, round % paths.length)]) {
         const r = await rate('imap', p.imap);
         const q = await rate('pop3', p.pop3);
         const res = results[p.name]!;
@@ -522,7 +527,7 @@ async function main(): Promise<void> {
 
     const pad = (s: string, n: number) => s.padEnd(n);
     const lines = [
-      `proxy bench: concurrency ${CONCURRENCY}, ${SECONDS}s per round x2 (best), bulk ${BIG_MIB} MiB FETCH, ${IDLE} idle sessions (backend: ${IDLE_BACKEND})`,
+      `proxy bench: concurrency ${CONCURRENCY}, ${SECONDS}s per round x${ROUNDS} (best), bulk ${BIG_MIB} MiB FETCH, ${IDLE} idle sessions (backend: ${IDLE_BACKEND})`,
       `${pad('path', 10)} ${pad('IMAP sess/s', 12)} ${pad('POP3 sess/s', 12)} ${pad('bulk MiB/s', 11)} errors`,
       ...paths.map((p) => {
         const r = results[p.name]!;
@@ -533,6 +538,7 @@ async function main(): Promise<void> {
             `pairgate RSS per idle proxied IMAP session: ${perSessionKiB.toFixed(1)} KiB (${idle.sessions} sessions open, ${idle.failed} failed; proxy RSS ${idle.beforeKiB} -> ${idle.afterKiB} KiB; backend: ${idleBackendNote})`,
           ]
         : []),
+      `load average (1/5/15 min): ${loadBefore} before the rate rounds, ${load()} at the end`,
       ...notes.map((n) => `note: ${n}`),
     ];
     process.stdout.write(lines.join('\n') + '\n');
