@@ -3,7 +3,7 @@
  * cuts exactly the bytes the full parse does, on ordinary and awkward messages.
  */
 import { describe, expect, it } from 'vitest';
-import { extractSection, extractTopSection, parseMime, type SectionSpec } from '../../pair-agent/store/imap/mime.ts';
+import { decodeHeader, extractSection, extractTopSection, parseMime, parseTopHeaders, type SectionSpec } from '../../pair-agent/store/imap/mime.ts';
 
 const MESSAGES: Record<string, string> = {
   plain: 'From: a@example.org\r\nSubject: hi\r\nTo: b@example.org\r\n\r\nbody\r\n',
@@ -43,5 +43,20 @@ describe('extractTopSection', () => {
     expect(extractTopSection(buf, { path: [1], specifier: '', fields: [] })).toBeNull();
     expect(extractTopSection(buf, { path: [2], specifier: 'HEADER', fields: [] })).toBeNull();
     expect(extractTopSection(buf, { path: [1], specifier: 'MIME', fields: [] })).toBeNull();
+  });
+});
+
+describe('parseTopHeaders (SEARCH on header keys without the MIME tree)', () => {
+  for (const [name, text] of Object.entries(MESSAGES)) {
+    it(`gives the same fields as the full parse: ${name}`, () => {
+      const buf = Buffer.from(text, 'latin1');
+      const fast = parseTopHeaders(buf).map((h) => [h.key, h.value, h.raw.toString('latin1')]);
+      expect(fast).toEqual(parseMime(buf).headers.map((h) => [h.key, h.value, h.raw.toString('latin1')]));
+    });
+  }
+
+  it('decodes encoded words and leaves other values as they are', () => {
+    expect(decodeHeader('=?utf-8?q?J=C3=BCrgen?= <j@example.org>')).toBe('Jürgen <j@example.org>');
+    expect(decodeHeader('plain = value ?')).toBe('plain = value ?');
   });
 });

@@ -351,6 +351,12 @@ export function extractTopSection(buf: Buffer, spec: SectionSpec): Buffer | null
   return filterHeaderFields(parseHeaderBlock(buf.subarray(0, headerEnd)), spec);
 }
 
+/** The top-level header fields only, without the MIME tree (SEARCH keys that need no body). */
+export function parseTopHeaders(buf: Buffer): HeaderField[] {
+  const { headerEnd } = findHeaderEnd(buf, 0, buf.length);
+  return parseHeaderBlock(buf.subarray(0, headerEnd));
+}
+
 function filterHeaderFields(headers: HeaderField[], spec: SectionSpec): Buffer {
   const wanted = new Set(spec.fields.map((f) => f.toLowerCase()));
   const keep = spec.specifier === 'HEADER.FIELDS';
@@ -385,6 +391,8 @@ export function extractSection(buf: Buffer, root: MimePart, spec: SectionSpec): 
 
 /** Decoded text of header fields for SEARCH (encoded words decoded). */
 export function decodeHeader(value: string): string {
+  // Only encoded words (RFC 2047) need decoding; most header values have none.
+  if (!value.includes('=?')) return value;
   try {
     return libmime.decodeWords(value);
   } catch {

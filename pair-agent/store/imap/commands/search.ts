@@ -6,7 +6,7 @@
  */
 import libmime from 'libmime';
 import type { MessageMeta } from '../../types.ts';
-import { decodeHeader, headerValue, parseMime, type HeaderField, type MimePart } from '../mime.ts';
+import { decodeHeader, headerValue, parseMime, parseTopHeaders, type HeaderField, type MimePart } from '../mime.ts';
 import type { Token } from '../parser.ts';
 import { inRanges, parseSeqSet, resolveRanges, SeqSetError } from '../seqset.ts';
 import { ArgError } from '../session.ts';
@@ -299,13 +299,18 @@ export const search = defineCommand({
       if (view.pendingExpunge.has(m.uid)) continue;
       let loaded: Loaded | null = null;
       if (need !== 'none') {
+        // Cached bodies resolve without giving the event loop a turn: let other sessions run
+        // every so often during a long text search.
+        if (idx % 256 === 255) await new Promise<void>((resolve) => setImmediate(resolve));
         const buf = await session.store.readMessage(m.bodyId);
-        const root = parseMime(buf);
-        loaded = { headers: root.headers };
         if (need === 'body') {
+          const root = parseMime(buf);
           const texts: string[] = [];
           textParts(buf, root, texts, { n: 200 });
-          loaded.body = texts.join('\n');
+          loaded = { headers: root.headers, body: texts.join('\n') };
+        } else {
+          // Header keys need the top-level header block only, not the MIME tree.
+          loaded = { headers: parseTopHeaders(buf) };
         }
       }
       if (evaluate(key, idx + 1, m, view, loaded)) {
