@@ -209,6 +209,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
         { protocol: 'imap', host: '127.0.0.1', port: 0, tls: 'implicit', name: 'imaps' },
         { protocol: 'pop3', host: '127.0.0.1', port: 0, tls: 'none', name: 'pop3-plain' },
         { protocol: 'pop3', host: '127.0.0.1', port: 0, tls: 'starttls', name: 'pop3-starttls' },
+        { protocol: 'pop3', host: '127.0.0.1', port: 0, tls: 'implicit', name: 'pop3s' },
       ],
       loadBalancers: ['127.0.0.2/32'],
       backend: { masterUser: MASTER, masterSecret: MASTER_SECRET, trustedNetworks: ['127.0.0.0/8'] },
@@ -456,7 +457,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     await waitFor(() => /Login: user=<alice>.*rip=192\.0\.2\.44/.test(dovA.log()), 5000, 'dovecot log with rip=192.0.2.44');
   });
 
-  it('POP3 and IMAP STARTTLS logins land on the home pair, with and without a PROXY v2 header; the pair sees the original address', async () => {
+  it('POP3 (plain, STLS, implicit TLS) and IMAP STARTTLS logins land on the home pair, with and without a PROXY v2 header; the pair sees the original address', async () => {
     // Each case comes from its own address (a PROXY v2 source, or a loopback alias used as the
     // client's own address) so that the pair's log line for it is unambiguous; the other pair
     // must not have seen it.
@@ -493,6 +494,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       { what: 'POP3 STLS, PROXY v2', user: 'carol', home: () => dovA, rip: '192.0.2.52', run: async () => pop3Login(await LineClient.connect(port('pop3-starttls'), { localAddress: '127.0.0.2', prefix: proxyV2('192.0.2.52', 41052) }), 'carol', true) },
       { what: 'POP3 plain, direct', user: 'dave', home: () => dovB, rip: '127.0.0.7', run: async () => pop3Login(await LineClient.connect(port('pop3-plain'), { localAddress: '127.0.0.7' }), 'dave', false) },
       { what: 'POP3 STLS, direct', user: 'alice', home: () => dovA, rip: '127.0.0.8', run: async () => pop3Login(await LineClient.connect(port('pop3-starttls'), { localAddress: '127.0.0.8' }), 'alice', true) },
+      { what: 'POP3 implicit TLS, PROXY v2', user: 'dave', home: () => dovB, rip: '192.0.2.54', run: async () => pop3Login(await LineClient.connect(port('pop3s'), { localAddress: '127.0.0.2', prefix: proxyV2('192.0.2.54', 41054), tls: true }), 'dave', false) },
+      { what: 'POP3 implicit TLS, direct', user: 'carol', home: () => dovA, rip: '127.0.0.11', run: async () => pop3Login(await LineClient.connect(port('pop3s'), { localAddress: '127.0.0.11', tls: true }), 'carol', false) },
       { what: 'IMAP STARTTLS, PROXY v2', user: 'dave', home: () => dovB, rip: '192.0.2.53', run: async () => imapStarttlsLogin(await LineClient.connect(port('imap-starttls'), { localAddress: '127.0.0.2', prefix: proxyV2('192.0.2.53', 41053) }), 'dave') },
       { what: 'IMAP STARTTLS, direct', user: 'carol', home: () => dovA, rip: '127.0.0.10', run: async () => imapStarttlsLogin(await LineClient.connect(port('imap-starttls'), { localAddress: '127.0.0.10' }), 'carol') },
     ];
