@@ -5,10 +5,12 @@
  * and SIGTERM stops it.
  */
 import { execFile } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readdirSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
+import { adminCall } from '../../common/admin-http.ts';
 import { freePort, waitFor, waitForPort } from '../helpers/net.ts';
 import { startProcess, tempDir, type Managed } from '../helpers/proc.ts';
 import { connectClient, count, greetings, startBackend, type TestBackend } from './lb-harness.ts';
@@ -116,6 +118,38 @@ describe('pairgate lb (process)', () => {
     expect(badw.code).toBe(2);
     expect(badw.stderr).toMatch(/weight must be an integer/);
   }, 180_000); // fourteen CLI processes, each compiling its modules: slow on a loaded 2-core machine
+
+  it('churn: 10,000 short connections through the process leave its file descriptors as they were', async () => {
+    const pid = lb.child.pid!;
+    const fds = () => readdirSync(`/proc/${pid}/fd`).length;
+    const active = async () => ((await adminCall(admin, 'GET', '/status')).body as { connections: number }).connections;
+    await waitFor(async () => (await active()) === 0, 10_000, 'idle before');
+    const before = fds();
+    const N = 10_000;
+    let next = 0;
+    let done = 0;
+    const deadline = Date.now() + 60_000;
+    const worker = async () => {
+      while (next < N && Date.now() < deadline) {
+        const i = next++;
+        await new Promise<void>((resolve) => {
+          const s = net.connect({ port, host: '127.0.0.1' });
+          s.on('error', () => resolve());
+          s.on('close', () => resolve());
+          // A third drop before a byte, a third after the greeting, a third half-close first.
+          if (i % 3 === 0) s.once('connect', () => s.destroy());
+          else if (i % 3 === 1) s.once('data', () => s.destroy());
+          else s.once('data', () => s.end());
+        });
+        done++;
+      }
+    };
+    await Promise.all(Array.from({ length: 32 }, worker));
+    expect(done).toBe(N);
+    await waitFor(async () => (await active()) === 0, 10_000, 'all connections released');
+    await waitFor(() => fds() <= before, 10_000, `lb file descriptors back to ${before} (now ${fds()})`);
+    expect(lb.alive()).toBe(true);
+  }, 120_000);
 
   it('a bad config exits 2 and names the key (unknown method, duplicate port)', async () => {
     const f1 = join(tmp.path, 'bad1.yaml');
