@@ -3,6 +3,7 @@
  * they apply (and RFC 2177, 2971, 4315, 6851, 7162, 9208 for the extensions), against the real
  * store on a local block device.
  */
+import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeTestCert } from '../helpers/tls.ts';
 import { AddressList } from '../../common/cidr.ts';
@@ -488,6 +489,88 @@ describe('bad input and limits', () => {
     } finally {
       await h2.close();
     }
+  });
+
+  it('the idle timeout counts client input only: an IDLE fed with updates still ends, with keepalives meanwhile', async () => {
+    const h2 = await startHarness({ idleTimeoutMs: 600, idleKeepaliveMs: 150 });
+    try {
+      const c = await loggedIn(h2.port, 'alice');
+      await c.send('SELECT INBOX');
+      const tag = c.nextTag();
+      c.writeRaw(`${tag} IDLE\r\n`);
+      expect(await c.readLine()).toBe('+ idling');
+      const t0 = Date.now();
+      // Server output every 100 ms (deliveries reported in IDLE) must not keep the session alive.
+      let n = 0;
+      while (!c.closed && Date.now() - t0 < 3000 && n < 30) {
+        await h2.deliver(['alice'], message(`idle-feed-${n++}`));
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const text = await c.waitFor((t) => t.includes('* BYE'), 3000);
+      expect(text).toMatch(/\* \d+ EXISTS/);
+      expect(text).toContain('* OK Still here');
+      expect(text).toContain('* BYE Autologout');
+      expect(Date.now() - t0).toBeLessThan(2500);
+      await c.waitFor(() => c.closed);
+    } finally {
+      await h2.close();
+    }
+  });
+
+  it('AUTHENTICATE waiting for the client\'s response ends with the idle timeout', async () => {
+    const h2 = await startHarness({ idleTimeoutMs: 300 });
+    try {
+      const c = await RawClient.connect(h2.port);
+      const tag = c.nextTag();
+      c.writeRaw(`${tag} AUTHENTICATE PLAIN\r\n`);
+      expect(await c.readLine()).toBe('+ ');
+      expect(await c.waitFor((t) => t.includes('* BYE'), 3000)).toContain('* BYE Autologout');
+    } finally {
+      await h2.close();
+    }
+  });
+
+  it('a FETCH still sending to a slow reader is not cut by the idle timeout', async () => {
+    const h2 = await startHarness({ idleTimeoutMs: 600 });
+    try {
+      // 16 MiB: more than the socket buffers hold, so the server waits for the reader.
+      const big = Buffer.from(message('big', 'y'.repeat(78) + '\r\n').replace(/\r\n\r\n.*$/s, '\r\n\r\n') + ('y'.repeat(78) + '\r\n').repeat(16 * 13_108));
+      await h2.deliver(['alice'], big);
+      const sock = net.connect({ port: h2.port, host: '127.0.0.1' });
+      let received = 0;
+      let tail = '';
+      sock.on('data', (d: Buffer) => {
+        received += d.length;
+        tail = (tail + d.subarray(-300).toString('latin1')).slice(-300);
+      });
+      await new Promise((r) => sock.once('connect', r));
+      sock.write('a LOGIN alice alice-pw\r\nb SELECT INBOX\r\nc FETCH 1 BODY.PEEK[]\r\n');
+      const t0 = Date.now();
+      // Read in bursts with pauses shorter than the timeout, for longer than the timeout in all.
+      while (!/\r\nc (OK|NO|BAD)[^\r]*\r\n/.test(tail) && Date.now() - t0 < 20_000) {
+        sock.pause();
+        await new Promise((r) => setTimeout(r, 350));
+        sock.resume();
+        await new Promise((r) => setTimeout(r, 150));
+      }
+      expect(Date.now() - t0).toBeGreaterThan(600);
+      // The whole body and the tagged OK; an autologout may follow it (no input since), never cut into it.
+      expect(tail).toMatch(/\r\nc OK Fetch completed\r\n(\* BYE Autologout[^\r]*\r\n)?$/);
+      expect(received).toBeGreaterThan(big.length);
+      sock.destroy();
+    } finally {
+      await h2.close();
+    }
+  });
+
+  it('closes the session after three failed logins', async () => {
+    const c = await RawClient.connect(h.port);
+    expect((await c.send('LOGIN alice nope1')).tagged).toMatch(/NO \[AUTHENTICATIONFAILED\]/);
+    expect((await c.send(`AUTHENTICATE PLAIN ${plain('', 'alice', 'nope2')}`)).tagged).toMatch(/NO \[AUTHENTICATIONFAILED\]/);
+    const third = await c.send('LOGIN alice nope3');
+    expect(third.tagged).toMatch(/NO \[AUTHENTICATIONFAILED\]/);
+    expect(await c.waitFor((t) => t.includes('* BYE'), 3000)).toContain('* BYE Too many authentication failures');
+    await c.waitFor(() => c.closed);
   });
 
   it('counts sessions and commands in metrics', async () => {

@@ -22,6 +22,8 @@ export interface ImapLimits {
   maxWriteBufferBytes: number;
   /** Concurrent sessions of one user on this server. */
   maxSessionsPerUser: number;
+  /** Failed logins (LOGIN, AUTHENTICATE) on one connection before it is closed with BYE. */
+  maxAuthFailures: number;
 }
 
 export const DEFAULT_LIMITS: ImapLimits = {
@@ -34,6 +36,7 @@ export const DEFAULT_LIMITS: ImapLimits = {
   maxListDepth: 16,
   maxWriteBufferBytes: 1024 * 1024,
   maxSessionsPerUser: 50,
+  maxAuthFailures: 3,
 };
 
 export function normalizeLimits(partial: Partial<ImapLimits> = {}): ImapLimits {

@@ -30,6 +30,8 @@ export interface ImapServerOptions {
   registry: MetricsRegistry;
   /** Inactivity before `* BYE` (RFC 3501 asks for at least 30 minutes). */
   idleTimeoutMs?: number;
+  /** `* OK Still here` this often during IDLE, so NAT and proxies see traffic (Dovecot: 2 min); 0 = off. */
+  idleKeepaliveMs?: number;
   /** Static logins (trials, tests): user → password. */
   users?: Record<string, string>;
   limits?: Partial<ImapLimits>;
@@ -65,6 +67,7 @@ export async function startImapServer(opts: ImapServerOptions): Promise<ImapServ
     auth: { masterUser: opts.masterUser, masterSecret: opts.masterSecret, trusted: opts.trusted, users: opts.users },
     secureContext: opts.tls ? createSecureContext({ key: opts.tls.key, cert: opts.tls.cert }) : undefined,
     idleTimeoutMs: opts.idleTimeoutMs ?? 30 * 60_000,
+    idleKeepaliveMs: opts.idleKeepaliveMs ?? 2 * 60_000,
     recent: new RecentTracker(),
     snapshots,
     commands: commandTable(),

@@ -27,6 +27,7 @@ export interface ServerContext {
   auth: AuthConfig;
   secureContext?: SecureContext | undefined;
   idleTimeoutMs: number;
+  idleKeepaliveMs: number;
   recent: RecentTracker;
   /** Message lists of unchanged mailboxes, shared by the sessions that SELECT them. */
   snapshots: SnapshotCache;
@@ -78,6 +79,10 @@ export class Session {
   private commandCount = 0;
   private bytesIn = 0;
   private bytesOut = 0;
+  /** When the client last sent a byte (the autologout timer's measure). */
+  private lastInput = Date.now();
+  private idleTimer: NodeJS.Timeout | null = null;
+  private authFailures = 0;
   /** Set while IDLE runs: wakes it to report changes. */
   idleWake: (() => void) | null = null;
   private readonly onData = (chunk: Buffer) => this.receive(chunk);
@@ -93,6 +98,7 @@ export class Session {
     this.log = ctx.log.child({ cid: this.cid, remote: this.remoteAddress });
     this.framer = new ImapFramer(ctx.limits);
     this.attach(socket);
+    this.armIdleTimer(ctx.idleTimeoutMs);
   }
 
   get store(): MailStore {
@@ -107,12 +113,29 @@ export class Session {
     socket.on('data', this.onData);
     socket.on('error', (err) => this.log.debug({ err: err.message }, 'socket error'));
     socket.on('close', () => this.cleanup());
-    socket.setTimeout(this.ctx.idleTimeoutMs);
-    socket.on('timeout', () => {
+  }
+
+  /**
+   * The autologout timer (RFC 3501 5.4: at least 30 minutes) counts time without client input,
+   * as Dovecot's does. A socket timeout would not do: Node restarts it on every write too, so a
+   * session fed with untagged updates (IDLE on a busy mailbox) would never end. A command that is
+   * still working or sending is not cut (a slow reader has its own bound in `drain`); one that
+   * waits for the client (IDLE's DONE, an AUTHENTICATE response) is.
+   */
+  private armIdleTimer(delay: number): void {
+    this.idleTimer = setTimeout(() => {
+      this.idleTimer = null;
       if (this.closed) return;
+      const quiet = Date.now() - this.lastInput;
+      const working = this.running && this.rawWaiter === null;
+      if (quiet < this.ctx.idleTimeoutMs || working) {
+        this.armIdleTimer(working ? this.ctx.idleTimeoutMs : this.ctx.idleTimeoutMs - quiet);
+        return;
+      }
       this.log.info({ idleMs: this.ctx.idleTimeoutMs, idling: this.idleWake !== null }, 'idle timeout');
       this.bye('Autologout; idle for too long');
-    });
+    }, delay);
+    this.idleTimer.unref();
   }
 
   start(greeting: string): void {
@@ -234,6 +257,8 @@ export class Session {
   private cleanup(): void {
     if (this.closed) return;
     this.closed = true;
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = null;
     this.outParts = [];
     this.outBytes = 0;
     const prev = this.state.name;
@@ -252,6 +277,12 @@ export class Session {
     this.ctx.onClose(this);
   }
 
+  /** Counts a failed login; true when the session has had too many and must end. */
+  authFailed(): boolean {
+    this.authFailures++;
+    return this.authFailures >= this.ctx.limits.maxAuthFailures;
+  }
+
   /** Counts the session against the user's limit; false when the limit is reached. */
   holdUser(user: string): boolean {
     if (this.userHeld === user) return true;
@@ -265,6 +296,7 @@ export class Session {
 
   private receive(chunk: Buffer): void {
     if (this.closed) return;
+    this.lastInput = Date.now();
     this.bytesIn += chunk.length;
     let events: FrameEvent[];
     try {
@@ -459,8 +491,6 @@ export class Session {
     if (!this.ctx.secureContext) return;
     const plain = this.socket;
     plain.off('data', this.onData);
-    plain.removeAllListeners('timeout');
-    plain.setTimeout(0);
     // Anything pipelined after STARTTLS in plaintext is discarded (CVE-2011-0411 class of bug).
     this.queue = [];
     this.framer = new ImapFramer(this.ctx.limits);

@@ -6,7 +6,10 @@ import { defineCommand, type CommandDef, type Reply } from '../state.ts';
 async function loggedIn(session: Session, result: AuthResult, mechanism: string): Promise<Reply> {
   if (!result.ok) {
     session.log.info({ mechanism, reason: result.reason }, 'login failed');
-    return { status: 'NO', code: 'AUTHENTICATIONFAILED', text: 'Authentication failed.' };
+    const reply: Reply = { status: 'NO', code: 'AUTHENTICATIONFAILED', text: 'Authentication failed.' };
+    // Password guessing gets a few tries per connection, as with Dovecot's login processes.
+    if (session.authFailed()) reply.after = () => session.bye('Too many authentication failures');
+    return reply;
   }
   const { user } = result;
   if (!session.holdUser(user)) {

@@ -422,6 +422,13 @@ export const idle = defineCommand({
     session.writeLine('+ idling');
     const line = session.readRawLine();
     let result: Reply | null = null;
+    const keepalive =
+      session.ctx.idleKeepaliveMs > 0
+        ? setInterval(() => {
+            session.writeLine('* OK Still here');
+            session.flush();
+          }, session.ctx.idleKeepaliveMs)
+        : null;
     void line.then((l) => {
       if (!l) result = { status: 'NO', text: 'Connection closed' };
       else if ('error' in l) result = { status: 'BAD', text: l.error };
@@ -449,6 +456,7 @@ export const idle = defineCommand({
       }
     } finally {
       session.idleWake = null;
+      if (keepalive) clearInterval(keepalive);
     }
     return result ?? { status: 'NO', text: 'Connection closed' };
   },
