@@ -278,6 +278,12 @@ export interface AppendedRecord {
   seq: number;
 }
 
+/**
+ * Largest single device write of the log: 1 MiB, a multiple of the block size, within the
+ * replicated volume's frame payload limit (pair-agent/volume/wire.ts MAX_PAYLOAD = 1 MiB + 64).
+ */
+export const MAX_DEVICE_WRITE = 1024 * 1024;
+
 interface Region {
   start: number;
   parts: Buffer[];
@@ -391,7 +397,14 @@ export class LogWriter {
               p.copy(padded, o);
               o += p.length;
             }
-            await this.device.write(r.start, padded);
+            // At most MAX_DEVICE_WRITE per call: the replicated volume ships each write as one frame,
+            // and a group holding a large message would exceed its frame limit (the write would fail
+            // and the log with it). Replay checks every record's CRC and the chain of previous CRCs,
+            // so a crash between two chunks leaves a clean end at the first missing record; the
+            // group's waiters are answered only after the last chunk.
+            for (let off = 0; off < padded.length; off += MAX_DEVICE_WRITE) {
+              await this.device.write(r.start + off, padded.subarray(off, Math.min(padded.length, off + MAX_DEVICE_WRITE)));
+            }
           }
           for (const w of waiters) w.resolve();
         } catch (err) {

@@ -8,6 +8,7 @@
  * acknowledged message too (including those delivered while it was away).
  * (The shared-disk mode's failover is covered by pair-agent-store.test.ts.)
  */
+import { createHash } from 'node:crypto';
 import net from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -18,6 +19,8 @@ import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
 
 const MASTER = { user: 'proxy-master', secret: 'master-secret-123' };
 const USERS = ['fa', 'fb', 'fc'];
+/** Bound on the deliveries of one delivery loop (the test waits for far fewer). */
+const MAX_PER_LOOP = 2000;
 let pair: TestPair;
 let ports: { lmtp: number; pop3: number; imap: number };
 const volPorts = { a: { repl: 0, admin: 0 }, b: { repl: 0, admin: 0 } };
@@ -154,6 +157,39 @@ async function uidls(user: string, subjects?: Map<string, string>): Promise<stri
   }
 }
 
+/** One LMTP delivery of `body` (already CRLF, no lone dots at line starts) to `user`; resolves with the 250 reply. */
+async function deliverOne(user: string, body: string): Promise<string | null> {
+  const sock = await connect(ports.lmtp);
+  const c = lineClient(sock);
+  try {
+    await c.next();
+    sock.write('LHLO big\r\n');
+    await c.next();
+    sock.write(`MAIL FROM:<s@example.net>\r\nRCPT TO:<${user}@pair-t>\r\nDATA\r\n`);
+    for (let i = 0; i < 3; i++) await c.next();
+    sock.write(`${body}\r\n.\r\n`);
+    return await c.next();
+  } finally {
+    sock.destroy();
+  }
+}
+
+/** RETR 1 of a maildrop through the master login: the message as served (dot-unstuffing not needed: no line starts with a dot). */
+async function retrFirst(user: string): Promise<string | null> {
+  const sock = await connect(ports.pop3);
+  const c = lineClient(sock);
+  try {
+    await c.next(false);
+    sock.write(`AUTH PLAIN ${Buffer.from(`${user}\0${MASTER.user}\0${MASTER.secret}`).toString('base64')}\r\n`);
+    await c.next(false);
+    sock.write('RETR 1\r\n');
+    const text = await c.multi();
+    return text === null ? null : text.slice(text.indexOf('\r\n') + 2);
+  } finally {
+    sock.destroy();
+  }
+}
+
 /** The acknowledged deliveries of each user must be in the maildrop with the same UID (and one UIDVALIDITY, the one seen before). */
 async function expectAllPresent(acked: Array<{ user: string; uid: number; id: string }>, uvBefore: Map<string, string>, when: string): Promise<void> {
   for (const u of USERS) {
@@ -178,7 +214,7 @@ describe('store failover with the pair agent on the replicated volume (protocol 
     let stop = false;
     const deliverLoop = async (w: number) => {
       let n = 0;
-      while (!stop) {
+      while (!stop && n < MAX_PER_LOOP) {
         let sock: net.Socket;
         try {
           sock = await connect(ports.lmtp);
@@ -190,7 +226,7 @@ describe('store failover with the pair agent on the replicated volume (protocol 
         if (!(await c.next())) continue;
         sock.write('LHLO failover\r\n');
         if (!(await c.next())) continue;
-        while (!stop) {
+        while (!stop && n < MAX_PER_LOOP) {
           const user = USERS[(w + n) % USERS.length]!;
           const id = `fo-${w}-${n++}`;
           sock.write(`MAIL FROM:<s@example.net>\r\nRCPT TO:<${user}@pair-t>\r\nDATA\r\n`);
@@ -203,10 +239,17 @@ describe('store failover with the pair agent on the replicated volume (protocol 
           if (!r) break;
           const m = /^250 .*uid=(\d+)/.exec(r);
           if (m) acked.push({ user, uid: Number(m[1]), id });
+          // paced: a steady stream, not a flood that fills the 32 MiB volume
+          await new Promise((r) => setTimeout(r, 5));
         }
         sock.destroy();
       }
     };
+    // A message larger than one replication frame (1 MiB): the store splits its log writes.
+    const line = 'a body line of a large message, repeated to make it big, 64 chars.\r\n';
+    const bigBody = `Subject: big\r\n\r\n${line.repeat(Math.ceil((2.5 * 1024 * 1024) / line.length))}`;
+    const bigReply = await deliverOne('fbig', bigBody);
+    expect(bigReply).toMatch(/^250 /);
     let loops = [0, 1].map(deliverLoop);
     await waitFor(() => acked.length >= 30, 20_000, '30 deliveries before the kill');
     const uvBefore = new Map<string, string>();
@@ -223,6 +266,8 @@ describe('store failover with the pair agent on the replicated volume (protocol 
     stop = true;
     await Promise.all(loops);
     await expectAllPresent(acked, uvBefore, 'after the failover to b');
+    const sha = (t: string) => createHash('sha256').update(t).digest('hex');
+    expect(sha((await retrFirst('fbig')) ?? ''), 'the 2.5 MiB message after the failover').toBe(sha(bigBody));
     const onB = acked.length;
 
     // a comes back: secondary, resynced from b (it missed what b took while it was away).
@@ -241,7 +286,11 @@ describe('store failover with the pair agent on the replicated volume (protocol 
     await waitFor(() => acked.length >= onB + 10, 20_000, 'deliveries before the handback');
     const res = await pair.b.post('/standby');
     expect(res.status).toBe(200);
-    await waitFor(async () => (await pair.floatingHealth(200))?.body.primary === 'a', 30_000, 'a primary again');
+    await waitFor(async () => (await pair.floatingHealth(200))?.body.primary === 'a', 30_000, 'a primary again').catch(async (err) => {
+      const tail = (t: string | undefined) => (t ?? '').split('\n').filter((l) => /"msg":"(state change|operator[^"]*|volume: [^"]*|resource [^"]*|[^"]*fail[^"]*)"/.test(l) && !l.includes('delivery failed')).slice(-30).join('\n');
+      const st = JSON.stringify({ a: await pair.a.status(), b: await pair.b.status(), va: await volumeStatus('a'), vb: await volumeStatus('b') });
+      throw new Error(`${(err as Error).message}\n${st}\n--- a ---\n${tail(pair.a.proc?.output())}\n--- b ---\n${tail(pair.b.proc?.output())}`);
+    });
     const atHandback = acked.length;
     await waitFor(() => acked.length >= atHandback + 10, 20_000, 'deliveries on a after the handback');
     stop = true;

@@ -12,7 +12,7 @@ import { ConflictError, LimitError, NotFoundError, BadInputError } from '../../c
 import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
 import { openMailStore, type LogStore } from '../../pair-agent/store/index.ts';
 import { crc32c } from '../../pair-agent/store/crc32c.ts';
-import { decodeSuperblock } from '../../pair-agent/store/log.ts';
+import { decodeSuperblock, MAX_DEVICE_WRITE } from '../../pair-agent/store/log.ts';
 import { tempDir } from '../helpers/proc.ts';
 
 const cleanups: Array<() => Promise<void> | void> = [];
@@ -354,6 +354,32 @@ describe('mail store', () => {
     }
     expect(s.freeSegments()).toBeGreaterThan(before + 2);
     for (const m of await s.listMessages('bg', 'INBOX')) expect((await s.readMessage(m.bodyId)).equals(msg(m.uid - 1, 100_000))).toBe(true);
+  });
+
+  it('never writes more than MAX_DEVICE_WRITE at once: a group with multi-MiB messages fits a device with a 1 MiB frame limit', async () => {
+    const h = await fresh(64 * 1024 * 1024);
+    const s = h.store;
+    const dev = h.device as unknown as { write(o: number, d: Buffer): Promise<void> };
+    const orig = dev.write.bind(dev);
+    let largest = 0;
+    // As the replicated volume does (one frame per write, payload limit 1 MiB + 64 bytes).
+    dev.write = async (o: number, d: Buffer) => {
+      largest = Math.max(largest, d.length);
+      if (d.length > 1024 * 1024 + 64 - 16) throw new Error(`frame payload of ${d.length} bytes is over the limit`);
+      return orig(o, d);
+    };
+    const big = (n: number) => msg(n, 3 * 1024 * 1024 + n * 1000);
+    // Several deliveries at once share one group commit (several MiB in one region).
+    await Promise.all([1, 2, 3].map((n) => s.deliver(`big-${n}`, ['big'], big(n))));
+    expect(s.failed()).toBe(false);
+    expect(largest).toBe(MAX_DEVICE_WRITE);
+    const s2 = await h.reopen({ checkpoint: false });
+    const list = await s2.listMessages('big', 'INBOX');
+    expect(list).toHaveLength(3);
+    for (const m of list) {
+      const body = await s2.readMessage(m.bodyId);
+      expect([1, 2, 3].some((n) => body.equals(big(n)))).toBe(true);
+    }
   });
 
   it('turns a failing volume write into UnavailableError for everyone, without crashing', async () => {
