@@ -28,7 +28,7 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { join, dirname } from 'node:path';
@@ -172,7 +172,7 @@ async function pop3Session(port: number, i: number): Promise<void> {
   }
 }
 
-async function rate(kind: 'imap' | 'pop3', port: number): Promise<{ perSec: number; errors: number }> {
+async function rate(kind: 'imap' | 'pop3', port: number): Promise<{ perSec: number; errors: number; sessions: number }> {
   const deadline = Date.now() + SECONDS * 1000;
   let n = 0;
   let errors = 0;
@@ -190,7 +190,7 @@ async function rate(kind: 'imap' | 'pop3', port: number): Promise<{ perSec: numb
       }
     }),
   );
-  return { perSec: n / SECONDS, errors };
+  return { perSec: n / SECONDS, errors, sessions: n };
 }
 
 /** Bulk FETCH of the big message, paths interleaved per repetition, best repetition per path kept. */
@@ -229,6 +229,40 @@ function rssKiB(pid: number): number {
  * Opens `IDLE` logged-in IMAP sessions through the proxy (20 at a time, bounded to 180 s) and
  * returns the proxy's RSS growth per open session, measured after the sessions settle.
  */
+const CLK_TCK = (() => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/**
+ * CPU time (ms, user + system, including reaped children) of processes and all their
+ * descendants: what a proxy spent, whatever else loads the machine. Perdition's per-connection
+ * children are counted once reaped (cutime/cstime of their parent); nginx's worker as a descendant.
+ */
+function cpuMs(roots: number[]): number {
+  const procs: Array<{ pid: number; ppid: number; ticks: number }> = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      // Fields after the command: state(0) ppid(1) … utime(11) stime(12) cutime(13) cstime(14).
+      procs.push({ pid: Number(name), ppid: Number(f[1]), ticks: Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]) });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  const inTree = new Set(roots);
+  for (let grew = true; grew; ) {
+    grew = false;
+    for (const p of procs) if (!inTree.has(p.pid) && inTree.has(p.ppid)) (inTree.add(p.pid), (grew = true));
+  }
+  return (procs.filter((p) => inTree.has(p.pid)).reduce((a, p) => a + p.ticks, 0) * 1000) / CLK_TCK;
+}
+
 async function idleCost(port: number, pid: number): Promise<{ perSessionKiB: number; sessions: number; beforeKiB: number; afterKiB: number; failed: number }> {
   const conns: Conn[] = [];
   for (let w = 0; w < 20; w++) await imapSession(port, w % USERS);
@@ -380,7 +414,10 @@ async function main(): Promise<void> {
       await waitForPort('127.0.0.1', imapPort, 20_000);
       return { child, imapPort, pop3Port };
     };
-    const main = await startPairgate('bench');
+    // PROXY_BENCH_PROF=DIR: a V8 CPU profile of the measured proxy process, written to DIR at its exit.
+    const main = await startPairgate('bench', process.env.PROXY_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.PROXY_BENCH_PROF] : []);
+    // Processes whose CPU time is charged to each path (the proxy; Dovecot separately).
+    const pids: Record<string, number[]> = { pairgate: [main.child.pid!] };
     const [pImap, pPop] = [main.imapPort, main.pop3Port];
     const haCfg = join(tmp.path, 'haproxy.cfg');
     writeFileSync(
@@ -389,7 +426,9 @@ async function main(): Promise<void> {
     );
     const haproxyBin = ['/usr/sbin/haproxy', '/usr/bin/haproxy'].find((f) => existsSync(f));
     if (haproxyBin) {
-      children.push(startChild(haproxyBin, ['-db', '-f', haCfg]));
+      const ha = startChild(haproxyBin, ['-db', '-f', haCfg]);
+      children.push(ha);
+      pids.haproxy = [ha.pid!];
       await waitForPort('127.0.0.1', hImap, 10_000);
     }
     const notes: string[] = [haveDirectory ? 'directory: LDIF backend (directory/index.ts)' : 'directory: in-test table (directory/index.ts not in the tree yet)'];
@@ -427,7 +466,9 @@ async function main(): Promise<void> {
           `  imap_capabilities IMAP4rev1 LITERAL+ SASL-IR ID IDLE;\n  pop3_capabilities TOP USER UIDL;\n` +
           `  server { listen 127.0.0.1:${nImap}; protocol imap; }\n  server { listen 127.0.0.1:${nPop}; protocol pop3; }\n}\n`,
       );
-      children.push(startChild(nginxBin, ['-c', ncfg, '-p', tmp.path, '-g', 'daemon off;']));
+      const ng = startChild(nginxBin, ['-c', ncfg, '-p', tmp.path, '-g', 'daemon off;']);
+      children.push(ng);
+      pids.nginx = [ng.pid!];
       await waitForPort('127.0.0.1', nImap, 10_000);
       nginxPorts = { imap: nImap, pop3: nPop };
     } else notes.push('nginx mail proxy (libnginx-mod-mail) not installed: not measured');
@@ -446,8 +487,7 @@ async function main(): Promise<void> {
       ] as const) {
         const map = join(tmp.path, `popmap-${protocol}.re`);
         writeFileSync(map, `^bench[0-9]+$: 127.0.0.1:${backendPort}\n`);
-        children.push(
-          startChild(perditionBin, [
+        const pd = startChild(perditionBin, [
             '--no_daemon',
             '--config_file', join(tmp.path, 'perdition.conf'),
             '--protocol', protocol,
@@ -460,8 +500,9 @@ async function main(): Promise<void> {
             '--pid_file', join(tmp.path, `perdition-${protocol}.pid`),
             '--log_facility', join(tmp.path, `perdition-${protocol}.log`),
             '--quiet',
-          ]),
-        );
+          ]);
+        children.push(pd);
+        (pids.perdition ??= []).push(pd.pid!);
       }
       await waitForPort('127.0.0.1', pdImap, 10_000);
       await waitForPort('127.0.0.1', pdPop, 10_000);
@@ -483,14 +524,29 @@ async function main(): Promise<void> {
     }
     const results: Record<string, { imap: number; pop3: number; bulk: number; errors: number }> = {};
     for (const p of paths) results[p.name] = { imap: 0, pop3: 0, bulk: 0, errors: 0 };
+    // CPU per session over all rounds: the proxy's processes, and Dovecot's (login, auth and
+    // mail processes) for the same sessions. Unlike sessions/s, this barely moves with the load
+    // that other work puts on the machine.
+    const cpu: Record<string, Record<'imap' | 'pop3', { proxyMs: number; dovecotMs: number; sessions: number }>> = {};
+    for (const p of paths) cpu[p.name] = { imap: { proxyMs: 0, dovecotMs: 0, sessions: 0 }, pop3: { proxyMs: 0, dovecotMs: 0, sessions: 0 } };
+    const dovecotPid = dovecot.proc.child.pid!;
+    const measured = async (name: string, kind: 'imap' | 'pop3', port: number) => {
+      const [p0, d0] = [cpuMs(pids[name] ?? []), cpuMs([dovecotPid])];
+      const r = await rate(kind, port);
+      const c = cpu[name]![kind];
+      c.proxyMs += cpuMs(pids[name] ?? []) - p0;
+      c.dovecotMs += cpuMs([dovecotPid]) - d0;
+      c.sessions += r.sessions;
+      return r;
+    };
     // Interleaved rounds so that machine noise hits every path alike, the order rotated each
     // round so that no path always runs first or last; best round kept per path.
     const load = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
     const loadBefore = load();
     for (let round = 0; round < ROUNDS; round++) {
       for (const p of [...paths.slice(round % paths.length), ...paths.slice(0, round % paths.length)]) {
-        const r = await rate('imap', p.imap);
-        const q = await rate('pop3', p.pop3);
+        const r = await measured(p.name, 'imap', p.imap);
+        const q = await measured(p.name, 'pop3', p.pop3);
         const res = results[p.name]!;
         res.imap = Math.max(res.imap, r.perSec);
         res.pop3 = Math.max(res.pop3, q.perSec);
@@ -528,10 +584,13 @@ async function main(): Promise<void> {
     const pad = (s: string, n: number) => s.padEnd(n);
     const lines = [
       `proxy bench: concurrency ${CONCURRENCY}, ${SECONDS}s per round x${ROUNDS} (best), bulk ${BIG_MIB} MiB FETCH, ${IDLE} idle sessions (backend: ${IDLE_BACKEND})`,
-      `${pad('path', 10)} ${pad('IMAP sess/s', 12)} ${pad('POP3 sess/s', 12)} ${pad('bulk MiB/s', 11)} errors`,
+      `${pad('path', 10)} ${pad('IMAP sess/s', 12)} ${pad('POP3 sess/s', 12)} ${pad('bulk MiB/s', 11)} ${pad('errors', 7)} ${pad('proxy CPU ms/sess IMAP POP3', 28)} dovecot CPU ms/sess IMAP POP3`,
       ...paths.map((p) => {
         const r = results[p.name]!;
-        return `${pad(p.name, 10)} ${pad(r.imap.toFixed(1), 12)} ${pad(r.pop3.toFixed(1), 12)} ${pad(r.bulk.toFixed(1), 11)} ${r.errors}`;
+        const c = cpu[p.name]!;
+        const per = (ms: number, n: number) => (n ? (ms / n).toFixed(2) : '-');
+        const proxyCpu = pids[p.name] ? `${per(c.imap.proxyMs, c.imap.sessions)} ${per(c.pop3.proxyMs, c.pop3.sessions)}` : '(none)';
+        return `${pad(p.name, 10)} ${pad(r.imap.toFixed(1), 12)} ${pad(r.pop3.toFixed(1), 12)} ${pad(r.bulk.toFixed(1), 11)} ${pad(String(r.errors), 7)} ${pad(proxyCpu, 28)} ${per(c.imap.dovecotMs, c.imap.sessions)} ${per(c.pop3.dovecotMs, c.pop3.sessions)}`;
       }),
       ...(idle
         ? [
@@ -556,6 +615,12 @@ async function main(): Promise<void> {
       figures[`${name}_imap_sessions_per_s`] = Number(r.imap.toFixed(1));
       figures[`${name}_pop3_sessions_per_s`] = Number(r.pop3.toFixed(1));
       figures[`${name}_bulk_mib_per_s`] = Number(r.bulk.toFixed(1));
+      const c = cpu[name]!;
+      for (const kind of ['imap', 'pop3'] as const) {
+        if (!c[kind].sessions) continue;
+        if (pids[name]) figures[`${name}_${kind}_proxy_cpu_ms_per_session`] = Number((c[kind].proxyMs / c[kind].sessions).toFixed(3));
+        figures[`${name}_${kind}_dovecot_cpu_ms_per_session`] = Number((c[kind].dovecotMs / c[kind].sessions).toFixed(3));
+      }
     }
     if (results.haproxy) figures.pairgate_vs_haproxy_imap_rate = Number((pg.imap / results.haproxy.imap).toFixed(3));
     figures.pairgate_vs_direct_imap_rate = Number((pg.imap / direct.imap).toFixed(3));
