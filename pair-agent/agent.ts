@@ -223,7 +223,12 @@ class Agent implements PairAgent {
   private peerFacts(): Facts['peer'] {
     const s = this.heartbeat.status();
     const stopped = s.view?.state === 'stopped';
-    return { alive: s.alive && !stopped, everSeen: s.everSeen, view: s.view };
+    // While the replication link is up, the volume knows the peer's disk state before the peer's
+    // next heartbeat does (two fresh volumes turn UpToDate together): the election uses that, so
+    // both nodes compare the same disks and exactly one takes over.
+    const linkDisk = this.optional.volumePeerDisk?.();
+    const view = s.view && linkDisk ? { ...s.view, disk: linkDisk } : s.view;
+    return { alive: s.alive && !stopped, everSeen: s.everSeen, view };
   }
 
   private facts(): Facts {

@@ -26,6 +26,8 @@ export interface OptionalResources {
   volume?: Resource;
   store?: Resource;
   volumeDisk?: () => string;
+  /** The peer's disk state as the replication link knows it, or null while not connected. */
+  volumePeerDisk?: () => string | null;
   healthExtras?: () => HealthExtras;
   close?: () => Promise<void>;
 }

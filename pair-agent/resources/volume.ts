@@ -87,6 +87,11 @@ export async function volumeResource(
   return {
     volume: resource,
     volumeDisk: () => volumeView(volume.status()).disk,
+    volumePeerDisk: () => {
+      const peer = field(volume.status(), 'peer');
+      const disk = field(peer, 'disk');
+      return typeof disk === 'string' ? disk : null;
+    },
     healthExtras: () => {
       const v = volumeView(volume.status());
       return { replication: { connection: v.connection, protocol: v.protocol, outOfSyncBytes: v.outOfSyncBytes } };

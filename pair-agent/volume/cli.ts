@@ -10,13 +10,13 @@
  *   pairgate volume connect --config b.yaml --wait   # resync with a progress bar
  *   pairgate volume verify --config a.yaml
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
 import { adminCall } from '../../common/admin-http.ts';
 import { startVolumeAdmin } from './admin.ts';
-import { loadConfigFile } from '../../common/config.ts';
-import { BadInputError, ConflictError, UnavailableError } from '../../common/errors.ts';
+import { parseYaml, validateConfig } from '../../common/config.ts';
+import { BadInputError, ConfigError, ConflictError, UnavailableError } from '../../common/errors.ts';
 import { createLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { FileBlockDevice } from './block-device.ts';
@@ -29,10 +29,23 @@ interface Target {
   token?: string | undefined;
 }
 
+/** A volume config file, or a pair-agent config (its `volume:` section), so one file serves both. */
+function loadVolumeConfig(file: string): VolumeConfig {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError('', `cannot read config file ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+  }
+  const raw = parseYaml(text, file) as Record<string, unknown> | null;
+  const isAgent = raw !== null && typeof raw === 'object' && !('name' in raw) && raw.volume !== null && typeof raw.volume === 'object';
+  return validateConfig(volumeConfigSchema, isAgent ? raw.volume : raw, isAgent ? `${file} (volume:)` : file);
+}
+
 function target(o: { config?: string; admin?: string; token?: string }): Target {
   if (o.admin) return { url: o.admin, token: o.token ?? process.env.PAIRGATE_ADMIN_TOKEN };
   if (!o.config) throw new BadInputError('give --config FILE (with an admin: block) or --admin URL');
-  const c = loadConfigFile(volumeConfigSchema, o.config);
+  const c = loadVolumeConfig(o.config);
   if (!c.admin) throw new BadInputError(`${o.config} has no admin: block; give --admin URL`);
   return { url: `http://${c.admin.host}:${c.admin.port}`, token: o.token ?? c.admin.token };
 }
@@ -126,7 +139,7 @@ export function register(program: Command): void {
     .requiredOption('-c, --config <file>', 'volume config (YAML: the volume: section of a pair-agent, or a file with just those keys)')
     .option('--force', 'overwrite existing metadata (the data becomes a fresh, never-synced volume)', false)
     .action(async (o: { config: string; force: boolean }) => {
-      const c = loadConfigFile(volumeConfigSchema, o.config);
+      const c = loadVolumeConfig(o.config);
       if (existsSync(c.metaFile) && !o.force) throw new ConflictError(`${c.metaFile} exists; use --force to start over (its generation history is lost)`);
       const dev = await FileBlockDevice.open(c.dataFile, { size: c.sizeBytes, create: true });
       await dev.close();
@@ -139,7 +152,7 @@ export function register(program: Command): void {
     .description('run one node of the volume (replication link + admin listener) until SIGTERM')
     .requiredOption('-c, --config <file>', 'volume config')
     .option('--log-level <level>', 'log level', 'info')
-    .action(async (o: { config: string; logLevel: string }) => serve(loadConfigFile(volumeConfigSchema, o.config), o.logLevel));
+    .action(async (o: { config: string; logLevel: string }) => serve(loadVolumeConfig(o.config), o.logLevel));
 
   withTarget(vol.command('status').description('role, disk, connection, out-of-sync bytes, resync progress'))
     .option('--json', 'print the status as JSON', false)

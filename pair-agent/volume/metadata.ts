@@ -136,8 +136,11 @@ export function freshMetadata(sizeBytes: number): VolumeMetadata {
   return {
     sizeBytes,
     uuids: { current: JUST_CREATED, bitmap: NO_UUID, history: [NO_UUID, NO_UUID] },
-    flags: { consistent: true, primaryEver: false, peerWasOutdated: false, primaryCrashed: false },
-    disk: 'UpToDate',
+    // Inconsistent until it meets its peer (two fresh volumes then agree they are identical), is
+    // synced from it, or is promoted with force by the operator: a node whose disk was replaced
+    // must never be promoted alone over a peer that holds the mail (DRBD does the same).
+    flags: { consistent: false, primaryEver: false, peerWasOutdated: false, primaryCrashed: false },
+    disk: 'Inconsistent',
     primarySince: 0,
     bitmap: new Bitmap(sizeBytes / BLOCK_SIZE),
     activityLog: [],

@@ -26,6 +26,7 @@ import {
   AL_EXTENTS,
   Bitmap,
   EXTENT_BLOCKS,
+  JUST_CREATED,
   NO_UUID,
   freshMetadata,
   readMetadata,
@@ -142,6 +143,15 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   private lastDecision: { decision: SyncDecision; rule: number } | null = null;
   private verifyWaiters = new Map<number, (digests: Buffer) => void>();
   private applyChain: Promise<void> = Promise.resolve();
+  /**
+   * A promotion in progress: 'asking' while our PromoteRequest waits for the peer's answer,
+   * 'granted' from the grant until the role is set. A request from the peer meanwhile is refused
+   * (or, when both ask at once, the lower node name wins), so two racing promotions never both succeed.
+   */
+  private promoting: 'none' | 'asking' | 'granted' = 'none';
+  private promoteReply: ((answer: { granted: boolean; reason: string }) => void) | null = null;
+  /** Called when the link in progress is decided or lost (a promotion waits for the handshake). */
+  private settleWaiters: Array<() => void> = [];
   private readonly metrics: VolumeMetrics;
   private readonly stats = { dataBytesSent: 0, resyncBytesSent: 0, resyncBytesReceived: 0, framesRejected: 0, verifiedBlocks: 0, verifyOutOfSync: 0 };
   private rateWindow = { at: Date.now(), bytes: 0, rate: 0 };
@@ -157,6 +167,14 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     this.size = config.sizeBytes;
     this.nodeName = config.listen;
     this.metrics = volumeMetrics(registry, config.name);
+    if (meta.uuids.current === JUST_CREATED && meta.disk === 'UpToDate') {
+      // Metadata made before fresh volumes started Inconsistent: never met a peer, never
+      // promoted, so it holds nothing a peer could lack. Treated as fresh, i.e. Inconsistent.
+      meta.disk = 'Inconsistent';
+      meta.flags.consistent = false;
+      writeMetadata(config.metaFile, meta);
+      log.warn({ volume: config.name }, 'volume: fresh metadata marked UpToDate by an older build: now Inconsistent until it meets its peer');
+    }
     // A primary that stopped without demoting may have had writes in flight in its hot extents.
     if (meta.flags.primaryCrashed) {
       for (const e of meta.activityLog) meta.bitmap.setRange(e * EXTENT_BLOCKS, EXTENT_BLOCKS);
@@ -295,13 +313,34 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   async promote(opts: { force?: boolean } = {}): Promise<VolumeStatus> {
     if (this.closed) throw new UnavailableError('volume is closed');
     if (this.role === 'primary') return this.status();
-    const peer = this.link?.decided ? this.link.peerState : null;
-    if (peer?.role === 'primary') throw new ConflictError(`volume ${this.config.name}: the peer is primary; two primaries are never allowed`);
-    if (this.meta.disk === 'Failed') throw new ConflictError(`volume ${this.config.name}: disk failed; cannot promote`);
+    if (this.promoting !== 'none') throw new ConflictError(`volume ${this.config.name}: a promotion is already in progress`);
+    // A handshake in progress is let finish first: the UUID comparison must see the role and
+    // the UUIDs that both sides exchanged, not a generation started in between.
+    await this.waitLinkSettled();
+    this.checkPromotable(opts);
+    const link = this.link?.decided && !this.link.closed ? this.link : null;
+    if (link) {
+      this.promoting = 'asking';
+      let answer: { granted: boolean; reason: string };
+      try {
+        answer = await this.askPeerToPromote(link);
+      } finally {
+        if (this.promoting === 'asking') this.promoting = 'none';
+      }
+      if (!answer.granted) {
+        this.promoting = 'none';
+        throw new ConflictError(`volume ${this.config.name}: the peer refused the promotion: ${answer.reason}`);
+      }
+      // Granted (or the link is gone, and this node is alone now): nothing awaited from here on.
+      try {
+        this.checkPromotable(opts);
+      } catch (err) {
+        this.promoting = 'none';
+        throw err;
+      }
+    }
     if (this.meta.disk !== 'UpToDate') {
-      if (!opts.force) throw new ConflictError(`volume ${this.config.name}: local data is ${this.meta.disk}; promote with force only if you know the peer's data is lost`);
-      if (this.connection === 'SyncTarget') throw new ConflictError('cannot force a promotion in the middle of a resync from the peer');
-      this.log.warn({ volume: this.config.name, disk: this.meta.disk }, 'volume: forced promotion of data that is not UpToDate');
+      this.log.warn({ volume: this.config.name, disk: this.meta.disk, uuid: this.meta.uuids.current }, 'volume: forced promotion of data that is not UpToDate');
       this.meta.disk = 'UpToDate';
       this.meta.flags.consistent = true;
     }
@@ -311,6 +350,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       this.meta.primarySince = Date.now();
     }
     this.role = 'primary';
+    this.promoting = 'none';
     this.meta.flags.primaryEver = true;
     this.meta.flags.primaryCrashed = true;
     this.persistMeta();
@@ -319,6 +359,64 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     this.emit('role', 'primary');
     this.updateGauges();
     return this.status();
+  }
+
+  /** Why this node may not become primary now (throws), given what it knows locally. */
+  private checkPromotable(opts: { force?: boolean }): void {
+    if (this.closed) throw new UnavailableError('volume is closed');
+    const peer = this.link?.decided && !this.link.closed ? this.link.peerState : null;
+    if (peer?.role === 'primary') throw new ConflictError(`volume ${this.config.name}: the peer is primary; two primaries are never allowed`);
+    if (this.meta.disk === 'Failed') throw new ConflictError(`volume ${this.config.name}: disk failed; cannot promote`);
+    if (this.meta.disk !== 'UpToDate') {
+      if (!opts.force) {
+        const why = this.meta.uuids.current === JUST_CREATED
+          ? 'this volume is fresh (created, never connected to its peer): it waits for the peer (two fresh volumes start identical; a peer with data syncs it)'
+          : 'the peer holds the good data';
+        throw new ConflictError(`volume ${this.config.name}: local data is ${this.meta.disk}; ${why}. Promote with --force only if the peer's data is lost for good`);
+      }
+      if (this.connection === 'SyncTarget') throw new ConflictError('cannot force a promotion in the middle of a resync from the peer');
+    }
+  }
+
+  private waitLinkSettled(): Promise<void> {
+    const link = this.link;
+    if (!link || link.decided || link.closed) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const t = setTimeout(done, Math.max(2000, this.config.connectTimeoutMs * 2));
+      function done(): void {
+        clearTimeout(t);
+        resolve();
+      }
+      this.settleWaiters.push(done);
+    });
+  }
+
+  private linkSettled(): void {
+    for (const w of this.settleWaiters.splice(0)) w();
+  }
+
+  /** Sends a PromoteRequest and waits for the peer's answer; a lost link means this node is alone (granted). */
+  private askPeerToPromote(link: Link): Promise<{ granted: boolean; reason: string }> {
+    return new Promise((resolve) => {
+      const t = setTimeout(() => finish({ granted: false, reason: 'no answer from the peer' }), Math.max(1000, this.config.pingTimeoutMs * 2));
+      const finish = (a: { granted: boolean; reason: string }) => {
+        clearTimeout(t);
+        if (this.promoteReply === finish) this.promoteReply = null;
+        resolve(a);
+      };
+      this.promoteReply = finish;
+      this.send(link, FrameType.PromoteRequest, 0, encodeJson({ name: this.nodeName }));
+    });
+  }
+
+  /** The peer asks to become primary: refused while this node is or is becoming primary. */
+  private onPromoteRequest(link: Link): void {
+    let refuse: string | null = null;
+    if (this.role === 'primary') refuse = 'this node is primary';
+    else if (this.promoting === 'granted') refuse = 'this node is being promoted';
+    else if (this.promoting === 'asking' && this.nodeName < (link.peerHello?.node ?? '')) refuse = 'both nodes asked at once; the lower node name wins';
+    if (refuse) this.log.info({ volume: this.config.name, reason: refuse }, 'volume: refused the peer\'s promotion');
+    this.send(link, FrameType.PromoteReply, 0, encodeJson({ granted: refuse === null, reason: refuse ?? 'granted' }));
   }
 
   async demote(): Promise<VolumeStatus> {
@@ -669,6 +767,19 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         }
         return;
       }
+      case FrameType.PromoteRequest:
+        this.onPromoteRequest(link);
+        return;
+      case FrameType.PromoteReply: {
+        const a = decodeJson<{ granted: boolean; reason: string }>(f.payload, 'PROMOTE REPLY');
+        if (typeof a?.granted !== 'boolean') throw new ProtocolError('malformed PROMOTE REPLY');
+        const reply = this.promoteReply;
+        if (!reply || this.promoting !== 'asking') return;
+        // Set here, synchronously: a request from the peer in the same chunk is now refused.
+        if (a.granted) this.promoting = 'granted';
+        reply({ granted: a.granted, reason: String(a.reason) });
+        return;
+      }
       case FrameType.Ping:
         this.send(link, FrameType.Pong, 0);
         return;
@@ -705,6 +816,15 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   /** Both sides run this on the same pair of states and reach mirror-image decisions. */
   private decide(link: Link): void {
+    try {
+      this.decideOnce(link);
+    } finally {
+      // A promotion that waited for this handshake goes on now, with the outcome in place.
+      this.linkSettled();
+    }
+  }
+
+  private decideOnce(link: Link): void {
     const peer = link.peerState!;
     link.decided = true;
     const self = this.myState();
@@ -720,6 +840,16 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     // An Inconsistent side (a resync cut short) never serves as a source.
     if (this.meta.disk === 'Inconsistent' && (decision === 'source' || decision === 'source-full' || decision === 'no-sync') && peer.disk === 'UpToDate') decision = 'target';
     if (peer.disk === 'Inconsistent' && (decision === 'target' || decision === 'target-full' || decision === 'no-sync') && this.meta.disk === 'UpToDate') decision = 'source';
+    // Neither side UpToDate (and not two fresh volumes): no side may serve as a source.
+    const stale = (d: DiskState) => d === 'Inconsistent' || d === 'Outdated';
+    if (stale(this.meta.disk) && stale(peer.disk) && rule !== 10 && decision !== 'unrelated') {
+      this.lastDecision = { decision, rule };
+      this.log.error({ volume: this.config.name, decision, rule, self: this.meta.disk, peer: peer.disk }, 'volume: neither node has UpToDate data');
+      this.connection = 'StandAlone';
+      this.dropLink(link, `neither node is UpToDate (here ${this.meta.disk}, peer ${peer.disk}): promote the node with the good data with --force, then connect`, true);
+      this.emit('connection', this.connection);
+      return;
+    }
     this.lastDecision = { decision, rule };
     this.log.info({ volume: this.config.name, decision, rule, self: self.uuids, peer: peer.uuids }, 'volume: connected; UUIDs compared');
 
@@ -762,18 +892,32 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         this.emit('connection', this.connection);
         return;
       case 'no-sync':
+      {
+        const fresh = rule === 10 && this.meta.disk !== 'UpToDate';
         if (rule === 10) {
-          // Two fresh volumes: both leave the "just created" state with the same first
-          // generation, derived from the handshake's two nonces (no extra round trip).
+          // Two fresh volumes: identical by definition (DRBD's new-current-uuid --clear-bitmap);
+          // both leave the "just created" state UpToDate with the same first generation, derived
+          // from the handshake's two nonces (no extra round trip).
           const nonces = [link.myNonce, link.peerHello!.nonce].sort().join('');
           this.meta.uuids = { current: createHash('sha256').update(nonces).digest('hex').slice(0, 16), bitmap: NO_UUID, history: [NO_UUID, NO_UUID] };
-          this.persistMeta();
+          this.meta.disk = 'UpToDate';
+          this.meta.flags.consistent = true;
+          // The peer decides the same from the same two states: it is UpToDate as well.
+          peer.disk = 'UpToDate';
         }
         this.meta.bitmap.clearAll();
         this.meta.flags.primaryCrashed = this.role === 'primary';
-        this.metaDirty = true;
+        this.persistMeta();
+        // Every field is final before anyone hears of it: a listener (the pair agent) may
+        // promote at once, and must then see a connected, UpToDate volume of the shared generation.
         this.setConnection('Connected');
+        if (fresh) {
+          this.log.info({ volume: this.config.name, uuid: this.meta.uuids.current }, 'volume: two fresh volumes met: both UpToDate, no initial sync');
+          this.emit('disk', this.meta.disk);
+          this.updateGauges();
+        }
         return;
+      }
       case 'source':
       case 'source-full':
         void this.runResyncSource(link, decision === 'source-full');
@@ -820,6 +964,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   private async runResyncSource(link: Link, full: boolean): Promise<void> {
     const bm = this.meta.bitmap;
+    // The peer turns sync target (Inconsistent) on the same decision; its STATE says so shortly.
+    if (link.peerState) link.peerState.disk = 'Inconsistent';
     if (full) bm.setAll();
     else if (link.peerBitmap) bm.merge(link.peerBitmap);
     this.metaDirty = true;
@@ -1087,6 +1233,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     }
     for (const w of this.verifyWaiters.values()) w(Buffer.alloc(0));
     this.verifyWaiters.clear();
+    // A promotion waiting for the peer's answer goes on alone (as if the link had dropped just before).
+    this.promoteReply?.({ granted: true, reason: 'link lost: alone' });
+    this.linkSettled();
     if (this.resyncState) {
       for (const w of this.resyncState.ackWaiters.splice(0)) w();
       this.resyncState = null;

@@ -41,6 +41,9 @@ export enum FrameType {
   VerifyReply = 14,
   Disconnect = 15,
   NegAck = 16,
+  /** "May I become primary?" while connected: the peer grants or refuses (no two primaries, even racing). */
+  PromoteRequest = 17,
+  PromoteReply = 18,
 }
 
 const KNOWN = new Set<number>(Object.values(FrameType).filter((v): v is number => typeof v === 'number'));

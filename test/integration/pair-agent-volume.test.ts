@@ -5,13 +5,29 @@
  * A heartbeat partition: the volumes' roles are sampled throughout, never two primaries.
  */
 import { createHash } from 'node:crypto';
+import { execFile } from 'node:child_process';
+import { rmSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { adminCall } from '../../common/admin-http.ts';
 import type { VolumeStatus } from '../../pair-agent/volume/index.ts';
 import { freePort, sleep, waitFor } from '../helpers/net.ts';
-import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
+import { REPO, startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
 import { block } from './volume-harness.ts';
+
+const execFileP = promisify(execFile);
+
+/** Runs `pairgate …` as an operator would; resolves with its exit code and output. */
+async function pairgateCli(args: string[]): Promise<{ code: number; out: string }> {
+  try {
+    const r = await execFileP(process.execPath, [join(REPO, 'bin', 'pairgate.mjs'), ...args], { cwd: REPO, timeout: 60_000 });
+    return { code: 0, out: r.stdout + r.stderr };
+  } catch (err) {
+    const e = err as { code?: number; stdout?: string; stderr?: string };
+    return { code: typeof e.code === 'number' ? e.code : 1, out: `${e.stdout ?? ''}${e.stderr ?? ''}` };
+  }
+}
 
 let pair: TestPair | null = null;
 afterEach(async () => {
@@ -83,6 +99,66 @@ describe('pair agent with a replicated volume', () => {
     const db = ((await adminCall(vol.url('b'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { digest: string }).digest;
     expect(da).toBe(db);
     expect((await pair.a.status())?.state).toBe('standby');
+  });
+
+  it('replaced disk on b while a is down: b waits as standby with an Inconsistent volume (never promoted); a returns, takes over, and b takes a full sync from it', async () => {
+    const vol = await volumeNodes();
+    pair = await startPair({ a: vol.a, b: vol.b });
+    expect(await pair.waitPrimary()).toBe('a');
+    await waitFor(async () => (await vol.status('a'))?.role === 'primary' && (await vol.status('b'))?.connection === 'Connected', 10_000, 'a primary volume, b connected');
+    for (let i = 0; i < 40; i++) expect((await adminCall(vol.url('a'), 'POST', '/write', { offset: i * BS, data: block(i).toString('base64') })).status).toBe(200);
+    // b's disk is replaced (new, empty volume files), then a, which holds every write, dies.
+    await pair.b.proc!.stop(3000);
+    rmSync(join(pair.dir, 'b.volume'));
+    rmSync(join(pair.dir, 'b.volume-meta'));
+    pair.a.proc!.kill('SIGKILL');
+    await pair.a.proc!.exited;
+    await pair.b.start();
+    await waitFor(async () => (await pair!.b.status())?.state === 'standby', 15_000, 'b standby after initdead');
+    await sleep(1500);
+    expect((await pair.b.status())?.state).toBe('standby');
+    expect(await vol.status('b')).toMatchObject({ role: 'secondary', disk: 'Inconsistent' });
+    expect((await pair.floatingHealth())?.body.primary ?? null).toBeNull();
+    // a comes back: it holds the UpToDate data, takes over, and b is synced from it in full.
+    await pair.a.start();
+    expect(await pair.waitPrimary()).toBe('a');
+    await waitFor(
+      async () => {
+        const [sa, sb] = [await vol.status('a'), await vol.status('b')];
+        return sb?.role === 'secondary' && sb.connection === 'Connected' && sb.disk === 'UpToDate' && sa?.role === 'primary' && sa.outOfSyncBytes === 0;
+      },
+      20_000,
+      'b an UpToDate secondary of a',
+    );
+    expect((await vol.status('b'))?.lastDecision?.decision).toBe('target-full');
+    const digests = ((await adminCall(vol.url('b'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { blockDigests: string[] }).blockDigests;
+    for (let i = 0; i < 40; i++) expect(digests[i]).toBe(createHash('sha256').update(block(i)).digest('hex').slice(0, 32));
+    expect((await pair.b.status())?.state).toBe('standby');
+  });
+
+  it('a new pair with one node up: it waits past initdead with its fresh volume; the operator\'s forced promotion makes it fence the absent peer and serve', async () => {
+    const vol = await volumeNodes();
+    pair = await startPair({ a: vol.a, b: vol.b });
+    expect(await pair.waitPrimary()).toBe('a');
+    // Start over as a brand-new pair whose node b never comes up.
+    await Promise.all([pair.a.proc!.stop(3000), pair.b.proc!.stop(3000)]);
+    for (const f of ['a.volume', 'a.volume-meta', 'b.volume', 'b.volume-meta']) rmSync(join(pair.dir, f));
+    await pair.a.start();
+    await waitFor(async () => (await pair!.a.status())?.state === 'standby', 20_000, 'a standby after initdead').catch((err: Error) => {
+      throw new Error(`${err.message}\n${pair!.a.proc?.output().slice(-4000)}`);
+    });
+    await sleep(1000);
+    expect((await pair.a.status())?.state).toBe('standby');
+    expect(await vol.status('a')).toMatchObject({ role: 'secondary', disk: 'Inconsistent' });
+    // The operator's commands, given the pair-agent's own config (its volume: section).
+    const refused = await pairgateCli(['volume', 'primary', '--config', pair.a.configFile]);
+    expect(refused.code).not.toBe(0);
+    expect(refused.out).toMatch(/Inconsistent.*fresh.*--force/);
+    const forced = await pairgateCli(['volume', 'primary', '--force', '--config', pair.a.configFile]);
+    expect(forced.code, forced.out).toBe(0);
+    expect(forced.out).toMatch(/role primary, disk UpToDate/);
+    expect(await pair.waitPrimary()).toBe('a');
+    expect((await adminCall(vol.url('a'), 'POST', '/write', { offset: 0, data: block(1).toString('base64') })).status).toBe(200);
   });
 
   it('heartbeat partition with both nodes alive: the volumes are never primary on both nodes at once', async () => {

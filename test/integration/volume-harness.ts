@@ -32,7 +32,7 @@ export interface VolumeNode {
 
 export async function volumePair(
   dir: string,
-  opts: { sizeBytes?: number; protocol?: 'A' | 'B' | 'C'; afterSb0Pri?: string; afterSb1Pri?: string; resyncRateBytesPerSec?: number } = {},
+  opts: { sizeBytes?: number; protocol?: 'A' | 'B' | 'C'; afterSb0Pri?: string; afterSb1Pri?: string; resyncRateBytesPerSec?: number; start?: Array<'a' | 'b'> } = {},
 ): Promise<{ a: VolumeNode; b: VolumeNode; stop(): Promise<void> }> {
   const ports = { a: await freePort(), b: await freePort() };
   const make = async (name: 'a' | 'b'): Promise<VolumeNode> => {
@@ -93,7 +93,9 @@ export async function volumePair(
   };
   const a = await make('a');
   const b = await make('b');
-  await Promise.all([a.start(), b.start()]);
+  // `start` picks the nodes started now (a node started later meets its peer then).
+  const first = opts.start ?? ['a', 'b'];
+  await Promise.all([a, b].filter((n) => first.includes(n.name)).map((n) => n.start()));
   return {
     a,
     b,

@@ -5,7 +5,8 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import net from 'node:net';
-import { openSync, writeSync, closeSync } from 'node:fs';
+import { openSync, writeSync, closeSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FrameType, authResponse, encodeBlockWrite, encodeFrame, encodeJson, FrameDecoder } from '../../pair-agent/volume/wire.ts';
 import { sleep, waitFor } from '../helpers/net.ts';
@@ -101,6 +102,83 @@ describe('replicated volume (two processes)', () => {
     expect(sa.role).toBe('secondary');
     expect(sa.lastDecision?.decision).toBe('target');
     expect(await a.digests()).toEqual(await b.digests());
+  });
+
+  it('replaced disk: the fresh node refuses promotion while its peer is down; with the peer back it takes a full sync from it', async () => {
+    const { a, b, dir } = await pair();
+    await inSync(a, b);
+    await a.post('/primary');
+    for (let i = 0; i < 20; i++) await write(a, i, block(300 + i));
+    expect((await b.digests())[19]).toBe(digestOf(block(319)));
+    // b's disk is replaced: new, empty data and metadata files. Then a (holding the data) goes down.
+    await b.stop();
+    rmSync(join(dir, 'b.data'));
+    rmSync(join(dir, 'b.meta'));
+    a.kill('SIGKILL');
+    await a.proc!.exited;
+    await b.start();
+    const alone = await b.status();
+    expect(alone).toMatchObject({ role: 'secondary', disk: 'Inconsistent', connection: 'Connecting' });
+    const refused = await b.post('/primary');
+    expect(refused.status).toBe(409);
+    expect(JSON.stringify(refused.body)).toMatch(/fresh.*--force/);
+    await sleep(300);
+    expect((await b.status()).role).toBe('secondary');
+    // The peer comes back: b is the target of a full sync and ends with a's data.
+    await a.start();
+    await inSync(a, b);
+    const sb = await b.status();
+    expect(sb.lastDecision).toEqual({ decision: 'target-full', rule: 20 });
+    expect(sb.role).toBe('secondary');
+    const [da, db] = await Promise.all([a.digests(), b.digests()]);
+    expect(db).toEqual(da);
+    expect(db[19]).toBe(digestOf(block(319)));
+    // And b, UpToDate now, would be promotable (once a steps down).
+    await a.post('/secondary');
+    expect((await b.post('/primary')).status).toBe(200);
+  });
+
+  it('a fresh node alone: promotion only with --force; its fresh peer then receives only the blocks written since (bitmap, rule 15)', async () => {
+    const { a, b } = await pair({ start: ['a'] });
+    expect(await a.status()).toMatchObject({ disk: 'Inconsistent', uuids: { current: '4' } });
+    expect((await a.post('/primary')).status).toBe(409);
+    const forced = await a.post('/primary', { force: true });
+    expect(forced.status).toBe(200);
+    expect(forced.body).toMatchObject({ role: 'primary', disk: 'UpToDate' });
+    for (let i = 0; i < 5; i++) await write(a, 100 + i, block(i));
+    await b.start();
+    await inSync(a, b);
+    expect((await b.status()).lastDecision).toEqual({ decision: 'target', rule: 15 });
+    expect((await a.status()).stats.resyncBytesSent).toBe(5 * BS);
+    expect(await b.digests()).toEqual(await a.digests());
+  });
+
+  it('two fresh volumes meet: both UpToDate with one shared generation, nothing sent', async () => {
+    const { a, b } = await pair();
+    await inSync(a, b);
+    const [sa, sb] = await Promise.all([a.status(), b.status()]);
+    expect(sa.uuids.current).toBe(sb.uuids.current);
+    expect(sa.uuids.current).not.toBe('4');
+    expect(sa.stats.resyncBytesSent + sb.stats.resyncBytesSent).toBe(0);
+  });
+
+  it('both nodes asked to become primary at the same moment: exactly one succeeds, every round', async () => {
+    const { a, b } = await pair();
+    await inSync(a, b);
+    for (let round = 0; round < 6; round++) {
+      const [ra, rb] = await Promise.all([a.post('/primary'), b.post('/primary')]);
+      const oks = [ra, rb].filter((r) => r.status === 200).length;
+      expect([ra.status, rb.status].sort()).toEqual([200, 409]);
+      expect(oks).toBe(1);
+      const [sa, sb] = await Promise.all([a.status(), b.status()]);
+      expect([sa.role, sb.role].sort()).toEqual(['primary', 'secondary']);
+      expect(sa.connection).toBe('Connected');
+      const winner = ra.status === 200 ? a : b;
+      await write(winner, round, block(round));
+      await winner.post('/secondary');
+      await waitFor(async () => (await a.status()).peer?.role === 'secondary' && (await b.status()).peer?.role === 'secondary', 5000, 'both secondary');
+    }
+    expect(await b.digests()).toEqual(await a.digests());
   });
 
   it('disconnect, write 1% of the volume, reconnect: only those blocks cross the link', async () => {

@@ -172,6 +172,14 @@ describe('volume metadata file', () => {
     }
   });
 
+  it('fresh metadata is Inconsistent (never promotable alone without force) and "just created"', () => {
+    const m = freshMetadata(8 * 1024 * 1024);
+    expect(m.disk).toBe('Inconsistent');
+    expect(m.flags.consistent).toBe(false);
+    expect(m.uuids).toEqual({ current: JUST_CREATED, bitmap: NO_UUID, history: [NO_UUID, NO_UUID] });
+    expect(m.bitmap.setCount).toBe(0);
+  });
+
   it('bitmap: counts, next set bit, merge', () => {
     const b = new Bitmap(100);
     b.set(3);
