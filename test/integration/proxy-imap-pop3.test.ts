@@ -918,6 +918,40 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     await stopping;
   });
 
+  it('one log line per session at its end (user, pair, client, bytes, duration); login and byte metrics', async () => {
+    const logLines: string[] = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        for (const l of chunk.toString().split('\n')) if (l) logLines.push(l);
+        cb();
+      },
+    });
+    const reg = createRegistry({}, false);
+    const p6 = await startProxy(baseConfig({ id: 'proxy-test-6' }), { log: pino({ level: 'info' }, sink) as unknown as Logger, registry: reg, directory });
+    const p6port = (name: string) => p6.listeners.find((l) => l.name === name)!.address.port;
+    try {
+      const { c, answer } = await imapLogin(p6port('imap-plain'), 'dave', 'dave-pass', { localAddress: '127.0.0.12' });
+      expect(answer).toMatch(/^a1 OK/);
+      c.send('a2 SELECT INBOX');
+      await c.until(/^a2 OK/);
+      c.send('a3 LOGOUT');
+      await c.closed;
+      const ended = await waitFor(() => logLines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'session ended' && l.user === 'dave'), 5000, 'session end log line');
+      expect(ended).toMatchObject({ user: 'dave', pair: 'pair-b', client: '127.0.0.12' });
+      expect(ended.bytesIn as number).toBeGreaterThan(0);
+      expect(ended.bytesOut as number).toBeGreaterThan(0);
+      expect(typeof ended.durationMs).toBe('number');
+      expect(logLines.filter((l) => /"msg":"session ended"/.test(l))).toHaveLength(1);
+      const m = await reg.metrics();
+      expect(m).toMatch(/pairgate_login_seconds_count\{protocol="imap"\} 1\b/);
+      expect(m).toMatch(/pairgate_logins_total\{protocol="imap",result="ok"\} 1\b/);
+      expect(m).toMatch(/pairgate_proxy_bytes_total\{direction="out",protocol="imap"\} [1-9]/);
+      expect(m).toMatch(/pairgate_sessions_total\{protocol="imap",pair="pair-b",role="proxy"\} 1\b/);
+    } finally {
+      await p6.stop(200);
+    }
+  });
+
   it('admin HTTP: /health, /sessions, /metrics', async () => {
     const h = await fetch(`${proxy.admin.url}/health`);
     expect(h.status).toBe(200);
