@@ -1,21 +1,31 @@
 /**
- * bench/store: the store agent's LMTP deliveries and POP3 retrieval against Dovecot on the same
- * machine in the same run, and the store's recovery time with 100,000 messages.
+ * bench/store: the store agent's LMTP deliveries into pairgate's store on a replicated volume
+ * with protocol C, against Dovecot's LMTP on the same machine in the same run; POP3 retrieval
+ * against Dovecot's POP3; the store's recovery time with 100,000 messages.
  *
  *   npm run bench -- store [--seconds 3] [--concurrency 4] [--recovery-messages 100000] [--pop3-messages 1000]
+ *                          [--peer-dir DIR] [--no-local]
  *
  * Deliveries per second for 1 KiB, 50 KiB and 1 MiB messages to 1 and 10 recipients, over
  * --concurrency LMTP connections, each delivery acknowledged before the next on its connection.
- * pairgate's store runs in a child process (this file with --serve) on a FileBlockDevice (local
- * file, fdatasync per group commit) — the replicated volume (protocol C) is not in this tree yet,
- * so its network round trip is not included. Dovecot runs with its default mail_fsync=optimized
- * (Maildir, fsync per delivered file). POP3: RETR of --pop3-messages 50 KiB messages, master
- * login on both. Recovery: open time of a store holding --recovery-messages messages, after a
- * clean close (from the checkpoint) and after a crash (checkpoint plus replay of the tail).
- * Targets (issue #5): deliveries >= 1.0x Dovecot; recovery < 2 s for 100,000 messages.
- * Ends with one JSON line.
+ * pairgate's store runs in a child process (this file with --serve), as the pair agent runs it:
+ * on the primary of a replicated volume (protocol C: a group commit is acknowledged when both
+ * disks have it), whose peer is a separate `pairgate volume serve` process on loopback, as
+ * bench/volume does. Both nodes' files share this machine's one disk unless --peer-dir puts the
+ * peer's elsewhere. Extra information (not a target): the same store on a local FileBlockDevice
+ * (fdatasync per group commit, no peer) in a second child; --no-local skips it.
+ * Dovecot runs with its default mail_fsync=optimized (Maildir, fsync per delivered file). Each
+ * cell runs the three targets one after the other, so they see the same machine load.
+ * POP3: RETR of --pop3-messages 50 KiB messages from the store on the replicated volume and
+ * from Dovecot, master login on both. Recovery: open time of a store holding
+ * --recovery-messages messages on a local file, after a clean close (from the checkpoint) and
+ * after a crash (checkpoint plus replay of the tail); on a pair the node that opens the store
+ * reads its own replica, so the replication link plays no part in it.
+ * Targets (issue #5): deliveries on protocol C >= 1.0x Dovecot; recovery < 2 s for 100,000
+ * messages. Ends with one JSON line.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -27,7 +37,10 @@ const { values: args } = parseArgs({
     concurrency: { type: 'string', default: '4' },
     'recovery-messages': { type: 'string', default: '100000' },
     'pop3-messages': { type: 'string', default: '1000' },
+    'peer-dir': { type: 'string' },
+    'no-local': { type: 'boolean', default: false },
     serve: { type: 'boolean', default: false },
+    device: { type: 'string', default: 'local' },
     help: { type: 'boolean', default: false },
   },
 });
@@ -36,6 +49,7 @@ const CONCURRENCY = Number(args.concurrency);
 const RECOVERY_MESSAGES = Number(args['recovery-messages']);
 const POP3_MESSAGES = Number(args['pop3-messages']);
 const MASTER = { user: 'bench-master', secret: 'bench-master-secret' };
+const VOLUME_BYTES = 4 * 1024 * 1024 * 1024;
 const USERS = Array.from({ length: 10 }, (_, i) => `bench${i}`);
 
 function message(size: number, n: number): Buffer {
@@ -47,22 +61,45 @@ function message(size: number, n: number): Buffer {
 
 // ---- pairgate server (child process) ------------------------------------------------------
 
+/** The child: the store on `--device local` (a FileBlockDevice) or `replicated` (the primary of a protocol C volume, config in $BENCH_VOLUME_CONFIG). */
 async function serve(): Promise<void> {
   const { FileBlockDevice } = await import('../pair-agent/volume/block-device.ts');
   const { createStoreResource, storeConfigSchema } = await import('../pair-agent/store/resource.ts');
   const { createRegistry } = await import('../common/metrics.ts');
-  const { silentLogger } = await import('../common/log.ts');
+  const { createLogger } = await import('../common/log.ts');
   const { tempDir } = await import('../test/helpers/proc.ts');
+  const registry = createRegistry({}, false);
+  // warnings and errors (a refused delivery, a lost replication link) on stderr, so that a failed run says why
+  const silentLogger = createLogger({ role: `bench-store-${args.device}`, level: process.env.BENCH_STORE_LOG ?? 'warn' });
+  let device: import('../pair-agent/volume/block-device.ts').BlockDevice;
+  let closeDevice: () => Promise<unknown>;
+  let info: Record<string, unknown> = { device: 'local' };
   const dir = tempDir('pairgate-bench-store-');
-  const device = await FileBlockDevice.open(join(dir.path, 'vol.img'), { size: 4 * 1024 * 1024 * 1024, create: true });
+  if (args.device === 'replicated') {
+    const { ReplicatedVolume, volumeConfigSchema } = await import('../pair-agent/volume/index.ts');
+    const { waitFor } = await import('../test/helpers/net.ts');
+    const cfg = volumeConfigSchema.parse(JSON.parse(process.env.BENCH_VOLUME_CONFIG ?? 'null'));
+    const volume = await ReplicatedVolume.open(cfg, { log: silentLogger, registry });
+    await waitFor(() => volume.status().connection === 'Connected', 20_000, 'the volume peer to connect');
+    await volume.promote();
+    const st = volume.status();
+    if (st.protocol !== 'C' || st.role !== 'primary' || st.connection !== 'Connected') throw new Error(`volume not a connected protocol C primary: ${JSON.stringify(st)}`);
+    info = { device: 'replicated', protocol: st.protocol, connection: st.connection, disk: st.disk };
+    device = volume;
+    closeDevice = () => volume.close();
+  } else {
+    const dev = await FileBlockDevice.open(join(dir.path, 'vol.img'), { size: VOLUME_BYTES, create: true });
+    device = dev;
+    closeDevice = () => dev.close();
+  }
   const config = storeConfigSchema.parse({ ports: { lmtp: 0, pop3: 0, imap: 0 }, masterUser: MASTER.user, masterSecret: MASTER.secret, compactBytesPerSec: 0 });
-  const res = createStoreResource({ config, device, listenHost: '127.0.0.1', log: silentLogger, registry: createRegistry({}, false) });
+  const res = createStoreResource({ config, device, listenHost: '127.0.0.1', log: silentLogger, registry });
   await res.start();
-  process.stdout.write(JSON.stringify(res.ports()) + '\n');
+  process.stdout.write(JSON.stringify({ ...res.ports(), ...info }) + '\n');
   process.stdin.on('data', () => undefined);
   process.stdin.on('end', async () => {
     await res.stop();
-    await device.close();
+    await closeDevice();
     dir.cleanup();
     process.exit(0);
   });
@@ -266,55 +303,93 @@ async function main(): Promise<void> {
     return;
   }
   const self = fileURLToPath(import.meta.url);
-  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', self, '--serve'], { stdio: ['pipe', 'pipe', 'inherit'] });
-  const ports = await new Promise<{ lmtp: number; pop3: number }>((resolve, reject) => {
-    let out = '';
-    child.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      const i = out.indexOf('\n');
-      if (i >= 0) resolve(JSON.parse(out.slice(0, i)));
+  const { PAIRGATE_BIN, REPO_ROOT } = await import('../bin/lab/supervisor.ts');
+  const { freePort, waitForPort } = await import('../test/helpers/net.ts');
+  const { startProcess, tempDir } = await import('../test/helpers/proc.ts');
+  const { stringify } = await import('yaml');
+  const dir = tempDir('pairgate-bench-store-vol-');
+  const peerDir = args['peer-dir'] ? mkdtempSync(join(args['peer-dir'], 'pairgate-bench-store-peer-')) : dir.path;
+  const children: ChildProcess[] = [];
+  let peer: Awaited<ReturnType<typeof startProcess>> | null = null;
+
+  /** One store child; resolves with its ports once it serves. */
+  const startStore = (device: 'local' | 'replicated', env: NodeJS.ProcessEnv = {}) => {
+    const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', self, '--serve', '--device', device], { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, ...env } });
+    children.push(child);
+    return new Promise<{ lmtp: number; pop3: number; device: string; protocol?: string }>((resolve, reject) => {
+      let out = '';
+      child.stdout!.on('data', (d: Buffer) => {
+        out += d.toString();
+        const i = out.indexOf('\n');
+        if (i >= 0) resolve(JSON.parse(out.slice(0, i)));
+      });
+      child.once('exit', (code) => reject(new Error(`store child (${device}) exited ${code}`)));
     });
-    child.once('exit', (code) => reject(new Error(`store child exited ${code}`)));
-  });
-  const { startDovecot } = await import('../test/helpers/dovecot.ts');
-  const dovecot = await startDovecot({ users: [...USERS, 'popbench'].map((u) => ({ user: u, password: 'pw-' + u })), masterUser: MASTER.user, masterPassword: MASTER.secret });
-  const rows: Array<{ name: string; pairgate: number; dovecot: number }> = [];
+  };
+
+  type Row = { name: string; c: number; local: number | null; dovecot: number };
+  const rows: Row[] = [];
+  let dovecot: Awaited<ReturnType<typeof import('../test/helpers/dovecot.ts').startDovecot>> | null = null;
   try {
+    // The volume's peer: a separate process on loopback, as on a pair.
+    const ports = { a: await freePort(), b: await freePort(), peerAdmin: await freePort() };
+    const SECRET = 'bench-store-volume-secret-0123';
+    const base = { name: 'benchstore', sizeBytes: VOLUME_BYTES, secret: SECRET, protocol: 'C' };
+    const cfgA = { ...base, dataFile: join(dir.path, 'a.data'), metaFile: join(dir.path, 'a.meta'), listen: `127.0.0.1:${ports.a}`, peer: `127.0.0.1:${ports.b}` };
+    const cfgB = { ...base, dataFile: join(peerDir, 'b.data'), metaFile: join(peerDir, 'b.meta'), listen: `127.0.0.1:${ports.b}`, peer: `127.0.0.1:${ports.a}`, admin: { host: '127.0.0.1', port: ports.peerAdmin } };
+    writeFileSync(join(dir.path, 'b.yaml'), stringify(cfgB));
+    peer = startProcess('volume-peer', process.execPath, [PAIRGATE_BIN, 'volume', 'serve', '--config', join(dir.path, 'b.yaml'), '--log-level', 'warn'], { cwd: REPO_ROOT });
+    await waitForPort('127.0.0.1', ports.peerAdmin, 20_000);
+    const cPorts = await startStore('replicated', { BENCH_VOLUME_CONFIG: JSON.stringify(cfgA) });
+    process.stderr.write(`pairgate store on a replicated volume: ${JSON.stringify(cPorts)}; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir}\n`);
+    const localPorts = args['no-local'] ? null : await startStore('local');
+    const { startDovecot } = await import('../test/helpers/dovecot.ts');
+    dovecot = await startDovecot({ users: [...USERS, 'popbench'].map((u) => ({ user: u, password: 'pw-' + u })), masterUser: MASTER.user, masterPassword: MASTER.secret });
     for (const size of [1024, 50 * 1024, 1024 * 1024]) {
       for (const rcpts of [1, 10]) {
         const name = `lmtp ${size >= 1024 * 1024 ? size / 1024 / 1024 + ' MiB' : size / 1024 + ' KiB'} x${rcpts}`;
         const secs = size >= 1024 * 1024 ? Math.max(SECONDS, 3) : SECONDS;
-        const pg = await lmtpRun(ports.lmtp, size, rcpts, secs);
+        const c = await lmtpRun(cPorts.lmtp, size, rcpts, secs);
+        const l = localPorts ? await lmtpRun(localPorts.lmtp, size, rcpts, secs) : null;
         const dc = await lmtpRun(dovecot.lmtpPort, size, rcpts, secs);
-        rows.push({ name, pairgate: pg.perSec, dovecot: dc.perSec });
-        process.stderr.write(`${name}: pairgate ${pg.perSec.toFixed(1)}/s (${pg.count}), dovecot ${dc.perSec.toFixed(1)}/s (${dc.count})\n`);
+        rows.push({ name, c: c.perSec, local: l?.perSec ?? null, dovecot: dc.perSec });
+        process.stderr.write(`${name}: pairgate C ${c.perSec.toFixed(1)}/s (${c.count})${l ? `, pairgate local ${l.perSec.toFixed(1)}/s (${l.count})` : ''}, dovecot ${dc.perSec.toFixed(1)}/s (${dc.count})\n`);
       }
     }
-    const pgPop = await pop3Run(ports.pop3, ports.lmtp, 'popbench');
+    const pgPop = await pop3Run(cPorts.pop3, cPorts.lmtp, 'popbench');
     const dcPop = await pop3Run(dovecot.pop3Port, dovecot.lmtpPort, 'popbench');
-    rows.push({ name: 'pop3 RETR 50 KiB msgs/s', pairgate: pgPop.msgsPerSec, dovecot: dcPop.msgsPerSec });
-    rows.push({ name: 'pop3 RETR MiB/s', pairgate: pgPop.mibPerSec, dovecot: dcPop.mibPerSec });
+    rows.push({ name: 'pop3 RETR 50 KiB msgs/s', c: pgPop.msgsPerSec, local: null, dovecot: dcPop.msgsPerSec });
+    rows.push({ name: 'pop3 RETR MiB/s', c: pgPop.mibPerSec, local: null, dovecot: dcPop.mibPerSec });
   } finally {
-    child.stdin!.end();
-    await dovecot.close();
+    for (const ch of children) ch.stdin!.end();
+    await Promise.all(children.map((ch) => (ch.exitCode !== null ? undefined : new Promise((r) => ch.once('exit', r)))));
+    await peer?.stop(3000);
+    await dovecot?.close();
+    if (peerDir !== dir.path) rmSync(peerDir, { recursive: true, force: true });
+    dir.cleanup();
   }
   const rec = await recoveryRun();
   const width = Math.max(...rows.map((r) => r.name.length));
-  process.stdout.write(`\n${'figure'.padEnd(width)}  ${'pairgate'.padStart(10)}  ${'dovecot'.padStart(10)}  ratio\n`);
-  for (const r of rows) process.stdout.write(`${r.name.padEnd(width)}  ${r.pairgate.toFixed(1).padStart(10)}  ${r.dovecot.toFixed(1).padStart(10)}  ${(r.pairgate / r.dovecot).toFixed(2)}\n`);
+  const f = (x: number | null) => (x === null ? '-' : x.toFixed(1)).padStart(12);
+  process.stdout.write(`\n${'figure'.padEnd(width)}  ${'pairgate C'.padStart(12)}  ${'dovecot'.padStart(12)}  C/dovecot  ${'local file'.padStart(12)}  local/dovecot\n`);
+  for (const r of rows) {
+    process.stdout.write(`${r.name.padEnd(width)}  ${f(r.c)}  ${f(r.dovecot)}  ${(r.c / r.dovecot).toFixed(2).padStart(9)}  ${f(r.local)}  ${r.local === null ? '' : (r.local / r.dovecot).toFixed(2).padStart(13)}\n`);
+  }
+  process.stdout.write(`(pairgate C: the store on the primary of a protocol C replicated volume, peer process on loopback; local file: the same store with no peer)\n`);
   process.stdout.write(`recovery of ${rec.messages} messages: ${rec.cleanMs} ms after a clean close, ${rec.crashMs} ms after a crash (2000 records to replay); filled at ${rec.fillPerSec.toFixed(0)}/s in-process\n`);
   const lmtpRows = rows.filter((r) => r.name.startsWith('lmtp'));
-  const minRatio = Math.min(...lmtpRows.map((r) => r.pairgate / r.dovecot));
+  const minRatio = Math.min(...lmtpRows.map((r) => r.c / r.dovecot));
   const figures: Record<string, number> = {};
   for (const r of rows) {
     const key = r.name.replace(/[^a-z0-9]+/gi, '_').toLowerCase();
-    figures[`${key}_pairgate`] = Number(r.pairgate.toFixed(2));
+    figures[`${key}_pairgate_c`] = Number(r.c.toFixed(2));
+    if (r.local !== null) figures[`${key}_pairgate_local`] = Number(r.local.toFixed(2));
     figures[`${key}_dovecot`] = Number(r.dovecot.toFixed(2));
   }
   figures.recovery_clean_ms = rec.cleanMs;
   figures.recovery_crash_ms = rec.crashMs;
   const targets = {
-    lmtp_min_ratio_vs_dovecot: { value: Number(minRatio.toFixed(2)), min: 1.0 },
+    lmtp_c_min_ratio_vs_dovecot: { value: Number(minRatio.toFixed(2)), min: 1.0 },
     recovery_100k_seconds: { value: Number((Math.max(rec.cleanMs, rec.crashMs) / 1000).toFixed(3)), max: 2 },
   };
   const met = minRatio >= 1.0 && Math.max(rec.cleanMs, rec.crashMs) < 2000;
