@@ -80,7 +80,10 @@ export async function proxyLogin(
     log.warn({ login, err: (err as Error).message, code: errorCode(err) }, 'login failed: directory unavailable');
     return done({ ok: false, kind: 'temp', message: 'directory unavailable' });
   }
-  const ulog = log.child({ user: user.uid });
+  // Child loggers are made only when a line is logged: pino children cost allocations and
+  // redaction set-up, and a successful login logs nothing here.
+  let ulogMade: Logger | undefined;
+  const ulog = () => (ulogMade ??= log.child({ user: user.uid }));
 
   // A user move in its final copy blocks new sessions for the user (Redis `usermove:<uid>`):
   // wait, bounded by the hold, then route afresh (the move switches the home pair).
@@ -97,10 +100,10 @@ export async function proxyLogin(
       if (!blocked) break;
       if (!waited) {
         waited = true;
-        ulog.info('login held: user move in progress');
+        ulog().info('login held: user move in progress');
       }
       if (Date.now() + 200 >= deadline) {
-        ulog.warn('login failed: user move still in progress after the hold bound');
+        ulog().warn('login failed: user move still in progress after the hold bound');
         return done({ ok: false, kind: 'temp', message: 'user move in progress' });
       }
       await sleep(200);
@@ -111,17 +114,18 @@ export async function proxyLogin(
   try {
     pair = (await ctx.directory.routeFor(user)).pair;
   } catch (err) {
-    ulog.warn({ err: (err as Error).message, code: errorCode(err) }, err instanceof NotFoundError ? 'login failed: user has no usable home pair' : 'login failed: route lookup failed');
+    ulog().warn({ err: (err as Error).message, code: errorCode(err) }, err instanceof NotFoundError ? 'login failed: user has no usable home pair' : 'login failed: route lookup failed');
     return done({ ok: false, kind: 'temp', message: 'no route' });
   }
-  const plog = ulog.child({ pair: pair.id });
+  let plogMade: Logger | undefined;
+  const plog = () => (plogMade ??= log.child({ user: user.uid, pair: pair.id }));
 
   if (!ctx.trustedBackends.has(pair.address)) {
-    plog.error({ address: pair.address }, 'pair address is outside backend.trustedNetworks: master login refused');
+    plog().error({ address: pair.address }, 'pair address is outside backend.trustedNetworks: master login refused');
     return done({ ok: false, kind: 'temp', message: 'pair not trusted' });
   }
   if (!ctx.sessions.bindUser(req.session, user.uid, ctx.config.limits.maxSessionsPerUser)) {
-    plog.warn({ cap: ctx.config.limits.maxSessionsPerUser }, 'login refused: too many sessions for this user');
+    plog().warn({ cap: ctx.config.limits.maxSessionsPerUser }, 'login refused: too many sessions for this user');
     return done({ ok: false, kind: 'limit', message: 'too many sessions' });
   }
   const unbind = () => ctx.sessions.unbindUser(req.session);
@@ -135,7 +139,7 @@ export async function proxyLogin(
     held = true;
     holdStart = Date.now();
     ctx.metrics.heldLogins.inc({ pair: pair.id });
-    plog.info({ state: ctx.pairHealth.state(pair.id) }, 'login held: waiting for the pair');
+    plog().info({ state: ctx.pairHealth.state(pair.id) }, 'login held: waiting for the pair');
   };
   for (let attempt = 1; ; attempt++) {
     const st = ctx.pairHealth.state(pair.id);
@@ -143,7 +147,7 @@ export async function proxyLogin(
     try {
       await ctx.pairHealth.awaitServable(pair, Math.max(0, holdDeadline - Date.now()));
     } catch (err) {
-      plog.warn({ err: (err as Error).message, attempt }, 'login failed: pair not serving');
+      plog().warn({ err: (err as Error).message, attempt }, 'login failed: pair not serving');
       unbind();
       return done({ ok: false, kind: 'temp', message: (err as Error).message });
     }
@@ -168,17 +172,17 @@ export async function proxyLogin(
     } catch (err) {
       ctx.metrics.backendConnectFailures.inc({ pair: pair.id });
       if (err instanceof AuthError) {
-        plog.error({ err: err.message }, 'pair refused the master login (check backend.masterUser/masterSecret and the pair trusted networks)');
+        plog().error({ err: err.message }, 'pair refused the master login (check backend.masterUser/masterSecret and the pair trusted networks)');
         unbind();
         return done({ ok: false, kind: 'temp', message: 'backend login refused' });
       }
       const retryMs = ctx.config.hold.retryMs;
       if (Date.now() + retryMs >= holdDeadline || !(err instanceof UnavailableError || errorCode(err) === 'TIMEOUT')) {
-        plog.warn({ err: (err as Error).message, attempt }, 'login failed: cannot reach the pair');
+        plog().warn({ err: (err as Error).message, attempt }, 'login failed: cannot reach the pair');
         unbind();
         return done({ ok: false, kind: 'temp', message: 'pair unreachable' });
       }
-      plog.info({ err: (err as Error).message, attempt }, 'backend connect failed; retrying within the hold bound');
+      plog().info({ err: (err as Error).message, attempt }, 'backend connect failed; retrying within the hold bound');
       markHeld();
       await sleep(retryMs);
     }
