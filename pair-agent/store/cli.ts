@@ -4,11 +4,13 @@
  *   check --volume FILE [--json]   full scan: every record and body verified (exit 1 on problems); read-only
  *   stats --volume FILE [--json]   mailboxes, messages, bytes; read-only
  *   compact --volume FILE          reclaim space now (segment cleaning)
+ *   format --volume FILE --yes     write an empty store over whatever the file holds (destructive)
  * On a pair, run check/stats on a copy of the volume or on the demoted node's disk file.
  */
 import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { adminSchema, loadConfigFile, logLevel, z } from '../../common/config.ts';
+import { BadInputError } from '../../common/errors.ts';
 import { startAdminServer } from '../../common/admin-http.ts';
 import { createLogger, silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
@@ -47,11 +49,22 @@ function progress(label: string): { update(done: number, total: number): void; s
   };
 }
 
-async function withStore<T>(path: string, readOnly: boolean, fn: (s: Awaited<ReturnType<typeof openMailStore>>) => Promise<T>): Promise<T> {
-  const device = await FileBlockDevice.open(path);
+/** Opens an existing volume file; a missing or unreadable file is a clear BAD_INPUT, not a stack trace. */
+async function openVolumeFile(path: string): Promise<FileBlockDevice> {
+  try {
+    return await FileBlockDevice.open(path);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code) throw new BadInputError(`cannot open volume file ${path}: ${code}`);
+    throw err;
+  }
+}
+
+async function withStore<T>(path: string, readOnly: boolean, fn: (s: Awaited<ReturnType<typeof openMailStore>>) => Promise<T>, format = false): Promise<T> {
+  const device = await openVolumeFile(path);
   try {
     const log = process.env.PAIRGATE_LOG_LEVEL ? createLogger({ role: 'store-cli' }) : silentLogger;
-    const store = await openMailStore(device, { log, readOnly, compactBytesPerSec: 0 });
+    const store = await openMailStore(device, { log, readOnly, compactBytesPerSec: 0, ...(format ? { format: true } : {}) });
     try {
       return await fn(store);
     } finally {
@@ -143,9 +156,24 @@ export function register(program: Command): void {
     .requiredOption('--volume <file>', 'volume file')
     .option('--rate <bytesPerSec>', 'I/O bound in bytes per second (0 = unbounded)', '0')
     .action(async (opts: { volume: string; rate: string }) => {
+      const rate = Number(opts.rate);
+      if (!Number.isInteger(rate) || rate < 0) throw new BadInputError(`--rate must be a whole number of bytes per second (0 = unbounded), got ${JSON.stringify(opts.rate)}`);
       const bar = progress('cleaning segments');
-      const r = await withStore(opts.volume, false, (s) => s.compact({ bytesPerSec: Number(opts.rate) || 0, onProgress: (d, t) => bar.update(d, t) }).then((res) => ({ ...res, free: s.freeSegments() })));
+      const r = await withStore(opts.volume, false, (s) => s.compact({ bytesPerSec: rate, onProgress: (d, t) => bar.update(d, t) }).then((res) => ({ ...res, free: s.freeSegments() })));
       bar.stop();
       process.stdout.write(`moved ${r.bodiesMoved} bodies (${mib(r.bytesMoved)}), freed ${r.segmentsFreed} segments; ${r.free} segments free\n`);
+    });
+
+  store
+    .command('format')
+    .description('write an empty store on a volume file, over whatever it holds (destructive; needs --yes)')
+    .requiredOption('--volume <file>', 'volume file')
+    .option('--yes', 'yes, discard everything on the volume')
+    .action(async (opts: { volume: string; yes?: boolean }) => {
+      // A store that does not open (foreign data, both superblocks damaged) is never formatted
+      // implicitly; this is the explicit way, and it asks for --yes.
+      if (!opts.yes) throw new BadInputError(`format discards everything on ${opts.volume}; add --yes to go ahead`);
+      const out = await withStore(opts.volume, false, async (s) => ({ segments: s.g.segmentCount, segmentSize: s.g.segmentSize }), true);
+      process.stdout.write(`formatted ${opts.volume}: empty store, ${out.segments} segments x ${mib(out.segmentSize)}\n`);
     });
 }

@@ -171,7 +171,7 @@ export class LogStore extends EventEmitter implements MailStore {
     const log = opts.log.child({ component: 'store' });
     if (!sb || opts.format) {
       if (!sb && !opts.format && !head.every((b) => b === 0)) {
-        throw new IntegrityError('no valid store superblock on the volume (not a pairgate store, or both copies damaged); format it explicitly to start over');
+        throw new IntegrityError('no valid store superblock on the volume (not a pairgate store, or both copies damaged); to start over, `pairgate store format --volume FILE --yes` (destructive)');
       }
       if (opts.readOnly) throw new IntegrityError('volume holds no store and is opened read-only');
       sb = await LogStore.format(device);

@@ -2,8 +2,12 @@
  * `pairgate store serve|check|stats|compact` as an operator runs them: serve a volume file,
  * deliver with `swaks --protocol LMTP`, read the admin /health, stop with SIGTERM (final
  * checkpoint), then check (clean, exit 0), stats, compact; a corrupted body makes check exit 1.
+ * On a terminal (a pty made by `script`), check and compact draw a progress bar. Bad input: a
+ * missing file, a file that is not a store, a bad --rate: a one-line error and exit 1/2, never a
+ * stack trace; `format` asks for --yes and then leaves a store that checks clean.
  */
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -69,5 +73,52 @@ describe('pairgate store CLI', () => {
     );
     expect(bad?.code).toBe(1);
     expect(bad?.stdout).toMatch(/problems \(\d+\)/);
+  }, 60_000);
+
+  it('draws a progress bar on a terminal; bad input gets a one-line error; format asks for --yes', async () => {
+    const vol = join(dir.path, 'bar.img');
+    const dev = await FileBlockDevice.open(vol, { size: 16 * 1024 * 1024, create: true });
+    const { openMailStore } = await import('../../pair-agent/store/index.ts');
+    const { silentLogger } = await import('../../common/log.ts');
+    const st = await openMailStore(dev, { log: silentLogger, compactBytesPerSec: 0 });
+    for (let i = 0; i < 40; i++) await st.deliver(`bar-${i}`, ['bar'], Buffer.from(`Subject: ${i}\r\n\r\n${'z'.repeat(20_000)}\r\n`));
+    const metas = await st.listMessages('bar', 'INBOX');
+    await st.expunge('bar', 'INBOX', metas.slice(0, 30).map((m) => m.uid)); // something for compact to move
+    await st.close();
+    await dev.close();
+    // `script` gives the command a pty, as an operator's terminal; stdout of script carries what the bar drew.
+    const onTty = async (args: string) => (await run('script', ['-qec', `${process.execPath} ${cli} ${args}`, '/dev/null'], { timeout: 30_000 })).stdout;
+    const checked = await onTty(`store check --volume ${vol}`);
+    expect(checked).toMatch(/verifying bodies \[[^\]]*\] 100% 10\/10/);
+    expect(checked).toMatch(/no problems found/);
+    const compacted = await onTty(`store compact --volume ${vol}`);
+    expect(compacted).toMatch(/segments free/);
+    // Without a terminal no bar (no escape codes in a log file or a pipe).
+    const piped = await run(process.execPath, [cli, 'store', 'check', '--volume', vol], { timeout: 20_000 });
+    expect(piped.stdout + piped.stderr).not.toMatch(/verifying bodies/);
+
+    const fail = (args: string[]) =>
+      run(process.execPath, [cli, 'store', ...args], { timeout: 20_000 }).then(
+        (r) => ({ code: 0, out: r.stdout + r.stderr }),
+        (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, out: e.stdout + e.stderr }),
+      );
+    const missing = await fail(['check', '--volume', join(dir.path, 'nope.img')]);
+    expect(missing.code).toBe(2);
+    expect(missing.out).toMatch(/cannot open volume file .*nope\.img: ENOENT/);
+    expect(missing.out).not.toMatch(/\bat async\b/);
+    const junk = join(dir.path, 'junk.img');
+    writeFileSync(junk, randomBytes(1024 * 1024));
+    const notStore = await fail(['check', '--volume', junk]);
+    expect(notStore.code).toBe(1);
+    expect(notStore.out).toMatch(/INTEGRITY: no valid store superblock.*pairgate store format/);
+    expect((await fail(['stats', '--volume', junk])).code).toBe(1);
+    expect((await fail(['compact', '--volume', vol, '--rate', 'fast'])).out).toMatch(/BAD_INPUT: --rate must be a whole number/);
+    const noYes = await fail(['format', '--volume', junk]);
+    expect(noYes.code).toBe(2);
+    expect(noYes.out).toMatch(/add --yes/);
+    expect((await fail(['format', '--volume', junk, '--yes'])).out).toMatch(/formatted .*empty store/);
+    const after = await fail(['check', '--volume', junk]);
+    expect(after.code).toBe(0);
+    expect(after.out).toMatch(/messages: 0[\s\S]*no problems found/);
   }, 60_000);
 });
