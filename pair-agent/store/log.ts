@@ -399,12 +399,18 @@ export class LogWriter {
             }
             // At most MAX_DEVICE_WRITE per call: the replicated volume ships each write as one frame,
             // and a group holding a large message would exceed its frame limit (the write would fail
-            // and the log with it). Replay checks every record's CRC and the chain of previous CRCs,
-            // so a crash between two chunks leaves a clean end at the first missing record; the
-            // group's waiters are answered only after the last chunk.
+            // and the log with it). The chunks go out together so that the device can commit them
+            // in one group (one fdatasync, one peer round trip) as it would one large write. Replay
+            // checks every record's CRC and the chain of previous CRCs, so a crash that leaves a
+            // later chunk durable without an earlier one ends the log at the first missing record,
+            // as a torn large write would; the group's waiters are answered only after all chunks.
+            const chunks: Array<Promise<void>> = [];
             for (let off = 0; off < padded.length; off += MAX_DEVICE_WRITE) {
-              await this.device.write(r.start + off, padded.subarray(off, Math.min(padded.length, off + MAX_DEVICE_WRITE)));
+              chunks.push(this.device.write(r.start + off, padded.subarray(off, Math.min(padded.length, off + MAX_DEVICE_WRITE))));
             }
+            const results = await Promise.allSettled(chunks);
+            const failed = results.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+            if (failed) throw failed.reason;
           }
           for (const w of waiters) w.resolve();
         } catch (err) {
