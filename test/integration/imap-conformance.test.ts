@@ -440,6 +440,56 @@ describe('selected state', () => {
   });
 });
 
+describe('QUOTA, read-only fetches, sent dates', () => {
+  it('reports the store quota (RFC 9208 shape) and refuses APPEND over it with OVERQUOTA', async () => {
+    const h2 = await startHarness({ quotaBytes: 4096 });
+    try {
+      const c = await loggedIn(h2.port, 'alice');
+      const msg = message('quota-1', 'x'.repeat(1500) + '\r\n');
+      expect((await c.send(`APPEND INBOX {${msg.length}+}\r\n${msg}`)).status).toBe('OK');
+      const root = await c.send('GETQUOTAROOT INBOX');
+      expect(root.text).toMatch(/^\* QUOTAROOT "?INBOX"? ""\r$/m);
+      expect(root.text).toMatch(/^\* QUOTA "" \(STORAGE 2 4\)\r$/m);
+      expect((await c.send('GETQUOTA ""')).text).toMatch(/^\* QUOTA "" \(STORAGE 2 4\)\r$/m);
+      expect((await c.send('GETQUOTA "other"')).tagged).toMatch(/NO \[NONEXISTENT\]/);
+      const big = message('quota-2', 'y'.repeat(3000) + '\r\n');
+      expect((await c.send(`APPEND INBOX {${big.length}+}\r\n${big}`)).tagged).toMatch(/NO \[OVERQUOTA\]/);
+      expect((await c.send('STATUS INBOX (MESSAGES)')).text).toContain('MESSAGES 1');
+      c.close();
+    } finally {
+      await h2.close();
+    }
+  });
+
+  it('BODY[] in an EXAMINEd mailbox does not set \\Seen', async () => {
+    await h.deliver(['dave'], message('examine-seen'));
+    const c = await loggedIn(h.port, 'dave');
+    await c.send('EXAMINE INBOX');
+    const f = await c.send('FETCH 1:* (FLAGS BODY[HEADER.FIELDS (SUBJECT)])');
+    expect(f.text).not.toContain('\\Seen');
+    await c.send('SELECT INBOX');
+    expect((await c.send('FETCH 1:* FLAGS')).text).not.toContain('\\Seen');
+    c.close();
+  });
+
+  it('SENTON/SENTBEFORE/SENTSINCE use the date as written in Date:, not its UTC day', async () => {
+    const c = await loggedIn(h.port, 'bob');
+    await c.send('CREATE SentDates');
+    const late = 'From: a@example.org\r\nSubject: late\r\nDate: Tue, 10 Nov 2026 23:30:00 -0500\r\n\r\nx\r\n';
+    const early = 'From: a@example.org\r\nSubject: early\r\nDate: Wed, 11 Nov 2026 00:30:00 +0900\r\n\r\nx\r\n';
+    const old = 'From: a@example.org\r\nSubject: old\r\nDate: 3 Jan 99 10:00 GMT\r\n\r\nx\r\n';
+    for (const m of [late, early, old]) await c.send(`APPEND SentDates {${m.length}+}\r\n${m}`);
+    await c.send('SELECT SentDates');
+    const s = async (q: string) => /^\* SEARCH(.*)\r$/m.exec((await c.send(`SEARCH ${q}`)).text)![1]!.trim();
+    expect(await s('SENTON 10-Nov-2026')).toBe('1');
+    expect(await s('SENTON 11-Nov-2026')).toBe('2');
+    expect(await s('SENTBEFORE 11-Nov-2026')).toBe('1 3');
+    expect(await s('SENTSINCE 11-Nov-2026')).toBe('2');
+    expect(await s('SENTON 3-Jan-1999')).toBe('3');
+    c.close();
+  });
+});
+
 describe('bad input and limits', () => {
   it('8-bit atoms, unbalanced parentheses, bad sets: BAD with a reason, then a flood closes', async () => {
     const c = await loggedIn(h.port, 'carol');
@@ -454,6 +504,54 @@ describe('bad input and limits', () => {
     const text = await c.waitFor((t) => t.includes('* BYE'));
     expect(text).toContain('* BYE Too many invalid commands');
     await c.waitFor(() => c.closed);
+  });
+
+  it('more malformed commands: BAD with a reason each, and the session goes on', async () => {
+    const c = await loggedIn(h.port, 'dave');
+    await c.send('SELECT INBOX');
+    await h.deliver(['dave'], message('bad-input'));
+    await c.send('NOOP');
+    const cases: Array<[string, RegExp]> = [
+      ['FETCH 1 (FLAGS))', /BAD .*unbalanced parentheses: unexpected \)/],
+      ['SEARCH (ALL', /BAD .*unbalanced parentheses: missing \)/],
+      ['FETCH 1,,2 FLAGS', /BAD .*sequence set/],
+      ['FETCH 4294967296 FLAGS', /BAD .*sequence set/],
+      ['UID FETCH 0:3 FLAGS', /BAD .*sequence set/],
+      ['STORE 1 +FLAGS (\\Seen', /BAD .*missing \)/],
+      ['LOGIN "unterminated', /BAD .*unterminated quoted string/],
+      ['NO\x00OP', /BAD .*invalid character in command name/],
+      ['FETCH 1 BODY[HEADER.FIELDS (Subject]', /BAD/],
+      ['SELECT', /BAD .*missing arguments/],
+      ['NOOP extra', /BAD .*too many arguments/],
+      ['UID FROB 1', /BAD Unknown command/],
+    ];
+    for (const [cmd, re] of cases) {
+      const r = await c.send(cmd);
+      expect(r.tagged, cmd).toMatch(re);
+      // A good command in between keeps the flood counter from closing the session.
+      expect((await c.send('NOOP')).status, `NOOP after ${cmd}`).toBe('OK');
+    }
+    // 8-bit in the tag: the tag cannot be trusted, so the answer is untagged-BAD style.
+    c.writeRaw('t\xe9g NOOP\r\n');
+    expect(await c.waitFor((t) => /BAD [^\r]*8-bit/.test(t))).toMatch(/\* BAD [^\r]*8-bit characters in tag/);
+    c.take();
+    expect((await c.send('NOOP')).status).toBe('OK');
+    c.close();
+  });
+
+  it('a non-synchronising literal past the command limit is skipped whole, then the next command runs', async () => {
+    const h2 = await startHarness({ limits: { maxCommandBytes: 4000, maxLiteralBytes: 3000 } });
+    try {
+      const c = await loggedIn(h2.port, 'alice');
+      const tag = c.nextTag();
+      // Two literals that are each under the literal limit but together over the command limit.
+      c.writeRaw(`${tag} APPEND INBOX (\\Seen) {2500+}\r\n${'a'.repeat(2500)} {2500+}\r\n${'b'.repeat(2500)}\r\n`);
+      expect((await c.until(tag)).tagged).toMatch(/BAD command larger than 4000 bytes/);
+      expect((await c.send('STATUS INBOX (MESSAGES)')).text).toContain('MESSAGES 0');
+      c.close();
+    } finally {
+      await h2.close();
+    }
   });
 
   it('refuses a literal above the limit and an over-long line, then goes on', async () => {
@@ -530,11 +628,11 @@ describe('bad input and limits', () => {
     }
   });
 
-  it('a FETCH still sending to a slow reader is not cut by the idle timeout', async () => {
-    const h2 = await startHarness({ idleTimeoutMs: 600 });
+  it('a FETCH still sending to a slow but steady reader is cut neither by the idle timeout nor as a stalled reader', async () => {
+    const h2 = await startHarness({ idleTimeoutMs: 300 });
     try {
-      // 16 MiB: more than the socket buffers hold, so the server waits for the reader.
-      const big = Buffer.from(message('big', 'y'.repeat(78) + '\r\n').replace(/\r\n\r\n.*$/s, '\r\n\r\n') + ('y'.repeat(78) + '\r\n').repeat(16 * 13_108));
+      // 32 MiB: far more than the socket buffers hold, so the server waits for the reader.
+      const big = Buffer.from(message('big', 'y'.repeat(78) + '\r\n').replace(/\r\n\r\n.*$/s, '\r\n\r\n') + ('y'.repeat(78) + '\r\n').repeat(32 * 13_108));
       await h2.deliver(['alice'], big);
       const sock = net.connect({ port: h2.port, host: '127.0.0.1' });
       let received = 0;
@@ -546,18 +644,40 @@ describe('bad input and limits', () => {
       await new Promise((r) => sock.once('connect', r));
       sock.write('a LOGIN alice alice-pw\r\nb SELECT INBOX\r\nc FETCH 1 BODY.PEEK[]\r\n');
       const t0 = Date.now();
-      // Read in bursts with pauses shorter than the timeout, for longer than the timeout in all.
-      while (!/\r\nc (OK|NO|BAD)[^\r]*\r\n/.test(tail) && Date.now() - t0 < 20_000) {
+      // Read in short bursts with pauses shorter than the timeout, for longer than the timeout in all.
+      while (!/\r\nc (OK|NO|BAD)[^\r]*\r\n/.test(tail) && Date.now() - t0 < 30_000) {
         sock.pause();
-        await new Promise((r) => setTimeout(r, 350));
-        sock.resume();
         await new Promise((r) => setTimeout(r, 150));
+        sock.resume();
+        await new Promise((r) => setTimeout(r, 40));
       }
-      expect(Date.now() - t0).toBeGreaterThan(600);
+      expect(Date.now() - t0).toBeGreaterThan(300);
       // The whole body and the tagged OK; an autologout may follow it (no input since), never cut into it.
       expect(tail).toMatch(/\r\nc OK Fetch completed\r\n(\* BYE Autologout[^\r]*\r\n)?$/);
       expect(received).toBeGreaterThan(big.length);
       sock.destroy();
+    } finally {
+      await h2.close();
+    }
+  });
+
+  it('a client that stops reading in the middle of a big FETCH is closed', async () => {
+    const h2 = await startHarness({ idleTimeoutMs: 300 });
+    try {
+      await h2.deliver(['alice'], Buffer.from(message('stalled', ('z'.repeat(78) + '\r\n').repeat(16 * 13_108))));
+      const sock = net.connect({ port: h2.port, host: '127.0.0.1' });
+      await new Promise((r) => sock.once('connect', r));
+      sock.on('error', () => undefined);
+      sock.pause();
+      sock.write('a LOGIN alice alice-pw\r\nb SELECT INBOX\r\nc FETCH 1 BODY.PEEK[]\r\n');
+      const closed = new Promise<void>((r) => sock.once('close', () => r()));
+      // Never read: the server gives up after an idle timeout without progress.
+      const deadline = Date.now() + 5000;
+      while (!h2.logs.some((l) => l.includes('client stopped reading')) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      expect(h2.logs.join('\n')).toContain('client stopped reading');
+      sock.resume();
+      await closed;
+      expect(h2.server.sessions()).toBe(0);
     } finally {
       await h2.close();
     }

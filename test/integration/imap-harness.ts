@@ -34,6 +34,8 @@ export interface Harness {
 
 export interface HarnessOptions extends Partial<Omit<ImapServerOptions, 'store' | 'log' | 'registry'>> {
   volumeBytes?: number;
+  /** The store's per-user quota (QUOTA tests). */
+  quotaBytes?: number;
 }
 
 let deliveries = 0;
@@ -51,8 +53,8 @@ export async function startHarness(opts: HarnessOptions = {}): Promise<Harness> 
   const log = pino({ level: process.env.IMAP_TEST_LOG_LEVEL ?? 'info', base: { role: 'test' } }, sink) as unknown as Logger;
   const registry = createRegistry({}, false);
   const device = await FileBlockDevice.open(join(tmp.path, 'volume.img'), { size: opts.volumeBytes ?? 256 * 1024 * 1024, create: true });
-  const store = await openMailStore(device, { log, registry });
-  const { volumeBytes: _v, ...serverOpts } = opts;
+  const store = await openMailStore(device, { log, registry, ...(opts.quotaBytes ? { quotaBytes: opts.quotaBytes } : {}) });
+  const { volumeBytes: _v, quotaBytes: _q, ...serverOpts } = opts;
   const server = await startImapServer({
     host: '127.0.0.1',
     port: 0,

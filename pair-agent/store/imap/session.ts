@@ -217,22 +217,46 @@ export class Session {
     this.socket.uncork();
   }
 
-  /** Waits while more than the write limit is buffered (a slow reader), bounded by the idle timeout. */
+  /**
+   * Bytes not yet handed to the kernel: the stream's buffer plus what libuv still holds of the
+   * write in progress (`writeQueueSize`, which Node's own socket timeout reads for the same
+   * purpose). A large literal is one write request, so the stream's length alone only changes
+   * when all of it has gone; the libuv queue shrinks as the client reads.
+   */
+  private pendingOut(): number {
+    const handle = (this.socket as unknown as { _handle?: { writeQueueSize?: number } | null })._handle;
+    return this.socket.writableLength + (typeof handle?.writeQueueSize === 'number' ? handle.writeQueueSize : 0);
+  }
+
+  /**
+   * Waits while more than the write limit is buffered (a slow reader). The client is given up
+   * only when nothing at all was taken for a whole idle timeout: a slow but steady reader (a
+   * phone fetching an attachment) keeps its session however long the transfer takes.
+   */
   async drain(): Promise<void> {
     if (this.outBytes >= OUTPUT_BATCH_BYTES / 2) this.flush();
     if (this.closed || this.socket.writableLength <= this.ctx.limits.maxWriteBufferBytes) return;
     await new Promise<void>((resolve) => {
+      let timer: NodeJS.Timeout;
       const done = () => {
         clearTimeout(timer);
         this.socket.off('drain', done);
         this.socket.off('close', done);
         resolve();
       };
-      const timer = setTimeout(() => {
-        this.log.info('client stopped reading; closing');
+      let left = this.pendingOut();
+      const check = () => {
+        const now = this.pendingOut();
+        if (now < left) {
+          left = now;
+          timer = setTimeout(check, this.ctx.idleTimeoutMs);
+          return;
+        }
+        this.log.info({ buffered: now }, 'client stopped reading; closing');
         this.socket.destroy();
         done();
-      }, this.ctx.idleTimeoutMs);
+      };
+      timer = setTimeout(check, this.ctx.idleTimeoutMs);
       this.socket.once('drain', done);
       this.socket.once('close', done);
     });

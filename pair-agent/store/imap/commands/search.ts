@@ -218,6 +218,26 @@ function textParts(buf: Buffer, part: MimePart, out: string[], budget: { n: numb
   } else if (part.type === 'text') out.push(decodeText(buf, part));
 }
 
+/**
+ * The day of a Date: header "disregarding time and timezone" (RFC 3501 6.4.4): the calendar date
+ * as written, so "10 Nov 2026 23:30 -0500" is 10 November even though it is the 11th in UTC.
+ * Two-digit years as RFC 5322 4.3 reads them. Unreadable dates match no date key.
+ */
+export function sentDay(value: string | undefined): number | null {
+  if (!value) return null;
+  const m = /(?:^|[\s,])(\d{1,2})\s+([A-Za-z]{3})[A-Za-z]*\.?\s+(\d{2,4})(?=\s|$)/.exec(value);
+  if (m) {
+    const month = MONTHS.indexOf(m[2]!.toLowerCase());
+    let year = Number(m[3]);
+    if (m[3]!.length === 2) year += year < 50 ? 2000 : 1900;
+    else if (m[3]!.length === 3) year += 1900;
+    const dayOfMonth = Number(m[1]);
+    if (month >= 0 && dayOfMonth >= 1 && dayOfMonth <= 31) return Math.floor(Date.UTC(year, month, dayOfMonth) / 86_400_000);
+  }
+  const t = Date.parse(value.replace(/\s*\([^)]*\)\s*$/, ''));
+  return Number.isNaN(t) ? null : Math.floor(t / 86_400_000);
+}
+
 interface Loaded {
   headers: HeaderField[];
   body?: string;
@@ -250,10 +270,9 @@ function evaluate(key: SearchKey, seq: number, m: MessageMeta, view: MailboxView
     case 'date': {
       let day: number;
       if (key.sent) {
-        const d = loaded?.headers.find((h) => h.key === 'date')?.value;
-        const t = d ? Date.parse(d.replace(/\s*\([^)]*\)\s*$/, '')) : NaN;
-        if (Number.isNaN(t)) return false;
-        day = Math.floor(t / 86_400_000);
+        const d = sentDay(loaded?.headers.find((h) => h.key === 'date')?.value);
+        if (d === null) return false;
+        day = d;
       } else day = Math.floor(m.internalDate / 86_400_000);
       return key.cmp === 'before' ? day < key.day : key.cmp === 'on' ? day === key.day : day >= key.day;
     }
