@@ -4,6 +4,7 @@
  * store runs unchanged on a local file (tests, `pairgate store check` on a copy) or on the
  * pair's replicated volume (production, where `write` resolves per the DRBD-style protocol).
  */
+import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { BadInputError, IntegrityError, UnavailableError } from '../../common/errors.ts';
 
@@ -37,13 +38,19 @@ export function checkRange(size: number, offset: number, length: number, aligned
 
 /**
  * A local file as a block device. Each write is followed by fdatasync; concurrent writers share
- * one fdatasync (group commit), so many small deliveries cost one flush between them.
+ * one fdatasync (group commit), so many small deliveries cost one flush between them. A write
+ * that finds the device idle goes through a second handle opened O_DSYNC instead: the same disk
+ * work (data plus a cache flush), but one trip to the I/O thread pool instead of two (write, then
+ * fdatasync), which is most of the latency left once the disk itself is fast.
  */
 export class FileBlockDevice implements BlockDevice {
   private fh: FileHandle | null;
+  private dsync: FileHandle | null = null;
   private syncing: Promise<void> | null = null;
   private syncWanted = false;
   private waiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = [];
+  /** Durable writes in flight (either path). */
+  private active = 0;
 
   private constructor(fh: FileHandle, readonly size: number, private readonly path: string) {
     this.fh = fh;
@@ -63,7 +70,15 @@ export class FileBlockDevice implements BlockDevice {
       size = opts.size;
     }
     size -= size % BLOCK_SIZE;
-    return new FileBlockDevice(fh, size, path);
+    const dev = new FileBlockDevice(fh, size, path);
+    // Optional: a file system without O_DSYNC support keeps the write-then-fdatasync path.
+    dev.dsync = await open(path, constants.O_RDWR | constants.O_DSYNC).catch(() => null);
+    return dev;
+  }
+
+  /** No durable write or flush in flight: a write now would share nothing with another. */
+  get idle(): boolean {
+    return this.active === 0 && this.syncing === null;
   }
 
   get writable(): boolean {
@@ -94,8 +109,39 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
-    await this.writeNoSync(offset, data);
-    await this.flush();
+    checkRange(this.size, offset, data.length, true);
+    const alone = this.idle && this.dsync !== null;
+    this.active++;
+    try {
+      if (alone) await this.writeAll(this.dsync!, offset, data);
+      else {
+        // Others are writing: share their next fdatasync (group commit).
+        await this.writeNoSync(offset, data);
+        await this.flush();
+      }
+    } finally {
+      this.active--;
+    }
+  }
+
+  /** One O_DSYNC write: durable when it resolves (the caller checked the range). */
+  async writeDurable(offset: number, data: Buffer): Promise<void> {
+    if (!this.dsync) return this.write(offset, data);
+    this.active++;
+    try {
+      await this.writeAll(this.dsync, offset, data);
+    } finally {
+      this.active--;
+    }
+  }
+
+  private async writeAll(fh: FileHandle, offset: number, data: Buffer): Promise<void> {
+    if (!this.fh) throw new UnavailableError(`block device ${this.path} is closed`);
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await fh.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
   }
 
   /** Group commit: callers arriving while a sync runs share the next one. */
@@ -124,7 +170,10 @@ export class FileBlockDevice implements BlockDevice {
 
   async close(): Promise<void> {
     const fh = this.fh;
+    const ds = this.dsync;
     this.fh = null;
+    this.dsync = null;
+    await ds?.close();
     await fh?.close();
   }
 }

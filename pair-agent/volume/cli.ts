@@ -10,7 +10,7 @@
  *   pairgate volume connect --config b.yaml --wait   # resync with a progress bar
  *   pairgate volume verify --config a.yaml
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
 import { adminCall } from '../../common/admin-http.ts';
@@ -21,7 +21,7 @@ import { createLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { FileBlockDevice } from './block-device.ts';
 import { volumeConfigSchema, type VolumeConfig } from './config.ts';
-import { freshMetadata, writeMetadata } from './metadata.ts';
+import { activityLogPath, freshMetadata, writeMetadata } from './metadata.ts';
 import { ReplicatedVolume, type VolumeStatus } from './replicated-volume.ts';
 
 interface Target {
@@ -144,6 +144,7 @@ export function register(program: Command): void {
       const dev = await FileBlockDevice.open(c.dataFile, { size: c.sizeBytes, create: true });
       await dev.close();
       writeMetadata(c.metaFile, freshMetadata(c.sizeBytes));
+      rmSync(activityLogPath(c.metaFile), { force: true }); // a stale log of a former life
       process.stdout.write(`created ${c.dataFile} (${mib(c.sizeBytes)}) and ${c.metaFile}\n`);
     });
 

@@ -9,7 +9,8 @@
  * before any write lands in an extent it did not cover: after a crash, every block that might
  * differ from the peer is in the bitmap or in an activity-log extent.
  */
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeFileSync, existsSync } from 'node:fs';
+import { closeSync, constants, fsyncSync, openSync, readFileSync, renameSync, writeFileSync, existsSync } from 'node:fs';
+import { open as openAsync, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { dirname } from 'node:path';
 import { IntegrityError } from '../../common/errors.ts';
@@ -231,4 +232,93 @@ export function rotateUuids(u: Uuids): Uuids {
 export function retireBitmapUuid(u: Uuids): Uuids {
   if (u.bitmap === NO_UUID) return u;
   return { current: u.current, bitmap: NO_UUID, history: [u.bitmap, u.history[0]] };
+}
+
+const AL_MAGIC = 0x50474121; // 'PGA!'
+/** One slot: magic, sequence, count, CRC32C (16 bytes), then up to AL_EXTENTS u32 extent numbers. */
+export const AL_SLOT_BYTES = 16 + 4 * AL_EXTENTS + (4096 - ((16 + 4 * AL_EXTENTS) % 4096));
+
+/** The activity-log file of a metadata file. */
+export function activityLogPath(metaFile: string): string {
+  return `${metaFile}.al`;
+}
+
+/** CRC32C over the sequence, the count and the extents (bytes 4..12, then 16..). */
+function alSlotCrc(slot: Buffer, count: number): number {
+  return crc32c(slot, crc32c(slot, 0, 4, 12), 16, 16 + 4 * count);
+}
+
+function decodeAlSlot(buf: Buffer): { seq: number; extents: number[] } | null {
+  if (buf.length < 16 || buf.readUInt32BE(0) !== AL_MAGIC) return null;
+  const count = buf.readUInt32BE(8);
+  if (count > AL_EXTENTS || 16 + 4 * count > buf.length) return null;
+  if (alSlotCrc(buf, count) !== buf.readUInt32BE(12)) return null;
+  const extents: number[] = [];
+  for (let i = 0; i < count; i++) extents.push(buf.readUInt32BE(16 + 4 * i));
+  return { seq: buf.readUInt32BE(4), extents };
+}
+
+/**
+ * The activity log on its own small file, as DRBD keeps AL transactions apart from the bitmap:
+ * a write into an extent the log did not cover waits for one small O_DSYNC write (a few KiB),
+ * not for a rewrite of the whole metadata with the bitmap (megabytes on a large volume, and
+ * synchronous on the event loop). Two slots, written alternately, each with a sequence number and
+ * a checksum: a torn write spoils only the slot being written, and the other still holds the log
+ * as it was before (written before any data went into the new extent), so recovery stays safe.
+ */
+export class ActivityLogFile {
+  private last: Promise<void> = Promise.resolve();
+  private inFlight = 0;
+
+  private constructor(
+    private fh: FileHandle | null,
+    private seq: number,
+    /** The log as last persisted (read at open). */
+    readonly extents: number[],
+  ) {}
+
+  static async open(file: string): Promise<ActivityLogFile> {
+    const fh = await openAsync(file, existsSync(file) ? constants.O_RDWR | constants.O_DSYNC : constants.O_RDWR | constants.O_CREAT | constants.O_DSYNC, 0o600);
+    const buf = Buffer.alloc(2 * AL_SLOT_BYTES);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    const slots = [decodeAlSlot(buf.subarray(0, Math.min(bytesRead, AL_SLOT_BYTES))), bytesRead > AL_SLOT_BYTES ? decodeAlSlot(buf.subarray(AL_SLOT_BYTES, bytesRead)) : null];
+    const best = slots.filter((s): s is { seq: number; extents: number[] } => s !== null).sort((a, b) => b.seq - a.seq)[0];
+    return new ActivityLogFile(fh, best?.seq ?? 0, best?.extents ?? []);
+  }
+
+  /** The write in flight, if any: a data write into a just-added extent must wait for it too. */
+  get pending(): Promise<void> | null {
+    return this.inFlight > 0 ? this.last : null;
+  }
+
+  /** Persists `extents` (after every earlier call); resolves when durable. */
+  write(extents: number[]): Promise<void> {
+    const list = extents.slice(-AL_EXTENTS);
+    this.inFlight++;
+    const p = this.last.catch(() => undefined).then(async () => {
+      if (!this.fh) throw new Error('activity log file is closed');
+      const seq = (this.seq + 1) >>> 0;
+      const slot = Buffer.alloc(16 + 4 * list.length);
+      slot.writeUInt32BE(AL_MAGIC, 0);
+      slot.writeUInt32BE(seq, 4);
+      slot.writeUInt32BE(list.length, 8);
+      list.forEach((e, i) => slot.writeUInt32BE(e >>> 0, 16 + 4 * i));
+      slot.writeUInt32BE(alSlotCrc(slot, list.length), 12);
+      let done = 0;
+      const at = (seq % 2) * AL_SLOT_BYTES;
+      while (done < slot.length) done += (await this.fh.write(slot, done, slot.length - done, at + done)).bytesWritten;
+      this.seq = seq;
+    });
+    this.last = p.finally(() => {
+      this.inFlight--;
+    });
+    return p;
+  }
+
+  async close(): Promise<void> {
+    await this.last.catch(() => undefined);
+    const fh = this.fh;
+    this.fh = null;
+    await fh?.close();
+  }
 }

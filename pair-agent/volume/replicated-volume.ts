@@ -24,7 +24,9 @@ import { BLOCK_SIZE, FileBlockDevice, checkRange, type BlockDevice } from './blo
 import type { VolumeConfig } from './config.ts';
 import {
   AL_EXTENTS,
+  ActivityLogFile,
   Bitmap,
+  activityLogPath,
   EXTENT_BLOCKS,
   JUST_CREATED,
   NO_UUID,
@@ -48,11 +50,13 @@ import {
   decodeJson,
   decodeRange,
   decodeSeq,
+  decodeSeqs,
   encodeBlockWrite,
   encodeFrame,
   encodeJson,
   encodeRange,
   encodeSeq,
+  encodeSeqs,
   type Frame,
   type Hello,
 } from './wire.ts';
@@ -143,6 +147,10 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   private lastDecision: { decision: SyncDecision; rule: number } | null = null;
   private verifyWaiters = new Map<number, (digests: Buffer) => void>();
   private applyChain: Promise<void> = Promise.resolve();
+  /** Peer frames queued or being applied (the one running included). */
+  private applyQueued = 0;
+  /** WriteAck sequence numbers gathered in this turn of the event loop: sent as one frame. */
+  private ackBatch: number[] = [];
   /**
    * A promotion in progress: 'asking' while our PromoteRequest waits for the peer's answer,
    * 'granted' from the grant until the role is set. A request from the peer meanwhile is refused
@@ -160,6 +168,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     private readonly config: VolumeConfig,
     private readonly dev: FileBlockDevice,
     private meta: VolumeMetadata,
+    private readonly al: ActivityLogFile,
     private readonly log: Logger,
     registry: MetricsRegistry,
   ) {
@@ -177,8 +186,12 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     }
     // A primary that stopped without demoting may have had writes in flight in its hot extents.
     if (meta.flags.primaryCrashed) {
-      for (const e of meta.activityLog) meta.bitmap.setRange(e * EXTENT_BLOCKS, EXTENT_BLOCKS);
-      log.warn({ extents: meta.activityLog.length }, 'volume: this node crashed as primary; its activity-log extents will be resynced');
+      // The AL file is written before any data enters a new extent; the metadata's copy may be
+      // older or (after a torn AL write) newer: the union covers every extent that can differ.
+      const extents = [...new Set([...meta.activityLog, ...al.extents])];
+      for (const e of extents) meta.bitmap.setRange(e * EXTENT_BLOCKS, EXTENT_BLOCKS);
+      meta.activityLog = extents.slice(-AL_EXTENTS);
+      log.warn({ extents: extents.length }, 'volume: this node crashed as primary; its activity-log extents will be resynced');
     }
   }
 
@@ -194,7 +207,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       deps.log.info({ volume: config.name, sizeBytes: config.sizeBytes }, 'volume: created new metadata');
     }
     const dev = await FileBlockDevice.open(config.dataFile, { size: config.sizeBytes, create: true });
-    const v = new ReplicatedVolume(config, dev, meta, deps.log, deps.registry);
+    const al = await ActivityLogFile.open(activityLogPath(config.metaFile));
+    const v = new ReplicatedVolume(config, dev, meta, al, deps.log, deps.registry);
     await v.startLink();
     v.metaTimer = setInterval(() => void v.flushMetaIfDirty(), META_FLUSH_MS);
     v.metaTimer.unref();
@@ -230,7 +244,18 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     const started = process.hrtime.bigint();
     const first = offset / BLOCK_SIZE;
     const blocks = data.length / BLOCK_SIZE;
-    this.coverActivityLog(first, blocks);
+    const alDone = this.coverActivityLog(first, blocks);
+    if (alDone) {
+      try {
+        await alDone;
+      } catch (err) {
+        throw this.diskFailed(err);
+      }
+      this.checkUsable('writes');
+    }
+    // The local write goes to the I/O threads first; the frame is copied to the socket meanwhile.
+    const local = this.dev.write(offset, data);
+    local.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
     const link = this.replicating() ? this.link : null;
     let peerDone: Promise<void> = Promise.resolve();
     if (link) {
@@ -250,15 +275,14 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       this.metaDirty = true;
     }
     try {
-      await this.dev.writeNoSync(offset, data);
-      await this.dev.flush();
+      await local;
     } catch (err) {
       throw this.diskFailed(err);
     }
     await peerDone;
     this.metrics.writes.inc();
     this.metrics.writeSeconds.observe(Number(process.hrtime.bigint() - started) / 1e9);
-    this.updateGauges();
+    // Gauges (out-of-sync bytes and the like) follow within a second (the metadata timer).
   }
 
   async flush(): Promise<void> {
@@ -288,8 +312,12 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   // --- activity log ------------------------------------------------------------------------
 
-  /** Before a write lands in an extent the persisted activity log does not cover, persist it. */
-  private coverActivityLog(first: number, blocks: number): void {
+  /**
+   * Before a write lands in an extent the persisted activity log does not cover, persist it:
+   * returns the AL write to wait for (also when another write just added this extent and its AL
+   * write is still on the way), or null when the extent is covered already.
+   */
+  private coverActivityLog(first: number, blocks: number): Promise<void> | null {
     const al = this.meta.activityLog;
     let changed = false;
     for (let e = Math.floor(first / EXTENT_BLOCKS); e <= Math.floor((first + blocks - 1) / EXTENT_BLOCKS); e++) {
@@ -305,7 +333,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       if (al.length > AL_EXTENTS) al.shift();
       changed = true;
     }
-    if (changed) this.persistMeta();
+    return changed ? this.al.write(al) : this.al.pending;
   }
 
   // --- roles -------------------------------------------------------------------------------
@@ -427,6 +455,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     this.meta.flags.primaryCrashed = false;
     this.meta.activityLog = [];
     this.persistMeta();
+    await this.al.write([]).catch(() => undefined);
     this.log.info({ volume: this.config.name }, 'volume: demoted to secondary');
     this.sendState();
     this.emit('role', 'secondary');
@@ -719,14 +748,22 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         return this.onPeerWrite(link, f, false);
       case FrameType.ResyncData:
         return this.onPeerWrite(link, f, true);
-      case FrameType.RecvAck:
-      case FrameType.WriteAck: {
+      case FrameType.RecvAck: {
         const seq = decodeSeq(f.payload);
         const p = this.pending.get(seq);
-        if (!p) return;
-        if (f.type === FrameType.RecvAck && p.needsPeer !== 'recv') return;
+        if (!p || p.needsPeer !== 'recv') return;
         this.pending.delete(seq);
         p.done();
+        return;
+      }
+      case FrameType.WriteAck: {
+        // One frame acknowledges every write that one flush on the peer made durable.
+        for (const seq of decodeSeqs(f.payload)) {
+          const p = this.pending.get(seq);
+          if (!p) continue;
+          this.pending.delete(seq);
+          p.done();
+        }
         return;
       }
       case FrameType.NegAck: {
@@ -1066,8 +1103,12 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
         return;
       }
+      // Protocol C with nothing else queued or flushing: one O_DSYNC write (one trip to the I/O
+      // threads, not two). Otherwise write now and share the next fdatasync (group commit).
+      const durableNow = !resync && this.config.protocol === 'C' && this.applyQueued === 1 && this.dev.idle;
       try {
-        await this.dev.writeNoSync(offset, data);
+        if (durableNow) await this.dev.writeDurable(offset, data);
+        else await this.dev.writeNoSync(offset, data);
       } catch (err) {
         this.diskFailed(err);
         if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
@@ -1079,10 +1120,11 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         this.stats.resyncBytesReceived += data.length;
         this.countRate(data.length);
         this.send(link, FrameType.ResyncAck, 0, encodeRange(offset, data.length));
+      } else if (durableNow) {
+        this.ackWrite(link, seq);
       } else if (this.config.protocol === 'C') {
-        // Group commit: writes arriving during one fdatasync share the next.
         this.dev.flush().then(
-          () => this.send(link, FrameType.WriteAck, 0, encodeSeq(seq)),
+          () => this.ackWrite(link, seq),
           (err) => {
             this.diskFailed(err);
             this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
@@ -1094,9 +1136,29 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   /** Runs `step` after every earlier peer write; a failure drops the link (never an unhandled rejection). */
   private enqueueApply(link: Link, step: () => Promise<void>): void {
-    this.applyChain = this.applyChain.then(step).catch((err: unknown) => {
-      this.log.error({ volume: this.config.name, err: (err as Error).message }, 'volume: applying a peer frame failed');
-      this.dropLink(link, `apply failed: ${(err as Error).message}`);
+    this.applyQueued++;
+    this.applyChain = this.applyChain
+      .then(step)
+      .catch((err: unknown) => {
+        this.log.error({ volume: this.config.name, err: (err as Error).message }, 'volume: applying a peer frame failed');
+        this.dropLink(link, `apply failed: ${(err as Error).message}`);
+      })
+      .finally(() => {
+        this.applyQueued--;
+      });
+  }
+
+  /**
+   * Acknowledges a durable peer write. The writes one fdatasync made durable resolve together,
+   * so their acks are gathered until the end of this microtask run and leave as one frame.
+   */
+  private ackWrite(link: Link, seq: number): void {
+    this.ackBatch.push(seq);
+    if (this.ackBatch.length > 1) return;
+    queueMicrotask(() => {
+      const seqs = this.ackBatch;
+      this.ackBatch = [];
+      this.send(link, FrameType.WriteAck, 0, encodeSeqs(seqs));
     });
   }
 
@@ -1268,6 +1330,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     this.meta.flags.primaryCrashed = false;
     this.meta.activityLog = [];
     this.persistMeta();
+    await this.al.write([]).catch(() => undefined);
+    await this.al.close();
     await this.dev.close();
     this.emit('closed');
   }

@@ -175,6 +175,20 @@ export function encodeSeq(seq: number): Buffer {
   return b;
 }
 
+/** A list of u32 sequence numbers (WRITE ACK: every write one flush made durable). */
+export function encodeSeqs(seqs: number[]): Buffer {
+  const b = Buffer.alloc(4 * seqs.length);
+  seqs.forEach((s, i) => b.writeUInt32BE(s >>> 0, 4 * i));
+  return b;
+}
+
+export function decodeSeqs(p: Buffer): number[] {
+  if (p.length < 4 || p.length % 4 !== 0) throw new ProtocolError(`ack frame of ${p.length} bytes is not a list of sequence numbers`);
+  const out: number[] = [];
+  for (let i = 0; i < p.length; i += 4) out.push(p.readUInt32BE(i));
+  return out;
+}
+
 export function decodeSeq(p: Buffer): number {
   if (p.length < 4) throw new ProtocolError('ack frame too short');
   return p.readUInt32BE(0);

@@ -2,15 +2,16 @@
  * The volume's pure parts: the UUID decision table (each DRBD rule that applies, and mirror
  * symmetry), the split-brain policies, the frame codec against bad input, and the metadata file.
  */
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ProtocolError, IntegrityError } from '../../common/errors.ts';
 import { crc32c, crc32cJs } from '../../pair-agent/store/crc32c.ts';
-import { Bitmap, JUST_CREATED, NO_UUID, freshMetadata, readMetadata, retireBitmapUuid, rotateUuids, writeMetadata, type Uuids } from '../../pair-agent/volume/metadata.ts';
+import { AL_SLOT_BYTES, ActivityLogFile, Bitmap, JUST_CREATED, NO_UUID, freshMetadata, readMetadata, retireBitmapUuid, rotateUuids, writeMetadata, type Uuids } from '../../pair-agent/volume/metadata.ts';
+import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
 import { compareUuids, mirrorDecision, splitBrainVictim, type UuidSide } from '../../pair-agent/volume/uuid-compare.ts';
-import { FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, authMatches, authResponse, decodeBlockWrite, encodeBlockWrite, encodeFrame } from '../../pair-agent/volume/wire.ts';
+import { FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, authMatches, authResponse, decodeBlockWrite, decodeSeqs, encodeBlockWrite, encodeFrame, encodeSeqs } from '../../pair-agent/volume/wire.ts';
 
 const side = (uuids: Partial<Uuids>, extra: Partial<UuidSide> = {}): UuidSide => ({
   uuids: { current: 'aaaa', bitmap: NO_UUID, history: [NO_UUID, NO_UUID], ...uuids },
@@ -193,5 +194,63 @@ describe('volume metadata file', () => {
     expect(b.setCount).toBe(3);
     b.clearRange(0, 100);
     expect(b.setCount).toBe(0);
+  });
+});
+
+describe('activity log file', () => {
+  it('alternates two checksummed slots: the newest valid one is read back; a torn slot leaves the previous log', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-al-'));
+    try {
+      const file = join(dir, 'v.meta.al');
+      const al = await ActivityLogFile.open(file);
+      expect(al.extents).toEqual([]);
+      await al.write([1, 2]);
+      await al.write([1, 2, 7]);
+      const pending = al.write([1, 2, 7, 9]);
+      expect(al.pending).not.toBeNull();
+      await pending;
+      expect(al.pending).toBeNull();
+      await al.close();
+      expect((await ActivityLogFile.open(file)).extents).toEqual([1, 2, 7, 9]);
+      // Tear the newest slot (sequence 3, odd: the second slot): the one before it is read.
+      const second = AL_SLOT_BYTES;
+      const fd = openSync(file, 'r+');
+      writeSync(fd, Buffer.from([0xff, 0xee]), 0, 2, second + 18);
+      closeSync(fd);
+      const back = await ActivityLogFile.open(file);
+      expect(back.extents).toEqual([1, 2, 7]);
+      await back.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('write acknowledgements', () => {
+  it('one frame carries every sequence number one flush made durable; a ragged list is refused', () => {
+    expect(decodeSeqs(encodeSeqs([1, 2, 0xffffffff]))).toEqual([1, 2, 0xffffffff]);
+    expect(() => decodeSeqs(Buffer.alloc(6))).toThrow(ProtocolError);
+    expect(() => decodeSeqs(Buffer.alloc(0))).toThrow(ProtocolError);
+  });
+});
+
+describe('file block device', () => {
+  it('a lone write (O_DSYNC) and concurrent writes (group commit) all land, in order for the same block', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-bd-'));
+    try {
+      const dev = await FileBlockDevice.open(join(dir, 'd'), { size: 1024 * 1024, create: true });
+      expect(dev.idle).toBe(true);
+      await dev.write(0, Buffer.alloc(4096, 1));
+      expect(dev.idle).toBe(true);
+      await Promise.all(Array.from({ length: 20 }, (_, i) => dev.write((i + 1) * 4096, Buffer.alloc(4096, i + 2))));
+      await dev.write(4096, Buffer.alloc(4096, 99));
+      expect((await dev.read(0, 4096))[100]).toBe(1);
+      expect((await dev.read(4096, 4096))[0]).toBe(99);
+      expect((await dev.read(20 * 4096, 4096))[4095]).toBe(21);
+      await dev.close();
+      expect(readFileSync(join(dir, 'd'))[4096 * 5]).toBe(6);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
