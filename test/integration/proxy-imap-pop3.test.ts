@@ -639,6 +639,37 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     await waitFor(() => proxy.pairHealth.state('pair-a') === 'ok', 5000, 'pair-a ok');
   });
 
+  it('maintenance: new logins get the temporary failure at once (not held); open sessions go on', async () => {
+    const open = await imapLogin(port('imap-plain'), 'carol', 'carol-pass');
+    expect(open.answer).toMatch(/^a1 OK/);
+    const heldBefore = /pairgate_held_logins_total\{pair="pair-a"\} (\d+)/.exec(await registry.metrics())?.[1] ?? '0';
+    adminA.set('maintenance');
+    try {
+      await waitFor(() => proxy.pairHealth.state('pair-a') === 'maintenance', 5000, 'maintenance seen');
+      const again = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
+      expect(again.answer).toMatch(/^a1 NO \[UNAVAILABLE\]/);
+      again.c.close();
+      const p = await LineClient.connect(port('pop3-plain'));
+      await p.line();
+      p.send('USER alice');
+      await p.line();
+      p.send('PASS alice-pass');
+      expect(await p.line(10_000)).toMatch(/^-ERR \[SYS\/TEMP\]/);
+      p.close();
+      // Refused, not held: the hold metric did not move.
+      const heldAfter = /pairgate_held_logins_total\{pair="pair-a"\} (\d+)/.exec(await registry.metrics())?.[1] ?? '0';
+      expect(heldAfter).toBe(heldBefore);
+      // The session opened before goes on (maintenance leaves the pair's services running).
+      open.c.send('a2 SELECT INBOX');
+      expect(await open.c.until(/^a2 /)).toMatch(/^a2 OK/);
+      open.c.send('a3 LOGOUT');
+      await open.c.closed;
+    } finally {
+      adminA.set('ok');
+    }
+    await waitFor(() => proxy.pairHealth.state('pair-a') === 'ok', 5000, 'pair-a ok');
+  });
+
   it('failing-over: a login is held and served once the pair is back', async () => {
     adminB.set('failing-over');
     await waitFor(() => proxy.pairHealth.state('pair-b') === 'failing-over', 5000, 'failing-over seen');

@@ -562,6 +562,21 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     expect(new Set(ids).size).toBe(1);
   });
 
+  it('MX: a pair in maintenance gets 451 4.3.2 at RCPT at once', async () => {
+    await setPair(adminB, 'pair-b', 'maintenance', 'maintenance');
+    try {
+      const c = await SmtpClient.connect(mxPort());
+      await c.reply();
+      await c.cmd('EHLO client.test');
+      await c.cmd('MAIL FROM:<a@remote.example>');
+      expect(await c.cmd('RCPT TO:<bob@example.net>')).toMatch(/^451 4\.3\.2 /);
+      expect(await c.cmd('RCPT TO:<alice@example.net>')).toMatch(/^250 /);
+      c.close();
+    } finally {
+      await setPair(adminB, 'pair-b', 'ok', 'ok');
+    }
+  });
+
   it('MX: a pair failing over holds the delivery until it serves again', async () => {
     await setPair(adminB, 'pair-b', 'failing-over', 'failing-over');
     const tag = `hold-${randomBytes(4).toString('hex')}`;
