@@ -52,6 +52,7 @@ beforeAll(async () => {
 }, 60_000);
 
 afterAll(async () => {
+  await stopLoops(); // a failed step may leave delivery loops running
   await pair?.stop();
 });
 
@@ -205,54 +206,70 @@ async function expectAllPresent(acked: Array<{ user: string; uid: number; id: st
   }
 }
 
+/** Shared by the two steps below (the second continues the first's pair). */
+const acked: Array<{ user: string; uid: number; id: string }> = [];
+const uvBefore = new Map<string, string>();
+let stop = false;
+let loops: Array<Promise<void>> = [];
+let failedOver = false;
+
+/** One delivery stream: acknowledged deliveries go to `acked`; bounded by MAX_PER_LOOP and by `stop`. */
+const deliverLoop = async (w: number) => {
+  let n = 0;
+  while (!stop && n < MAX_PER_LOOP) {
+    let sock: net.Socket;
+    try {
+      sock = await connect(ports.lmtp);
+    } catch {
+      n++; // a refused connection (no primary for a moment) counts towards the bound as well
+      await new Promise((r) => setTimeout(r, 100));
+      continue;
+    }
+    const c = lineClient(sock);
+    const greeted = (await c.next()) !== null && sock.write('LHLO failover\r\n');
+    if (!greeted || !(await c.next())) {
+      sock.destroy();
+      n++;
+      continue;
+    }
+    while (!stop && n < MAX_PER_LOOP) {
+      const user = USERS[(w + n) % USERS.length]!;
+      const id = `fo-${w}-${n++}`;
+      sock.write(`MAIL FROM:<s@example.net>\r\nRCPT TO:<${user}@pair-t>\r\nDATA\r\n`);
+      const a = await c.next();
+      const b = await c.next();
+      const d = await c.next();
+      if (!a || !b || !d) break;
+      sock.write(`X-Pairgate-Delivery-Id: ${id}\r\nSubject: ${id}\r\n\r\nbody of ${id}\r\n.\r\n`);
+      const r = await c.next();
+      if (!r) break;
+      const m = /^250 .*uid=(\d+)/.exec(r);
+      if (m) acked.push({ user, uid: Number(m[1]), id });
+      // paced: a steady stream, not a flood that fills the 32 MiB volume
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    sock.destroy();
+  }
+};
+
+async function stopLoops(): Promise<void> {
+  stop = true;
+  await Promise.all(loops);
+  loops = [];
+}
+
 describe('store failover with the pair agent on the replicated volume (protocol C)', () => {
-  it('every acknowledged delivery keeps its UID and UIDVALIDITY after a SIGKILL of the primary, and after the handback to the resynced node', async () => {
+  it('every acknowledged delivery keeps its UID and UIDVALIDITY after a SIGKILL of the primary', async () => {
     expect(await pair.waitPrimary()).toBe('a');
     await waitFor(async () => (await volumeStatus('a'))?.role === 'primary' && (await volumeStatus('b'))?.connection === 'Connected', 15_000, 'a primary volume, b connected');
     expect((await volumeStatus('a'))?.protocol).toBe('C');
-    const acked: Array<{ user: string; uid: number; id: string }> = [];
-    let stop = false;
-    const deliverLoop = async (w: number) => {
-      let n = 0;
-      while (!stop && n < MAX_PER_LOOP) {
-        let sock: net.Socket;
-        try {
-          sock = await connect(ports.lmtp);
-        } catch {
-          await new Promise((r) => setTimeout(r, 100));
-          continue;
-        }
-        const c = lineClient(sock);
-        if (!(await c.next())) continue;
-        sock.write('LHLO failover\r\n');
-        if (!(await c.next())) continue;
-        while (!stop && n < MAX_PER_LOOP) {
-          const user = USERS[(w + n) % USERS.length]!;
-          const id = `fo-${w}-${n++}`;
-          sock.write(`MAIL FROM:<s@example.net>\r\nRCPT TO:<${user}@pair-t>\r\nDATA\r\n`);
-          const a = await c.next();
-          const b = await c.next();
-          const d = await c.next();
-          if (!a || !b || !d) break;
-          sock.write(`X-Pairgate-Delivery-Id: ${id}\r\nSubject: ${id}\r\n\r\nbody of ${id}\r\n.\r\n`);
-          const r = await c.next();
-          if (!r) break;
-          const m = /^250 .*uid=(\d+)/.exec(r);
-          if (m) acked.push({ user, uid: Number(m[1]), id });
-          // paced: a steady stream, not a flood that fills the 32 MiB volume
-          await new Promise((r) => setTimeout(r, 5));
-        }
-        sock.destroy();
-      }
-    };
     // A message larger than one replication frame (1 MiB): the store splits its log writes.
     const line = 'a body line of a large message, repeated to make it big, 64 chars.\r\n';
     const bigBody = `Subject: big\r\n\r\n${line.repeat(Math.ceil((2.5 * 1024 * 1024) / line.length))}`;
     const bigReply = await deliverOne('fbig', bigBody);
     expect(bigReply).toMatch(/^250 /);
-    let loops = [0, 1].map(deliverLoop);
+    loops = [0, 1].map(deliverLoop);
     await waitFor(() => acked.length >= 30, 20_000, '30 deliveries before the kill');
-    const uvBefore = new Map<string, string>();
     for (const u of USERS) {
       const l = await uidls(u);
       if (l.length) uvBefore.set(u, l[0]!.slice(8));
@@ -263,13 +280,17 @@ describe('store failover with the pair agent on the replicated volume (protocol 
     // Deliveries resume on b; let a few go through, then stop.
     const atFailover = acked.length;
     await waitFor(() => acked.length >= atFailover + 10, 20_000, 'deliveries on the new primary');
-    stop = true;
-    await Promise.all(loops);
+    await stopLoops();
     await expectAllPresent(acked, uvBefore, 'after the failover to b');
     const sha = (t: string) => createHash('sha256').update(t).digest('hex');
     expect(sha((await retrFirst('fbig')) ?? ''), 'the 2.5 MiB message after the failover').toBe(sha(bigBody));
-    const onB = acked.length;
+    failedOver = true;
+    console.log(`store failover on the replicated volume: ${acked.length} acknowledged deliveries (${atFailover} before the kill) all present with their UIDs on b`);
+  }, 90_000);
 
+  it('the killed node resyncs; after a handback its store holds every acknowledged message too', async (ctx) => {
+    if (!failedOver) ctx.skip();
+    const onB = acked.length;
     // a comes back: secondary, resynced from b (it missed what b took while it was away).
     await pair.a.start();
     await waitFor(
@@ -283,19 +304,25 @@ describe('store failover with the pair agent on the replicated volume (protocol 
     // Hand the resources back to a while deliveries run again: a's store opens on the resynced copy.
     stop = false;
     loops = [2, 3].map(deliverLoop);
+    try {
     await waitFor(() => acked.length >= onB + 10, 20_000, 'deliveries before the handback');
     const res = await pair.b.post('/standby');
     expect(res.status).toBe(200);
     await waitFor(async () => (await pair.floatingHealth(200))?.body.primary === 'a', 30_000, 'a primary again').catch(async (err) => {
       const tail = (t: string | undefined) => (t ?? '').split('\n').filter((l) => /"msg":"(state change|operator[^"]*|volume: [^"]*|resource [^"]*|[^"]*fail[^"]*)"/.test(l) && !l.includes('delivery failed')).slice(-30).join('\n');
-      const st = JSON.stringify({ a: await pair.a.status(), b: await pair.b.status(), va: await volumeStatus('a'), vb: await volumeStatus('b') });
-      throw new Error(`${(err as Error).message}\n${st}\n--- a ---\n${tail(pair.a.proc?.output())}\n--- b ---\n${tail(pair.b.proc?.output())}`);
+      const [va, vb] = [await volumeStatus('a'), await volumeStatus('b')];
+      const st = JSON.stringify({ a: await pair.a.status(), b: await pair.b.status(), va, vb });
+      // The known way this fails (2026-12-06): the resync source never refreshes its record of the
+      // peer's disk after the resync, and the agent's election reads the disk from the link.
+      const stale = va?.disk === 'UpToDate' && vb?.peer?.disk === 'Inconsistent' ? "\nb's volume still reports its peer's disk Inconsistent although a's volume is UpToDate: the agent refuses to hand over to a stale disk" : '';
+      throw new Error(`${(err as Error).message}${stale}\n${st}\n--- a ---\n${tail(pair.a.proc?.output())}\n--- b ---\n${tail(pair.b.proc?.output())}`);
     });
     const atHandback = acked.length;
     await waitFor(() => acked.length >= atHandback + 10, 20_000, 'deliveries on a after the handback');
-    stop = true;
-    await Promise.all(loops);
+    } finally {
+      await stopLoops();
+    }
     await expectAllPresent(acked, uvBefore, 'after the handback to a');
-    console.log(`store failover on the replicated volume: ${acked.length} acknowledged deliveries (${atFailover} before the kill, ${onB} before a came back) all present with their UIDs on b and again on a`);
-  }, 150_000);
+    console.log(`store handback: ${acked.length} acknowledged deliveries (${onB} before a came back) all present with their UIDs on a`);
+  }, 120_000);
 });
