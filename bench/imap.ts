@@ -1,7 +1,7 @@
 /**
  * bench/imap: the store agent's IMAP server against Dovecot on the same machine, same run.
  *
- *   npm run bench -- imap [--seconds 5] [--messages 10000] [--concurrency 8] [--big-mib 10] [--dovecot tuned|default]
+ *   npm run bench -- imap [--seconds 3] [--rounds 3] [--messages 10000] [--concurrency 8] [--big-mib 10] [--dovecot tuned|default]
  *
  * Figures: login+SELECT+FETCH+LOGOUT sessions per second (several clients at once), FETCH of
  * 100 message headers (fetches/s and MiB/s), FETCH of one big body (MiB/s), and SEARCH over a
@@ -20,7 +20,8 @@ import { fileURLToPath } from 'node:url';
 
 const { values: args } = parseArgs({
   options: {
-    seconds: { type: 'string', default: '5' },
+    seconds: { type: 'string', default: '3' },
+    rounds: { type: 'string', default: '3' },
     messages: { type: 'string', default: '10000' },
     concurrency: { type: 'string', default: '8' },
     'big-mib': { type: 'string', default: '10' },
@@ -31,6 +32,7 @@ const { values: args } = parseArgs({
 });
 
 const SECONDS = Number(args.seconds);
+const ROUNDS = Math.max(1, Number(args.rounds));
 const MESSAGES = Number(args.messages);
 const CONCURRENCY = Number(args.concurrency);
 const BIG_MIB = Number(args['big-mib']);
@@ -269,49 +271,86 @@ async function forSeconds(seconds: number, concurrency: number, fn: () => Promis
   return { ops, bytes, secs: Number(process.hrtime.bigint() - t0) / 1e9 };
 }
 
-async function measure(t: Target): Promise<Record<string, number>> {
-  const out: Record<string, number> = {};
-  // 1. Sessions: connect, LOGIN, SELECT INBOX, FETCH one message's flags and size, LOGOUT.
-  const s = await forSeconds(SECONDS, CONCURRENCY, async () => {
-    const c = await Client.open(t.port);
-    await c.cmd(`LOGIN ${USER} ${PASSWORD}`);
-    await c.cmd('SELECT INBOX');
-    await c.cmd('FETCH 1 (FLAGS RFC822.SIZE)');
-    await c.cmd('LOGOUT').catch(() => 0);
-    c.close();
-    return 0;
-  });
-  out.sessionsPerSec = s.ops / s.secs;
+/** One figure measured once against one server: its value (per second, or ms for searches), or several named ones. */
+type FigureFn = (t: Target, reader: Client) => Promise<number | Record<string, number>>;
 
-  const c = await Client.open(t.port);
-  await c.cmd(`LOGIN ${USER} ${PASSWORD}`);
-  await c.cmd('EXAMINE INBOX');
-  // 2. FETCH of 100 headers (warm once first: both servers cache parsed headers).
-  await c.cmd('FETCH 1:100 (UID BODY.PEEK[HEADER])');
-  const h = await forSeconds(SECONDS, 1, () => c.cmd('FETCH 1:100 (UID BODY.PEEK[HEADER])'));
-  out.headerFetchesPerSec = h.ops / h.secs;
-  out.headerMiBPerSec = h.bytes / h.secs / 1048576;
-  // 3. SEARCH over the whole mailbox: a flag key, and a header substring key.
-  const searches: Array<[string, string]> = [
-    ['searchFlagMs', 'SEARCH UNSEEN'],
-    ['searchFromMs', 'SEARCH FROM "needle@example.org"'],
-  ];
-  for (const [name, q] of searches) {
-    await c.cmd(q);
-    const n = 3;
-    const t0 = Date.now();
-    for (let i = 0; i < n; i++) await c.cmd(q);
-    out[name] = (Date.now() - t0) / n;
-  }
-  // 4. FETCH of one big body.
-  await c.cmd('EXAMINE Big');
-  await c.cmd('FETCH 1 BODY.PEEK[]');
-  const b = await forSeconds(Math.max(2, SECONDS), 1, () => c.cmd('FETCH 1 BODY.PEEK[]'));
-  out.bigFetchMiBPerSec = b.bytes / b.secs / 1048576;
-  await c.cmd('LOGOUT').catch(() => 0);
-  c.close();
-  return out;
+const FIGURES: Array<{ key: string; label: string; also?: Record<string, string>; fn: FigureFn }> = [
+  {
+    key: 'sessionsPerSec',
+    label: 'sessions/s (login+select+fetch+logout)',
+    // Connect, LOGIN, SELECT INBOX, FETCH one message's flags and size, LOGOUT; several clients at once.
+    fn: async (t) => {
+      const s = await forSeconds(SECONDS, CONCURRENCY, async () => {
+        const c = await Client.open(t.port);
+        await c.cmd(`LOGIN ${USER} ${PASSWORD}`);
+        await c.cmd('SELECT INBOX');
+        await c.cmd('FETCH 1 (FLAGS RFC822.SIZE)');
+        await c.cmd('LOGOUT').catch(() => 0);
+        c.close();
+        return 0;
+      });
+      return s.ops / s.secs;
+    },
+  },
+  {
+    key: 'headerFetchesPerSec',
+    label: 'FETCH 100 headers: fetches/s',
+    also: { headerMiBPerSec: 'FETCH 100 headers: MiB/s' },
+    fn: async (_t, c) => {
+      await c.cmd('EXAMINE INBOX');
+      const h = await forSeconds(SECONDS, 1, () => c.cmd('FETCH 1:100 (UID BODY.PEEK[HEADER])'));
+      return { headerFetchesPerSec: h.ops / h.secs, headerMiBPerSec: h.bytes / h.secs / 1048576 };
+    },
+  },
+  {
+    key: 'bigFetchMiBPerSec',
+    label: `FETCH ${BIG_MIB} MiB body: MiB/s`,
+    fn: async (_t, c) => {
+      await c.cmd('EXAMINE Big');
+      const b = await forSeconds(Math.max(2, SECONDS), 1, () => c.cmd('FETCH 1 BODY.PEEK[]'));
+      return b.bytes / b.secs / 1048576;
+    },
+  },
+  {
+    key: 'searchFlagMs',
+    label: `SEARCH UNSEEN over ${MESSAGES}: ms`,
+    fn: async (_t, c) => {
+      await c.cmd('EXAMINE INBOX');
+      return timeSearch(c, 'SEARCH UNSEEN');
+    },
+  },
+  {
+    key: 'searchFromMs',
+    label: `SEARCH FROM over ${MESSAGES}: ms`,
+    fn: async (_t, c) => {
+      await c.cmd('EXAMINE INBOX');
+      return timeSearch(c, 'SEARCH FROM "needle@example.org"');
+    },
+  },
+];
+
+async function timeSearch(c: Client, q: string): Promise<number> {
+  const n = 5;
+  const t0 = process.hrtime.bigint();
+  for (let i = 0; i < n; i++) await c.cmd(q);
+  return Number(process.hrtime.bigint() - t0) / 1e6 / n;
 }
+
+/** Every figure once against a server, not measured: builds indexes and fills caches (both servers keep them). */
+async function warm(reader: Client): Promise<void> {
+  await reader.cmd('EXAMINE INBOX');
+  await reader.cmd('FETCH 1:100 (UID BODY.PEEK[HEADER])');
+  await reader.cmd('SEARCH UNSEEN');
+  await reader.cmd('SEARCH FROM "needle@example.org"');
+  await reader.cmd('EXAMINE Big');
+  await reader.cmd('FETCH 1 BODY.PEEK[]');
+}
+
+const median = (xs: number[]): number => {
+  const v = [...xs].sort((a, b) => a - b);
+  const m = v.length >> 1;
+  return v.length % 2 ? v[m]! : (v[m - 1]! + v[m]!) / 2;
+};
 
 async function startPairgate(): Promise<{ port: number; populateMs: number; child: ChildProcess }> {
   const self = fileURLToPath(import.meta.url);
@@ -394,33 +433,62 @@ async function main(): Promise<void> {
     return;
   }
   if (args.serve) return serve();
-  console.log(`bench imap: ${MESSAGES} messages, ${BIG_MIB} MiB big body, ${SECONDS}s per figure, ${CONCURRENCY} concurrent sessions, dovecot ${args.dovecot} config`);
+  console.log(
+    `bench imap: ${MESSAGES} messages, ${BIG_MIB} MiB big body, ${SECONDS}s per figure and round, ${ROUNDS} rounds, ${CONCURRENCY} concurrent sessions, dovecot ${args.dovecot} config`,
+  );
+  // Both servers run for the whole bench, and every figure is measured in rounds that alternate
+  // which server goes first; the median of the rounds is reported. On a shared machine whose load
+  // changes by the minute, measuring one server after the other would compare different machines.
   const pg = await startPairgate();
-  let pgFigures: Record<string, number>;
+  let dv: Awaited<ReturnType<typeof startDovecotBaseline>> | undefined;
+  const values: Record<string, { pairgate: number[]; dovecot: number[] }> = {};
+  const readers: Client[] = [];
   try {
-    pgFigures = await measure({ name: 'pairgate', port: pg.port });
+    dv = await startDovecotBaseline();
+    const targets: Target[] = [
+      { name: 'pairgate', port: pg.port },
+      { name: 'dovecot', port: dv.dovecot.imapPort },
+    ];
+    const reader = new Map<string, Client>();
+    for (const t of targets) {
+      const c = await Client.open(t.port);
+      readers.push(c);
+      await c.cmd(`LOGIN ${USER} ${PASSWORD}`);
+      await warm(c);
+      reader.set(t.name, c);
+    }
+    for (let r = 0; r < ROUNDS; r++) {
+      for (const f of FIGURES) {
+        const order = (r + FIGURES.indexOf(f)) % 2 === 0 ? targets : [...targets].reverse();
+        for (const t of order) {
+          const v = await f.fn(t, reader.get(t.name)!);
+          for (const [key, x] of Object.entries(typeof v === 'number' ? { [f.key]: v } : v)) {
+            (values[key] ??= { pairgate: [], dovecot: [] })[t.name as 'pairgate' | 'dovecot'].push(x);
+          }
+        }
+      }
+      console.log(`round ${r + 1}/${ROUNDS} done`);
+    }
   } finally {
+    for (const c of readers) c.close();
     pg.child.kill('SIGTERM');
+    await dv?.dovecot.close();
   }
-  const dv = await startDovecotBaseline();
-  let dvFigures: Record<string, number>;
-  try {
-    dvFigures = await measure({ name: 'dovecot', port: dv.dovecot.imapPort });
-  } finally {
-    await dv.dovecot.close();
+  const pgFigures: Record<string, number> = {};
+  const dvFigures: Record<string, number> = {};
+  const labels: Array<[string, string]> = FIGURES.flatMap((f) => [[f.key, f.label] as [string, string], ...Object.entries(f.also ?? {})]);
+  for (const [key] of labels) {
+    pgFigures[key] = median(values[key]!.pairgate);
+    dvFigures[key] = median(values[key]!.dovecot);
   }
-  const rows: Array<[string, string, number, number]> = [
-    ['sessions/s (login+select+fetch+logout)', 'sessionsPerSec', pgFigures.sessionsPerSec!, dvFigures.sessionsPerSec!],
-    ['FETCH 100 headers: fetches/s', 'headerFetchesPerSec', pgFigures.headerFetchesPerSec!, dvFigures.headerFetchesPerSec!],
-    ['FETCH 100 headers: MiB/s', 'headerMiBPerSec', pgFigures.headerMiBPerSec!, dvFigures.headerMiBPerSec!],
-    [`FETCH ${BIG_MIB} MiB body: MiB/s`, 'bigFetchMiBPerSec', pgFigures.bigFetchMiBPerSec!, dvFigures.bigFetchMiBPerSec!],
-    [`SEARCH UNSEEN over ${MESSAGES}: ms`, 'searchFlagMs', pgFigures.searchFlagMs!, dvFigures.searchFlagMs!],
-    [`SEARCH FROM over ${MESSAGES}: ms`, 'searchFromMs', pgFigures.searchFromMs!, dvFigures.searchFromMs!],
-  ];
+  const range = (xs: number[]) => `${Math.min(...xs).toFixed(1)}-${Math.max(...xs).toFixed(1)}`;
+  const rows: Array<[string, string, number, number]> = labels.map(([key, label]) => [label, key, pgFigures[key]!, dvFigures[key]!]);
   const w = 44;
-  console.log(`\n${'figure'.padEnd(w)} ${'pairgate'.padStart(10)} ${'dovecot'.padStart(10)} ${'ratio'.padStart(7)}`);
-  for (const [label, , a, b] of rows) console.log(`${label.padEnd(w)} ${a.toFixed(1).padStart(10)} ${b.toFixed(1).padStart(10)} ${(a / b).toFixed(2).padStart(7)}`);
-  console.log(`(populate: pairgate ${pg.populateMs} ms through the store, dovecot ${dv.populateMs} ms writing Maildir files + indexing)`);
+  console.log(`\n${'figure (median of rounds)'.padEnd(w)} ${'pairgate'.padStart(10)} ${'dovecot'.padStart(10)} ${'ratio'.padStart(7)}   rounds: pairgate | dovecot`);
+  for (const [label, key, a, b] of rows) {
+    console.log(`${label.padEnd(w)} ${a.toFixed(1).padStart(10)} ${b.toFixed(1).padStart(10)} ${(a / b).toFixed(2).padStart(7)}   ${range(values[key]!.pairgate)} | ${range(values[key]!.dovecot)}`);
+  }
+  console.log(`(populate: pairgate ${pg.populateMs} ms through the store, dovecot ${dv!.populateMs} ms writing Maildir files + indexing)`);
   const targets = {
     sessionRate: { value: +(pgFigures.sessionsPerSec! / dvFigures.sessionsPerSec!).toFixed(3), min: 0.8 },
     headerFetch: { value: +(pgFigures.headerMiBPerSec! / dvFigures.headerMiBPerSec!).toFixed(3), min: 0.8 },
