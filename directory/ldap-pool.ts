@@ -9,7 +9,7 @@
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import tls, { type ConnectionOptions } from 'node:tls';
-import { Client, ResultCodeError } from 'ldapts';
+import { AbandonRequest, Client, ResultCodeError, UnbindRequest } from 'ldapts';
 import { ConfigError, PairgateError, UnavailableError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import type { DirectoryMetrics } from './metrics.ts';
@@ -69,6 +69,71 @@ function autoCork<S extends net.Socket>(sock: S): S {
 const corkedConnect = ((...args: Parameters<typeof net.connect>) => autoCork(net.connect(...args))) as typeof net.connect;
 const corkedTlsConnect = ((...args: Parameters<typeof tls.connect>) => autoCork(tls.connect(...args))) as typeof tls.connect;
 
+/**
+ * ldapts 8 (and 9) build `Sending message: ${JSON.stringify(message)}` for its debuglog on
+ * every request, whether NODE_DEBUG asks for it or not: the whole request (filter tree,
+ * attribute list, controls) serialized and thrown away, the largest allocation of a look-up
+ * and the young-generation GC work that goes with it. This is ldapts' own `_send` (8.2.0)
+ * without that string; with NODE_DEBUG=ldapts the library's original runs, so its debug
+ * output is unchanged. ldap-pool's tests exercise it (search, bind, timeouts, unbind).
+ */
+interface LdaptsInternals {
+  connected: boolean;
+  socket?: net.Socket;
+  clientOptions: { timeout?: number };
+  messageDetailsByMessageId: Map<string, { message: unknown; resolve: (v?: unknown) => void; reject: (e: unknown) => void; timeoutTimer: NodeJS.Timeout | null; socket: net.Socket }>;
+  _destroySocket(socket: net.Socket): void;
+}
+interface LdaptsMessage {
+  messageId: number;
+  write(): Buffer;
+}
+const LDAPTS_DEBUG = /\bldapts\b/i.test(process.env.NODE_DEBUG ?? '');
+function sendQuietly(this: LdaptsInternals, message: LdaptsMessage): Promise<unknown> {
+  if (!this.connected || !this.socket) throw new Error('Socket connection not established');
+  const buffer = message.write();
+  const id = message.messageId.toString();
+  let resolveMessage: (v?: unknown) => void = () => {};
+  let rejectMessage: (e: unknown) => void = () => {};
+  const timer = this.clientOptions.timeout
+    ? setTimeout(() => {
+        const details = this.messageDetailsByMessageId.get(id);
+        if (details) {
+          this._destroySocket(details.socket);
+          rejectMessage(new Error(`${(message as object).constructor.name}: Operation timed out`));
+        }
+      }, this.clientOptions.timeout)
+    : null;
+  const promise = new Promise((resolve, reject) => {
+    resolveMessage = resolve;
+    rejectMessage = reject;
+  }).finally(() => {
+    if (timer) clearTimeout(timer);
+  });
+  this.messageDetailsByMessageId.set(id, { message, resolve: resolveMessage, reject: rejectMessage, timeoutTimer: timer, socket: this.socket });
+  const isAbandon = message instanceof AbandonRequest;
+  const isUnbind = message instanceof UnbindRequest;
+  this.socket.write(
+    buffer,
+    isAbandon || isUnbind
+      ? () => {
+          if (isAbandon) {
+            this.messageDetailsByMessageId.delete(id);
+            resolveMessage();
+          } else if (this.socket) this._destroySocket(this.socket);
+        }
+      : undefined,
+  );
+  return promise;
+}
+
+function quietClient(client: Client): Client {
+  const internals = client as unknown as { _send?: unknown };
+  // Only over the method this was written against; another ldapts keeps its own.
+  if (!LDAPTS_DEBUG && typeof internals._send === 'function' && (internals._send as () => void).length === 1) internals._send = sendQuietly;
+  return client;
+}
+
 class Conn {
   readonly client: Client;
   ready: Promise<void>;
@@ -82,7 +147,7 @@ class Conn {
     tlsOptions: ConnectionOptions,
     private readonly serviceBind: boolean,
   ) {
-    this.client = new Client({
+    this.client = quietClient(new Client({
       url,
       timeout: opts.timeoutMs,
       connectTimeout: opts.connectTimeoutMs,
@@ -93,7 +158,7 @@ class Conn {
       createSecureConnection: corkedTlsConnect,
       // Plain and ldaps:// sessions re-bind by themselves after a transparent reconnect.
       autoRebind: serviceBind && !(opts.startTls && url.toLowerCase().startsWith('ldap://')),
-    });
+    }));
     this.ready = this.init(tlsOptions).then(() => {
       this.initialized = true;
     });
@@ -154,6 +219,8 @@ export class LdapPool {
   /** Servers in order of preference, the ones marked down last (still tried: the mark is a hint). */
   private order(): Server[] {
     const now = Date.now();
+    // Every operation asks: with no server marked down (the usual case) no new arrays.
+    if (this.servers.every((s) => s.downUntil <= now)) return this.servers;
     return [...this.servers.filter((s) => s.downUntil <= now), ...this.servers.filter((s) => s.downUntil > now)];
   }
 
