@@ -120,7 +120,7 @@ describe.skipIf(!haveDirectory)('pairgate proxy as a process: config file, SIGHU
         `  - { protocol: imap, host: 127.0.0.1, port: ${ports.imaps}, tls: implicit, name: imaps }`,
         'backend: { masterUser: pgmaster, masterSecret: "${PROXY_CLI_TEST_MASTER}", trustedNetworks: [127.0.0.0/8] }',
         'health: { pollIntervalMs: 200 }',
-        'stopGraceMs: 1500',
+        'stopGraceMs: 4000', // long enough for the finishing session on a loaded machine
         extra,
       ].join('\n'),
     );
@@ -247,7 +247,7 @@ describe.skipIf(!haveDirectory)('pairgate proxy as a process: config file, SIGHU
     finisher.send('a3 LOGOUT');
     expect(await finisher.until(/^a3 /)).toMatch(/^a3 OK/);
     await finisher.closed;
-    expect(await lingerer.until(/^\* BYE/, 10_000)).toMatch(/shutting down/i);
+    expect(await lingerer.until(/^\* BYE/, 20_000)).toMatch(/shutting down/i);
     await lingerer.closed;
     expect(await proc.exited).toBe(0);
   });

@@ -935,7 +935,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(answer).toMatch(/^a1 OK/);
     const finisher = await imapLogin(p3port, 'alice', 'alice-pass');
     expect(finisher.answer).toMatch(/^a1 OK/);
-    const stopping = p3.stop(1500);
+    const stopping = p3.stop(3000); // long enough for the finishing session on a loaded machine
     await expect(LineClient.connect(p3port)).rejects.toThrow();
     // Within the grace time a session goes on: its commands reach the pair and it logs out itself.
     finisher.c.send('a2 SELECT INBOX');
@@ -944,7 +944,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(await finisher.c.until(/^a3 /, 5000)).toMatch(/^a3 OK/);
     await finisher.c.closed;
     // The one still open after the grace time is closed with BYE.
-    expect(await c.until(/^\* BYE/, 5000)).toMatch(/shutting down/);
+    expect(await c.until(/^\* BYE/, 10_000)).toMatch(/shutting down/);
     await c.closed;
     await stopping;
   });
