@@ -11,7 +11,7 @@ import { silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
 import { createStoreResource, storeConfigSchema, type StoreResource } from '../../pair-agent/store/resource.ts';
-import { freePort } from '../helpers/net.ts';
+import { freePort, waitFor } from '../helpers/net.ts';
 import { tempDir } from '../helpers/proc.ts';
 import { makeTestCert } from '../helpers/tls.ts';
 
@@ -137,6 +137,45 @@ describe('POP3 TLS and lifetimes', () => {
     expect(await a.until((t) => t.includes('\r\n'))).toMatch(/^\+OK/);
     again.destroy();
   });
+
+  it('closes slow clients: one that trickles bytes without finishing a line, one that never reads its RETR', async () => {
+    // Trickle: a byte every 300 ms never makes a command; the idle timeout (2.5 s) still ends it.
+    const t0 = Date.now();
+    const slow = net.connect({ port: res.ports()!.pop3, host: '127.0.0.1' });
+    const r = reader(slow);
+    await r.until((t) => t.includes('\r\n'));
+    let i = 0;
+    const drip = setInterval(() => {
+      if (!slow.destroyed) slow.write('CAPA'[i++ % 4]!);
+    }, 300);
+    try {
+      expect(await r.until(() => r.closed, 10_000)).toMatch(/inactivity/);
+    } finally {
+      clearInterval(drip);
+    }
+    expect(Date.now() - t0).toBeLessThan(9000);
+    // Slow reader: a 4 MiB RETR the client does not read; the socket is closed after the idle timeout
+    // and a grace period, instead of holding the session (and its lock and buffers) forever.
+    await res.store()!.deliver('big-1', ['slowreader'], Buffer.from(`Subject: big\r\n\r\n${('r'.repeat(76) + '\r\n').repeat(52_000)}`));
+    const lazy = net.connect({ port: res.ports()!.pop3, host: '127.0.0.1' });
+    const lr = reader(lazy);
+    await lr.until((t) => t.includes('\r\n'));
+    lazy.write(auth('slowreader'));
+    await lr.until((t) => t.includes('+OK Logged in'));
+    lazy.pause(); // stop reading: TCP fills up, the server's writes back up
+    lazy.write('RETR 1\r\n');
+    await waitFor(() => res.sessions().pop3 === 1, 5000, 'the RETR session open');
+    // (the paused client cannot see its socket close; the server's session count can)
+    await waitFor(() => res.sessions().pop3 === 0, 12_000, 'the server to drop the session that does not read');
+    lazy.destroy();
+    // The maildrop lock went with the session.
+    const again = net.connect({ port: res.ports()!.pop3, host: '127.0.0.1' });
+    const a = reader(again);
+    await a.until((t) => t.includes('\r\n'));
+    again.write(auth('slowreader'));
+    expect(await a.until((t) => t.includes('\r\n'))).toMatch(/^\+OK/);
+    again.destroy();
+  }, 30_000);
 
   it('keeps serving reads while a compaction runs', async () => {
     const st = res.store()!;

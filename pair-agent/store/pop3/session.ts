@@ -376,8 +376,10 @@ export class Pop3Session {
   }
 
   private onData(d: Buffer): void {
-    this.touch();
     const out = this.reader.push(d);
+    // Only a whole command line (or an over-long one, cut) counts as activity: a client that
+    // trickles bytes without ever finishing a line is as idle as one that sends nothing.
+    if (out.length) this.touch();
     for (const ev of out) {
       if (ev.kind === 'too-long') {
         this.badCommands++;
