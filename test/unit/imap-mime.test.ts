@@ -55,6 +55,16 @@ describe('parseTopHeaders (SEARCH on header keys without the MIME tree)', () => 
     });
   }
 
+  it('with a set of names, gives just those fields, the same as the full parse', () => {
+    for (const [name, text] of Object.entries(MESSAGES)) {
+      const buf = Buffer.from(text, 'latin1');
+      const only = new Set(['subject', 'from']);
+      const fast = parseTopHeaders(buf, only).map((h) => [h.key, h.value, h.raw.toString('latin1')]);
+      const full = parseMime(buf).headers.filter((h) => only.has(h.key)).map((h) => [h.key, h.value, h.raw.toString('latin1')]);
+      expect(fast, name).toEqual(full);
+    }
+  });
+
   it('decodes encoded words and leaves other values as they are', () => {
     expect(decodeHeader('=?utf-8?q?J=C3=BCrgen?= <j@example.org>')).toBe('Jürgen <j@example.org>');
     expect(decodeHeader('plain = value ?')).toBe('plain = value ?');

@@ -63,17 +63,22 @@ function findHeaderEnd(buf: Buffer, start: number, end: number): { headerEnd: nu
   return { headerEnd: end, bodyStart: end };
 }
 
-export function parseHeaderBlock(block: Buffer): HeaderField[] {
+/** The header fields of a block; with `only`, just the fields of those (lower-case) names, the rest not decoded at all. */
+export function parseHeaderBlock(block: Buffer, only?: ReadonlySet<string>): HeaderField[] {
   const fields: HeaderField[] = [];
   let pos = 0;
   let cur: { start: number; end: number } | null = null;
   const flush = () => {
     if (!cur) return;
     const raw = block.subarray(cur.start, cur.end);
-    const text = raw.toString('binary');
-    const colon = text.indexOf(':');
+    const colon = raw.indexOf(0x3a);
     if (colon > 0) {
-      const key = text.slice(0, colon).trim().toLowerCase();
+      const key = raw.toString('latin1', 0, colon).trim().toLowerCase();
+      if (only && !only.has(key)) {
+        cur = null;
+        return;
+      }
+      const text = raw.toString('binary');
       const value = text
         .slice(colon + 1)
         .replace(/\r?\n[ \t]/g, ' ')
@@ -351,10 +356,10 @@ export function extractTopSection(buf: Buffer, spec: SectionSpec): Buffer | null
   return filterHeaderFields(parseHeaderBlock(buf.subarray(0, headerEnd)), spec);
 }
 
-/** The top-level header fields only, without the MIME tree (SEARCH keys that need no body). */
-export function parseTopHeaders(buf: Buffer): HeaderField[] {
+/** The top-level header fields only (optionally just some names), without the MIME tree: SEARCH keys that need no body. */
+export function parseTopHeaders(buf: Buffer, only?: ReadonlySet<string>): HeaderField[] {
   const { headerEnd } = findHeaderEnd(buf, 0, buf.length);
-  return parseHeaderBlock(buf.subarray(0, headerEnd));
+  return parseHeaderBlock(buf.subarray(0, headerEnd), only);
 }
 
 function filterHeaderFields(headers: HeaderField[], spec: SectionSpec): Buffer {

@@ -180,6 +180,18 @@ function needs(key: SearchKey): 'none' | 'headers' | 'body' {
   }
 }
 
+/** Header field names a key tree reads (lower case), for keys that need headers but no text. */
+function headerNames(key: SearchKey, out = new Set<string>()): Set<string> {
+  if (key.op === 'header') out.add(key.field);
+  else if (key.op === 'date' && key.sent) out.add('date');
+  else if (key.op === 'not') headerNames(key.key, out);
+  else if (key.op === 'or') {
+    headerNames(key.a, out);
+    headerNames(key.b, out);
+  } else if (key.op === 'and') for (const k of key.keys) headerNames(k, out);
+  return out;
+}
+
 function qpDecode(s: string): Buffer {
   const bytes: number[] = [];
   const text = s.replace(/=\r?\n/g, '');
@@ -311,6 +323,7 @@ export const search = defineCommand({
     const { key, usesModseq } = parseSearch(tokens, { maxSeq: view.exists, maxUid: view.maxUid });
     if (usesModseq) session.condstore = true;
     const need = needs(key);
+    const names = headerNames(key);
     const hits: number[] = [];
     let highest = 0;
     for (let idx = 0; idx < view.messages.length; idx++) {
@@ -328,8 +341,8 @@ export const search = defineCommand({
           textParts(buf, root, texts, { n: 200 });
           loaded = { headers: root.headers, body: texts.join('\n') };
         } else {
-          // Header keys need the top-level header block only, not the MIME tree.
-          loaded = { headers: parseTopHeaders(buf) };
+          // Header keys need only the named fields of the top-level header block, not the MIME tree.
+          loaded = { headers: parseTopHeaders(buf, names) };
         }
       }
       if (evaluate(key, idx + 1, m, view, loaded)) {
