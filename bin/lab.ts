@@ -192,6 +192,10 @@ export async function labUp(opts: { dir: string; tour: boolean; users: number; i
   };
   process.on('SIGINT', () => void shutdown('Ctrl-C'));
   process.on('SIGTERM', () => void shutdown('SIGTERM'));
+  // A closed terminal, or a reader that went away (`npm run lab | tee`, where Ctrl-C ends tee
+  // first), must not leave the cluster running: stop everything, writing nowhere if need be.
+  process.on('SIGHUP', () => void shutdown('terminal closed'));
+  for (const stream of [process.stdout, process.stderr]) stream.on('error', () => void shutdown('output closed'));
   try {
     await startDependencies(sup, plan);
     savePlan(plan);
