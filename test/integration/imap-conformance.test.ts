@@ -92,6 +92,13 @@ describe('not authenticated', () => {
     const loginLine = h.logs.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'logged in' && l.clientIp === '203.0.113.5');
     expect(loginLine).toMatchObject({ clientIp: '203.0.113.5', clientPort: '51515', user: 'alice', master: true });
     expect(h.logs.join('\n')).not.toContain(MASTER.secret);
+    // The one closing line of the session carries the forwarded address and the user too.
+    await c.send('LOGOUT');
+    await c.waitFor(() => c.closed);
+    const deadline = Date.now() + 3000;
+    const closing = () => h.logs.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'session closed' && l.clientIp === '203.0.113.5');
+    while (!closing() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    expect(closing()).toMatchObject({ clientIp: '203.0.113.5', user: 'alice', commands: 3 });
     c.close();
   });
 
