@@ -10,14 +10,16 @@
  * elsewhere (another disk, or /dev/shm to see the link's own cost).
  *
  * Writes: sequential and random, 4 KiB, 64 KiB and 1 MiB, one at a time (each acknowledged
- * before the next: the latency a store delivery sees), each with fdatasync (the local baseline:
- * FileBlockDevice.write; protocol C: local fdatasync and the peer's write + fdatasync). The
+ * before the next: the latency a store delivery sees), each durable before it resolves (the
+ * local baseline: FileBlockDevice.write, the device the volume itself writes through: one O_DSYNC
+ * write when idle, else write + a shared fdatasync; protocol C: that, and the peer's). The
  * primary runs in this process; the peer is a separate `pairgate volume serve` process on
  * loopback, as on a real pair. Targets (issue #3): protocol C >= 0.7x local for 64 KiB and
  * larger writes; 4 KiB reported as measured. Ends with one JSON line.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
@@ -57,6 +59,8 @@ async function run(dev: BlockDevice, size: number, pattern: Pattern): Promise<{ 
 }
 
 async function main(): Promise<void> {
+  // The machine's load beside the figures: on a shared box the other processes decide a lot.
+  const loadAtStart = loadavg()[0]!;
   const dir = tempDir('pairgate-bench-volume-');
   let peer: Managed | null = null;
   let volume: ReplicatedVolume | null = null;
@@ -127,7 +131,8 @@ async function main(): Promise<void> {
     for (const r of rows) process.stdout.write(`${pad(r.name, 12)}${num(r.local.mibs).padStart(12)}${num(r.c.mibs).padStart(10)}${num(r.local.ops, 0).padStart(11)}${num(r.c.ops, 0).padStart(9)}${num(r.c.mibs / r.local.mibs, 2).padStart(9)}\n`);
     process.stdout.write(`\nresync after 1% of the blocks changed: ${dirtyBytes} bytes sent (${dirty.size} blocks) in ${dirtyMs.toFixed(0)} ms\n`);
     process.stdout.write(`full sync of a replaced peer disk: ${fullBytes} bytes in ${fullMs.toFixed(0)} ms = ${((fullBytes / 1048576) / (fullMs / 1000)).toFixed(0)} MiB/s (peer process start included)\n`);
-    process.stdout.write(`1% dirty resync sends ${((dirtyBytes / fullBytes) * 100).toFixed(2)}% of a full sync\n\n`);
+    process.stdout.write(`1% dirty resync sends ${((dirtyBytes / fullBytes) * 100).toFixed(2)}% of a full sync\n`);
+    process.stdout.write(`load average (1 min): ${loadAtStart.toFixed(2)} at the start, ${loadavg()[0]!.toFixed(2)} at the end\n\n`);
 
     const figures: Record<string, number> = {};
     for (const r of rows) {
@@ -139,6 +144,8 @@ async function main(): Promise<void> {
     figures.resync_1pct_bytes = dirtyBytes;
     figures.full_sync_bytes = fullBytes;
     figures.full_sync_mib_s = Number(((fullBytes / 1048576) / (fullMs / 1000)).toFixed(1));
+    figures.load_avg_1m_start = Number(loadAtStart.toFixed(2));
+    figures.load_avg_1m_end = Number(loadavg()[0]!.toFixed(2));
     const ratio = (name: string) => rows.find((r) => r.name === name)!;
     const targets: Record<string, { value: number; min?: number; max?: number }> = {};
     for (const name of ['seq 64 KiB', 'rand 64 KiB', 'seq 1 MiB', 'rand 1 MiB']) {
