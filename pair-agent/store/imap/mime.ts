@@ -340,7 +340,6 @@ function childPart(node: MimePart, n: number, isRoot: boolean): MimePart | null 
   return n === 1 ? node : null;
 }
 
-/** The bytes of a BODY[section] (before any <partial>); an empty buffer where the part does not exist. */
 /**
  * The top-level HEADER, TEXT and HEADER.FIELDS[.NOT] sections need only the header block, not the
  * MIME tree: cut them without parsing the body (what mail clients fetch most, for lists of
@@ -370,6 +369,7 @@ function filterHeaderFields(headers: HeaderField[], spec: SectionSpec): Buffer {
   return Buffer.concat(parts);
 }
 
+/** The bytes of a BODY[section] (before any <partial>); an empty buffer where the part does not exist. */
 export function extractSection(buf: Buffer, root: MimePart, spec: SectionSpec): Buffer {
   let node: MimePart | null = root;
   let isRoot = true;
