@@ -5,20 +5,18 @@
  * SIGTERM stops accepting, lets a session finish within the grace time, closes the one left
  * with `* BYE`, and the process exits 0.
  */
-import http from 'node:http';
 import net from 'node:net';
 import tls from 'node:tls';
 import { copyFileSync, writeFileSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDovecot, type Dovecot } from '../helpers/dovecot.ts';
 import { makeTestCert, type TestCert } from '../helpers/tls.ts';
 import { startProcess, tempDir, type Managed } from '../helpers/proc.ts';
 import { freePort, waitFor, waitForPort } from '../helpers/net.ts';
-import { haveDirectory } from './proxy-harness.ts';
+import { haveDirectory, pairAdmin } from './proxy-harness.ts';
 
 const CLI = resolve(dirname(fileURLToPath(import.meta.url)), '../../bin/pairgate.mjs');
 const MASTER = 'pgmaster';
@@ -100,7 +98,7 @@ async function connectPlain(port: number): Promise<Lines> {
 describe.skipIf(!haveDirectory)('pairgate proxy as a process: config file, SIGHUP reload, SIGTERM graceful stop', () => {
   let dir: { path: string; cleanup(): void };
   let dovecot: Dovecot;
-  let admin: http.Server;
+  let admin: Awaited<ReturnType<typeof pairAdmin>>;
   let proc: Managed;
   let certA: TestCert;
   let certB: TestCert;
@@ -132,23 +130,8 @@ describe.skipIf(!haveDirectory)('pairgate proxy as a process: config file, SIGHU
     copyFileSync(certA.certFile, join(dir.path, 'live.crt'));
     copyFileSync(certA.keyFile, join(dir.path, 'live.key'));
     dovecot = await startDovecot({ users: [{ user: 'alice', password: 'backend-only' }, { user: 'bob', password: 'backend-only' }], masterUser: MASTER, masterPassword: MASTER_SECRET });
-    admin = http.createServer((_q, res) => {
-      res.writeHead(200, { 'content-type': 'application/json' });
-      res.end(
-        JSON.stringify({
-          pair: 'pair-01',
-          at: Date.now(),
-          state: 'ok',
-          primary: 'a',
-          nodes: {},
-          replication: { connection: 'Connected', protocol: 'C', outOfSyncBytes: 0 },
-          store: { mailboxes: 0, messages: 0, bytesUsed: 0, bytesTotal: 1 },
-          sessions: { imap: 0, pop3: 0, lmtp: 0 },
-        }),
-      );
-    });
-    await new Promise<void>((r) => admin.listen(0, '127.0.0.1', r));
-    const healthPort = (admin.address() as AddressInfo).port;
+    admin = await pairAdmin('pair-01');
+    const healthPort = admin.port;
     writeFileSync(
       join(dir.path, 'directory.ldif'),
       [
@@ -171,7 +154,7 @@ describe.skipIf(!haveDirectory)('pairgate proxy as a process: config file, SIGHU
 
   afterAll(async () => {
     await proc?.stop(3000);
-    admin?.close();
+    await admin?.close();
     await dovecot?.close();
     dir?.cleanup();
   });

@@ -5,13 +5,11 @@
  * endpoint is a small HTTP server serving health records whose state the test sets, as a
  * pair-agent would.
  */
-import http from 'node:http';
 import net from 'node:net';
 import tls from 'node:tls';
 import { createHash, randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { AddressInfo } from 'node:net';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import type { Logger } from '../../common/log.ts';
@@ -21,14 +19,13 @@ import { V2ProxyProtocol, Command, TransportProtocol, IPv4ProxyAddress, IPv4Addr
 import { startProxy, proxyConfigSchema, type Proxy } from '../../proxy/index.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { silentLogger } from '../../common/log.ts';
-import type { HealthRecord, PairState } from '../../common/health.ts';
 import type { Directory, PairRecord } from '../../directory/types.ts';
 import { startDovecot, type Dovecot } from '../helpers/dovecot.ts';
 import { startRedis, type RedisServer } from '../helpers/redis.ts';
 import { makeTestCert, type TestCert } from '../helpers/tls.ts';
 import { tempDir, startProcess } from '../helpers/proc.ts';
 import { waitFor, sleep, freePort, waitForPort } from '../helpers/net.ts';
-import { haveDirectory, openDirectory, tableDirectory } from './proxy-harness.ts';
+import { haveDirectory, openDirectory, pairAdmin, tableDirectory } from './proxy-harness.ts';
 
 const MASTER = 'pgmaster';
 const MASTER_SECRET = `m-${randomBytes(6).toString('hex')}`;
@@ -44,35 +41,6 @@ function ssha(password: string): string {
   return `{SSHA}${Buffer.concat([createHash('sha1').update(password).update(salt).digest(), salt]).toString('base64')}`;
 }
 
-function healthRecord(pair: string, state: PairState): HealthRecord {
-  return {
-    pair,
-    at: Date.now(),
-    state,
-    primary: 'a',
-    nodes: { a: { heartbeat: 'up', role: 'primary', disk: 'UpToDate' }, b: { heartbeat: 'up', role: 'secondary', disk: 'UpToDate' } },
-    replication: { connection: 'Connected', protocol: 'C', outOfSyncBytes: 0 },
-    store: { mailboxes: 2, messages: 0, bytesUsed: 0, bytesTotal: 1 << 30 },
-    sessions: { imap: 0, pop3: 0, lmtp: 0 },
-  };
-}
-
-/** A pair's admin endpoint (as the active pair-agent serves it) with a settable state. */
-async function pairAdmin(id: string) {
-  let state: PairState = 'ok';
-  const server = http.createServer((_req, res) => {
-    res.writeHead(state === 'ok' || state === 'degraded' ? 200 : 503, { 'content-type': 'application/json' });
-    res.end(JSON.stringify(healthRecord(id, state)));
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return {
-    port: (server.address() as AddressInfo).port,
-    set(s: PairState) {
-      state = s;
-    },
-    close: () => new Promise<void>((r) => server.close(() => r())),
-  };
-}
 
 /** A raw line client (IMAP/POP3) with bounded waits. */
 class LineClient {

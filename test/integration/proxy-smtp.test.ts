@@ -5,7 +5,6 @@
  * the test sets, as a pair-agent would), a smarthost (smtp-server) for relayed mail, and real
  * clients: nodemailer, swaks when installed, and raw sockets for exact reply codes.
  */
-import http from 'node:http';
 import net from 'node:net';
 import tls from 'node:tls';
 import { execFile } from 'node:child_process';
@@ -23,7 +22,7 @@ import { PairHealth } from '../../proxy/pair-health.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { silentLogger } from '../../common/log.ts';
 import { AuthError, NotFoundError } from '../../common/errors.ts';
-import type { HealthRecord, PairState } from '../../common/health.ts';
+import type { PairState } from '../../common/health.ts';
 import type { Directory, PairRecord, UserRecord } from '../../directory/types.ts';
 import { AddressList } from '../../common/cidr.ts';
 import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
@@ -37,6 +36,7 @@ import { makeTestCert, type TestCert } from '../helpers/tls.ts';
 import { tempDir } from '../helpers/proc.ts';
 import { freePort, sleep, waitFor } from '../helpers/net.ts';
 import { startProxy, proxyConfigSchema } from '../../proxy/index.ts';
+import { pairAdmin } from './proxy-harness.ts';
 
 const USERS: TestUser[] = [
   { uid: 'alice', password: 'alice-pass', pair: 'pair-a', aliases: ['postmaster@example.net'] },
@@ -125,34 +125,6 @@ async function startDovecotRetrying(opts: Parameters<typeof startDovecot>[0]): P
   }
 }
 
-function healthRecord(pair: string, state: PairState): HealthRecord {
-  return {
-    pair,
-    at: Date.now(),
-    state,
-    primary: 'a',
-    nodes: { a: { heartbeat: 'up', role: 'primary', disk: 'UpToDate' }, b: { heartbeat: 'up', role: 'secondary', disk: 'UpToDate' } },
-    replication: { connection: 'Connected', protocol: 'C', outOfSyncBytes: 0 },
-    store: { mailboxes: 2, messages: 0, bytesUsed: 0, bytesTotal: 1 << 30 },
-    sessions: { imap: 0, pop3: 0, lmtp: 0 },
-  };
-}
-
-async function pairAdmin(id: string) {
-  let state: PairState = 'ok';
-  const server = http.createServer((_req, res) => {
-    res.writeHead(state === 'ok' || state === 'degraded' ? 200 : 503, { 'content-type': 'application/json' });
-    res.end(JSON.stringify(healthRecord(id, state)));
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return {
-    port: (server.address() as AddressInfo).port,
-    set(s: PairState) {
-      state = s;
-    },
-    close: () => new Promise<void>((r) => server.close(() => r())),
-  };
-}
 
 /** A raw SMTP client: sends lines, reads complete replies (multi-line joined), bounded waits. */
 class SmtpClient {

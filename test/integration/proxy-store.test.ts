@@ -4,8 +4,6 @@
  * post-login capabilities from the store, a delivered message read back through the proxy, and
  * the directory served by a real slapd (test/helpers/slapd.ts) instead of the LDIF file.
  */
-import http from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ImapFlow } from 'imapflow';
 import { Attribute, Change, Client } from 'ldapts';
@@ -13,7 +11,7 @@ import { startProxy, proxyConfigSchema, type Proxy } from '../../proxy/index.ts'
 import { createRegistry } from '../../common/metrics.ts';
 import { silentLogger } from '../../common/log.ts';
 import type { Directory } from '../../directory/types.ts';
-import { haveDirectory, openDirectory, tableDirectory } from './proxy-harness.ts';
+import { haveDirectory, openDirectory, pairAdmin, tableDirectory } from './proxy-harness.ts';
 import { startHarness, MASTER, type Harness } from './imap-harness.ts';
 import { startPop3Server, type Pop3Server } from '../../pair-agent/store/pop3/server.ts';
 import { AddressList } from '../../common/cidr.ts';
@@ -25,7 +23,7 @@ describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-te
   let slapd: Slapd | undefined;
   let directory: Directory;
   let proxy: Proxy;
-  let admin: http.Server;
+  let admin: Awaited<ReturnType<typeof pairAdmin>>;
   let pop3: Pop3Server;
 
   beforeAll(async () => {
@@ -40,23 +38,8 @@ describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-te
       log: silentLogger,
       registry: createRegistry({}, false),
     });
-    admin = http.createServer((_q, res) => {
-      res.writeHead(200, { 'content-type': 'application/json' });
-      res.end(
-        JSON.stringify({
-          pair: 'pair-01',
-          at: Date.now(),
-          state: 'ok',
-          primary: 'a',
-          nodes: {},
-          replication: { connection: 'Connected', protocol: 'C', outOfSyncBytes: 0 },
-          store: { mailboxes: 0, messages: 0, bytesUsed: 0, bytesTotal: 1 },
-          sessions: { imap: 0, pop3: 0, lmtp: 0 },
-        }),
-      );
-    });
-    await new Promise<void>((r) => admin.listen(0, '127.0.0.1', r));
-    const adminPort = (admin.address() as AddressInfo).port;
+    admin = await pairAdmin('pair-01');
+    const adminPort = admin.port;
     if (haveDirectory) {
       slapd = await startSlapd();
       // Point the sample directory's pair-01 (alice's and carol's home) at the store on loopback.
@@ -92,7 +75,7 @@ describe(`proxy -> pairgate store (directory: ${haveDirectory ? 'slapd' : 'in-te
     await slapd?.close();
     await pop3?.close();
     await harness?.close();
-    admin?.close();
+    await admin?.close();
   });
 
   it('logs in through the proxy with the master login and reads a delivered message', async () => {
