@@ -225,10 +225,6 @@ function rssKiB(pid: number): number {
   return m ? Number(m[1]) : 0;
 }
 
-/**
- * Opens `IDLE` logged-in IMAP sessions through the proxy (20 at a time, bounded to 180 s) and
- * returns the proxy's RSS growth per open session, measured after the sessions settle.
- */
 const CLK_TCK = (() => {
   try {
     return Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
@@ -263,6 +259,10 @@ function cpuMs(roots: number[]): number {
   return (procs.filter((p) => inTree.has(p.pid)).reduce((a, p) => a + p.ticks, 0) * 1000) / CLK_TCK;
 }
 
+/**
+ * Opens `IDLE` logged-in IMAP sessions through the proxy (20 at a time, bounded to 180 s) and
+ * returns the proxy's RSS growth per open session, measured after the sessions settle.
+ */
 async function idleCost(port: number, pid: number): Promise<{ perSessionKiB: number; sessions: number; beforeKiB: number; afterKiB: number; failed: number }> {
   const conns: Conn[] = [];
   for (let w = 0; w < 20; w++) await imapSession(port, w % USERS);
