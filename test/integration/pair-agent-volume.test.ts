@@ -180,6 +180,8 @@ describe('pair agent with a replicated volume', () => {
     pair.cutLink(0, true);
     await waitFor(() => !pair!.a.proc!.alive() || !pair!.b.proc!.alive(), 10_000, 'one node fenced');
     await sleep(1500);
+    // On a loaded machine a status round trip can take 100 ms or more: sample on until there are enough.
+    await waitFor(() => samples > 20, 15_000, 'at least 20 samples of both roles');
     running = false;
     await sampler;
     expect(both).toEqual([]);

@@ -11,6 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { FrameType, authResponse, encodeBlockWrite, encodeFrame, encodeJson, FrameDecoder } from '../../pair-agent/volume/wire.ts';
 import { sleep, waitFor } from '../helpers/net.ts';
 import { tempDir } from '../helpers/proc.ts';
+import { freshMetadata, writeMetadata } from '../../pair-agent/volume/metadata.ts';
 import { SECRET, block, inSync, volumePair, type VolumeNode } from './volume-harness.ts';
 
 const BS = 4096;
@@ -151,6 +152,47 @@ describe('replicated volume (two processes)', () => {
     expect((await b.status()).lastDecision).toEqual({ decision: 'target', rule: 15 });
     expect((await a.status()).stats.resyncBytesSent).toBe(5 * BS);
     expect(await b.digests()).toEqual(await a.digests());
+  });
+
+  it('metadata an older build wrote for a fresh volume (UpToDate, never connected) opens Inconsistent', async () => {
+    const dir = tempDir('pairgate-volume-');
+    cleanups.push(() => dir.cleanup());
+    const old = freshMetadata(8 * 1024 * 1024);
+    old.disk = 'UpToDate';
+    old.flags.consistent = true;
+    writeMetadata(join(dir.path, 'a.meta'), old);
+    const p = await volumePair(dir.path, { start: ['a'] });
+    cleanups.push(() => p.stop());
+    expect(await p.a.status()).toMatchObject({ disk: 'Inconsistent', uuids: { current: '4' } });
+    expect((await p.a.post('/primary')).status).toBe(409);
+  });
+
+  it('an Inconsistent node (resync cut short) never serves as a sync source, not even to a fresh peer', async () => {
+    // Slow resync (128 changed blocks take 2 s), so that it can be cut short. If the first
+    // handshake is lost half-way (under load), the two fresh volumes meet again by a full sync
+    // (8 MiB at this rate: 32 s), hence the long bound on the first meeting.
+    const { a, b, dir } = await pair({ resyncRateBytesPerSec: 256 * 1024 });
+    await inSync(a, b, 60_000);
+    await a.post('/primary');
+    await b.post('/disconnect');
+    await waitFor(async () => (await a.status()).connection === 'Connecting', 5000, 'a to see the disconnection');
+    for (let i = 0; i < 128; i++) await write(a, i * 16, block(i));
+    await b.post('/connect');
+    await waitFor(async () => (await b.status()).connection === 'SyncTarget', 10_000, 'b a sync target');
+    // a dies mid-resync and comes back with a replaced disk: b's half-synced data must not be copied to it.
+    a.kill('SIGKILL');
+    await a.proc!.exited;
+    await waitFor(async () => (await b.status()).connection === 'Connecting', 5000, 'b to lose a');
+    expect((await b.status()).disk).toBe('Inconsistent');
+    rmSync(join(dir, 'a.data'));
+    rmSync(join(dir, 'a.meta'));
+    await a.start();
+    await waitFor(async () => (await b.status()).connection === 'StandAlone', 10_000, 'b to refuse the sync (StandAlone)');
+    const [sa, sb] = await Promise.all([a.status(), b.status()]);
+    expect(sa.disk).toBe('Inconsistent');
+    expect(sb.disk).toBe('Inconsistent');
+    expect(sb.stats.resyncBytesSent).toBe(0);
+    expect(sa.stats.resyncBytesReceived).toBe(0);
   });
 
   it('two fresh volumes meet: both UpToDate with one shared generation, nothing sent', async () => {
