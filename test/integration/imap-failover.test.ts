@@ -113,7 +113,12 @@ describe('IMAP across a failover', () => {
     pair.a.proc!.kill('SIGKILL');
     await waitFor(async () => (await pair.floatingHealth(200))?.body.primary === 'b', 20_000, 'b primary');
     // The old connection cannot survive its server process; the client notices and reconnects.
-    await Promise.race([c1Closed, new Promise((_, rej) => setTimeout(() => rej(new Error('old connection still open')), 25_000))]);
+    let closeTimer: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([c1Closed, new Promise((_, rej) => (closeTimer = setTimeout(() => rej(new Error('old connection still open')), 25_000)))]);
+    } finally {
+      clearTimeout(closeTimer); // not left running for 25 s after the close was seen
+    }
 
     const c2 = client();
     await waitFor(async () => {
