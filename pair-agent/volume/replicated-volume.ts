@@ -207,9 +207,20 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       deps.log.info({ volume: config.name, sizeBytes: config.sizeBytes }, 'volume: created new metadata');
     }
     const dev = await FileBlockDevice.open(config.dataFile, { size: config.sizeBytes, create: true });
-    const al = await ActivityLogFile.open(activityLogPath(config.metaFile));
+    const al = await ActivityLogFile.open(activityLogPath(config.metaFile)).catch(async (err) => {
+      await dev.close();
+      throw err;
+    });
     const v = new ReplicatedVolume(config, dev, meta, al, deps.log, deps.registry);
-    await v.startLink();
+    try {
+      await v.startLink();
+    } catch (err) {
+      // e.g. the replication port is taken: no file handles or timers left behind.
+      if (v.pingTimer) clearInterval(v.pingTimer);
+      await al.close();
+      await dev.close();
+      throw err;
+    }
     v.metaTimer = setInterval(() => void v.flushMetaIfDirty(), META_FLUSH_MS);
     v.metaTimer.unref();
     v.updateGauges();

@@ -2,7 +2,8 @@
  * The volume's pure parts: the UUID decision table (each DRBD rule that applies, and mirror
  * symmetry), the split-brain policies, the frame codec against bad input, and the metadata file.
  */
-import { mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, closeSync } from 'node:fs';
+import { mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync, closeSync } from 'node:fs';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -10,6 +11,10 @@ import { ProtocolError, IntegrityError } from '../../common/errors.ts';
 import { crc32c, crc32cJs } from '../../pair-agent/store/crc32c.ts';
 import { AL_SLOT_BYTES, ActivityLogFile, Bitmap, JUST_CREATED, NO_UUID, freshMetadata, readMetadata, retireBitmapUuid, rotateUuids, writeMetadata, type Uuids } from '../../pair-agent/volume/metadata.ts';
 import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
+import { volumeConfigSchema } from '../../pair-agent/volume/config.ts';
+import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
+import { silentLogger } from '../../common/log.ts';
+import { createRegistry } from '../../common/metrics.ts';
 import { compareUuids, mirrorDecision, splitBrainVictim, type UuidSide } from '../../pair-agent/volume/uuid-compare.ts';
 import { FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, authMatches, authResponse, decodeBlockWrite, decodeSeqs, encodeBlockWrite, encodeFrame, encodeSeqs } from '../../pair-agent/volume/wire.ts';
 
@@ -250,6 +255,33 @@ describe('file block device', () => {
       await dev.close();
       expect(readFileSync(join(dir, 'd'))[4096 * 5]).toBe(6);
     } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('opening a volume', () => {
+  it('a replication port already taken: open rejects (EADDRINUSE) and leaves the files closed for a retry', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-open-'));
+    const blocker = net.createServer();
+    await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', () => r()));
+    const port = (blocker.address() as net.AddressInfo).port;
+    try {
+      const config = volumeConfigSchema.parse({
+        name: 'v', dataFile: join(dir, 'v.data'), metaFile: join(dir, 'v.meta'), sizeBytes: 1024 * 1024,
+        listen: `127.0.0.1:${port}`, peer: '127.0.0.1:9', secret: 'open-test-secret-0123',
+      });
+      const deps = { log: silentLogger, registry: createRegistry({}, false) };
+      const fds = () => readdirSync('/proc/self/fd').length;
+      const before = fds();
+      await expect(ReplicatedVolume.open(config, deps)).rejects.toThrow(/EADDRINUSE/);
+      expect(fds()).toBe(before);
+      await new Promise<void>((r) => blocker.close(() => r()));
+      const v = await ReplicatedVolume.open(config, deps);
+      expect(v.status()).toMatchObject({ disk: 'Inconsistent', role: 'secondary' });
+      await v.close();
+    } finally {
+      blocker.close();
       rmSync(dir, { recursive: true, force: true });
     }
   });
