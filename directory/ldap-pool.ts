@@ -127,7 +127,7 @@ function sendQuietly(this: LdaptsInternals, message: LdaptsMessage): Promise<unk
   return promise;
 }
 
-function quietClient(client: Client): Client {
+export function quietClient(client: Client): Client {
   const internals = client as unknown as { _send?: unknown };
   // Only over the method this was written against; another ldapts keeps its own.
   if (!LDAPTS_DEBUG && typeof internals._send === 'function' && (internals._send as () => void).length === 1) internals._send = sendQuietly;

@@ -11,11 +11,12 @@ import { AuthError, ConflictError, UnavailableError } from '../../common/errors.
 import { silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { openDirectory } from '../../directory/index.ts';
+import { quietClient } from '../../directory/ldap-pool.ts';
 import { generateLdif } from '../../directory/generate.ts';
 import { hashPassword } from '../../directory/password.ts';
 import type { Directory } from '../../directory/types.ts';
 import { tempDir } from '../helpers/proc.ts';
-import { freePort } from '../helpers/net.ts';
+import { freePort, waitFor } from '../helpers/net.ts';
 import { startSlapd, SERVICE_DN, type Slapd } from '../helpers/slapd.ts';
 import { BASE, behaviouralSuite, suiteLdif, type SuiteContext } from './directory-suite.ts';
 
@@ -74,6 +75,28 @@ describe('LDAP specifics', () => {
     timeoutMs: 2000,
     cache: { maxEntries: 0 },
     ...extra,
+  });
+
+  it("sends through the quiet replacement of ldapts' _send (the library's is still the one it was written for); close leaves no socket", async () => {
+    // If an ldapts upgrade changes _send, this fails: look whether the replacement still fits.
+    const proto = (Client.prototype as unknown as { _send: (m: unknown) => unknown })._send;
+    expect(typeof proto).toBe('function');
+    expect(proto.length).toBe(1);
+    expect(String(proto)).toContain('messageDetailsByMessageId.set');
+    const c = quietClient(new Client({ url: slapd.url }));
+    expect((c as unknown as { _send: unknown })._send).not.toBe(proto);
+    await c.bind(SERVICE_DN, 'service-pass');
+    const r = await c.search(`ou=people,${BASE}`, { filter: '(uid=alice)', attributes: ['mailHost'] });
+    expect(r.searchEntries[0]?.mailHost).toBe('pair-01');
+    await c.unbind();
+    const sockets = () => process.getActiveResourcesInfo().filter((x) => x === 'TCPSocketWrap').length;
+    const before = sockets();
+    const d = await openDirectory(lookupConfig([slapd.url]), { log: silentLogger });
+    expect((await d.findLogin('alice'))?.pair).toBe('pair-01');
+    await expect(d.authenticate('alice', 'alice-pass')).resolves.toMatchObject({ uid: 'alice' });
+    expect(sockets()).toBeGreaterThan(before);
+    await d.close();
+    await waitFor(() => sockets() <= before, 5000, 'LDAP sockets closed');
   });
 
   it('binds as the service account and reads as it', async () => {
