@@ -388,6 +388,16 @@ async function waitPortFree(port: number): Promise<void> {
 async function startDovecotBaseline() {
   const { startDovecot } = await import('../test/helpers/dovecot.ts');
   const dovecot = await startDovecot({ users: [{ user: USER, password: PASSWORD }] });
+  // A failure past this point (restart, filling the Maildir, indexing) must not leave Dovecot running.
+  try {
+    return await fillDovecot(dovecot);
+  } catch (err) {
+    await dovecot.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+async function fillDovecot(dovecot: Awaited<ReturnType<typeof import('../test/helpers/dovecot.ts').startDovecot>>) {
   if (args.dovecot === 'tuned') {
     appendFileSync(join(dovecot.dir, 'dovecot.conf'), DOVECOT_TUNING);
     await dovecot.stop();
