@@ -152,6 +152,17 @@ async function imapLogin(port: number, user: string, pass: string, opts: { local
   return { c, answer };
 }
 
+/** POP3 USER/PASS through a listener; returns the client and the answer to PASS. */
+async function pop3Login(port: number, user: string, pass: string, opts: { localAddress?: string; prefix?: Buffer } = {}) {
+  const p = await LineClient.connect(port, opts);
+  expect(await p.line()).toMatch(/^\+OK/);
+  p.send(`USER ${user}`);
+  expect(await p.line()).toMatch(/^\+OK/);
+  p.send(`PASS ${pass}`);
+  const answer = await p.line(20_000);
+  return { p, answer };
+}
+
 describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' : 'in-test table'})`, () => {
   let redis: RedisServer;
   let dovA: Dovecot;
@@ -575,12 +586,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
   it('pair down: open sessions closed with BYE, new logins NO [UNAVAILABLE] / -ERR [SYS/TEMP]', async () => {
     const { c, answer } = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
     expect(answer).toMatch(/^a1 OK/);
-    const open = await LineClient.connect(port('pop3-plain'));
-    await open.line();
-    open.send('USER carol');
-    await open.line();
-    open.send('PASS carol-pass');
-    expect(await open.line(20_000)).toMatch(/^\+OK/);
+    const { p: open, answer: openAnswer } = await pop3Login(port('pop3-plain'), 'carol', 'carol-pass');
+    expect(openAnswer).toMatch(/^\+OK/);
     adminA.set('down');
     try {
       expect(await c.until(/^\* BYE/, 5000)).toMatch(/UNAVAILABLE/);
@@ -590,13 +597,9 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       const again = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
       expect(again.answer).toMatch(/^a1 NO \[UNAVAILABLE\]/);
       again.c.close();
-      const p = await LineClient.connect(port('pop3-plain'));
-      await p.line();
-      p.send('USER carol');
-      await p.line();
-      p.send('PASS carol-pass');
-      expect(await p.line(10_000)).toMatch(/^-ERR \[SYS\/TEMP\]/);
-      p.close();
+      const refused = await pop3Login(port('pop3-plain'), 'carol', 'carol-pass');
+      expect(refused.answer).toMatch(/^-ERR \[SYS\/TEMP\]/);
+      refused.p.close();
       // The other pair is unaffected.
       const b = await imapLogin(port('imap-plain'), 'bob', 'bob-pass');
       expect(b.answer).toMatch(/^a1 OK/);
@@ -617,13 +620,9 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       const again = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
       expect(again.answer).toMatch(/^a1 NO \[UNAVAILABLE\]/);
       again.c.close();
-      const p = await LineClient.connect(port('pop3-plain'));
-      await p.line();
-      p.send('USER alice');
-      await p.line();
-      p.send('PASS alice-pass');
-      expect(await p.line(10_000)).toMatch(/^-ERR \[SYS\/TEMP\]/);
-      p.close();
+      const refused = await pop3Login(port('pop3-plain'), 'alice', 'alice-pass');
+      expect(refused.answer).toMatch(/^-ERR \[SYS\/TEMP\]/);
+      refused.p.close();
       // Refused, not held: the hold metric did not move.
       const heldAfter = /pairgate_held_logins_total\{pair="pair-a"\} (\d+)/.exec(await registry.metrics())?.[1] ?? '0';
       expect(heldAfter).toBe(heldBefore);
@@ -655,12 +654,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
   it('backend killed mid-session: the client is closed cleanly, without a reset', async () => {
     const { c, answer } = await imapLogin(port('imap-plain'), 'dave', 'dave-pass');
     expect(answer).toMatch(/^a1 OK/);
-    const p = await LineClient.connect(port('pop3-plain'));
-    await p.line();
-    p.send('USER bob');
-    await p.line();
-    p.send('PASS bob-pass');
-    expect(await p.line(20_000)).toMatch(/^\+OK/);
+    const { p, answer: popAnswer } = await pop3Login(port('pop3-plain'), 'bob', 'bob-pass');
+    expect(popAnswer).toMatch(/^\+OK/);
     // The mail processes serving these two sessions (Dovecot logs their pid as mpid=).
     const mpid = (re: RegExp) => {
       const all = [...dovB.log().matchAll(re)];
@@ -785,12 +780,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       c.send('a2 LOGOUT');
       await c.closed;
       await waitFor(() => /Login: user=<carol>.*rip=127\.0\.0\.3/.test(dovA.log()), 5000, 'dovecot log with rip=127.0.0.3');
-      const p = await LineClient.connect(frontPop, { localAddress: '127.0.0.6' });
-      expect(await p.line()).toMatch(/^\+OK/);
-      p.send('USER dave');
-      await p.line();
-      p.send('PASS dave-pass');
-      expect(await p.line(20_000)).toMatch(/^\+OK/);
+      const { p, answer: popAnswer } = await pop3Login(frontPop, 'dave', 'dave-pass', { localAddress: '127.0.0.6' });
+      expect(popAnswer).toMatch(/^\+OK/);
       p.send('QUIT');
       await p.closed;
       await waitFor(() => /pop3-login: Info: Login: user=<dave>.*rip=127\.0\.0\.6/.test(dovB.log()), 5000, 'dovecot pop3 log with rip=127.0.0.6');
@@ -884,12 +875,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       expect(answer).toMatch(/^a1 OK/);
       expect(await c.until(/^\* BYE/, 5000)).toMatch(/BYE/);
       await c.closed;
-      const p = await LineClient.connect(p5port('pop3-plain'));
-      await p.line();
-      p.send('USER dave');
-      await p.line();
-      p.send('PASS dave-pass');
-      expect(await p.line(20_000)).toMatch(/^\+OK/);
+      const { p, answer: popAnswer } = await pop3Login(p5port('pop3-plain'), 'dave', 'dave-pass');
+      expect(popAnswer).toMatch(/^\+OK/);
       await Promise.race([p.closed, sleep(5000).then(() => Promise.reject(new Error('idle POP3 session still open')))]);
     } finally {
       await p5.stop(200);
