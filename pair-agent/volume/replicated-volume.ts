@@ -1193,6 +1193,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       this.log.info({ volume: this.config.name, ms: Date.now() - (this.resyncState?.startedAt ?? Date.now()) }, 'volume: resync done (target): UpToDate');
       this.resyncState = null;
       this.setConnection('Connected');
+      // The source marked this disk Inconsistent when the resync began; tell it the disk is
+      // UpToDate again, or its pair agent would refuse every hand-over to this node.
+      this.sendState();
       this.emit('disk', this.meta.disk);
       this.emit('sync', null);
     });
