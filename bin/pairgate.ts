@@ -63,6 +63,13 @@ function fail(err: unknown): never {
     process.stderr.write(`pairgate: ${err.code}: ${err.message}\n`);
     process.exit(err.code === 'BAD_INPUT' ? 2 : 1);
   }
+  // An operating-system refusal (a port in use, a missing file, a refused connection) is the
+  // operator's to fix, not a bug: one line naming it, no stack.
+  const sys = err as NodeJS.ErrnoException;
+  if (sys && typeof sys.syscall === 'string' && typeof sys.code === 'string') {
+    process.stderr.write(`pairgate: ${sys.message}\n`);
+    process.exit(1);
+  }
   process.stderr.write(`pairgate: ${(err as Error)?.stack ?? String(err)}\n`);
   process.exit(1);
 }

@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
+import { NotFoundError } from '../../common/errors.ts';
 
 export type NodeId = 'a' | 'b';
 
@@ -190,7 +191,7 @@ export function savePlan(plan: LabPlan): void {
 
 export function loadPlan(dir: string): LabPlan {
   const file = planFile(dir);
-  if (!existsSync(file)) throw new Error(`no lab at ${dir} (no plan.json): run \`pairgate lab up\` first`);
+  if (!existsSync(file)) throw new NotFoundError(`no lab at ${dir} (no plan.json): run \`pairgate lab up\` first`);
   return JSON.parse(readFileSync(file, 'utf8')) as LabPlan;
 }
 
