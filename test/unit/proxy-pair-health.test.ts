@@ -10,23 +10,12 @@ import { PairHealth, type PairHealthChange } from '../../proxy/pair-health.ts';
 import { RedisBus, keys } from '../../common/redis-bus.ts';
 import { silentLogger } from '../../common/log.ts';
 import { UnavailableError } from '../../common/errors.ts';
-import type { HealthRecord, PairState } from '../../common/health.ts';
+import type { PairState } from '../../common/health.ts';
 import type { PairRecord } from '../../directory/types.ts';
 import { startRedis, type RedisServer } from '../helpers/redis.ts';
 import { waitFor } from '../helpers/net.ts';
-
-function record(pair: string, state: PairState): HealthRecord {
-  return {
-    pair,
-    at: Date.now(),
-    state,
-    primary: 'a',
-    nodes: { a: { heartbeat: 'up', role: 'primary', disk: 'UpToDate' }, b: { heartbeat: 'up', role: 'secondary', disk: 'UpToDate' } },
-    replication: { connection: 'Connected', protocol: 'C', outOfSyncBytes: 0 },
-    store: { mailboxes: 1, messages: 0, bytesUsed: 0, bytesTotal: 1 },
-    sessions: { imap: 0, pop3: 0, lmtp: 0 },
-  };
-}
+// The record a pair's /health serves: the same builder as the integration tests' pairs.
+import { healthRecord as record } from '../integration/proxy-harness.ts';
 
 /** A pair's admin endpoint serving whatever state the test sets (null = connection answered 500 garbage). */
 async function fakePair(id: string, initial: PairState | null) {
