@@ -11,8 +11,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
-import { pino } from 'pino';
-import type { Logger } from '../../common/log.ts';
+import { createLogger, type Logger } from '../../common/log.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ImapFlow } from 'imapflow';
 import { V2ProxyProtocol, Command, TransportProtocol, IPv4ProxyAddress, IPv4Address } from 'proxy-protocol-js';
@@ -150,6 +149,18 @@ async function imapLogin(port: number, user: string, pass: string, opts: { local
   c.send(`a1 LOGIN ${user} "${pass}"`);
   const answer = await c.until(/^a1 /, 20_000);
   return { c, answer };
+}
+
+/** The proxy's own logger (createLogger: JSON lines, secrets redacted) writing into memory. */
+function capturedLogger(level: string): { log: Logger; lines: string[] } {
+  const lines: string[] = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      for (const l of chunk.toString().split('\n')) if (l) lines.push(l);
+      cb();
+    },
+  });
+  return { log: createLogger({ role: 'proxy', level, destination: sink }), lines };
 }
 
 /** POP3 USER/PASS through a listener; returns the client and the answer to PASS. */
@@ -489,14 +500,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
   });
 
   it('CR/LF/NUL in logins and malformed PROXY headers: protocol errors and log lines, nothing reaches the directory or a pair', async () => {
-    const logLines: string[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        for (const l of chunk.toString().split('\n')) if (l) logLines.push(l);
-        cb();
-      },
-    });
-    const log = pino({ level: 'debug' }, sink) as unknown as Logger;
+    // The production logger (its redaction included), at debug, into memory.
+    const { log, lines: logLines } = capturedLogger('debug');
     // Every string the proxy hands the directory is recorded.
     const asked: string[] = [];
     const spy = new Proxy(directory, {
@@ -577,6 +582,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       // eslint-disable-next-line no-control-regex
       expect(asked.filter((a) => /[\x00\r\n]/.test(a))).toEqual([]);
       expect(logLines.some((l) => /malformed credentials/.test(l))).toBe(true);
+      // Passwords and the master secret never reach the log, not even at debug level.
+      for (const secret of ['carol-pass', MASTER_SECRET]) expect(logLines.join('\n')).not.toContain(secret);
       for (const d of [dovA, dovB]) expect(d.log()).not.toMatch(/user=<car(?!ol>)/);
     } finally {
       await px.stop(200);
@@ -905,15 +912,9 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
   });
 
   it('one log line per session at its end (user, pair, client, bytes, duration); login and byte metrics', async () => {
-    const logLines: string[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        for (const l of chunk.toString().split('\n')) if (l) logLines.push(l);
-        cb();
-      },
-    });
+    const { log, lines: logLines } = capturedLogger('info');
     const reg = createRegistry({}, false);
-    const p6 = await startProxy(baseConfig({ id: 'proxy-test-6' }), { log: pino({ level: 'info' }, sink) as unknown as Logger, registry: reg, directory });
+    const p6 = await startProxy(baseConfig({ id: 'proxy-test-6' }), { log, registry: reg, directory });
     const p6port = (name: string) => p6.listeners.find((l) => l.name === name)!.address.port;
     try {
       const { c, answer } = await imapLogin(p6port('imap-plain'), 'dave', 'dave-pass', { localAddress: '127.0.0.12' });
