@@ -424,18 +424,22 @@ class Agent implements PairAgent {
     const peerPrimary = pf.alive && peerView?.state === 'primary';
     const transitional = (s: string | undefined) => s === 'taking-over' || s === 'fencing' || s === 'releasing';
     const fencingFailed = this.fencer.status === 'failed';
+    const extra = this.optional.healthExtras?.() ?? {};
+    // Serving without a connected, in-sync peer disk is not redundant: losing this node now
+    // would lose mail the peer never got, so the pair is degraded until replication is back.
+    const replication = extra.replication;
+    const notRedundant = replication !== undefined && replication.connection !== 'none' && replication.connection !== 'Connected';
     let state: PairState;
     if (this.current === 'maintenance' || (pf.alive && peerView?.state === 'maintenance')) state = 'maintenance';
     else if (fencingFailed && !iAmPrimary && !peerPrimary) state = 'down';
     else if (transitional(this.current) || (pf.alive && transitional(peerView?.state))) state = 'failing-over';
-    else if (iAmPrimary || peerPrimary) state = pf.alive && !fencingFailed && !this.resourcesFailed ? 'ok' : 'degraded';
+    else if (iAmPrimary || peerPrimary) state = pf.alive && !fencingFailed && !this.resourcesFailed && !notRedundant ? 'ok' : 'degraded';
     else state = 'down';
     const heartbeatWord = pf.alive ? 'up' : hb.everSeen ? 'down' : 'unknown';
     const nodes = {
       [this.config.node]: { heartbeat: 'self', role: selfRole, disk: this.diskState(), state: this.current },
       [peerId]: { heartbeat: heartbeatWord, role: peerRole, disk: pf.alive && peerView ? peerView.disk : 'unknown', state: pf.alive && peerView ? peerView.state : 'unknown' },
     };
-    const extra = this.optional.healthExtras?.() ?? {};
     return {
       pair: this.config.pair,
       at: Date.now(),

@@ -83,6 +83,8 @@ describe('pair agent with a replicated volume', () => {
     expect((await pair.b.status())?.state).toBe('primary');
     const digests = ((await adminCall(vol.url('b'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { blockDigests: string[] }).blockDigests;
     for (let i = 0; i < 40; i++) expect(digests[i]).toBe(createHash('sha256').update(block(i)).digest('hex').slice(0, 32));
+    // Serving alone is not redundant: the pair says degraded until replication is back.
+    await waitFor(async () => (await pair!.floatingHealth())?.body.state === 'degraded', 5000, 'pair degraded while b serves alone');
     // Written on b while a is away, then a comes back: secondary, sync target, identical.
     await adminCall(vol.url('b'), 'POST', '/write', { offset: 100 * BS, data: block(100).toString('base64') });
     await pair.a.start();
@@ -99,6 +101,12 @@ describe('pair agent with a replicated volume', () => {
     const db = ((await adminCall(vol.url('b'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { digest: string }).digest;
     expect(da).toBe(db);
     expect((await pair.a.status())?.state).toBe('standby');
+    await waitFor(async () => (await pair!.floatingHealth())?.body.state === 'ok', 5000, 'pair ok once a is an UpToDate secondary');
+    // b knows a's disk is UpToDate again (the resync's end reached it), so it hands back on request.
+    expect((await pair.b.post('/standby', {})).status).toBe(200);
+    await waitFor(async () => (await pair!.a.status())?.state === 'primary' && (await vol.status('a'))?.role === 'primary', 15_000, 'a primary again after b stood by');
+    const back = ((await adminCall(vol.url('a'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { digest: string }).digest;
+    expect(back).toBe(db);
   });
 
   it('replaced disk on b while a is down: b waits as standby with an Inconsistent volume (never promoted); a returns, takes over, and b takes a full sync from it', async () => {
