@@ -120,6 +120,8 @@ interface Link {
 
 const RESYNC_RUN_BLOCKS = 64;
 const RESYNC_WINDOW_BYTES = 8 * 1024 * 1024;
+/** The largest write one DATA frame carries (the frame limit, MAX_PAYLOAD, leaves room for the header). */
+const MAX_WRITE_BYTES = 1024 * 1024;
 const VERIFY_RUN_BLOCKS = 256;
 const META_FLUSH_MS = 1000;
 
@@ -252,6 +254,14 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   async write(offset: number, data: Buffer): Promise<void> {
     checkRange(this.size, offset, data.length, true);
     this.checkUsable('writes');
+    // One DATA frame carries at most MAX_WRITE_BYTES: a larger write goes as several writes in
+    // flight together (ordered by sequence, sharing flushes); it resolves when all are durable.
+    if (data.length > MAX_WRITE_BYTES) {
+      const parts: Array<Promise<void>> = [];
+      for (let at = 0; at < data.length; at += MAX_WRITE_BYTES) parts.push(this.write(offset + at, data.subarray(at, at + MAX_WRITE_BYTES)));
+      await Promise.all(parts);
+      return;
+    }
     const started = process.hrtime.bigint();
     const first = offset / BLOCK_SIZE;
     const blocks = data.length / BLOCK_SIZE;

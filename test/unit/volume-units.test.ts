@@ -286,3 +286,43 @@ describe('opening a volume', () => {
     }
   });
 });
+
+describe('writes larger than one replication frame', () => {
+  it('a 3 MiB + 4 KiB write under protocol C resolves once both disks hold all of it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-bigwrite-'));
+    const ports = await Promise.all([0, 1].map(() => new Promise<number>((resolve) => {
+      const s = net.createServer();
+      s.listen(0, '127.0.0.1', () => {
+        const port = (s.address() as net.AddressInfo).port;
+        s.close(() => resolve(port));
+      });
+    })));
+    const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
+    const config = (me: number, peer: number, name: string) =>
+      volumeConfigSchema.parse({
+        name: 'big', dataFile: join(dir, `${name}.data`), metaFile: join(dir, `${name}.meta`), sizeBytes: 16 * 1024 * 1024,
+        listen: `127.0.0.1:${ports[me]}`, peer: `127.0.0.1:${ports[peer]}`, secret: 'big-write-secret-0123', protocol: 'C',
+      });
+    const a = await ReplicatedVolume.open(config(0, 1, 'a'), deps());
+    const b = await ReplicatedVolume.open(config(1, 0, 'b'), deps());
+    try {
+      const deadline = Date.now() + 10_000;
+      while (!(a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate')) {
+        if (Date.now() > deadline) throw new Error(`not connected: ${JSON.stringify([a.status().connection, b.status().connection])}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await a.promote();
+      const big = Buffer.alloc(3 * 1024 * 1024 + 4096);
+      for (let i = 0; i < big.length; i += 4096) big.fill(i / 4096 + 1, i, i + 4096);
+      await a.write(8 * 4096, big);
+      expect((await a.read(8 * 4096, big.length)).equals(big)).toBe(true);
+      const [da, db] = await Promise.all([a.blockDigests(), b.blockDigests()]);
+      expect(db).toEqual(da);
+      expect(b.status().outOfSyncBytes).toBe(0);
+    } finally {
+      await a.close();
+      await b.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
