@@ -636,6 +636,30 @@ describe('bad input and limits', () => {
     }
   });
 
+  it('before login only whole commands count, and the pre-login bound is shorter: a client trickling a line it never finishes gets BYE', async () => {
+    const h2 = await startHarness({ idleTimeoutMs: 60_000, limits: { preLoginIdleMs: 500 } });
+    try {
+      const c = await RawClient.connect(h2.port);
+      // A byte every 100 ms of a LOGIN line that never ends: activity by bytes, idle by commands.
+      const text = 'a1 LOGIN alice alice-pw';
+      let i = 0;
+      for (; i < 40 && !c.closed; i++) {
+        c.writeRaw(text[i % text.length]!);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(await c.waitFor((t) => t.includes('* BYE'), 3000)).toContain('* BYE Autologout');
+      expect(i, 'cut while it was still trickling').toBeLessThan(40);
+      expect(h2.logs.some((l) => /"msg":"idle timeout"/.test(l) && /"state":"not-authenticated"/.test(l))).toBe(true);
+      // Logged in, the autologout time applies (60 s here), not the pre-login bound.
+      const d = await loggedIn(h2.port, 'alice');
+      await new Promise((r) => setTimeout(r, 1000));
+      expect((await d.send('NOOP')).tagged).toMatch(/ OK /);
+      d.close();
+    } finally {
+      await h2.close();
+    }
+  });
+
   it('a FETCH still sending to a slow but steady reader is cut neither by the idle timeout nor as a stalled reader', async () => {
     const h2 = await startHarness({ idleTimeoutMs: 300 });
     try {

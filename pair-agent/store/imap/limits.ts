@@ -24,6 +24,11 @@ export interface ImapLimits {
   maxSessionsPerUser: number;
   /** Failed logins (LOGIN, AUTHENTICATE) on one connection before it is closed with BYE. */
   maxAuthFailures: number;
+  /**
+   * Inactivity before login, ms (the shorter of this and the autologout time applies). RFC 3501's
+   * 30-minute minimum is for authenticated sessions; Dovecot's login processes give 3 minutes.
+   */
+  preLoginIdleMs: number;
 }
 
 export const DEFAULT_LIMITS: ImapLimits = {
@@ -37,6 +42,7 @@ export const DEFAULT_LIMITS: ImapLimits = {
   maxWriteBufferBytes: 1024 * 1024,
   maxSessionsPerUser: 50,
   maxAuthFailures: 3,
+  preLoginIdleMs: 3 * 60_000,
 };
 
 export function normalizeLimits(partial: Partial<ImapLimits> = {}): ImapLimits {

@@ -98,7 +98,7 @@ export class Session {
     this.log = ctx.log.child({ cid: this.cid, remote: this.remoteAddress });
     this.framer = new ImapFramer(ctx.limits);
     this.attach(socket);
-    this.armIdleTimer(ctx.idleTimeoutMs);
+    this.armIdleTimer(this.idleLimit());
   }
 
   get store(): MailStore {
@@ -126,16 +126,22 @@ export class Session {
     this.idleTimer = setTimeout(() => {
       this.idleTimer = null;
       if (this.closed) return;
+      const limit = this.idleLimit();
       const quiet = Date.now() - this.lastInput;
       const working = this.running && this.rawWaiter === null;
-      if (quiet < this.ctx.idleTimeoutMs || working) {
-        this.armIdleTimer(working ? this.ctx.idleTimeoutMs : this.ctx.idleTimeoutMs - quiet);
+      if (quiet < limit || working) {
+        this.armIdleTimer(working ? limit : limit - quiet);
         return;
       }
-      this.log.info({ idleMs: this.ctx.idleTimeoutMs, idling: this.idleWake !== null }, 'idle timeout');
+      this.log.info({ idleMs: limit, idling: this.idleWake !== null, state: this.state.name }, 'idle timeout');
       this.bye('Autologout; idle for too long');
     }, delay);
     this.idleTimer.unref();
+  }
+
+  /** The autologout time now: shorter before login (limits.preLoginIdleMs), as Dovecot's login processes. */
+  private idleLimit(): number {
+    return this.state.name === 'not-authenticated' ? Math.min(this.ctx.idleTimeoutMs, this.ctx.limits.preLoginIdleMs) : this.ctx.idleTimeoutMs;
   }
 
   start(greeting: string): void {
@@ -320,7 +326,6 @@ export class Session {
 
   private receive(chunk: Buffer): void {
     if (this.closed) return;
-    this.lastInput = Date.now();
     this.bytesIn += chunk.length;
     let events: FrameEvent[];
     try {
@@ -330,6 +335,10 @@ export class Session {
       this.bye('Internal error');
       return;
     }
+    // Before login only whole commands (and literal continuations) count as activity: a client
+    // trickling the bytes of a line it never finishes is idle, as at the proxy and in the store's
+    // POP3. After login every byte counts (a large APPEND literal may arrive slowly).
+    if (events.length || this.state.name !== 'not-authenticated') this.lastInput = Date.now();
     for (const ev of events) {
       if (ev.kind === 'continue') {
         // Not held back by a running command's batch: the client waits for it.
