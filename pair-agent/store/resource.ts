@@ -18,6 +18,9 @@ import { startLmtpServer, type LmtpServer } from './lmtp.ts';
 import { startPop3Server, type Pop3Server } from './pop3/server.ts';
 import type { LogStore } from './store.ts';
 
+/** A non-negative whole number (an explicit 0 is a value). */
+const count = z.number().int().min(0);
+
 export const storeConfigSchema = z
   .object({
     /** Ports on the pair's address (contract: imap 143, pop3 110, lmtp 24; 0 = ephemeral, for tests). */
@@ -54,6 +57,23 @@ export const storeConfigSchema = z
     compactBytesPerSec: z.number().int().min(0).default(32 * 1024 * 1024),
     /** Log bytes between index checkpoints (default: an eighth of the volume, 8..256 MiB). */
     checkpointBytes: z.number().int().positive().optional(),
+    /** IMAP engine bounds (pair-agent/store/imap/limits.ts has each one's meaning and default). */
+    imap: z
+      .object({
+        maxSessionsPerUser: count.optional(),
+        maxAuthFailures: count.optional(),
+        maxBadCommands: count.optional(),
+        maxLineBytes: count.optional(),
+        maxLiteralBytes: count.optional(),
+        maxCommandBytes: count.optional(),
+        maxPipelined: count.optional(),
+        maxWriteBufferBytes: count.optional(),
+        preLoginIdleMs: count.optional(),
+        /** `* OK Still here` interval during IDLE, so that NAT boxes keep the connection (2 min). */
+        idleKeepaliveMs: durationMs.optional(),
+      })
+      .strict()
+      .default({}),
   })
   .strict();
 
@@ -149,6 +169,7 @@ export function createStoreResource(args: {
             registry,
             idleTimeoutMs: config.idleTimeoutMs.pop3,
           });
+          const { idleKeepaliveMs, ...imapLimits } = config.imap;
           imap = await startImapServer({
             store,
             host: listenHost,
@@ -161,6 +182,8 @@ export function createStoreResource(args: {
             log,
             registry,
             idleTimeoutMs: config.idleTimeoutMs.imap,
+            ...(idleKeepaliveMs !== undefined ? { idleKeepaliveMs } : {}),
+            limits: imapLimits,
           });
         } catch (err) {
           await stopAll().catch(() => undefined);

@@ -111,6 +111,7 @@ async function startResource() {
     quotaBytes: QUOTA,
     maxMessageBytes: 2 * 1024 * 1024,
     compactBytesPerSec: 0,
+    imap: { maxSessionsPerUser: 2, maxAuthFailures: 1 },
   });
   res = createStoreResource({ config, device, listenHost: '127.0.0.1', log: silentLogger, registry });
   await res.start();
@@ -317,6 +318,39 @@ print(json.dumps(out))
     await b.until(() => b.closed, 5000);
     expect(b.closed).toBe(true);
     expect(res.sessions().pop3).toBeGreaterThanOrEqual(0);
+  });
+});
+
+describe('IMAP limits from the store config', () => {
+  it('imap.maxSessionsPerUser and imap.maxAuthFailures reach the IMAP server', async () => {
+    const open: Raw[] = [];
+    try {
+      for (let i = 0; i < 2; i++) {
+        const c = await Raw.open(ports().imap);
+        open.push(c);
+        expect(await c.line(`a${i} LOGIN fetchuser fetch-pass-1`)).toMatch(new RegExp(`^a${i} OK`));
+      }
+      const third = await Raw.open(ports().imap);
+      open.push(third);
+      expect(await third.line('t1 LOGIN fetchuser fetch-pass-1')).toMatch(/^t1 NO \[LIMIT\]/);
+      // One failed login is the configured limit: the server says BYE and closes.
+      const guesser = await Raw.open(ports().imap);
+      open.push(guesser);
+      guesser.sock.write('g1 LOGIN fetchuser wrong-password\r\n');
+      const text = await guesser.until((t) => t.includes('* BYE'));
+      expect(text).toMatch(/g1 NO/);
+      await guesser.until(() => guesser.closed);
+      expect(guesser.closed).toBe(true);
+    } finally {
+      for (const c of open) c.sock.destroy();
+    }
+  });
+
+  it('a bad IMAP limit in the config is refused by the schema, naming the key', () => {
+    const r = storeConfigSchema.safeParse({ masterUser: 'm', masterSecret: 'master-secret-123', imap: { maxSessionsPerUser: -1 } });
+    expect(r.success).toBe(false);
+    expect(JSON.stringify(r.error?.issues[0]?.path)).toBe('["imap","maxSessionsPerUser"]');
+    expect(storeConfigSchema.safeParse({ masterUser: 'm', masterSecret: 'master-secret-123', imap: { maxSesions: 1 } }).success).toBe(false);
   });
 });
 
