@@ -74,6 +74,15 @@ describe('imap framer and tokenizer', () => {
     });
   }
 
+  it('limits: zero is a value where it means something, refused where it would make every session unusable', () => {
+    expect(normalizeLimits({ maxAuthFailures: 0, maxLiteralBytes: 0 })).toMatchObject({ maxAuthFailures: 0, maxLiteralBytes: 0 });
+    for (const key of ['maxPipelined', 'maxLineBytes', 'maxCommandBytes', 'maxListDepth'] as const) {
+      expect(() => normalizeLimits({ [key]: 0 })).toThrow(new RegExp(`${key} must be at least 1`));
+    }
+    expect(() => normalizeLimits({ maxPipelined: -1 })).toThrow(/non-negative integer/);
+    expect(normalizeLimits({ maxPipelined: 1 }).maxPipelined).toBe(1);
+  });
+
   it('refuses an over-long line with the tag, then resynchronises', () => {
     const limits = normalizeLimits({ maxLineBytes: 100 });
     for (const size of [1, 3, 17, 1000]) {

@@ -1,7 +1,8 @@
 /**
  * Every bound of the IMAP engine in one place (after imapflow's lib/handler/limits.js): a peer
  * can never make the server hold more than these, and each one is reported as a BAD or a BYE
- * with a reason rather than a crash. Explicit zeros are kept as values by `normalizeLimits`.
+ * with a reason rather than a crash. Explicit zeros are kept as values by `normalizeLimits`
+ * (where zero means something; a zero that would make the server unusable is refused).
  */
 export interface ImapLimits {
   /** One command line (without literals), bytes. Dovecot's imap_max_line_length is 64 KiB. */
@@ -45,11 +46,19 @@ export const DEFAULT_LIMITS: ImapLimits = {
   preLoginIdleMs: 3 * 60_000,
 };
 
+/**
+ * Bounds that cannot be zero: with maxPipelined 0 a session pauses its socket after the first
+ * command and never resumes it (every session hangs), and a zero line, command or list bound
+ * refuses every command. Refused at start, naming the key, instead.
+ */
+const AT_LEAST_ONE: ReadonlySet<keyof ImapLimits> = new Set(['maxPipelined', 'maxLineBytes', 'maxCommandBytes', 'maxListDepth']);
+
 export function normalizeLimits(partial: Partial<ImapLimits> = {}): ImapLimits {
   const out = { ...DEFAULT_LIMITS };
   for (const [k, v] of Object.entries(partial) as Array<[keyof ImapLimits, number | undefined]>) {
     if (v === undefined) continue;
     if (!Number.isInteger(v) || v < 0) throw new RangeError(`imap limit ${k} must be a non-negative integer, got ${v}`);
+    if (v === 0 && AT_LEAST_ONE.has(k)) throw new RangeError(`imap limit ${k} must be at least 1, got 0`);
     out[k] = v;
   }
   return out;
