@@ -57,16 +57,16 @@ export const storeConfigSchema = z
     compactBytesPerSec: z.number().int().min(0).default(32 * 1024 * 1024),
     /** Log bytes between index checkpoints (default: an eighth of the volume, 8..256 MiB). */
     checkpointBytes: z.number().int().positive().optional(),
-    /** IMAP engine bounds (pair-agent/store/imap/limits.ts has each one's meaning and default). */
+    /** IMAP engine bounds (pair-agent/store/imap/limits.ts has each one's meaning and default; 0 is refused where it would stop every session). */
     imap: z
       .object({
         maxSessionsPerUser: count.optional(),
         maxAuthFailures: count.optional(),
         maxBadCommands: count.optional(),
-        maxLineBytes: count.optional(),
+        maxLineBytes: count.min(1).optional(),
         maxLiteralBytes: count.optional(),
-        maxCommandBytes: count.optional(),
-        maxPipelined: count.optional(),
+        maxCommandBytes: count.min(1).optional(),
+        maxPipelined: count.min(1).optional(),
         maxWriteBufferBytes: count.optional(),
         preLoginIdleMs: count.optional(),
         /** `* OK Still here` interval during IDLE, so that NAT boxes keep the connection (2 min). */

@@ -351,6 +351,8 @@ describe('IMAP limits from the store config', () => {
     expect(r.success).toBe(false);
     expect(JSON.stringify(r.error?.issues[0]?.path)).toBe('["imap","maxSessionsPerUser"]');
     expect(storeConfigSchema.safeParse({ masterUser: 'm', masterSecret: 'master-secret-123', imap: { maxSesions: 1 } }).success).toBe(false);
+    const zero = storeConfigSchema.safeParse({ masterUser: 'm', masterSecret: 'master-secret-123', imap: { maxPipelined: 0 } });
+    expect(JSON.stringify(zero.error?.issues[0]?.path)).toBe('["imap","maxPipelined"]');
   });
 });
 
