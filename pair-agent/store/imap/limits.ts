@@ -26,8 +26,9 @@ export interface ImapLimits {
   /** Failed logins (LOGIN, AUTHENTICATE) on one connection before it is closed with BYE. */
   maxAuthFailures: number;
   /**
-   * Inactivity before login, ms (the shorter of this and the autologout time applies). RFC 3501's
-   * 30-minute minimum is for authenticated sessions; Dovecot's login processes give 3 minutes.
+   * Inactivity before login, ms (the shorter of this and the autologout time applies; 0 = no
+   * separate bound). RFC 3501's 30-minute minimum is for authenticated sessions; Dovecot's login
+   * processes give 3 minutes.
    */
   preLoginIdleMs: number;
 }

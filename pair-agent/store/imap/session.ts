@@ -139,9 +139,10 @@ export class Session {
     this.idleTimer.unref();
   }
 
-  /** The autologout time now: shorter before login (limits.preLoginIdleMs), as Dovecot's login processes. */
+  /** The autologout time now: shorter before login (limits.preLoginIdleMs; 0 = none), as Dovecot's login processes. */
   private idleLimit(): number {
-    return this.state.name === 'not-authenticated' ? Math.min(this.ctx.idleTimeoutMs, this.ctx.limits.preLoginIdleMs) : this.ctx.idleTimeoutMs;
+    const pre = this.ctx.limits.preLoginIdleMs;
+    return this.state.name === 'not-authenticated' && pre > 0 ? Math.min(this.ctx.idleTimeoutMs, pre) : this.ctx.idleTimeoutMs;
   }
 
   start(greeting: string): void {
