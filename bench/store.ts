@@ -4,7 +4,7 @@
  * against Dovecot's POP3; the store's recovery time with 100,000 messages.
  *
  *   npm run bench -- store [--seconds 3] [--concurrency 4] [--recovery-messages 100000] [--pop3-messages 1000]
- *                          [--peer-dir DIR] [--no-local]
+ *                          [--peer-dir DIR] [--no-local] [--sizes 1024,51200,1048576]
  *
  * Deliveries per second for 1 KiB, 50 KiB and 1 MiB messages to 1 and 10 recipients, over
  * --concurrency LMTP connections, each delivery acknowledged before the next on its connection.
@@ -21,6 +21,8 @@
  * --recovery-messages messages on a local file, after a clean close (from the checkpoint) and
  * after a crash (checkpoint plus replay of the tail); on a pair the node that opens the store
  * reads its own replica, so the replication link plays no part in it.
+ * --sizes picks the message sizes (bytes) to run, e.g. `--sizes 1048576` for a quick look at one
+ * size. STORE_BENCH_PROF=dir writes a CPU profile of each store child there (on its exit).
  * Targets (issue #5): deliveries on protocol C >= 1.0x Dovecot; recovery < 2 s for 100,000
  * messages. Ends with one JSON line.
  */
@@ -39,6 +41,7 @@ const { values: args } = parseArgs({
     'pop3-messages': { type: 'string', default: '1000' },
     'peer-dir': { type: 'string' },
     'no-local': { type: 'boolean', default: false },
+    sizes: { type: 'string', default: '1024,51200,1048576' },
     serve: { type: 'boolean', default: false },
     device: { type: 'string', default: 'local' },
     help: { type: 'boolean', default: false },
@@ -314,7 +317,8 @@ async function main(): Promise<void> {
 
   /** One store child; resolves with its ports once it serves. */
   const startStore = (device: 'local' | 'replicated', env: NodeJS.ProcessEnv = {}) => {
-    const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', self, '--serve', '--device', device], { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, ...env } });
+    const prof = process.env.STORE_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.STORE_BENCH_PROF] : [];
+    const child: ChildProcess = spawn(process.execPath, [...prof, '--import', 'tsx', self, '--serve', '--device', device], { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, ...env } });
     children.push(child);
     return new Promise<{ lmtp: number; pop3: number; device: string; protocol?: string }>((resolve, reject) => {
       let out = '';
@@ -345,7 +349,8 @@ async function main(): Promise<void> {
     const localPorts = args['no-local'] ? null : await startStore('local');
     const { startDovecot } = await import('../test/helpers/dovecot.ts');
     dovecot = await startDovecot({ users: [...USERS, 'popbench'].map((u) => ({ user: u, password: 'pw-' + u })), masterUser: MASTER.user, masterPassword: MASTER.secret });
-    for (const size of [1024, 50 * 1024, 1024 * 1024]) {
+    for (const size of args.sizes.split(',').map(Number)) {
+      if (!Number.isInteger(size) || size < 64) throw new Error(`--sizes: ${size} is not a message size in bytes`);
       for (const rcpts of [1, 10]) {
         const name = `lmtp ${size >= 1024 * 1024 ? size / 1024 / 1024 + ' MiB' : size / 1024 + ' KiB'} x${rcpts}`;
         const secs = size >= 1024 * 1024 ? Math.max(SECONDS, 3) : SECONDS;

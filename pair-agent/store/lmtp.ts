@@ -14,7 +14,6 @@ import { counter, gauge, histogram, type MetricsRegistry } from '../../common/me
 import { PairgateError } from '../../common/errors.ts';
 import type { MailStore } from './types.ts';
 import { checkUser } from './names.ts';
-import { sha256Hex } from './digest.ts';
 
 export interface LmtpServerOptions {
   store: MailStore;
@@ -158,9 +157,16 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
     onData(stream: Readable, session, cb) {
       const parts: Buffer[] = [];
       let size = 0;
+      // The body's SHA-256 (its address in the store, and part of the delivery id when the proxy
+      // set none) is computed once, as the chunks arrive: no second pass over the whole body, no
+      // copy for a thread-pool job, and never more than one chunk's hashing between two events.
+      const hash = createHash('sha256');
       stream.on('data', (d: Buffer) => {
         size += d.length;
-        if (size <= maxBytes) parts.push(d);
+        if (size <= maxBytes) {
+          parts.push(d);
+          hash.update(d);
+        }
       });
       stream.on('error', (err) => cb(err));
       stream.on('end', () => {
@@ -174,13 +180,11 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
         const users = rcpts.map((a) => localPart(a));
         const t0 = process.hrtime.bigint();
         const client = session.xClient?.get('ADDR') ?? session.xForward?.get('ADDR') ?? session.remoteAddress;
-        const header = deliveryIdFromHeaders(body);
-        let slog = log;
-        (header ? Promise.resolve(header) : sha256Hex(body).then((sha) => envelopeDigest(from, rcpts, sha)))
-          .then((id) => {
-            slog = log.child({ cid: session.id, deliveryId: id });
-            return opts.store.deliver(id, users, body);
-          })
+        const bodySha256 = hash.digest('hex');
+        const id = deliveryIdFromHeaders(body) ?? envelopeDigest(from, rcpts, bodySha256);
+        const slog = log.child({ cid: session.id, deliveryId: id });
+        Promise.resolve()
+          .then(() => opts.store.deliver(id, users, body, { bodySha256 }))
           .then((results) => {
             const replies = results.map((r) => {
               if (r.ok) {

@@ -489,10 +489,11 @@ export class LogStore extends EventEmitter implements MailStore {
 
   // ------------------------------------------------------------------ MailStore
 
-  async deliver(deliveryId: string, users: string[], body: Buffer, opts: { internalDate?: number } = {}): Promise<DeliveryRecipientResult[]> {
+  async deliver(deliveryId: string, users: string[], body: Buffer, opts: { internalDate?: number; bodySha256?: string } = {}): Promise<DeliveryRecipientResult[]> {
     this.assertWritable();
     if (typeof deliveryId !== 'string' || !deliveryId || deliveryId.length > 256) throw new BadInputError('invalid delivery id');
-    const bodyId = await sha256Hex(body);
+    if (opts.bodySha256 !== undefined && !/^[0-9a-f]{64}$/.test(opts.bodySha256)) throw new BadInputError('invalid body digest');
+    const bodyId = opts.bodySha256 ?? (await sha256Hex(body));
     // From here to the append, synchronous: validation, index update and log records are one step.
     this.assertWritable();
     const date = opts.internalDate ?? Date.now();

@@ -75,8 +75,12 @@ export interface StoreStats {
 }
 
 export interface MailStore extends EventEmitter {
-  /** Delivers one message to many users' INBOXes, storing the body once. Idempotent per deliveryId. */
-  deliver(deliveryId: string, users: string[], body: Buffer, opts?: { internalDate?: number }): Promise<DeliveryRecipientResult[]>;
+  /**
+   * Delivers one message to many users' INBOXes, storing the body once. Idempotent per deliveryId.
+   * `bodySha256` (hex) spares a second pass over the body when the caller hashed it as it arrived
+   * (the LMTP server does); it must be the SHA-256 of exactly `body`, as it becomes the body's address.
+   */
+  deliver(deliveryId: string, users: string[], body: Buffer, opts?: { internalDate?: number; bodySha256?: string }): Promise<DeliveryRecipientResult[]>;
 
   /** Creates INBOX and the special-use mailboxes on first use; cheap when they exist. */
   ensureUser(user: string): Promise<void>;
