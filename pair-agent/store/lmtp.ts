@@ -14,6 +14,7 @@ import { counter, gauge, histogram, type MetricsRegistry } from '../../common/me
 import { PairgateError } from '../../common/errors.ts';
 import type { MailStore } from './types.ts';
 import { checkUser } from './names.ts';
+import { installFastDataScan } from './smtp-data.ts';
 
 export interface LmtpServerOptions {
   store: MailStore;
@@ -87,6 +88,7 @@ export function lmtpReplyFor(err: unknown): ReplyError {
 
 export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServer> {
   const log = opts.log.child({ protocol: 'lmtp' });
+  if (!installFastDataScan()) log.debug('smtp-server is not the version the fast DATA scan was written for: its own scan is used');
   const maxBytes = opts.maxMessageBytes ?? 50 * 1024 * 1024;
   const sessionsGauge = gauge(opts.registry, 'sessions', 'Open sessions by protocol', ['protocol']);
   const sessionsTotal = counter(opts.registry, 'sessions_total', 'Sessions started by protocol', ['protocol']);
