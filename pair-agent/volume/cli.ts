@@ -137,10 +137,13 @@ export function register(program: Command): void {
     .command('create')
     .description('create the data and metadata files of one node (both nodes: same name, size and secret)')
     .requiredOption('-c, --config <file>', 'volume config (YAML: the volume: section of a pair-agent, or a file with just those keys)')
-    .option('--force', 'overwrite existing metadata (the data becomes a fresh, never-synced volume)', false)
+    .option('--force', 'start this node over: wipe its data and metadata (a fresh node; its peer, if it has data, syncs to it)', false)
     .action(async (o: { config: string; force: boolean }) => {
       const c = loadVolumeConfig(o.config);
-      if (existsSync(c.metaFile) && !o.force) throw new ConflictError(`${c.metaFile} exists; use --force to start over (its generation history is lost)`);
+      if ((existsSync(c.metaFile) || existsSync(c.dataFile)) && !o.force) throw new ConflictError(`${existsSync(c.metaFile) ? c.metaFile : c.dataFile} exists; use --force to start over (this node's data and generation history are wiped)`);
+      // Fresh metadata promises all-zero data (two fresh nodes skip the initial sync): an old
+      // data file is emptied (sparse zeros), so starting over never keeps stale blocks.
+      rmSync(c.dataFile, { force: true });
       const dev = await FileBlockDevice.open(c.dataFile, { size: c.sizeBytes, create: true });
       await dev.close();
       writeMetadata(c.metaFile, freshMetadata(c.sizeBytes));

@@ -17,6 +17,7 @@
 import { EventEmitter } from 'node:events';
 import { createHash, randomBytes } from 'node:crypto';
 import net from 'node:net';
+import { existsSync } from 'node:fs';
 import { BadInputError, ConflictError, ProtocolError, UnavailableError } from '../../common/errors.ts';
 import type { Logger } from '../../common/log.ts';
 import type { MetricsRegistry } from '../../common/metrics.ts';
@@ -204,6 +205,13 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       throw new BadInputError(`volume ${config.name}: ${config.metaFile} describes ${meta.sizeBytes} bytes but the config says ${config.sizeBytes}`);
     }
     if (!meta) {
+      // Two fresh volumes skip the initial sync (rule 10) because fresh means all zeros; a data
+      // file without its metadata may hold anything, so it is never taken for fresh.
+      if (existsSync(config.dataFile)) {
+        throw new ConflictError(
+          `volume ${config.name}: ${config.dataFile} exists but ${config.metaFile} does not; \`pairgate volume create --force\` starts this node over (its data is wiped and the peer's is synced to it)`,
+        );
+      }
       meta = freshMetadata(config.sizeBytes);
       writeMetadata(config.metaFile, meta);
       deps.log.info({ volume: config.name, sizeBytes: config.sizeBytes }, 'volume: created new metadata');

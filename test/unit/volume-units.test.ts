@@ -326,3 +326,21 @@ describe('writes larger than one replication frame', () => {
     }
   });
 });
+
+describe('a data file without its metadata', () => {
+  it('is never opened as a fresh (all-zero) volume: open refuses it and names the way to start over', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-orphan-'));
+    try {
+      const dataFile = join(dir, 'v.data');
+      writeFileSync(dataFile, Buffer.alloc(1024 * 1024, 7)); // blocks a fresh peer would not have
+      const config = volumeConfigSchema.parse({
+        name: 'v', dataFile, metaFile: join(dir, 'v.meta'), sizeBytes: 1024 * 1024,
+        listen: '127.0.0.1:0', peer: '127.0.0.1:9', secret: 'orphan-test-secret-0123',
+      });
+      await expect(ReplicatedVolume.open(config, { log: silentLogger, registry: createRegistry({}, false) })).rejects.toThrow(/exists but .*v\.meta does not.*create --force/);
+      expect(readdirSync(dir)).toEqual(['v.data']); // no metadata was written over it
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
