@@ -27,6 +27,8 @@ const SECRET_KEYS = new Set([
   'proxy-authorization',
   'cookie',
   'set-cookie',
+  'credentials',
+  'pwd',
 ]);
 /** Any key ending like this is a secret too: bindPassword, userPassword, masterSecret, adminToken… */
 const SECRET_SUFFIX = /(password|passwd|secret|token|passwordhash)$/i;
@@ -35,8 +37,9 @@ export function isSecretKey(name: string): boolean {
   return SECRET_KEYS.has(name.toLowerCase()) || SECRET_SUFFIX.test(name);
 }
 
-// scheme://user:password@host: keep the user (it says which account), drop the password.
-const URL_CREDENTIALS = /\b([a-z][a-z0-9+.-]*:\/\/[^\s:/@]*):[^\s/@]*@/gi;
+// scheme://user:password@host: keep the user (it says which account), drop the password, up
+// to the last @ of the token: operators write unescaped / and @ in passwords too.
+const URL_CREDENTIALS = /\b([a-z][a-z0-9+.-]*:\/\/[^\s:/@]*):\S*@/gi;
 
 export function redactString(s: string): string {
   return s.includes('@') && s.includes('://') ? s.replace(URL_CREDENTIALS, `$1:${CENSOR}@`) : s;

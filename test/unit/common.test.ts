@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { validateConfig, parseYaml, expandEnv, z, port } from '../../common/config.ts';
 import { ConfigError } from '../../common/errors.ts';
 import { AddressList } from '../../common/cidr.ts';
-import { createLogger } from '../../common/log.ts';
+import { createLogger, redactString } from '../../common/log.ts';
 import { Writable } from 'node:stream';
 import { readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -116,6 +116,15 @@ describe('logging', () => {
     // Errors keep what explains them.
     expect(third!.err).toMatchObject({ type: 'Error', message: 'failed at ldap://cn=x:[redacted]@h:389' });
     expect(String((third!.err as { stack: string }).stack)).toContain('common.test.ts');
+  });
+});
+
+describe('redactString', () => {
+  it('drops a URL password that holds unescaped / or @, keeping the user and the host', () => {
+    expect(redactString('redis://:s3cr/et@host:6379')).toBe('redis://:[redacted]@host:6379');
+    expect(redactString('redis://:p@ss@host')).toBe('redis://:[redacted]@host');
+    expect(redactString('dial ldaps://svc:a:b@ldap1:636 failed')).toBe('dial ldaps://svc:[redacted]@ldap1:636 failed');
+    expect(redactString('mail alice@example.net via smtp://relay:25')).toBe('mail alice@example.net via smtp://relay:25');
   });
 });
 
