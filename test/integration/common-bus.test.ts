@@ -37,7 +37,9 @@ describe('redis bus against a real redis-server', () => {
   });
 
   it('fails fast with UnavailableError while Redis is down and recovers after, events included', async () => {
-    const bus = new RedisBus({ url: redis.url, subscribe: true });
+    // A command timeout far past the test's own: a call that waited for Redis instead of failing
+    // at once would hang the test rather than pass (no wall-clock assertion needed).
+    const bus = new RedisBus({ url: redis.url, subscribe: true, commandTimeoutMs: 120_000 });
     const other = new RedisBus({ url: redis.url });
     const seen: BusEvent[] = [];
     const downs: string[] = [];
@@ -49,10 +51,8 @@ describe('redis bus against a real redis-server', () => {
     // While it is down: every call fails at once with the typed error, nothing throws out of
     // ioredis's reconnect loop (an unhandled 'error' event would fail this test file).
     for (let i = 0; i < 20; i++) {
-      const t0 = Date.now();
       await expect(bus.get('pairgate:x')).rejects.toBeInstanceOf(UnavailableError);
       await expect(bus.incrWithTtl('pairgate:n', 1000)).rejects.toBeInstanceOf(UnavailableError);
-      expect(Date.now() - t0).toBeLessThan(1000);
       bus.publishQuietly({ type: 'state', reason: 'while down' });
     }
     await new Promise((r) => setTimeout(r, 700)); // a few reconnect attempts against a closed port

