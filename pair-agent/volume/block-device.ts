@@ -18,6 +18,10 @@ export interface BlockDevice {
   /**
    * Writes `data` at `offset`. Offset and length must be multiples of BLOCK_SIZE. Resolves when
    * the write is durable as the device promises (local: fdatasync'd; protocol C: on both disks).
+   * Concurrent writes must not overlap: the local disk may complete them in either order while the
+   * peer applies them in issue order, so overlapping ones could leave the two disks different
+   * (the store never issues them; like a file system, it waits for a block's write to finish
+   * before writing that block again).
    */
   write(offset: number, data: Buffer): Promise<void>;
   /** Resolves when every write issued before it is durable. */
