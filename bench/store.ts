@@ -22,7 +22,7 @@
  * after a crash (checkpoint plus replay of the tail); on a pair the node that opens the store
  * reads its own replica, so the replication link plays no part in it.
  * --sizes picks the message sizes (bytes) to run, e.g. `--sizes 1048576` for a quick look at one
- * size. STORE_BENCH_PROF=dir writes a CPU profile of each store child there (on its exit).
+ * size. STORE_BENCH_PROF=dir writes CPU profiles of the store children and the volume peer there (on exit).
  * Targets (issue #5): deliveries on protocol C >= 1.0x Dovecot; recovery < 2 s for 100,000
  * messages. Ends with one JSON line.
  */
@@ -342,7 +342,8 @@ async function main(): Promise<void> {
     const cfgA = { ...base, dataFile: join(dir.path, 'a.data'), metaFile: join(dir.path, 'a.meta'), listen: `127.0.0.1:${ports.a}`, peer: `127.0.0.1:${ports.b}` };
     const cfgB = { ...base, dataFile: join(peerDir, 'b.data'), metaFile: join(peerDir, 'b.meta'), listen: `127.0.0.1:${ports.b}`, peer: `127.0.0.1:${ports.a}`, admin: { host: '127.0.0.1', port: ports.peerAdmin } };
     writeFileSync(join(dir.path, 'b.yaml'), stringify(cfgB));
-    peer = startProcess('volume-peer', process.execPath, [PAIRGATE_BIN, 'volume', 'serve', '--config', join(dir.path, 'b.yaml'), '--log-level', 'warn'], { cwd: REPO_ROOT });
+    const peerProf = process.env.STORE_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.STORE_BENCH_PROF] : [];
+    peer = startProcess('volume-peer', process.execPath, [...peerProf, PAIRGATE_BIN, 'volume', 'serve', '--config', join(dir.path, 'b.yaml'), '--log-level', 'warn'], { cwd: REPO_ROOT });
     await waitForPort('127.0.0.1', ports.peerAdmin, 20_000);
     const cPorts = await startStore('replicated', { BENCH_VOLUME_CONFIG: JSON.stringify(cfgA) });
     process.stderr.write(`pairgate store on a replicated volume: ${JSON.stringify(cPorts)}; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir}\n`);

@@ -5,8 +5,9 @@
  * dots by testing every byte of the message in a JavaScript loop; for a 1 MiB delivery that was
  * the largest single CPU cost of the store's LMTP server (bench/store, STORE_BENCH_PROF). This is
  * the same function with that loop replaced by `Buffer.indexOf` of "\n." (a native search), which
- * visits exactly the same candidate positions in the same order; everything else, including the
- * start-of-DATA and chunk-boundary handling, is unchanged.
+ * visits exactly the same candidate positions in the same order, and without the copy of every
+ * chunk behind the 4 bytes held back from the previous one (feedAfterCarry) when no candidate
+ * lies at that boundary; otherwise, including the start-of-DATA handling, it is unchanged.
  *
  * It is installed only over the exact function it was written against (a digest of its source):
  * any other version of smtp-server keeps its own code. The test suite checks both against each
@@ -36,6 +37,12 @@ export const originalFeedDataStream = (SMTPStream.prototype as unknown as Stream
 
 export function fastFeedDataStream(this: StreamInternals, chunk: Buffer, done: Done): void {
   const dataStream = this._dataStream!;
+  const carry = this._lastBytes;
+  if (carry && carry.length && chunk.length >= 16 && !this._atDataStart && noCandidateNear(carry, chunk)) {
+    this._lastBytes = false;
+    feedAfterCarry.call(this, carry, chunk, done);
+    return;
+  }
   if (this._lastBytes && this._lastBytes.length) {
     chunk = Buffer.concat([this._lastBytes, chunk], this._lastBytes.length + chunk.length);
     this._lastBytes = false;
@@ -90,6 +97,63 @@ export function fastFeedDataStream(this: StreamInternals, chunk: Buffer, done: D
       } else return done();
     } else return done();
   } else return done();
+}
+
+/**
+ * True when the up to 4 bytes held back from the last chunk (`carry`) and the first 8 bytes of
+ * `chunk` hold no "\n." whose dot sits at index 2..carry+5 of carry+chunk: then every candidate
+ * of the original's scan over carry+chunk lies at index 6 or later of `chunk` alone.
+ */
+function noCandidateNear(carry: Buffer, chunk: Buffer): boolean {
+  const head = Buffer.concat([carry, chunk.subarray(0, 8)]);
+  for (let i = 2; i <= carry.length + 5; i++) if (head[i] === 0x2e && head[i - 1] === 0x0a) return false;
+  return true;
+}
+
+/**
+ * The original's result for carry+chunk without copying `chunk` behind the carry (for a 1 MiB
+ * message that concatenation copied the whole message once more): what it would emit as one
+ * buffer is emitted as the carry, then the part of `chunk`; the data stream's reader sees the
+ * same bytes in the same order. Only called when noCandidateNear(carry, chunk) and not at the
+ * start of DATA.
+ */
+function feedAfterCarry(this: StreamInternals, carry: Buffer, chunk: Buffer, done: Done): void {
+  const dataStream = this._dataStream!;
+  const len = chunk.length;
+  // candidates j in [6, len - 2) of chunk (index carry.length + j of carry+chunk)
+  for (let nl = chunk.indexOf(DOT_AT_LINE_START, 5); nl >= 0; nl = chunk.indexOf(DOT_AT_LINE_START, nl + 1)) {
+    const j = nl + 1;
+    if (j >= len - 2) break;
+    if (Buffer.compare(chunk.subarray(j - 2, j + 3), END_SEQUENCE) === 0) {
+      this._countDataBytes(carry.length + j);
+      if (dataStream.writable) dataStream.write(carry);
+      this._endDataMode(chunk.subarray(0, j), chunk.subarray(j + 3), done);
+      return;
+    }
+    if (chunk[j + 1] === 0x2e) {
+      this._countDataBytes(carry.length + j);
+      if (dataStream.writable) {
+        dataStream.write(carry);
+        dataStream.write(chunk.subarray(0, j));
+      }
+      const rest = chunk.subarray(j + 1);
+      setImmediate(() => this._feedDataStream(rest, done));
+      return;
+    }
+  }
+  this._lastBytes = chunk.subarray(len - 4);
+  this._countDataBytes(carry.length + len - 4);
+  if (!dataStream.writable) return done();
+  dataStream.write(carry);
+  const handled = dataStream.write(chunk.subarray(0, len - 4));
+  if (handled || dataStream.destroyed) return done();
+  const onDrain = () => {
+    dataStream.removeListener('drain', onDrain);
+    dataStream.removeListener('close', onDrain);
+    done();
+  };
+  dataStream.once('drain', onDrain);
+  dataStream.once('close', onDrain);
 }
 
 let installed: boolean | null = null;
