@@ -290,6 +290,56 @@ interface Region {
   len: number;
 }
 
+/** Parts smaller than this are copied together into one buffer per device write; larger ones go by reference. */
+const COALESCE_BELOW = 16 * 1024;
+
+/**
+ * A region cut into device writes of at most MAX_DEVICE_WRITE bytes, zero-padded to the block
+ * boundary. Large payload parts (message bodies) are passed to the device as they are, not copied
+ * into one buffer (a 1 MiB delivery was copied once more here); runs of small parts (record
+ * headers, index ops, small bodies) are joined, so that a group of many small records stays a few
+ * buffers for pwritev and the replication frame.
+ */
+export function deviceWrites(r: { parts: readonly Buffer[]; len: number }): Array<{ data: Buffer | Buffer[]; length: number }> {
+  const out: Array<{ data: Buffer | Buffer[]; length: number }> = [];
+  let cur: Buffer[] = [];
+  let curLen = 0;
+  let small: Buffer[] = [];
+  let smallLen = 0;
+  const flushSmall = () => {
+    if (smallLen) cur.push(small.length === 1 ? small[0]! : Buffer.concat(small, smallLen));
+    small = [];
+    smallLen = 0;
+  };
+  const endWrite = () => {
+    flushSmall();
+    if (curLen) out.push({ data: cur.length === 1 ? cur[0]! : cur, length: curLen });
+    cur = [];
+    curLen = 0;
+  };
+  const add = (p: Buffer) => {
+    for (let at = 0; at < p.length; ) {
+      const n = Math.min(p.length - at, MAX_DEVICE_WRITE - curLen);
+      const piece = at === 0 && n === p.length ? p : p.subarray(at, at + n);
+      if (piece.length < COALESCE_BELOW) {
+        small.push(piece);
+        smallLen += piece.length;
+      } else {
+        flushSmall();
+        cur.push(piece);
+      }
+      curLen += n;
+      at += n;
+      if (curLen === MAX_DEVICE_WRITE) endWrite();
+    }
+  };
+  for (const p of r.parts) add(p);
+  const pad = roundUp(r.len) - r.len;
+  if (pad) add(Buffer.alloc(pad));
+  endWrite();
+  return out;
+}
+
 /**
  * Appends records and commits them in groups: `append` lays a record out at once (so callers
  * know its offset), `commit` resolves when every record appended before it is durable. One
@@ -391,12 +441,6 @@ export class LogWriter {
         this.pos.offset = roundUp(this.pos.offset);
         try {
           for (const r of regions) {
-            const padded = Buffer.alloc(roundUp(r.len));
-            let o = 0;
-            for (const p of r.parts) {
-              p.copy(padded, o);
-              o += p.length;
-            }
             // At most MAX_DEVICE_WRITE per call: the replicated volume ships each write as one frame,
             // and a group holding a large message would exceed its frame limit (the write would fail
             // and the log with it). The chunks go out together so that the device can commit them
@@ -405,8 +449,10 @@ export class LogWriter {
             // later chunk durable without an earlier one ends the log at the first missing record,
             // as a torn large write would; the group's waiters are answered only after all chunks.
             const chunks: Array<Promise<void>> = [];
-            for (let off = 0; off < padded.length; off += MAX_DEVICE_WRITE) {
-              chunks.push(this.device.write(r.start + off, padded.subarray(off, Math.min(padded.length, off + MAX_DEVICE_WRITE))));
+            let off = r.start;
+            for (const w of deviceWrites(r)) {
+              chunks.push(this.device.write(off, w.data));
+              off += w.length;
             }
             const results = await Promise.allSettled(chunks);
             const failed = results.find((x): x is PromiseRejectedResult => x.status === 'rejected');

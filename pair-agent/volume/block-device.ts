@@ -10,6 +10,19 @@ import { BadInputError, IntegrityError, UnavailableError } from '../../common/er
 
 export const BLOCK_SIZE = 4096;
 
+/**
+ * What a write takes: one buffer, or parts written back to back (so that a caller laying out
+ * records around a large payload need not copy the payload into one buffer first).
+ */
+export type WriteData = Buffer | readonly Buffer[];
+
+export function writeLength(data: WriteData): number {
+  if (Buffer.isBuffer(data)) return data.length;
+  let n = 0;
+  for (const p of data) n += p.length;
+  return n;
+}
+
 export interface BlockDevice {
   /** Usable size in bytes (a multiple of BLOCK_SIZE). */
   readonly size: number;
@@ -23,7 +36,7 @@ export interface BlockDevice {
    * (the store never issues them; like a file system, it waits for a block's write to finish
    * before writing that block again).
    */
-  write(offset: number, data: Buffer): Promise<void>;
+  write(offset: number, data: WriteData): Promise<void>;
   /** Resolves when every write issued before it is durable. */
   flush(): Promise<void>;
   /** True when the store may read and write now (primary, disk attached). */
@@ -103,17 +116,13 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   /** Writes without waiting for durability (the replicated volume sequences its own flushes). */
-  async writeNoSync(offset: number, data: Buffer): Promise<void> {
-    checkRange(this.size, offset, data.length, true);
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.handle().write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
-    }
+  async writeNoSync(offset: number, data: WriteData): Promise<void> {
+    checkRange(this.size, offset, writeLength(data), true);
+    await writeFully(this.handle(), offset, data);
   }
 
-  async write(offset: number, data: Buffer): Promise<void> {
-    checkRange(this.size, offset, data.length, true);
+  async write(offset: number, data: WriteData): Promise<void> {
+    checkRange(this.size, offset, writeLength(data), true);
     const alone = this.idle && this.dsync !== null;
     this.active++;
     try {
@@ -129,7 +138,7 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   /** One O_DSYNC write: durable when it resolves (the caller checked the range). */
-  async writeDurable(offset: number, data: Buffer): Promise<void> {
+  async writeDurable(offset: number, data: WriteData): Promise<void> {
     if (!this.dsync) return this.write(offset, data);
     this.active++;
     try {
@@ -139,13 +148,9 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
-  private async writeAll(fh: FileHandle, offset: number, data: Buffer): Promise<void> {
+  private async writeAll(fh: FileHandle, offset: number, data: WriteData): Promise<void> {
     if (!this.fh) throw new UnavailableError(`block device ${this.path} is closed`);
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await fh.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
-    }
+    await writeFully(fh, offset, data);
   }
 
   /** Group commit: callers arriving while a sync runs share the next one. */
@@ -179,5 +184,29 @@ export class FileBlockDevice implements BlockDevice {
     this.dsync = null;
     await ds?.close();
     await fh?.close();
+  }
+}
+
+/** Writes all of `data` at `offset` (parts with pwritev), continuing after short writes. */
+async function writeFully(fh: FileHandle, offset: number, data: WriteData): Promise<void> {
+  if (Buffer.isBuffer(data) || data.length === 1) {
+    const b = Buffer.isBuffer(data) ? data : data[0]!;
+    let done = 0;
+    while (done < b.length) {
+      const { bytesWritten } = await fh.write(b, done, b.length - done, offset + done);
+      done += bytesWritten;
+    }
+    return;
+  }
+  let parts = data.filter((p) => p.length > 0);
+  let at = offset;
+  while (parts.length) {
+    let { bytesWritten } = await fh.writev(parts, at);
+    at += bytesWritten;
+    // drop what was written (a short write can end inside a part)
+    let i = 0;
+    while (i < parts.length && bytesWritten >= parts[i]!.length) bytesWritten -= parts[i++]!.length;
+    parts = parts.slice(i);
+    if (bytesWritten > 0) parts[0] = parts[0]!.subarray(bytesWritten);
   }
 }

@@ -21,7 +21,7 @@ import { existsSync } from 'node:fs';
 import { BadInputError, ConflictError, ProtocolError, UnavailableError } from '../../common/errors.ts';
 import type { Logger } from '../../common/log.ts';
 import type { MetricsRegistry } from '../../common/metrics.ts';
-import { BLOCK_SIZE, FileBlockDevice, checkRange, type BlockDevice } from './block-device.ts';
+import { BLOCK_SIZE, FileBlockDevice, checkRange, writeLength, type BlockDevice, type WriteData } from './block-device.ts';
 import type { VolumeConfig } from './config.ts';
 import {
   AL_EXTENTS,
@@ -259,12 +259,16 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     }
   }
 
-  async write(offset: number, data: Buffer): Promise<void> {
-    checkRange(this.size, offset, data.length, true);
+  async write(offset: number, given: WriteData): Promise<void> {
+    const length = writeLength(given);
+    checkRange(this.size, offset, length, true);
     this.checkUsable('writes');
+    // Parts (records around a large payload) go to the local disk and into the DATA frame as they
+    // are; only a write too large for one frame is joined first, to be cut below.
+    const data = Buffer.isBuffer(given) || length <= MAX_WRITE_BYTES ? given : Buffer.concat(given, length);
     // One DATA frame carries at most MAX_WRITE_BYTES: a larger write goes as several writes in
     // flight together (ordered by sequence, sharing flushes); it resolves when all are durable.
-    if (data.length > MAX_WRITE_BYTES) {
+    if (Buffer.isBuffer(data) && data.length > MAX_WRITE_BYTES) {
       const parts: Array<Promise<void>> = [];
       for (let at = 0; at < data.length; at += MAX_WRITE_BYTES) parts.push(this.write(offset + at, data.subarray(at, at + MAX_WRITE_BYTES)));
       await Promise.all(parts);
@@ -272,7 +276,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     }
     const started = process.hrtime.bigint();
     const first = offset / BLOCK_SIZE;
-    const blocks = data.length / BLOCK_SIZE;
+    const blocks = length / BLOCK_SIZE;
     const alDone = this.coverActivityLog(first, blocks);
     if (alDone) {
       try {
@@ -297,8 +301,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         peerDone = new Promise<void>((resolve) => this.pending.set(seq, { first, blocks, needsPeer, done: resolve }));
       }
       this.send(link, FrameType.Data, seq, encodeBlockWrite(offset, data));
-      this.stats.dataBytesSent += data.length;
-      this.metrics.bytesSent('data', data.length);
+      this.stats.dataBytesSent += length;
+      this.metrics.bytesSent('data', length);
     } else {
       this.meta.bitmap.setRange(first, blocks);
       this.metaDirty = true;

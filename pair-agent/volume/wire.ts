@@ -144,10 +144,10 @@ export function decodeJson<T>(p: Buffer, what: string): T {
 }
 
 /** DATA / RESYNC DATA: u64 offset, then the block bytes. */
-export function encodeBlockWrite(offset: number, data: Buffer): Buffer[] {
+export function encodeBlockWrite(offset: number, data: Buffer | readonly Buffer[]): Buffer[] {
   const h = Buffer.alloc(8);
   h.writeBigUInt64BE(BigInt(offset));
-  return [h, data];
+  return Buffer.isBuffer(data) ? [h, data] : [h, ...data];
 }
 
 export function decodeBlockWrite(p: Buffer): { offset: number; data: Buffer } {

@@ -9,7 +9,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { ConflictError, LimitError, NotFoundError, BadInputError } from '../../common/errors.ts';
-import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
+import { FileBlockDevice, writeLength, type WriteData } from '../../pair-agent/volume/block-device.ts';
 import { openMailStore, type LogStore } from '../../pair-agent/store/index.ts';
 import { crc32c } from '../../pair-agent/store/crc32c.ts';
 import { decodeSuperblock, MAX_DEVICE_WRITE } from '../../pair-agent/store/log.ts';
@@ -359,13 +359,14 @@ describe('mail store', () => {
   it('never writes more than MAX_DEVICE_WRITE at once: a group with multi-MiB messages fits a device with a 1 MiB frame limit', async () => {
     const h = await fresh(64 * 1024 * 1024);
     const s = h.store;
-    const dev = h.device as unknown as { write(o: number, d: Buffer): Promise<void> };
+    const dev = h.device as unknown as { write(o: number, d: WriteData): Promise<void> };
     const orig = dev.write.bind(dev);
     let largest = 0;
     // As the replicated volume does (one frame per write, payload limit 1 MiB + 64 bytes).
-    dev.write = async (o: number, d: Buffer) => {
-      largest = Math.max(largest, d.length);
-      if (d.length > 1024 * 1024 + 64 - 16) throw new Error(`frame payload of ${d.length} bytes is over the limit`);
+    dev.write = async (o: number, d: WriteData) => {
+      const n = writeLength(d);
+      largest = Math.max(largest, n);
+      if (n > 1024 * 1024 + 64 - 16) throw new Error(`frame payload of ${n} bytes is over the limit`);
       return orig(o, d);
     };
     const big = (n: number) => msg(n, 3 * 1024 * 1024 + n * 1000);
