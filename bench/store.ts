@@ -21,6 +21,8 @@
  * --recovery-messages messages on a local file, after a clean close (from the checkpoint) and
  * after a crash (checkpoint plus replay of the tail); on a pair the node that opens the store
  * reads its own replica, so the replication link plays no part in it.
+ * Each cell's progress line on stderr also gives the store process's CPU time per delivery
+ * (user + system, from process.cpuUsage), which moves far less with machine load than the rates.
  * --sizes picks the message sizes (bytes) to run, e.g. `--sizes 1048576` for a quick look at one
  * size. STORE_BENCH_PROF=dir writes CPU profiles of the store children and the volume peer there (on exit).
  * Targets (issue #5): deliveries on protocol C >= 1.0x Dovecot; recovery < 2 s for 100,000
@@ -99,7 +101,13 @@ async function serve(): Promise<void> {
   const res = createStoreResource({ config, device, listenHost: '127.0.0.1', log: silentLogger, registry });
   await res.start();
   process.stdout.write(JSON.stringify({ ...res.ports(), ...info }) + '\n');
-  process.stdin.on('data', () => undefined);
+  // Each line on stdin asks for the CPU time this process has used so far (ms, user + system).
+  process.stdin.on('data', (d: Buffer) => {
+    for (let n = d.toString().split('\n').length - 1; n > 0; n--) {
+      const u = process.cpuUsage();
+      process.stdout.write(JSON.stringify({ cpuMs: (u.user + u.system) / 1000 }) + '\n');
+    }
+  });
   process.stdin.on('end', async () => {
     await res.stop();
     await closeDevice();
@@ -316,16 +324,31 @@ async function main(): Promise<void> {
   let peer: Awaited<ReturnType<typeof startProcess>> | null = null;
 
   /** One store child; resolves with its ports once it serves. */
+  const cpuReaders = new Map<ChildProcess, Array<(ms: number) => void>>();
+  /** CPU time (ms) a store child has used so far. */
+  const cpuOf = (child: ChildProcess) =>
+    new Promise<number>((resolve) => {
+      cpuReaders.get(child)!.push(resolve);
+      child.stdin!.write('cpu\n');
+    });
   const startStore = (device: 'local' | 'replicated', env: NodeJS.ProcessEnv = {}) => {
     const prof = process.env.STORE_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.STORE_BENCH_PROF] : [];
     const child: ChildProcess = spawn(process.execPath, [...prof, '--import', 'tsx', self, '--serve', '--device', device], { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, ...env } });
     children.push(child);
-    return new Promise<{ lmtp: number; pop3: number; device: string; protocol?: string }>((resolve, reject) => {
+    cpuReaders.set(child, []);
+    return new Promise<{ lmtp: number; pop3: number; device: string; protocol?: string; child: ChildProcess }>((resolve, reject) => {
       let out = '';
+      let first = true;
       child.stdout!.on('data', (d: Buffer) => {
         out += d.toString();
-        const i = out.indexOf('\n');
-        if (i >= 0) resolve(JSON.parse(out.slice(0, i)));
+        for (let i = out.indexOf('\n'); i >= 0; i = out.indexOf('\n')) {
+          const line = JSON.parse(out.slice(0, i));
+          out = out.slice(i + 1);
+          if (first) {
+            first = false;
+            resolve({ ...line, child });
+          } else cpuReaders.get(child)!.shift()?.(line.cpuMs);
+        }
       });
       child.once('exit', (code) => reject(new Error(`store child (${device}) exited ${code}`)));
     });
@@ -355,11 +378,17 @@ async function main(): Promise<void> {
       for (const rcpts of [1, 10]) {
         const name = `lmtp ${size >= 1024 * 1024 ? size / 1024 / 1024 + ' MiB' : size / 1024 + ' KiB'} x${rcpts}`;
         const secs = size >= 1024 * 1024 ? Math.max(SECONDS, 3) : SECONDS;
+        const cpu0 = await cpuOf(cPorts.child);
         const c = await lmtpRun(cPorts.lmtp, size, rcpts, secs);
+        const cpuC = ((await cpuOf(cPorts.child)) - cpu0) / Math.max(1, c.count);
+        const cpu1 = localPorts ? await cpuOf(localPorts.child) : 0;
         const l = localPorts ? await lmtpRun(localPorts.lmtp, size, rcpts, secs) : null;
+        const cpuL = localPorts && l ? ((await cpuOf(localPorts.child)) - cpu1) / Math.max(1, l.count) : null;
         const dc = await lmtpRun(dovecot.lmtpPort, size, rcpts, secs);
         rows.push({ name, c: c.perSec, local: l?.perSec ?? null, dovecot: dc.perSec });
-        process.stderr.write(`${name}: pairgate C ${c.perSec.toFixed(1)}/s (${c.count})${l ? `, pairgate local ${l.perSec.toFixed(1)}/s (${l.count})` : ''}, dovecot ${dc.perSec.toFixed(1)}/s (${dc.count})\n`);
+        process.stderr.write(
+          `${name}: pairgate C ${c.perSec.toFixed(1)}/s (${c.count}, store CPU ${cpuC.toFixed(2)} ms/delivery)${l ? `, pairgate local ${l.perSec.toFixed(1)}/s (${l.count}, ${cpuL!.toFixed(2)} ms)` : ''}, dovecot ${dc.perSec.toFixed(1)}/s (${dc.count})\n`,
+        );
       }
     }
     const pgPop = await pop3Run(cPorts.pop3, cPorts.lmtp, 'popbench');
