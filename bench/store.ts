@@ -369,7 +369,7 @@ async function main(): Promise<void> {
     peer = startProcess('volume-peer', process.execPath, [...peerProf, PAIRGATE_BIN, 'volume', 'serve', '--config', join(dir.path, 'b.yaml'), '--log-level', 'warn'], { cwd: REPO_ROOT });
     await waitForPort('127.0.0.1', ports.peerAdmin, 20_000);
     const cPorts = await startStore('replicated', { BENCH_VOLUME_CONFIG: JSON.stringify(cfgA) });
-    process.stderr.write(`pairgate store on a replicated volume: ${JSON.stringify(cPorts)}; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir}\n`);
+    process.stderr.write(`pairgate store on a replicated volume: ${JSON.stringify({ ...cPorts, child: cPorts.child.pid })}; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir}\n`);
     const localPorts = args['no-local'] ? null : await startStore('local');
     const { startDovecot } = await import('../test/helpers/dovecot.ts');
     dovecot = await startDovecot({ users: [...USERS, 'popbench'].map((u) => ({ user: u, password: 'pw-' + u })), masterUser: MASTER.user, masterPassword: MASTER.secret });
