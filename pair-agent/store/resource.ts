@@ -55,6 +55,11 @@ export const storeConfigSchema = z
       .default({}),
     /** Background compaction I/O bound (bytes/s); 0 turns background compaction off. */
     compactBytesPerSec: z.number().int().min(0).default(32 * 1024 * 1024),
+    /**
+     * On stop (a hand-over, rolling maintenance), how long open IMAP/POP3 sessions may go on to
+     * finish on their own before they are closed; new logins wait at the proxies meanwhile.
+     */
+    stopGraceMs: durationMs.default(2000),
     /** Log bytes between index checkpoints (default: an eighth of the volume, 8..256 MiB). */
     checkpointBytes: z.number().int().positive().optional(),
     /** IMAP engine bounds (pair-agent/store/imap/limits.ts has each one's meaning and default; 0 is refused where it would stop every session). */
@@ -119,10 +124,15 @@ export function createStoreResource(args: {
     return p;
   };
 
-  const stopAll = async () => {
+  const stopAll = async (graceMs = 0) => {
     const servers = [imap, pop3, lmtp];
     imap = pop3 = lmtp = null;
-    await Promise.all(servers.map((s) => s?.close().catch((err: unknown) => log.warn({ err }, 'server close failed'))));
+    const [i, p, l] = servers;
+    await Promise.all([
+      i?.close(graceMs).catch((err: unknown) => log.warn({ err }, 'imap close failed')),
+      p?.close(graceMs).catch((err: unknown) => log.warn({ err }, 'pop3 close failed')),
+      l?.close().catch((err: unknown) => log.warn({ err }, 'lmtp close failed')),
+    ]);
     const st = store;
     store = null;
     if (st) await st.close();
@@ -195,7 +205,9 @@ export function createStoreResource(args: {
       serial(async () => {
         if (!store && !lmtp && !pop3 && !imap) return;
         const t0 = Date.now();
-        await stopAll();
+        // Only a healthy store lets its sessions finish: a failed one closes them at once.
+        const healthy = store !== null && !store.closed && !store.failed() && device.writable;
+        await stopAll(healthy ? config.stopGraceMs : 0);
         await device.flush().catch(() => undefined);
         log.info({ ms: Date.now() - t0 }, 'store stopped');
       }),

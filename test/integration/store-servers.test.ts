@@ -346,6 +346,28 @@ describe('IMAP limits from the store config', () => {
     }
   });
 
+  it('a stop lets a finishing IMAP session end on its own (stopGraceMs), then says BYE to the rest', async () => {
+    const imapPort = ports().imap;
+    const finishing = await Raw.open(imapPort);
+    const lingering = await Raw.open(imapPort);
+    try {
+      expect(await finishing.line('f1 LOGIN fetchuser fetch-pass-1')).toMatch(/^f1 OK/);
+      expect(await lingering.line('l1 LOGIN fetchuser fetch-pass-1')).toMatch(/^l1 OK/);
+      const stopping = res.stop();
+      await new Promise((r) => setTimeout(r, 200));
+      // New connections are refused at once; the open session still completes its LOGOUT.
+      await expect(Raw.open(imapPort).then((c) => c.sock.destroy())).rejects.toThrow();
+      finishing.sock.write('f2 LOGOUT\r\n');
+      expect(await finishing.until((t) => /f2 OK/.test(t))).toMatch(/\* BYE Logging out/);
+      await stopping;
+      expect(await lingering.until(() => lingering.closed)).toMatch(/\* BYE Server shutting down/);
+    } finally {
+      finishing.sock.destroy();
+      lingering.sock.destroy();
+      await startResource();
+    }
+  });
+
   it('a bad IMAP limit in the config is refused by the schema, naming the key', () => {
     const r = storeConfigSchema.safeParse({ masterUser: 'm', masterSecret: 'master-secret-123', imap: { maxSessionsPerUser: -1 } });
     expect(r.success).toBe(false);

@@ -39,7 +39,8 @@ export interface ImapServerOptions {
 }
 
 export interface ImapServer {
-  close(): Promise<void>;
+  /** Stops accepting; open sessions get `graceMs` to finish on their own, then a BYE. */
+  close(graceMs?: number): Promise<void>;
   sessions(): number;
   port: number;
 }
@@ -113,9 +114,13 @@ export async function startImapServer(opts: ImapServerOptions): Promise<ImapServ
   return {
     port,
     sessions: () => sessions.size,
-    async close() {
-      opts.store.off('change', byMailbox);
+    async close(graceMs = 0) {
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      // A planned hand-over lets sessions that are finishing (a client's FETCH and LOGOUT) end
+      // cleanly; the proxies hold new logins meanwhile. Changes still reach them until then.
+      const drainUntil = Date.now() + graceMs;
+      while (sessions.size && Date.now() < drainUntil) await new Promise((r) => setTimeout(r, 20));
+      opts.store.off('change', byMailbox);
       for (const s of [...sessions]) s.bye('Server shutting down');
       // Sessions get a short grace to flush their BYE; then their sockets are destroyed.
       const deadline = Date.now() + 3000;

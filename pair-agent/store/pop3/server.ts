@@ -38,7 +38,8 @@ export interface Pop3Server {
   port: number;
   tlsPort?: number | undefined;
   sessions(): number;
-  close(): Promise<void>;
+  /** Stops accepting; open sessions get `graceMs` to finish on their own, then are shut down. */
+  close(graceMs?: number): Promise<void>;
 }
 
 function listen(server: net.Server, port: number, host: string): Promise<number> {
@@ -107,8 +108,11 @@ export async function startPop3Server(opts: Pop3ServerOptions): Promise<Pop3Serv
     port,
     tlsPort,
     sessions: () => sessions.size,
-    async close() {
+    async close(graceMs = 0) {
       const closing = Promise.all([closeServer(plain), closeServer(implicit)]);
+      // As IMAP: a planned hand-over lets a finishing session (RETR, QUIT) end on its own first.
+      const drainUntil = Date.now() + graceMs;
+      while (sessions.size && Date.now() < drainUntil) await new Promise((r) => setTimeout(r, 20));
       for (const s of [...sessions]) s.shutdown();
       const deadline = Date.now() + 3000;
       while (sessions.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
