@@ -84,19 +84,21 @@ export function fastFeedDataStream(this: StreamInternals, chunk: Buffer, done: D
   if (this._lastBytes.length < chunk.length) {
     const buf = chunk.subarray(0, chunk.length - this._lastBytes.length);
     this._countDataBytes(buf.length);
-    if (dataStream.writable) {
-      const handled = dataStream.write(buf);
-      if (!handled && !dataStream.destroyed) {
-        const onDrain = () => {
-          dataStream.removeListener('drain', onDrain);
-          dataStream.removeListener('close', onDrain);
-          done();
-        };
-        dataStream.once('drain', onDrain);
-        dataStream.once('close', onDrain);
-      } else return done();
-    } else return done();
+    if (dataStream.writable) return doneWhenDrained(dataStream, dataStream.write(buf), done);
+    return done();
   } else return done();
+}
+
+/** Calls `done` at once, or once the data stream drains (or closes) after a write it buffered. */
+function doneWhenDrained(dataStream: NonNullable<StreamInternals['_dataStream']>, handled: boolean, done: Done): void {
+  if (handled || dataStream.destroyed) return done();
+  const onDrain = () => {
+    dataStream.removeListener('drain', onDrain);
+    dataStream.removeListener('close', onDrain);
+    done();
+  };
+  dataStream.once('drain', onDrain);
+  dataStream.once('close', onDrain);
 }
 
 /**
@@ -145,15 +147,7 @@ function feedAfterCarry(this: StreamInternals, carry: Buffer, chunk: Buffer, don
   this._countDataBytes(carry.length + len - 4);
   if (!dataStream.writable) return done();
   dataStream.write(carry);
-  const handled = dataStream.write(chunk.subarray(0, len - 4));
-  if (handled || dataStream.destroyed) return done();
-  const onDrain = () => {
-    dataStream.removeListener('drain', onDrain);
-    dataStream.removeListener('close', onDrain);
-    done();
-  };
-  dataStream.once('drain', onDrain);
-  dataStream.once('close', onDrain);
+  doneWhenDrained(dataStream, dataStream.write(chunk.subarray(0, len - 4)), done);
 }
 
 let installed: boolean | null = null;
