@@ -14,6 +14,7 @@ import { normalizeLimits, type ImapLimits } from './limits.ts';
 import { RecentTracker } from './mailbox-view.ts';
 import { Session, type ServerContext } from './session.ts';
 import { SnapshotCache } from './snapshots.ts';
+import { untilNoSessions } from '../drain.ts';
 
 export interface ImapServerOptions {
   store: MailStore;
@@ -118,13 +119,11 @@ export async function startImapServer(opts: ImapServerOptions): Promise<ImapServ
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       // A planned hand-over lets sessions that are finishing (a client's FETCH and LOGOUT) end
       // cleanly; the proxies hold new logins meanwhile. Changes still reach them until then.
-      const drainUntil = Date.now() + graceMs;
-      while (sessions.size && Date.now() < drainUntil) await new Promise((r) => setTimeout(r, 20));
+      await untilNoSessions(sessions, graceMs);
       opts.store.off('change', byMailbox);
       for (const s of [...sessions]) s.bye('Server shutting down');
       // Sessions get a short grace to flush their BYE; then their sockets are destroyed.
-      const deadline = Date.now() + 3000;
-      while (sessions.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      await untilNoSessions(sessions, 3000);
       for (const s of [...sessions]) s.socket.destroy();
       await closed;
       log.info('imap stopped');

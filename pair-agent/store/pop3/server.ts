@@ -12,6 +12,7 @@ import { counter, gauge, type MetricsRegistry } from '../../../common/metrics.ts
 import type { MailStore } from '../types.ts';
 import { POP3_LIMITS, type Pop3Limits } from './lines.ts';
 import { Pop3Session, type Pop3Context } from './session.ts';
+import { untilNoSessions } from '../drain.ts';
 
 export interface Pop3ServerOptions {
   store: MailStore;
@@ -111,11 +112,9 @@ export async function startPop3Server(opts: Pop3ServerOptions): Promise<Pop3Serv
     async close(graceMs = 0) {
       const closing = Promise.all([closeServer(plain), closeServer(implicit)]);
       // As IMAP: a planned hand-over lets a finishing session (RETR, QUIT) end on its own first.
-      const drainUntil = Date.now() + graceMs;
-      while (sessions.size && Date.now() < drainUntil) await new Promise((r) => setTimeout(r, 20));
+      await untilNoSessions(sessions, graceMs);
       for (const s of [...sessions]) s.shutdown();
-      const deadline = Date.now() + 3000;
-      while (sessions.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      await untilNoSessions(sessions, 3000);
       for (const s of [...sessions]) s.socket.destroy();
       await closing;
     },
