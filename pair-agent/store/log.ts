@@ -279,8 +279,9 @@ export interface AppendedRecord {
 }
 
 /**
- * Largest single device write of the log: 1 MiB, a multiple of the block size, within the
- * replicated volume's frame payload limit (pair-agent/volume/wire.ts MAX_PAYLOAD = 1 MiB + 64).
+ * Largest single device write of the log: 1 MiB, a multiple of the block size, the largest write
+ * the replicated volume sends as one frame without joining its parts (pair-agent/volume/wire.ts
+ * MAX_PAYLOAD = 1 MiB + 64).
  */
 export const MAX_DEVICE_WRITE = 1024 * 1024;
 
@@ -441,9 +442,9 @@ export class LogWriter {
         this.pos.offset = roundUp(this.pos.offset);
         try {
           for (const r of regions) {
-            // At most MAX_DEVICE_WRITE per call: the replicated volume ships each write as one frame,
-            // and a group holding a large message would exceed its frame limit (the write would fail
-            // and the log with it). The chunks go out together so that the device can commit them
+            // At most MAX_DEVICE_WRITE per call: the replicated volume ships each write as one frame
+            // and would have to join the parts of a larger write into one buffer before cutting it
+            // (a copy of every large body). The chunks go out together so that the device can commit them
             // in one group (one fdatasync, one peer round trip) as it would one large write. Replay
             // checks every record's CRC and the chain of previous CRCs, so a crash that leaves a
             // later chunk durable without an earlier one ends the log at the first missing record,
