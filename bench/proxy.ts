@@ -2,7 +2,7 @@
  * bench/proxy: the proxy tier against its baselines, interleaved in the same run.
  *
  *   npm run bench -- proxy [--seconds 4] [--rounds 3] [--concurrency 32] [--big-mib 10] [--idle 5000]
- *                          [--idle-backend store|dovecot]
+ *                          [--idle-backend store|dovecot] [--paths direct,pairgate,...] [--compare-tree DIR]
  *
  * Paths measured, all to the same Dovecot (the pair's backend) on this machine:
  *   - direct: clients log in to Dovecot themselves;
@@ -25,6 +25,13 @@
  * Targets (issue 7): bulk >= 0.8x direct; <= 40 KiB per idle session; session rate >= 1.0x
  * nginx's mail proxy (reported against HAProxy when nginx is not installed, as information).
  * Ends with one JSON line.
+ *
+ * Diagnosis options (the default run measures everything): --paths limits the rate rounds and
+ * the bulk FETCH to the named paths (targets are printed only for the paths present);
+ * --compare-tree DIR[,DIR…] adds a path `pairgate@<folder name>` per folder, the proxy served
+ * from another checkout of pairgate (e.g. `git archive HEAD | tar -x -C DIR` with node_modules
+ * linked), interleaved with this tree's in the same rounds: an A/B of a change that the
+ * machine's load hits alike.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -54,6 +61,8 @@ const { values: args } = parseArgs({
     'idle-backend': { type: 'string', default: 'store' },
     help: { type: 'boolean', default: false },
     'serve-proxy': { type: 'string' },
+    paths: { type: 'string' },
+    'compare-tree': { type: 'string' },
   },
 });
 if (args.help) {
@@ -66,6 +75,8 @@ const CONCURRENCY = Number(args.concurrency);
 const BIG_MIB = Number(args['big-mib']);
 const IDLE = Number(args.idle);
 const IDLE_BACKEND = args['idle-backend'] === 'dovecot' ? 'dovecot' : 'store';
+const ONLY_PATHS = args.paths ? new Set(args.paths.split(',').map((s) => s.trim())) : null;
+const COMPARE_TREES = args['compare-tree'] ? args['compare-tree'].split(',').filter(Boolean) : [];
 const USERS = 40;
 const MASTER = 'pgmaster';
 const MASTER_SECRET = randomBytes(8).toString('hex');
@@ -238,7 +249,7 @@ const CLK_TCK = (() => {
  * descendants: what a proxy spent, whatever else loads the machine. Perdition's per-connection
  * children are counted once reaped (cutime/cstime of their parent); nginx's worker as a descendant.
  */
-function cpuMs(roots: number[]): number {
+function cpuMs(roots: number[], part: 'all' | 'user' | 'system' = 'all'): number {
   const procs: Array<{ pid: number; ppid: number; ticks: number }> = [];
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
@@ -246,7 +257,9 @@ function cpuMs(roots: number[]): number {
       const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
       const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
       // Fields after the command: state(0) ppid(1) … utime(11) stime(12) cutime(13) cstime(14).
-      procs.push({ pid: Number(name), ppid: Number(f[1]), ticks: Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]) });
+      const user = Number(f[11]) + Number(f[13]);
+      const system = Number(f[12]) + Number(f[14]);
+      procs.push({ pid: Number(name), ppid: Number(f[1]), ticks: part === 'user' ? user : part === 'system' ? system : user + system });
     } catch {
       // gone meanwhile
     }
@@ -386,7 +399,7 @@ async function main(): Promise<void> {
     const directoryFile = join(tmp.path, 'dir.ldif');
     const directorySpec = writeDirectory(directoryFile, { imap: dovecot.imapPort, pop3: dovecot.pop3Port, lmtp: dovecot.lmtpPort });
     const [hImap, hPop] = await Promise.all([freePort(), freePort()]);
-    const startPairgate = async (name: string, nodeFlags: string[] = [], dir = { file: directoryFile, spec: directorySpec }, master = { user: MASTER, secret: MASTER_SECRET }) => {
+    const startPairgate = async (name: string, nodeFlags: string[] = [], dir = { file: directoryFile, spec: directorySpec }, master = { user: MASTER, secret: MASTER_SECRET }, tree: string | null = null) => {
       const [imapPort, pop3Port, adminPortP] = await Promise.all([freePort(), freePort(), freePort()]);
       const file = join(tmp.path, `${name}.yaml`);
       writeFileSync(
@@ -405,7 +418,8 @@ async function main(): Promise<void> {
           authLimits: { maxPerIp: 0, maxPerLogin: 0 },
         }),
       );
-      const child = startChild(process.execPath, [...nodeFlags, '--import', 'tsx', fileURLToPath(import.meta.url), '--serve-proxy', file], {
+      const script = tree ? join(tree, 'bench', 'proxy.ts') : fileURLToPath(import.meta.url);
+      const child = startChild(process.execPath, [...nodeFlags, '--import', 'tsx', script, '--serve-proxy', file], {
         ...process.env,
         BENCH_MASTER_SECRET: master.secret,
         BENCH_DIRECTORY_SPEC: dir.spec,
@@ -419,6 +433,13 @@ async function main(): Promise<void> {
     // Processes whose CPU time is charged to each path (the proxy; Dovecot separately).
     const pids: Record<string, number[]> = { pairgate: [main.child.pid!] };
     const [pImap, pPop] = [main.imapPort, main.pop3Port];
+    const bases: Array<{ name: string; tree: string; imapPort: number; pop3Port: number }> = [];
+    for (const [k, tree] of COMPARE_TREES.entries()) {
+      const b = await startPairgate(`bench-base${k}`, [], undefined, undefined, tree);
+      const name = `pairgate@${tree.replace(/\/+$/, '').split('/').pop()}`;
+      pids[name] = [b.child.pid!];
+      bases.push({ name, tree, imapPort: b.imapPort, pop3Port: b.pop3Port });
+    }
     const haCfg = join(tmp.path, 'haproxy.cfg');
     writeFileSync(
       haCfg,
@@ -513,10 +534,12 @@ async function main(): Promise<void> {
     const paths: Array<{ name: string; imap: number; pop3: number }> = [
       { name: 'direct', imap: dovecot.imapPort, pop3: dovecot.pop3Port },
       { name: 'pairgate', imap: pImap, pop3: pPop },
+      ...bases.map((b) => ({ name: b.name, imap: b.imapPort, pop3: b.pop3Port })),
       ...(nginxPorts ? [{ name: 'nginx', imap: nginxPorts.imap, pop3: nginxPorts.pop3 }] : []),
       ...(perditionPorts ? [{ name: 'perdition', imap: perditionPorts.imap, pop3: perditionPorts.pop3 }] : []),
       ...(haproxyBin ? [{ name: 'haproxy', imap: hImap, pop3: hPop }] : []),
-    ];
+    ].filter((p) => !ONLY_PATHS || ONLY_PATHS.has(p.name) || p.name.startsWith('pairgate@'));
+    for (const b of bases) notes.push(`${b.name}: the proxy served from ${b.tree}`);
     // Warm up every path (Dovecot login processes, the proxy's JIT and caches).
     for (const p of paths) {
       await imapSession(p.imap, 0);
@@ -527,14 +550,15 @@ async function main(): Promise<void> {
     // CPU per session over all rounds: the proxy's processes, and Dovecot's (login, auth and
     // mail processes) for the same sessions. Unlike sessions/s, this barely moves with the load
     // that other work puts on the machine.
-    const cpu: Record<string, Record<'imap' | 'pop3', { proxyMs: number; dovecotMs: number; sessions: number }>> = {};
-    for (const p of paths) cpu[p.name] = { imap: { proxyMs: 0, dovecotMs: 0, sessions: 0 }, pop3: { proxyMs: 0, dovecotMs: 0, sessions: 0 } };
+    const cpu: Record<string, Record<'imap' | 'pop3', { proxyMs: number; proxyUserMs: number; dovecotMs: number; sessions: number }>> = {};
+    for (const p of paths) cpu[p.name] = { imap: { proxyMs: 0, proxyUserMs: 0, dovecotMs: 0, sessions: 0 }, pop3: { proxyMs: 0, proxyUserMs: 0, dovecotMs: 0, sessions: 0 } };
     const dovecotPid = dovecot.proc.child.pid!;
     const measured = async (name: string, kind: 'imap' | 'pop3', port: number) => {
-      const [p0, d0] = [cpuMs(pids[name] ?? []), cpuMs([dovecotPid])];
+      const [p0, u0, d0] = [cpuMs(pids[name] ?? []), cpuMs(pids[name] ?? [], 'user'), cpuMs([dovecotPid])];
       const r = await rate(kind, port);
       const c = cpu[name]![kind];
       c.proxyMs += cpuMs(pids[name] ?? []) - p0;
+      c.proxyUserMs += cpuMs(pids[name] ?? [], 'user') - u0;
       c.dovecotMs += cpuMs([dovecotPid]) - d0;
       c.sessions += r.sessions;
       return r;
@@ -582,16 +606,25 @@ async function main(): Promise<void> {
     const perSessionKiB = idle?.perSessionKiB ?? 0;
 
     const pad = (s: string, n: number) => s.padEnd(n);
+    const nameW = Math.max(10, ...paths.map((p) => p.name.length));
+    const per = (ms: number, n: number) => (n ? (ms / n).toFixed(2) : '-');
     const lines = [
       `proxy bench: concurrency ${CONCURRENCY}, ${SECONDS}s per round x${ROUNDS} (best), bulk ${BIG_MIB} MiB FETCH, ${IDLE} idle sessions (backend: ${IDLE_BACKEND})`,
-      `${pad('path', 10)} ${pad('IMAP sess/s', 12)} ${pad('POP3 sess/s', 12)} ${pad('bulk MiB/s', 11)} ${pad('errors', 7)} ${pad('proxy CPU ms/sess IMAP POP3', 28)} dovecot CPU ms/sess IMAP POP3`,
+      `${pad('path', nameW)} ${pad('IMAP sess/s', 12)} ${pad('POP3 sess/s', 12)} ${pad('bulk MiB/s', 11)} ${pad('errors', 7)} ${pad('proxy CPU ms/sess IMAP POP3', 28)} dovecot CPU ms/sess IMAP POP3`,
       ...paths.map((p) => {
         const r = results[p.name]!;
         const c = cpu[p.name]!;
-        const per = (ms: number, n: number) => (n ? (ms / n).toFixed(2) : '-');
         const proxyCpu = pids[p.name] ? `${per(c.imap.proxyMs, c.imap.sessions)} ${per(c.pop3.proxyMs, c.pop3.sessions)}` : '(none)';
-        return `${pad(p.name, 10)} ${pad(r.imap.toFixed(1), 12)} ${pad(r.pop3.toFixed(1), 12)} ${pad(r.bulk.toFixed(1), 11)} ${pad(String(r.errors), 7)} ${pad(proxyCpu, 28)} ${per(c.imap.dovecotMs, c.imap.sessions)} ${per(c.pop3.dovecotMs, c.pop3.sessions)}`;
+        return `${pad(p.name, nameW)} ${pad(r.imap.toFixed(1), 12)} ${pad(r.pop3.toFixed(1), 12)} ${pad(r.bulk.toFixed(1), 11)} ${pad(String(r.errors), 7)} ${pad(proxyCpu, 28)} ${per(c.imap.dovecotMs, c.imap.sessions)} ${per(c.pop3.dovecotMs, c.pop3.sessions)}`;
       }),
+      `proxy CPU ms/sess split user+system (IMAP; POP3): ${paths
+        .filter((p) => pids[p.name])
+        .map((p) => {
+          const c = cpu[p.name]!;
+          const split = (k: 'imap' | 'pop3') => `${per(c[k].proxyUserMs, c[k].sessions)}+${per(c[k].proxyMs - c[k].proxyUserMs, c[k].sessions)}`;
+          return `${p.name} ${split('imap')}; ${split('pop3')}`;
+        })
+        .join(', ')}`,
       ...(idle
         ? [
             `pairgate RSS per idle proxied IMAP session: ${perSessionKiB.toFixed(1)} KiB (${idle.sessions} sessions open, ${idle.failed} failed; proxy RSS ${idle.beforeKiB} -> ${idle.afterKiB} KiB; backend: ${idleBackendNote})`,
@@ -601,12 +634,11 @@ async function main(): Promise<void> {
       ...notes.map((n) => `note: ${n}`),
     ];
     process.stdout.write(lines.join('\n') + '\n');
-    const pg = results.pairgate!;
-    const direct = results.direct!;
-    const bulkRatio = pg.bulk / direct.bulk;
+    const pg = results.pairgate;
+    const direct = results.direct;
     const targets: Record<string, { value: number; min?: number; max?: number }> = {
-      ...(results.nginx ? { imap_rate_vs_nginx: { value: Number((pg.imap / results.nginx.imap).toFixed(3)), min: 1.0 }, pop3_rate_vs_nginx: { value: Number((pg.pop3 / results.nginx.pop3).toFixed(3)), min: 1.0 } } : {}),
-      bulk_vs_direct: { value: Number(bulkRatio.toFixed(3)), min: 0.8 },
+      ...(pg && results.nginx ? { imap_rate_vs_nginx: { value: Number((pg.imap / results.nginx.imap).toFixed(3)), min: 1.0 }, pop3_rate_vs_nginx: { value: Number((pg.pop3 / results.nginx.pop3).toFixed(3)), min: 1.0 } } : {}),
+      ...(pg && direct ? { bulk_vs_direct: { value: Number((pg.bulk / direct.bulk).toFixed(3)), min: 0.8 } } : {}),
       ...(idle ? { idle_session_kib: { value: Number(perSessionKiB.toFixed(1)), max: 40 } } : {}),
     };
     const met = Object.values(targets).every((t) => (t.min === undefined || t.value >= t.min) && (t.max === undefined || t.value <= t.max));
@@ -619,12 +651,13 @@ async function main(): Promise<void> {
       for (const kind of ['imap', 'pop3'] as const) {
         if (!c[kind].sessions) continue;
         if (pids[name]) figures[`${name}_${kind}_proxy_cpu_ms_per_session`] = Number((c[kind].proxyMs / c[kind].sessions).toFixed(3));
+        if (pids[name]) figures[`${name}_${kind}_proxy_user_cpu_ms_per_session`] = Number((c[kind].proxyUserMs / c[kind].sessions).toFixed(3));
         figures[`${name}_${kind}_dovecot_cpu_ms_per_session`] = Number((c[kind].dovecotMs / c[kind].sessions).toFixed(3));
       }
     }
-    if (results.haproxy) figures.pairgate_vs_haproxy_imap_rate = Number((pg.imap / results.haproxy.imap).toFixed(3));
-    figures.pairgate_vs_direct_imap_rate = Number((pg.imap / direct.imap).toFixed(3));
-    if (results.perdition) {
+    if (pg && results.haproxy) figures.pairgate_vs_haproxy_imap_rate = Number((pg.imap / results.haproxy.imap).toFixed(3));
+    if (pg && direct) figures.pairgate_vs_direct_imap_rate = Number((pg.imap / direct.imap).toFixed(3));
+    if (pg && results.perdition) {
       figures.pairgate_vs_perdition_imap_rate = Number((pg.imap / results.perdition.imap).toFixed(3));
       figures.pairgate_vs_perdition_pop3_rate = Number((pg.pop3 / results.perdition.pop3).toFixed(3));
     }

@@ -27,6 +27,8 @@ export interface SessionHandle {
   kick(reason: string): void;
   /** Resolves when the session is gone. */
   closed: Promise<void>;
+  /** Adds bytes relayed since the last call to the byte metric (called every few seconds). */
+  flushBytes?(): void;
 }
 
 export class SessionRegistry {
@@ -75,6 +77,11 @@ export class SessionRegistry {
 
   list(): SessionHandle[] {
     return [...this.all];
+  }
+
+  /** Every open session's byte counts into the metric (one timer for all sessions, not one each). */
+  flushBytes(): void {
+    for (const s of this.all) s.flushBytes?.();
   }
 
   get size(): number {

@@ -100,6 +100,9 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     const limiter = new AuthLimiter(config.authLimits, bus, log, metrics);
     cleanup.push(() => limiter.close());
     const sessions = new SessionRegistry();
+    const flushTimer = setInterval(() => sessions.flushBytes(), 5000);
+    flushTimer.unref();
+    cleanup.push(() => clearInterval(flushTimer));
     const ctx: ProxyContext = { config, directory, pairHealth, limiter, metrics, log, loadBalancers, trustedBackends, tls, bus, sessions, stopping: false };
 
     pairHealth.on('change', (c) => {

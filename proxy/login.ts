@@ -6,7 +6,7 @@
  * An expected refusal is a value (`LoginResult` with `ok: false`), mapped to protocol replies
  * by each session's reply table; only bugs throw.
  */
-import type { Logger } from '../common/log.ts';
+import type { SessionLog } from './lazy-log.ts';
 import { AuthError, NotFoundError, UnavailableError, errorCode } from '../common/errors.ts';
 import type { PairRecord, UserRecord } from '../directory/types.ts';
 import { keys } from '../common/redis-bus.ts';
@@ -42,7 +42,7 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export async function proxyLogin(
   ctx: ProxyContext,
-  req: { protocol: Protocol; login: string; password: string; client: ClientAddress; session: SessionHandle; log: Logger },
+  req: { protocol: Protocol; login: string; password: string; client: ClientAddress; session: SessionHandle; log: SessionLog },
 ): Promise<LoginResult> {
   const { protocol, login, password, client, log } = req;
   const started = Date.now();
@@ -80,10 +80,10 @@ export async function proxyLogin(
     log.warn({ login, err: (err as Error).message, code: errorCode(err) }, 'login failed: directory unavailable');
     return done({ ok: false, kind: 'temp', message: 'directory unavailable' });
   }
-  // Child loggers are made only when a line is logged: pino children cost allocations and
-  // redaction set-up, and a successful login logs nothing here.
-  let ulogMade: Logger | undefined;
-  const ulog = () => (ulogMade ??= log.child({ user: user.uid }));
+  // The session's logger is lazy (its pino child is made only when a line is written), and so
+  // are these: a successful login logs nothing here.
+  let ulogMade: SessionLog | undefined;
+  const ulog = () => (ulogMade ??= log.with({ user: user.uid }));
 
   // A user move in its final copy blocks new sessions for the user (Redis `usermove:<uid>`):
   // wait, bounded by the hold, then route afresh (the move switches the home pair).
@@ -117,8 +117,8 @@ export async function proxyLogin(
     ulog().warn({ err: (err as Error).message, code: errorCode(err) }, err instanceof NotFoundError ? 'login failed: user has no usable home pair' : 'login failed: route lookup failed');
     return done({ ok: false, kind: 'temp', message: 'no route' });
   }
-  let plogMade: Logger | undefined;
-  const plog = () => (plogMade ??= log.child({ user: user.uid, pair: pair.id }));
+  let plogMade: SessionLog | undefined;
+  const plog = () => (plogMade ??= log.with({ user: user.uid, pair: pair.id }));
 
   if (!ctx.trustedBackends.has(pair.address)) {
     plog().error({ address: pair.address }, 'pair address is outside backend.trustedNetworks: master login refused');

@@ -7,7 +7,7 @@
  */
 import type net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import type { Logger } from '../common/log.ts';
+import { LazyLog, type SessionLog } from './lazy-log.ts';
 import type { ListenerConfig } from './config.ts';
 import type { ProxyContext, Protocol, SessionHandle } from './context.ts';
 import type { BackendSession, ClientAddress } from './backend.ts';
@@ -29,8 +29,20 @@ export interface AcceptedConnection {
 
 type Phase = 'pre-login' | 'tls' | 'logging-in' | 'proxying' | 'closed';
 
+/** Random bytes for connection ids, drawn 6 KiB at a time rather than one call per connection. */
+let cidPool = Buffer.alloc(0);
+let cidAt = 0;
+function newCid(): string {
+  if (cidAt + 6 > cidPool.length) {
+    cidPool = randomBytes(6 * 1024);
+    cidAt = 0;
+  }
+  cidAt += 6;
+  return cidPool.toString('base64url', cidAt - 6, cidAt);
+}
+
 export abstract class ClientSession implements SessionHandle {
-  readonly cid = randomBytes(6).toString('base64url');
+  private cidMade: string | null = null;
   abstract readonly protocol: Protocol;
   uid: string | null = null;
   pair: string | null = null;
@@ -39,7 +51,8 @@ export abstract class ClientSession implements SessionHandle {
   protected socket: net.Socket;
   protected secure: boolean;
   protected phase: Phase = 'pre-login';
-  protected log: Logger;
+  /** The session's logger: its pino child (cid, client, later user and pair) is made on the first line written. */
+  protected log: SessionLog;
   protected readonly started = Date.now();
   private resolveClosed!: () => void;
   private idleTimer: NodeJS.Timeout | null = null;
@@ -49,8 +62,8 @@ export abstract class ClientSession implements SessionHandle {
   private bytesOut = 0;
   private flushedIn = 0;
   private flushedOut = 0;
-  private flushTimer: NodeJS.Timeout | null = null;
   private endReason = 'client closed';
+  private sessionLabels: { protocol: Protocol; pair: string; role: string } | null = null;
   private readonly onDataBound = (chunk: Buffer) => this.handleData(chunk);
 
   constructor(
@@ -61,7 +74,12 @@ export abstract class ClientSession implements SessionHandle {
     this.secure = conn.secure;
     this.clientAddress = conn.remote.address;
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    this.log = ctx.log.child({ cid: this.cid, client: conn.remote.address });
+    this.log = new LazyLog(ctx.log, () => ({ cid: this.cid, client: conn.remote.address }));
+  }
+
+  /** Connection id in log lines (made when first asked for). */
+  get cid(): string {
+    return (this.cidMade ??= newCid());
   }
 
   /** The first line the server sends. */
@@ -169,7 +187,7 @@ export abstract class ClientSession implements SessionHandle {
       this.socket.resume();
       return result;
     }
-    this.log = this.log.child({ user: result.user.uid, pair: result.pair.id });
+    this.log = this.log.with({ user: result.user.uid, pair: result.pair.id });
     this.write(okText(result));
     this.splice(result.backend, clientLeftover());
     return result;
@@ -183,19 +201,30 @@ export abstract class ClientSession implements SessionHandle {
     const labels = { protocol: this.protocol, pair: this.pair ?? 'unknown', role: 'proxy' };
     this.ctx.metrics.sessions.inc(labels);
     this.ctx.metrics.sessionsTotal.inc(labels);
-    void this.closed.then(() => this.ctx.metrics.sessions.dec(labels));
+    this.sessionLabels = labels;
     this.log.info('session proxied');
     c.off('data', this.onDataBound);
-    // Bytes are counted per chunk in plain fields and added to the metric every few seconds and
-    // at the end, so that the hot path does no label hashing.
+    // The relay, both ways: each chunk counted in a plain field (added to the byte metric by the
+    // proxy's periodic flush and at the end, so the hot path does no label hashing) and written
+    // on; a full write buffer pauses the reading side until 'drain' (what stream.pipe does, with
+    // one listener per direction and no pipe bookkeeping). An end from one side ends the other.
     c.on('data', (d: Buffer) => {
       this.bytesIn += d.length;
+      if (!b.destroyed && !b.write(d)) c.pause();
+    });
+    b.on('drain', () => {
+      if (!c.destroyed) c.resume();
+    });
+    c.on('end', () => {
+      if (!b.destroyed && !b.writableEnded) b.end();
     });
     b.on('data', (d: Buffer) => {
       this.bytesOut += d.length;
+      if (!c.destroyed && !c.write(d)) b.pause();
     });
-    this.flushTimer = setInterval(() => this.flushBytes(), 5000);
-    this.flushTimer.unref();
+    c.on('drain', () => {
+      if (!b.destroyed) b.resume();
+    });
     const idle = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
     if (idle > 0) {
       const onIdle = () => {
@@ -210,12 +239,13 @@ export abstract class ClientSession implements SessionHandle {
     });
     b.on('end', () => {
       if (this.endReason === 'client closed') this.endReason = 'backend closed';
+      // As a pipe would: the backend's end ends the client side once what it sent is written.
+      if (!c.destroyed && !c.writableEnded) c.end();
     });
     b.on('close', () => {
       // Backend gone (logout, crash, kill): close the client cleanly, never with a reset.
       if (this.endReason === 'client closed') this.endReason = 'backend closed';
       if (!c.destroyed && !c.writableEnded) {
-        c.unpipe(b);
         if (this.endReason.startsWith('backend error')) {
           const line = this.goodbye('backend lost');
           if (line) c.write(line);
@@ -225,12 +255,14 @@ export abstract class ClientSession implements SessionHandle {
     });
     if (backend.leftover.length) c.write(backend.leftover);
     if (clientLeftover.length) b.write(clientLeftover);
-    c.pipe(b);
-    b.pipe(c);
+    // The backend socket was read by the login dialogue and left flowing.
+    b.resume();
     c.resume();
   }
 
-  private flushBytes(): void {
+  /** Adds the bytes relayed since the last call to the byte metric (the proxy calls it every few seconds). */
+  flushBytes(): void {
+    if (this.bytesIn === this.flushedIn && this.bytesOut === this.flushedOut) return;
     const bytes = this.ctx.metrics.bytes;
     if (this.bytesIn > this.flushedIn) bytes.inc({ direction: 'in', protocol: this.protocol }, this.bytesIn - this.flushedIn);
     if (this.bytesOut > this.flushedOut) bytes.inc({ direction: 'out', protocol: this.protocol }, this.bytesOut - this.flushedOut);
@@ -252,11 +284,8 @@ export abstract class ClientSession implements SessionHandle {
     if (this.phase === 'closed') return;
     this.endReason = reason;
     this.log.info({ reason }, 'closing session');
-    if (this.backend) {
-      this.socket.unpipe(this.backend);
-      this.backend.unpipe(this.socket);
-      this.backend.destroy();
-    }
+    // Destroyed, the backend relays nothing more either way.
+    this.backend?.destroy();
     const line = this.goodbye(reason);
     if (line && !this.socket.destroyed && !this.socket.writableEnded) this.socket.write(line);
     this.endClient();
@@ -276,8 +305,8 @@ export abstract class ClientSession implements SessionHandle {
     this.backend?.destroy();
     if (!this.socket.destroyed) this.socket.destroy();
     this.ctx.metrics.connections.dec({ protocol: this.protocol });
-    if (this.flushTimer) clearInterval(this.flushTimer);
     if (wasProxying) {
+      if (this.sessionLabels) this.ctx.metrics.sessions.dec(this.sessionLabels);
       this.flushBytes();
       this.ctx.metrics.closed.inc({ protocol: this.protocol, reason: reason.split(':')[0]! });
       this.log.info(

@@ -925,6 +925,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       await c.closed;
       const ended = await waitFor(() => logLines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'session ended' && l.user === 'dave'), 5000, 'session end log line');
       expect(ended).toMatchObject({ user: 'dave', pair: 'pair-b', client: '127.0.0.12' });
+      expect(typeof ended.cid).toBe('string');
       expect(ended.bytesIn as number).toBeGreaterThan(0);
       expect(ended.bytesOut as number).toBeGreaterThan(0);
       expect(typeof ended.durationMs).toBe('number');
@@ -934,6 +935,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       expect(m).toMatch(/pairgate_logins_total\{protocol="imap",result="ok"\} 1\b/);
       expect(m).toMatch(/pairgate_proxy_bytes_total\{direction="out",protocol="imap"\} [1-9]/);
       expect(m).toMatch(/pairgate_sessions_total\{protocol="imap",pair="pair-b",role="proxy"\} 1\b/);
+      // The open-sessions gauge is back to 0 once the session ended.
+      expect(m).toMatch(/pairgate_sessions\{protocol="imap",pair="pair-b",role="proxy"\} 0\b/);
     } finally {
       await p6.stop(200);
     }

@@ -2,7 +2,7 @@
  * Pure parts of the proxy: PROXY v1/v2 decoding (whole and cut into 1, 3 and 17-byte chunks,
  * malformed and truncated headers), credential validation, and the failed-login limiter over a
  * real redis-server, shared between two limiters (two proxies) and falling back to local
- * counters when Redis stops.
+ * counters when Redis stops; the sessions' lazy logger.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { V1ProxyProtocol, V2ProxyProtocol, Peer, INETProtocol, Command, TransportProtocol, IPv4ProxyAddress, IPv4Address, IPv6ProxyAddress, IPv6Address } from 'proxy-protocol-js';
@@ -11,7 +11,9 @@ import { validCredentials } from '../../proxy/login.ts';
 import { AuthLimiter } from '../../proxy/rate-limit.ts';
 import { proxyConfigSchema } from '../../proxy/config.ts';
 import { RedisBus } from '../../common/redis-bus.ts';
-import { silentLogger } from '../../common/log.ts';
+import { Writable } from 'node:stream';
+import { silentLogger, createLogger } from '../../common/log.ts';
+import { LazyLog } from '../../proxy/lazy-log.ts';
 import { ProtocolError } from '../../common/errors.ts';
 import { startRedis, type RedisServer } from '../helpers/redis.ts';
 import { waitFor } from '../helpers/net.ts';
@@ -147,5 +149,54 @@ describe('AuthLimiter', () => {
       await busB.close();
       if (!redis.proc.alive()) await redis.start();
     }
+  });
+});
+
+describe('LazyLog (a session logger whose pino child is made on the first line written)', () => {
+  const captured = (level: string) => {
+    const lines: Array<Record<string, unknown>> = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        for (const l of chunk.toString().split('\n')) if (l) lines.push(JSON.parse(l) as Record<string, unknown>);
+        cb();
+      },
+    });
+    return { log: createLogger({ role: 'proxy', level, destination: sink }), lines };
+  };
+
+  it('makes no child while nothing is logged at an enabled level, then writes what an eager child would', async () => {
+    const { log, lines } = captured('warn');
+    let made = 0;
+    const lazy = new LazyLog(log, () => (made++, { cid: 'abc', client: '192.0.2.1' }));
+    lazy.info({ x: 1 }, 'not written');
+    lazy.debug('not written either');
+    expect(made).toBe(0);
+    expect(lazy.isLevelEnabled('info')).toBe(false);
+    const more = lazy.with({ user: 'alice', pair: 'pair-a' });
+    more.info('still nothing');
+    expect(made).toBe(0);
+    more.warn({ reason: 'r', password: 'hunter2' }, 'written');
+    lazy.warn('written too');
+    lazy.error('and this');
+    expect(made).toBe(2); // one child per lazy logger, made once
+    log.child({ cid: 'abc', client: '192.0.2.1' }).child({ user: 'alice', pair: 'pair-a' }).warn({ reason: 'r', password: 'hunter2' }, 'written');
+    await new Promise((r) => setTimeout(r, 50));
+    const strip = (l: Record<string, unknown>) => ({ ...l, time: 0 });
+    expect(lines).toHaveLength(4);
+    expect(strip(lines[0]!)).toEqual(strip(lines[3]!));
+    expect(lines[0]).toMatchObject({ level: 'warn', cid: 'abc', client: '192.0.2.1', user: 'alice', pair: 'pair-a', reason: 'r', password: '[redacted]', msg: 'written' });
+    expect(lines[1]).toMatchObject({ cid: 'abc', client: '192.0.2.1', msg: 'written too' });
+    expect(lines[1]).not.toHaveProperty('user');
+    expect(lines[2]).toMatchObject({ level: 'error', msg: 'and this' });
+  });
+
+  it('follows the parent level at the time of the call', async () => {
+    const { log, lines } = captured('warn');
+    const lazy = new LazyLog(log, () => ({ cid: 'x' }));
+    lazy.info('dropped');
+    log.level = 'info';
+    lazy.info('kept');
+    await new Promise((r) => setTimeout(r, 50));
+    expect(lines.map((l) => l.msg)).toEqual(['kept']);
   });
 });
