@@ -11,6 +11,8 @@
  * Figures: connections/s (connect, one 6-byte exchange, close) at --concurrency clients, and
  * bulk throughput (MiB/s, backend -> client over --streams connections); medians over --rounds.
  * Targets (issue 8): connection rate >= 0.5x HAProxy's, throughput >= 0.8x HAProxy's.
+ * Information rows (no target): CPU ms per MiB of the relay, the backends and this generator during
+ * the throughput runs (/proc/<pid>/stat, all threads), since all of them share the machine's cores.
  * Ends with one JSON line.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
@@ -113,6 +115,46 @@ async function connRate(port: number, seconds: number): Promise<number> {
   return done / ((Date.now() - t0) / 1000);
 }
 
+/** CPU seconds (user + system, all threads) a process has used so far, from /proc (Linux); NaN if unreadable. */
+function cpuSeconds(pid: number | undefined): number {
+  if (!pid) return NaN;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch {
+    return NaN;
+  }
+}
+const CLK_TCK = (() => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+const selfCpu = () => {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
+};
+
+/** CPU seconds used during a measurement by the relay (balancer) process, the backends' process and this generator. */
+interface CpuSplit {
+  relay: number;
+  backends: number;
+  generator: number;
+}
+let relayPid: number | undefined;
+let backendPid: number | undefined;
+function cpuMark(): () => CpuSplit {
+  const r0 = cpuSeconds(relayPid);
+  const b0 = cpuSeconds(backendPid);
+  const g0 = selfCpu();
+  return () => ({ relay: relayPid ? cpuSeconds(relayPid) - r0 : 0, backends: cpuSeconds(backendPid) - b0, generator: selfCpu() - g0 });
+}
+let lastCpu: CpuSplit = { relay: NaN, backends: NaN, generator: NaN };
+let lastMiB = 0;
+
 /** MiB/s received over STREAMS connections each streaming from the backend for `seconds`. */
 async function throughput(port: number, seconds: number): Promise<number> {
   let bytes = 0;
@@ -139,8 +181,11 @@ async function throughput(port: number, seconds: number): Promise<number> {
   await new Promise((r) => setTimeout(r, warm));
   counting = true;
   const t0 = Date.now();
+  const cpu = cpuMark();
   await new Promise((r) => setTimeout(r, seconds * 1000));
   counting = false;
+  lastCpu = cpu();
+  lastMiB = bytes / 1024 / 1024;
   const secs = (Date.now() - t0) / 1000;
   for (const s of socks) s.destroy();
   await new Promise((r) => setTimeout(r, 200));
@@ -160,7 +205,9 @@ async function main(): Promise<void> {
   try {
     const b1 = await freePort();
     const b2 = await freePort();
-    procs.push(child(process.execPath, ['-e', BACKEND_JS, String(b1), String(b2)]));
+    const backends = child(process.execPath, ['-e', BACKEND_JS, String(b1), String(b2)]);
+    procs.push(backends);
+    backendPid = backends.pid;
     await waitForPort('127.0.0.1', b1);
     await waitForPort('127.0.0.1', b2);
 
@@ -176,11 +223,13 @@ async function main(): Promise<void> {
         pools: { p: { balance: 'leastconn', proxyProtocol: 'v2', check: { intervalMs: 2000 }, backends: [{ name: 'b1', address: `127.0.0.1:${b1}` }, { name: 'b2', address: `127.0.0.1:${b2}` }] } },
       }),
     );
-    procs.push(child(process.execPath, [join(root, 'bin/pairgate.mjs'), 'lb', '--config', lbFile]));
+    const lbChild = child(process.execPath, [join(root, 'bin/pairgate.mjs'), 'lb', '--config', lbFile]);
+    procs.push(lbChild);
     await waitForPort('127.0.0.1', lbPort, 20_000);
 
     let haproxyVersion = 'not installed';
     let hapPort = 0;
+    let hapPid: number | undefined;
     try {
       haproxyVersion = execFileSync('haproxy', ['-v'], { encoding: 'utf8' }).split('\n')[0]!.replace(/ - https.*/, '');
       hapPort = await freePort();
@@ -208,7 +257,9 @@ async function main(): Promise<void> {
           '',
         ].join('\n'),
       );
-      procs.push(child('haproxy', ['-db', '-f', hapFile]));
+      const hap = child('haproxy', ['-db', '-f', hapFile]);
+      procs.push(hap);
+      hapPid = hap.pid;
       await waitForPort('127.0.0.1', hapPort, 10_000);
     } catch (err) {
       process.stderr.write(`haproxy unavailable: ${(err as Error).message}\n`);
@@ -220,19 +271,32 @@ async function main(): Promise<void> {
       ['pairgate', lbPort],
       ...(hapPort ? ([['haproxy', hapPort]] as Array<[string, number]>) : []),
     ];
+    const pidOf: Record<string, number | undefined> = { direct: undefined, pairgate: lbChild.pid, haproxy: hapPid };
     const rate: Record<string, number[]> = {};
     const tput: Record<string, number[]> = {};
+    /** CPU ms per MiB moved in the throughput runs, per path and process. */
+    const cpuPerMiB: Record<string, { relay: number[]; backends: number[]; generator: number[] }> = {};
     process.stdout.write(`bench lb: ${ROUNDS} rounds x ${SECONDS} s, ${CONCURRENCY} clients (conn rate), ${STREAMS} streams (throughput); ${haproxyVersion}\n`);
     // Warm-up (JIT, connection tables) on every path, not counted.
-    for (const [, port] of paths) {
+    for (const [name, port] of paths) {
+      relayPid = pidOf[name];
       await connRate(port, 1);
       await throughput(port, 0.5);
     }
     for (let r = 0; r < ROUNDS; r++) {
       for (const [name, port] of r % 2 ? [...paths].reverse() : paths) {
+        relayPid = pidOf[name];
         (rate[name] ??= []).push(await connRate(port, SECONDS));
         (tput[name] ??= []).push(await throughput(port, SECONDS));
-        process.stdout.write(`  round ${r + 1} ${name.padEnd(8)} ${rate[name]!.at(-1)!.toFixed(0).padStart(6)} conn/s ${tput[name]!.at(-1)!.toFixed(0).padStart(6)} MiB/s\n`);
+        const c = (cpuPerMiB[name] ??= { relay: [], backends: [], generator: [] });
+        const perMiB = (sec: number) => (sec * 1000) / Math.max(lastMiB, 1e-9);
+        c.relay.push(perMiB(lastCpu.relay));
+        c.backends.push(perMiB(lastCpu.backends));
+        c.generator.push(perMiB(lastCpu.generator));
+        process.stdout.write(
+          `  round ${r + 1} ${name.padEnd(8)} ${rate[name]!.at(-1)!.toFixed(0).padStart(6)} conn/s ${tput[name]!.at(-1)!.toFixed(0).padStart(6)} MiB/s` +
+            `  cpu ms/MiB relay ${c.relay.at(-1)!.toFixed(2)} backends ${c.backends.at(-1)!.toFixed(2)} generator ${c.generator.at(-1)!.toFixed(2)}\n`,
+        );
       }
     }
     const f = (n: string) => ({ rate: rate[n] ? median(rate[n]!) : NaN, tput: tput[n] ? median(tput[n]!) : NaN });
@@ -249,6 +313,22 @@ async function main(): Promise<void> {
         row('direct (ceiling)', direct),
         row('pairgate lb', pg),
         ...(hapPort ? [row('haproxy', hp)] : []),
+        '',
+      ].join('\n'),
+    );
+    // Information, not a target: where the CPU goes while bulk data moves (all processes share the 2 cores).
+    const cpuRow = (n: string, label: string) => {
+      const c = cpuPerMiB[n];
+      if (!c) return [];
+      return [`| ${label} | ${n === 'direct' ? '-' : median(c.relay).toFixed(2)} | ${median(c.backends).toFixed(2)} | ${median(c.generator).toFixed(2)} |`];
+    };
+    process.stdout.write(
+      [
+        '| throughput: CPU ms per MiB (medians) | relay | backends | generator |',
+        '| --- | ---: | ---: | ---: |',
+        ...cpuRow('direct', 'direct'),
+        ...cpuRow('pairgate', 'pairgate lb'),
+        ...cpuRow('haproxy', 'haproxy'),
         '',
       ].join('\n'),
     );
@@ -269,6 +349,8 @@ async function main(): Promise<void> {
           direct_mib_per_s: Math.round(direct.tput),
           pairgate_mib_per_s: Math.round(pg.tput),
           haproxy_mib_per_s: Math.round(hp.tput) || null,
+          pairgate_cpu_ms_per_mib: cpuPerMiB.pairgate ? round2(median(cpuPerMiB.pairgate.relay)) : null,
+          haproxy_cpu_ms_per_mib: cpuPerMiB.haproxy ? round2(median(cpuPerMiB.haproxy.relay)) : null,
         },
         targets,
         met: hapPort ? rateRatio >= 0.5 && tputRatio >= 0.8 : false,

@@ -5,14 +5,17 @@
  *          -> connect to the picked backend (connect timeout; on failure the next backend, bounded
  *             by `retries`) -> PROXY header -> splice both ways -> close, accounting, log line.
  *
- * Splicing is `pipe()` both ways, so a slow reader stops the other side's reads (backpressure,
- * memory bounded by the stream buffers). Both sockets are half-open capable: a FIN from one
- * side is passed on as a FIN and the other direction keeps flowing until it ends too. An error
- * or reset on one side destroys the other; no byte either way for `idleTimeoutMs` closes both.
+ * Splicing is common/relay.ts: backend to client through a ReadPump (reads into reused buffers,
+ * large ones while data streams), client to backend by `pipe()`. Either way a slow reader stops
+ * the other side's reads (backpressure, memory bounded per connection). Both sockets are
+ * half-open capable: a FIN from one side is passed on as a FIN and the other direction keeps
+ * flowing until it ends too. An error or reset on one side destroys the other; no byte either
+ * way for `idleTimeoutMs` closes both.
  * The client is not read from before its backend is connected (the kernel holds what it sends).
  */
 import net from 'node:net';
 import type { Logger } from '../common/log.ts';
+import { ReadPump, relay } from '../common/relay.ts';
 import type { Backend } from './backend.ts';
 import type { ListenerConfig, PoolConfig } from './config.ts';
 import { splitHostPort } from './config.ts';
@@ -42,10 +45,18 @@ let nextId = 1;
 /** Stream buffer per socket and direction: fewer pause/resume turns on bulk transfers, still bounded. */
 const SOCKET_HWM = 256 * 1024;
 
-function connectBackend(b: Backend, pool: PoolConfig): Promise<{ socket: net.Socket } | { error: string }> {
+interface Connected {
+  socket: net.Socket;
+  /** Reads the backend's bytes (its socket's `onread`) for the splice. */
+  pump: ReadPump;
+}
+
+function connectBackend(b: Backend, pool: PoolConfig): Promise<Connected | { error: string }> {
   return new Promise((resolve) => {
     let done = false;
+    const pump = new ReadPump();
     const s = net.connect({
+      onread: pump.onread,
       host: b.host,
       port: b.port,
       allowHalfOpen: true,
@@ -55,7 +66,7 @@ function connectBackend(b: Backend, pool: PoolConfig): Promise<{ socket: net.Soc
       keepAliveInitialDelay: pool.keepaliveMs,
       // Passed on to the stream (not in @types/node 20's NetConnectOpts).
     } as net.NetConnectOpts);
-    const finish = (r: { socket: net.Socket } | { error: string }) => {
+    const finish = (r: Connected | { error: string }) => {
       if (done) return;
       done = true;
       clearTimeout(timer);
@@ -67,7 +78,7 @@ function connectBackend(b: Backend, pool: PoolConfig): Promise<{ socket: net.Soc
     // Stays for the socket's life: the splice adds its own handler; this one only keeps an error
     // emitted between connect and splice from being unhandled.
     s.on('error', () => {});
-    const onConnect = () => finish({ socket: s });
+    const onConnect = () => finish({ socket: s, pump });
     const onError = (err: NodeJS.ErrnoException) => finish({ error: err.code ?? err.message });
     const timer = setTimeout(() => finish({ error: 'connect-timeout' }), pool.connectTimeoutMs);
     s.once('connect', onConnect);
@@ -254,15 +265,15 @@ export class Listener {
         next?.acquire();
       }).then((r) => {
         if (closed || client.destroyed) {
-          r?.destroy();
+          r?.socket.destroy();
           finish();
           return;
         }
         if (!r) return refuse('connect-failed');
-        server = r;
+        server = r.socket;
         spliced = backend;
         this.total++;
-        this.splice(client, r, pool.config, backend!, (reason) => {
+        this.splice(client, r.socket, r.pump, pool.config, backend!, (reason) => {
           endReason ||= reason;
         }, finish);
       });
@@ -296,13 +307,13 @@ export class Listener {
     first: Backend,
     clientAddress: string,
     moved: (b: Backend | null) => void,
-  ): Promise<net.Socket | null> {
+  ): Promise<Connected | null> {
     const tried = new Set<Backend>();
     let b: Backend | null = first;
     for (let attempt = 0; b && attempt <= pool.config.retries; attempt++) {
       tried.add(b);
       const r = await connectBackend(b, pool.config);
-      if ('socket' in r) return r.socket;
+      if ('socket' in r) return r;
       this.deps.metrics.connectFailures.inc({ backend: b.id });
       this.deps.log.warn({ backend: b.id, listener: this.name, error: r.error, attempt: attempt + 1 }, 'backend connect failed');
       b = client.destroyed || attempt === pool.config.retries ? null : pool.pick(clientAddress, tried);
@@ -311,7 +322,7 @@ export class Listener {
     return null;
   }
 
-  private splice(client: net.Socket, server: net.Socket, pool: PoolConfig, backend: Backend, setReason: (r: string) => void, done: () => void): void {
+  private splice(client: net.Socket, server: net.Socket, pump: ReadPump, pool: PoolConfig, backend: Backend, setReason: (r: string) => void, done: () => void): void {
     this.children(backend).inc();
     backend.total++;
     const header = buildProxyHeader(pool.proxyProtocol, { address: client.remoteAddress ?? '', port: client.remotePort ?? 0 }, { address: client.localAddress ?? '', port: client.localPort ?? 0 });
@@ -342,8 +353,6 @@ export class Listener {
       client.setTimeout(pool.idleTimeoutMs, idle);
       server.setTimeout(pool.idleTimeoutMs, idle);
     }
-    client.pipe(server);
-    server.pipe(client);
-    client.resume();
+    relay(client, server, { bPump: pump });
   }
 }
