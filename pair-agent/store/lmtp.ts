@@ -43,8 +43,24 @@ export interface LmtpServer {
 
 export const DELIVERY_ID_HEADER = 'x-pairgate-delivery-id';
 
-/** The delivery id header's value from the message's header block, if present and sane. */
-export function deliveryIdFromHeaders(body: Buffer): string | null {
+/**
+ * The delivery id header's value from the message's header block, if present and sane. The body
+ * may be given as parts: the header block is then looked for in the first parts (up to 64 KiB)
+ * and the parts are joined only when it does not end there (the same answer either way).
+ */
+export function deliveryIdFromHeaders(given: Buffer | readonly Buffer[]): string | null {
+  let body: Buffer;
+  if (Buffer.isBuffer(given)) body = given;
+  else if (given.length === 1) body = given[0]!;
+  else {
+    let n = 0;
+    let k = 0;
+    while (k < given.length && n < 64 * 1024) n += given[k++]!.length;
+    const prefix = k === 1 ? given[0]! : Buffer.concat(given.slice(0, k), n);
+    // The first "\r\n\r\n" of the whole body lies in this prefix when the prefix holds one.
+    const end = prefix.indexOf('\r\n\r\n');
+    body = end >= 0 || k === given.length ? prefix : Buffer.concat(given);
+  }
   let end = body.indexOf('\r\n\r\n');
   if (end < 0) end = body.indexOf('\n\n');
   const head = body.subarray(0, end < 0 ? Math.min(body.length, 64 * 1024) : end).toString('latin1');
@@ -157,6 +173,10 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
       cb();
     },
     onData(stream: Readable, session, cb) {
+      // The body is kept as the chunks that arrived, never joined: the store writes them to the log
+      // by reference. A chunk that continues the previous one in the same memory (the DATA scan
+      // holds back the last 4 bytes of each socket read and emits them before the next) is merged
+      // back into it, so the parts stay about one per socket read.
       const parts: Buffer[] = [];
       let size = 0;
       // The body's SHA-256 (its address in the store, and part of the delivery id when the proxy
@@ -166,8 +186,11 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
       stream.on('data', (d: Buffer) => {
         size += d.length;
         if (size <= maxBytes) {
-          parts.push(d);
           hash.update(d);
+          const last = parts.length ? parts[parts.length - 1]! : null;
+          if (last && last.buffer === d.buffer && last.byteOffset + last.length === d.byteOffset) {
+            parts[parts.length - 1] = Buffer.from(last.buffer, last.byteOffset, last.length + d.length);
+          } else parts.push(d);
         }
       });
       stream.on('error', (err) => cb(err));
@@ -177,16 +200,15 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
           deliveries.inc({ result: 'too-big' }, rcpts.length);
           return cb(null, rcpts.map(() => new ReplyError(552, `Message exceeds fixed maximum message size ${maxBytes}`)) as unknown as string);
         }
-        const body = Buffer.concat(parts, Math.min(size, maxBytes));
         const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
         const users = rcpts.map((a) => localPart(a));
         const t0 = process.hrtime.bigint();
         const client = session.xClient?.get('ADDR') ?? session.xForward?.get('ADDR') ?? session.remoteAddress;
         const bodySha256 = hash.digest('hex');
-        const id = deliveryIdFromHeaders(body) ?? envelopeDigest(from, rcpts, bodySha256);
+        const id = deliveryIdFromHeaders(parts) ?? envelopeDigest(from, rcpts, bodySha256);
         const slog = log.child({ cid: session.id, deliveryId: id });
         Promise.resolve()
-          .then(() => opts.store.deliver(id, users, body, { bodySha256 }))
+          .then(() => opts.store.deliver(id, users, parts, { bodySha256 }))
           .then((results) => {
             const replies = results.map((r) => {
               if (r.ok) {
@@ -201,7 +223,7 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
             const secs = Number(process.hrtime.bigint() - t0) / 1e9;
             seconds.observe(secs);
             recent[recentN++ % recent.length] = secs * 1000;
-            slog.info({ from, rcpts: users.length, bytes: body.length, client }, 'delivered');
+            slog.info({ from, rcpts: users.length, bytes: size, client }, 'delivered');
             cb(null, replies as unknown as string);
           })
           .catch((err: unknown) => {

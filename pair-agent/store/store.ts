@@ -7,7 +7,7 @@
  * (SHA-256) and reference counted; checkpoints of the indexes bound the replay on open;
  * compaction copies live bodies out of sparse segments so that they can be reused.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { sha256Hex } from './digest.ts';
 import { EventEmitter } from 'node:events';
 import { LRUCache } from 'lru-cache';
@@ -37,6 +37,7 @@ import {
 import { StoreState, type Body, type BodyChunk, type Mailbox, type Op, type User } from './state.ts';
 import { checkMailbox, checkUser, DEFAULT_MAILBOXES, normalizeFlags } from './names.ts';
 import type {
+  BodyData,
   DeliveryRecipientResult,
   Flag,
   MailboxInfo,
@@ -99,6 +100,9 @@ export interface CompactResult {
   bytesMoved: number;
 }
 
+/** Largest body kept in the read cache when it is written (see cacheOnWrite). */
+export const CACHE_ON_WRITE_MAX = 256 * 1024;
+
 const SHA_LEN = 32;
 const BODY_HDR = SHA_LEN + 12;
 
@@ -130,7 +134,7 @@ export class LogStore extends EventEmitter implements MailStore {
   closed = false;
   private readonly log: Logger;
   private readonly cache: LRUCache<string, Buffer>;
-  private readonly pendingBodies = new Map<string, Buffer>();
+  private readonly pendingBodies = new Map<string, readonly Buffer[]>();
   private readonly live: Float64Array;
   private readonly chain: number[] = [];
   private readonly inChain = new Set<number>();
@@ -155,7 +159,7 @@ export class LogStore extends EventEmitter implements MailStore {
     this.log = opts.log.child({ component: 'store' });
     this.cache = new LRUCache<string, Buffer>({ maxSize: Math.max(1, opts.cacheBytes ?? 64 * 1024 * 1024), sizeCalculation: (b) => Math.max(1, b.length) });
     this.live = new Float64Array(g.segmentCount);
-    this.cacheWriteLimit = Math.floor((opts.cacheBytes ?? 64 * 1024 * 1024) / 16);
+    this.cacheWriteLimit = Math.min(CACHE_ON_WRITE_MAX, Math.floor((opts.cacheBytes ?? 64 * 1024 * 1024) / 16));
     const vol = g.segmentSize * g.segmentCount;
     this.checkpointBytes = opts.checkpointBytes ?? Math.min(256 * 1024 * 1024, Math.max(8 * 1024 * 1024, Math.floor(vol / 8)));
   }
@@ -420,24 +424,42 @@ export class LogStore extends EventEmitter implements MailStore {
     return Math.min(1024 * 1024, this.writer.maxRecord - HEADER_SIZE - BODY_HDR - BLOCK_SIZE);
   }
 
-  /** Appends BODY records for `data` (new body or a compaction move) and indexes them. */
-  private appendBody(id: string, data: Buffer): void {
+  /**
+   * Appends BODY records for a body given as parts (new body or a compaction move) and indexes
+   * them. The parts go to the log by reference (sliced at record boundaries, never joined).
+   */
+  private appendBody(id: string, data: readonly Buffer[], size: number): void {
     const sha = Buffer.from(id, 'hex');
     const chunk = this.chunkSize();
-    const count = Math.max(1, Math.ceil(data.length / chunk));
+    const count = Math.max(1, Math.ceil(size / chunk));
     for (let i = 0; i < count; i++) {
-      const part = data.subarray(i * chunk, Math.min(data.length, (i + 1) * chunk));
       const h = Buffer.allocUnsafe(BODY_HDR);
       sha.copy(h, 0);
       h.writeUInt32LE(i, SHA_LEN);
       h.writeUInt32LE(count, SHA_LEN + 4);
-      h.writeUInt32LE(data.length, SHA_LEN + 8);
-      const rec = this.writer.append(RecordType.BODY, [h, part]);
+      h.writeUInt32LE(size, SHA_LEN + 8);
+      const rec = this.writer.append(RecordType.BODY, [h, ...sliceParts(data, i * chunk, Math.min(size, (i + 1) * chunk))]);
       const c: BodyChunk = { offset: rec.offset, length: rec.length };
-      const { moved } = this.state.bodyChunk(id, i, count, data.length, c);
+      const { moved } = this.state.bodyChunk(id, i, count, size, c);
       if (moved) this.live[segmentOf(this.g, moved.offset)]! -= moved.length;
       this.live[segmentOf(this.g, c.offset)]! += c.length;
     }
+  }
+
+  /**
+   * Keeps a freshly delivered body in the read cache (new mail is the mail read next: POP3 polls,
+   * IMAP IDLE fetches). Only bodies up to cacheWriteLimit: a large body kept on the chance of a
+   * read outlives the young generation, and at delivery rates that old-space garbage (1 MiB per
+   * 1 MiB delivery) made V8 run a full mark-compact every few deliveries, a cost that grows with
+   * the in-memory index (bench/store: 15-30% of the store's busy time). A large body read later
+   * is read from the log and cached then.
+   */
+  private cacheOnWrite(id: string, parts: readonly Buffer[], size: number): void {
+    if (size > this.cacheWriteLimit) return;
+    // One exact buffer is kept as it is; parts, or a view into a larger buffer (a socket read that
+    // held more than the body), are copied so that the cache holds what it counts.
+    const one = parts.length === 1 ? parts[0]! : null;
+    this.cache.set(id, one && one.byteOffset === 0 && one.length === one.buffer.byteLength ? one : Buffer.concat(parts, size));
   }
 
   /** Waits for durability, then emits the changes and maybe starts a checkpoint. */
@@ -489,11 +511,13 @@ export class LogStore extends EventEmitter implements MailStore {
 
   // ------------------------------------------------------------------ MailStore
 
-  async deliver(deliveryId: string, users: string[], body: Buffer, opts: { internalDate?: number; bodySha256?: string } = {}): Promise<DeliveryRecipientResult[]> {
+  async deliver(deliveryId: string, users: string[], given: BodyData, opts: { internalDate?: number; bodySha256?: string } = {}): Promise<DeliveryRecipientResult[]> {
     this.assertWritable();
     if (typeof deliveryId !== 'string' || !deliveryId || deliveryId.length > 256) throw new BadInputError('invalid delivery id');
     if (opts.bodySha256 !== undefined && !/^[0-9a-f]{64}$/.test(opts.bodySha256)) throw new BadInputError('invalid body digest');
-    const bodyId = opts.bodySha256 ?? (await sha256Hex(body));
+    const parts: readonly Buffer[] = Buffer.isBuffer(given) ? [given] : given;
+    const size = partsLength(parts);
+    const bodyId = opts.bodySha256 ?? (parts.length === 1 ? await sha256Hex(parts[0]!) : sha256OfParts(parts));
     // From here to the append, synchronous: validation, index update and log records are one step.
     this.assertWritable();
     const date = opts.internalDate ?? Date.now();
@@ -517,7 +541,7 @@ export class LogStore extends EventEmitter implements MailStore {
           results.push({ user, ok: true, uid: uidBefore, duplicate: true });
           continue;
         }
-        this.quotaCheck(user, this.state.user(user), body.length);
+        this.quotaCheck(user, this.state.user(user), size);
         results.push({ user, ok: true });
         anyNew = true;
       } catch (err) {
@@ -525,11 +549,11 @@ export class LogStore extends EventEmitter implements MailStore {
       }
     }
     if (anyNew) {
-      this.reserve((fresh ? this.bodyRecordsSize(body.length) : 0) + 512 + users.length * 64 + DEFAULT_MAILBOXES.length * 128 * users.length);
+      this.reserve((fresh ? this.bodyRecordsSize(size) : 0) + 512 + users.length * 64 + DEFAULT_MAILBOXES.length * 128 * users.length);
       for (const r of results) if (r.ok && !r.duplicate && r.uid === undefined) this.ensureUserSync(r.user);
       if (fresh && !this.state.bodies.has(id)) {
-        this.appendBody(id, body);
-        this.pendingBodies.set(id, body);
+        this.appendBody(id, parts, size);
+        this.pendingBodies.set(id, parts);
       }
       const assigned = new Map<string, number>();
       for (const r of results) {
@@ -546,12 +570,12 @@ export class LogStore extends EventEmitter implements MailStore {
         r.uid = uid;
         changes.push({ user: r.user, mailbox: 'INBOX', kind: 'exists', uids: [uid], modseq });
       }
-      this.appendOp({ op: 'dlv', id: deliveryId, body: id, size: body.length, date, to, ...(opts.internalDate !== undefined ? { at: Date.now() } : {}) });
+      this.appendOp({ op: 'dlv', id: deliveryId, body: id, size, date, to, ...(opts.internalDate !== undefined ? { at: Date.now() } : {}) });
     }
     try {
       await this.commit(changes);
       // New mail is the mail read next (POP3 polls, IMAP IDLE fetches): keep modest bodies in the read cache.
-      if (anyNew && fresh && body.length <= this.cacheWriteLimit) this.cache.set(id, body);
+      if (anyNew && fresh) this.cacheOnWrite(id, parts, size);
     } finally {
       if (anyNew) this.pendingBodies.delete(id);
     }
@@ -669,8 +693,10 @@ export class LogStore extends EventEmitter implements MailStore {
     this.assertOpen();
     for (let attempt = 0; ; attempt++) {
       // Bodies whose records are not durable yet (new, or being moved by compaction) are served from memory.
-      const hit = this.cache.get(bodyId) ?? this.pendingBodies.get(bodyId);
+      const hit = this.cache.get(bodyId);
       if (hit) return hit;
+      const pending = this.pendingBodies.get(bodyId);
+      if (pending) return pending.length === 1 ? pending[0]! : Buffer.concat(pending);
       const b = this.state.bodies.get(bodyId);
       if (!b) throw new NotFoundError(`no message body ${String(bodyId).slice(0, 80)}`);
       const chunks = [...b.chunks];
@@ -723,8 +749,8 @@ export class LogStore extends EventEmitter implements MailStore {
     const { id, fresh } = this.storeBody(bodyId);
     this.reserve((fresh ? this.bodyRecordsSize(body.length) : 0) + 1024);
     if (fresh) {
-      this.appendBody(id, body);
-      this.pendingBodies.set(id, body);
+      this.appendBody(id, [body], body.length);
+      this.pendingBodies.set(id, [body]);
     }
     const uid = mb.uidNext;
     const modseq = mb.highestModseq + 1;
@@ -952,8 +978,8 @@ export class LogStore extends EventEmitter implements MailStore {
         } catch {
           break;
         }
-        this.appendBody(id, data);
-        this.pendingBodies.set(id, data);
+        this.appendBody(id, [data], data.length);
+        this.pendingBodies.set(id, [data]);
         try {
           await this.writer.commit();
         } finally {
@@ -1056,6 +1082,36 @@ export class LogStore extends EventEmitter implements MailStore {
     this.cache.clear();
     this.log.info('store closed');
   }
+}
+
+/** Total length of a body given as parts. */
+function partsLength(parts: readonly Buffer[]): number {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  return n;
+}
+
+function sha256OfParts(parts: readonly Buffer[]): string {
+  const h = createHash('sha256');
+  for (const p of parts) h.update(p);
+  return h.digest('hex');
+}
+
+/** The bytes [start, end) of the concatenation of `parts`, as views of the parts (no copy). */
+export function sliceParts(parts: readonly Buffer[], start: number, end: number): Buffer[] {
+  const out: Buffer[] = [];
+  let at = 0;
+  for (const p of parts) {
+    const pEnd = at + p.length;
+    if (pEnd > start && at < end) {
+      const from = Math.max(start, at) - at;
+      const to = Math.min(end, pEnd) - at;
+      out.push(from === 0 && to === p.length ? p : p.subarray(from, to));
+    }
+    if (pEnd >= end) break;
+    at = pEnd;
+  }
+  return out;
 }
 
 /** Applies one replayed record to the indexes. */

@@ -74,13 +74,20 @@ export interface StoreStats {
   bodyBytes: number;
 }
 
+/**
+ * A message body as one buffer or as parts in order (e.g. the DATA chunks as they arrived), so
+ * that a caller need not join a large body into one buffer first. Parts are kept by reference
+ * until the delivery resolves: the caller must not modify them.
+ */
+export type BodyData = Buffer | readonly Buffer[];
+
 export interface MailStore extends EventEmitter {
   /**
    * Delivers one message to many users' INBOXes, storing the body once. Idempotent per deliveryId.
    * `bodySha256` (hex) spares a second pass over the body when the caller hashed it as it arrived
    * (the LMTP server does); it must be the SHA-256 of exactly `body`, as it becomes the body's address.
    */
-  deliver(deliveryId: string, users: string[], body: Buffer, opts?: { internalDate?: number; bodySha256?: string }): Promise<DeliveryRecipientResult[]>;
+  deliver(deliveryId: string, users: string[], body: BodyData, opts?: { internalDate?: number; bodySha256?: string }): Promise<DeliveryRecipientResult[]>;
 
   /** Creates INBOX and the special-use mailboxes on first use; cheap when they exist. */
   ensureUser(user: string): Promise<void>;

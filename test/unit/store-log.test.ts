@@ -11,6 +11,7 @@ import { createRegistry } from '../../common/metrics.ts';
 import { ConflictError, LimitError, NotFoundError, BadInputError } from '../../common/errors.ts';
 import { FileBlockDevice, writeLength, type WriteData } from '../../pair-agent/volume/block-device.ts';
 import { openMailStore, type LogStore } from '../../pair-agent/store/index.ts';
+import { CACHE_ON_WRITE_MAX } from '../../pair-agent/store/store.ts';
 import { crc32c } from '../../pair-agent/store/crc32c.ts';
 import { decodeSuperblock, MAX_DEVICE_WRITE } from '../../pair-agent/store/log.ts';
 import { tempDir } from '../helpers/proc.ts';
@@ -381,6 +382,66 @@ describe('mail store', () => {
       const body = await s2.readMessage(m.bodyId);
       expect([1, 2, 3].some((n) => body.equals(big(n)))).toBe(true);
     }
+  });
+
+  it('stores a body given as parts (cut anywhere, records cut across parts) exactly as the same body in one buffer', async () => {
+    // A small volume: 64 KiB segments, so a body spans several BODY records whose bounds fall inside parts.
+    const h = await fresh(2 * 1024 * 1024);
+    const s = h.store;
+    let seed = 11;
+    const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
+    const bodies = [msg(1), msg(2, 150_000), msg(3, 200_001)];
+    for (const [i, body] of bodies.entries()) {
+      const parts: Buffer[] = [];
+      for (let at = 0; at < body.length; ) {
+        const n = Math.min(body.length - at, 1 + rand(i === 0 ? 7 : 30_000));
+        parts.push(body.subarray(at, at + n));
+        at += n;
+      }
+      const [r] = await s.deliver(`parts-${i}`, ['pp'], parts);
+      expect(r).toMatchObject({ ok: true, uid: i + 1 });
+      // the same body again in one buffer: the same content address, stored once
+      const [again] = await s.deliver(`whole-${i}`, ['pq'], body);
+      expect(again).toMatchObject({ ok: true });
+    }
+    const check = async (st: LogStore) => {
+      const list = await st.listMessages('pp', 'INBOX');
+      expect(list.map((m) => m.size)).toEqual(bodies.map((b) => b.length));
+      for (const [i, m] of list.entries()) {
+        expect(m.bodyId).toBe(createHash('sha256').update(bodies[i]!).digest('hex'));
+        expect((await st.readMessage(m.bodyId)).equals(bodies[i]!)).toBe(true);
+      }
+      expect((await st.listMessages('pq', 'INBOX')).map((m) => m.bodyId)).toEqual(list.map((m) => m.bodyId));
+      expect((await st.stats()).bodyBytes).toBe(bodies.reduce((n, b) => n + b.length, 0));
+    };
+    await check(s);
+    await check(await h.reopen({ checkpoint: false }));
+    expect((await h.store.check()).ok).toBe(true);
+  });
+
+  it('keeps small new bodies in the read cache, not large ones (read from the log when asked for)', async () => {
+    const h = await fresh(64 * 1024 * 1024);
+    const s = h.store;
+    const small = msg(1, 10_000);
+    const large = msg(2, CACHE_ON_WRITE_MAX + 1);
+    await s.deliver('c-small', ['cc'], [small.subarray(0, 100), small.subarray(100)]);
+    await s.deliver('c-large', ['cc'], [large.subarray(0, 100), large.subarray(100)]);
+    const reads: number[] = [];
+    const dev = h.device as unknown as { read(o: number, n: number): Promise<Buffer> };
+    const orig = dev.read.bind(dev);
+    dev.read = async (o: number, n: number) => {
+      reads.push(n);
+      return orig(o, n);
+    };
+    const [m1, m2] = await s.listMessages('cc', 'INBOX');
+    expect((await s.readMessage(m1!.bodyId)).equals(small)).toBe(true);
+    expect(reads).toEqual([]);
+    expect((await s.readMessage(m2!.bodyId)).equals(large)).toBe(true);
+    expect(reads.length).toBeGreaterThan(0);
+    // and once read, it is cached
+    reads.length = 0;
+    expect((await s.readMessage(m2!.bodyId)).equals(large)).toBe(true);
+    expect(reads).toEqual([]);
   });
 
   it('turns a failing volume write into UnavailableError for everyone, without crashing', async () => {

@@ -60,6 +60,31 @@ describe('LMTP delivery ids and names', () => {
     expect(a).not.toBe(envelopeDigest('f@x', ['a@x', 'b@x'], 'ab13'));
     expect(localPart('Alice@Example.NET')).toBe('alice');
   });
+  it('finds the same delivery id in a body given as parts, however it is cut', () => {
+    const bodies = [
+      Buffer.from('Subject: x\r\nX-Pairgate-Delivery-Id: abc-123\r\n\r\nbody'),
+      Buffer.from('Subject: x\r\n\r\nX-Pairgate-Delivery-Id: in-body\r\n'),
+      Buffer.from('Subject: x\nX-Pairgate-Delivery-Id: lf-only\n\nbody\r\n\r\nX-Pairgate-Delivery-Id: later\r\n'),
+      // a header block longer than the 64 KiB looked at first
+      Buffer.concat([Buffer.from('X-Pad: '), Buffer.alloc(70_000, 'p'), Buffer.from('\r\nX-Pairgate-Delivery-Id: far\r\n\r\nbody')]),
+      Buffer.concat([Buffer.from('X-Pairgate-Delivery-Id: no-end\r\n'), Buffer.alloc(70_000, 'q')]),
+    ];
+    let seed = 7;
+    const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
+    for (const body of bodies) {
+      const want = deliveryIdFromHeaders(body);
+      for (let round = 0; round < 40; round++) {
+        const parts: Buffer[] = [];
+        for (let at = 0; at < body.length; ) {
+          const n = Math.min(body.length - at, 1 + rand(round % 2 ? 40 : 40_000));
+          parts.push(body.subarray(at, at + n));
+          at += n;
+        }
+        expect(deliveryIdFromHeaders(parts)).toBe(want);
+      }
+    }
+    expect(bodies.map((b) => deliveryIdFromHeaders(b))).toEqual(['abc-123', null, 'lf-only', 'far', 'no-end']);
+  });
   it('refuses mailbox path tricks and normalises flags', () => {
     for (const bad of ['../x', 'a/../b', '/abs', 'a//b', 'a/', 'a\u0000b', 'x*', '']) expect(() => checkMailbox(bad), bad).toThrow();
     expect(checkMailbox('inbox/Sub')).toBe('INBOX/Sub');
