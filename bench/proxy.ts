@@ -204,8 +204,12 @@ async function rate(kind: 'imap' | 'pop3', port: number): Promise<{ perSec: numb
   return { perSec: n / SECONDS, errors, sessions: n };
 }
 
-/** Bulk FETCH of the big message, paths interleaved per repetition, best repetition per path kept. */
-async function bulk(ports: number[], reps = 5): Promise<number[]> {
+/**
+ * Bulk FETCH of the big message, paths interleaved per repetition, best repetition per path kept.
+ * `cpu(k)` reads the CPU time (ms) of path k's proxy: what it spent over all repetitions is
+ * returned per MiB relayed (NaN for a path without a proxy process).
+ */
+async function bulk(ports: number[], cpu: (k: number) => number | null, reps = 5): Promise<{ best: number[]; cpuMsPerMiB: number[] }> {
   const conns: Conn[] = [];
   try {
     for (const port of ports) {
@@ -216,16 +220,22 @@ async function bulk(ports: number[], reps = 5): Promise<number[]> {
       await c.cmd('b SELECT INBOX', tagged('b'));
     }
     const best = ports.map(() => 0);
+    const cpuMs = ports.map(() => 0);
+    const mib = ports.map(() => 0);
     for (let r = 0; r < reps; r++) {
       for (const [k, c] of conns.entries()) {
         const before = c.bytes;
+        const cpu0 = cpu(k);
         const t0 = process.hrtime.bigint();
         await c.cmd(`f${r} FETCH 2 BODY.PEEK[]`, tagged(`f${r}`));
         const sec = Number(process.hrtime.bigint() - t0) / 1e9;
+        const cpu1 = cpu(k);
+        if (cpu0 !== null && cpu1 !== null) cpuMs[k]! += cpu1 - cpu0;
+        mib[k]! += (c.bytes - before) / 1024 / 1024;
         best[k] = Math.max(best[k]!, (c.bytes - before) / 1024 / 1024 / sec);
       }
     }
-    return best;
+    return { best, cpuMsPerMiB: ports.map((_p, k) => (cpu(k) === null ? NaN : cpuMs[k]! / mib[k]!)) };
   } finally {
     for (const c of conns) c.close();
   }
@@ -429,7 +439,12 @@ async function main(): Promise<void> {
       return { child, imapPort, pop3Port };
     };
     // PROXY_BENCH_PROF=DIR: a V8 CPU profile of the measured proxy process, written to DIR at its exit.
-    const main = await startPairgate('bench', process.env.PROXY_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.PROXY_BENCH_PROF] : []);
+    // PROXY_BENCH_NODE_FLAGS: extra node flags for it (e.g. --perf-basic-prof for `perf record -p`, its pid is printed).
+    const main = await startPairgate('bench', [
+      ...(process.env.PROXY_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.PROXY_BENCH_PROF] : []),
+      ...(process.env.PROXY_BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean),
+    ]);
+    if (process.env.PROXY_BENCH_PROF || process.env.PROXY_BENCH_NODE_FLAGS) process.stderr.write(`measured proxy pid ${main.child.pid}\n`);
     // Processes whose CPU time is charged to each path (the proxy; Dovecot separately).
     const pids: Record<string, number[]> = { pairgate: [main.child.pid!] };
     const [pImap, pPop] = [main.imapPort, main.pop3Port];
@@ -561,6 +576,10 @@ async function main(): Promise<void> {
       c.proxyUserMs += cpuMs(pids[name] ?? [], 'user') - u0;
       c.dovecotMs += cpuMs([dovecotPid]) - d0;
       c.sessions += r.sessions;
+      if (process.env.PROXY_BENCH_VERBOSE) {
+        const ms = cpuMs(pids[name] ?? []) - p0;
+        process.stderr.write(`round: ${name} ${kind} ${r.perSec.toFixed(1)}/s, ${r.sessions} sessions, proxy CPU ${r.sessions ? (ms / r.sessions).toFixed(2) : '-'} ms/session\n`);
+      }
       return r;
     };
     // Interleaved rounds so that machine noise hits every path alike, the order rotated each
@@ -577,8 +596,11 @@ async function main(): Promise<void> {
         res.errors += r.errors + q.errors;
       }
     }
-    const bulkFigures = await bulk(paths.map((p) => p.imap));
-    paths.forEach((p, k) => (results[p.name]!.bulk = bulkFigures[k]!));
+    const bulkFigures = await bulk(
+      paths.map((p) => p.imap),
+      (k) => (pids[paths[k]!.name] ? cpuMs(pids[paths[k]!.name]!) : null),
+    );
+    paths.forEach((p, k) => (results[p.name]!.bulk = bulkFigures.best[k]!));
     // Idle cost in a fresh proxy process, so that heap growth from the rate rounds does not blur it.
     let idle: Awaited<ReturnType<typeof idleCost>> | null = null;
     let idleBackendNote = '';
@@ -625,6 +647,11 @@ async function main(): Promise<void> {
           return `${p.name} ${split('imap')}; ${split('pop3')}`;
         })
         .join(', ')}`,
+      `proxy CPU ms per MiB of bulk FETCH relayed: ${paths
+        .map((p, k) => [p.name, bulkFigures.cpuMsPerMiB[k]!] as const)
+        .filter(([, v]) => !Number.isNaN(v))
+        .map(([n, v]) => `${n} ${v.toFixed(2)}`)
+        .join(', ')}`,
       ...(idle
         ? [
             `pairgate RSS per idle proxied IMAP session: ${perSessionKiB.toFixed(1)} KiB (${idle.sessions} sessions open, ${idle.failed} failed; proxy RSS ${idle.beforeKiB} -> ${idle.afterKiB} KiB; backend: ${idleBackendNote})`,
@@ -661,6 +688,10 @@ async function main(): Promise<void> {
       figures.pairgate_vs_perdition_imap_rate = Number((pg.imap / results.perdition.imap).toFixed(3));
       figures.pairgate_vs_perdition_pop3_rate = Number((pg.pop3 / results.perdition.pop3).toFixed(3));
     }
+    paths.forEach((p, k) => {
+      const v = bulkFigures.cpuMsPerMiB[k]!;
+      if (!Number.isNaN(v)) figures[`${p.name}_bulk_proxy_cpu_ms_per_mib`] = Number(v.toFixed(3));
+    });
     if (idle) figures.idle_sessions_open = idle.sessions;
     process.stdout.write(JSON.stringify({ bench: 'proxy', figures, targets, met }) + '\n');
   } finally {

@@ -31,6 +31,25 @@ export interface SessionHandle {
   flushBytes?(): void;
 }
 
+const addressVerdicts = new WeakMap<AddressList, Map<string, boolean>>();
+
+/**
+ * `list.has(address)`, remembered per list object and address (a config reload makes new list
+ * objects, so nothing stale is kept): BlockList checks build a SocketAddress each time, and the
+ * same few load-balancer, client and pair addresses come up on every connection.
+ */
+export function inList(list: AddressList, address: string): boolean {
+  let verdicts = addressVerdicts.get(list);
+  if (!verdicts) addressVerdicts.set(list, (verdicts = new Map()));
+  let v = verdicts.get(address);
+  if (v === undefined) {
+    v = list.has(address);
+    if (verdicts.size >= 10_000) verdicts.clear();
+    verdicts.set(address, v);
+  }
+  return v;
+}
+
 export class SessionRegistry {
   private readonly all = new Set<SessionHandle>();
   private readonly perUser = new Map<string, number>();

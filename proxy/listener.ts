@@ -7,7 +7,7 @@ import net from 'node:net';
 import { Duplex } from 'node:stream';
 import type { AddressInfo } from 'node:net';
 import type { ListenerConfig } from './config.ts';
-import type { ProxyContext } from './context.ts';
+import { inList, type ProxyContext } from './context.ts';
 import { readProxyHeader } from './proxy-protocol.ts';
 import { upgradeToTls } from './tls.ts';
 import { normalizeAddress } from '../common/cidr.ts';
@@ -86,7 +86,7 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
     let remote = { address: peer, port: raw.remotePort ?? 0 };
     let socket: net.Socket = raw;
     let prefix: Buffer = Buffer.alloc(0);
-    const viaLb = ctx.loadBalancers.has(peer);
+    const viaLb = inList(ctx.loadBalancers, peer);
     if (viaLb) {
       try {
         const { header, rest } = await readProxyHeader(raw, ctx.config.timeouts.proxyHeaderMs);
@@ -97,7 +97,6 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
         return reject(raw, 'proxy-header', null);
       }
     }
-    const local = { address: normalizeAddress(raw.localAddress ?? ''), port: raw.localPort ?? 0 };
     if (lc.tls === 'implicit') {
       if (!ctx.tls) return reject(raw, 'no-tls', null);
       try {
@@ -119,7 +118,17 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
     }
     perIp.set(remote.address, n + 1);
     open++;
-    const conn: AcceptedConnection = { socket, remote, local, secure: lc.tls === 'implicit', listener: lc, viaLb };
+    const conn: AcceptedConnection = {
+      socket,
+      remote,
+      // Asked of the kernel (getsockname) only if something reads it.
+      get local() {
+        return { address: normalizeAddress(raw.localAddress ?? ''), port: raw.localPort ?? 0 };
+      },
+      secure: lc.tls === 'implicit',
+      listener: lc,
+      viaLb,
+    };
     const session: ClientSession = lc.protocol === 'imap' ? new ImapSession(ctx, conn) : new Pop3Session(ctx, conn);
     void session.closed.then(() => {
       open--;

@@ -11,7 +11,7 @@ import { AuthError, NotFoundError, UnavailableError, errorCode } from '../common
 import type { PairRecord, UserRecord } from '../directory/types.ts';
 import { keys } from '../common/redis-bus.ts';
 import { connectTcp, imapMasterLogin, pop3MasterLogin, type BackendSession, type ClientAddress } from './backend.ts';
-import type { ProxyContext, Protocol, SessionHandle } from './context.ts';
+import { inList, type ProxyContext, type Protocol, type SessionHandle } from './context.ts';
 
 export type LoginFailure =
   /** Wrong credentials (or a login that can never be valid). */
@@ -120,7 +120,7 @@ export async function proxyLogin(
   let plogMade: SessionLog | undefined;
   const plog = () => (plogMade ??= log.with({ user: user.uid, pair: pair.id }));
 
-  if (!ctx.trustedBackends.has(pair.address)) {
+  if (!inList(ctx.trustedBackends, pair.address)) {
     plog().error({ address: pair.address }, 'pair address is outside backend.trustedNetworks: master login refused');
     return done({ ok: false, kind: 'temp', message: 'pair not trusted' });
   }

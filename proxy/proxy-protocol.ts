@@ -34,10 +34,11 @@ export function looksLikeProxyHeader(buf: Buffer): boolean {
   if (buf.length === 0) return false;
   const n = Math.min(buf.length, V2_SIGNATURE.length);
   if (buf.subarray(0, n).equals(V2_SIGNATURE.subarray(0, n))) return true;
-  const p = Buffer.from('PROXY ');
-  const m = Math.min(buf.length, p.length);
-  return buf.subarray(0, m).equals(p.subarray(0, m));
+  const m = Math.min(buf.length, V1_PREFIX.length);
+  return buf.subarray(0, m).equals(V1_PREFIX.subarray(0, m));
 }
+
+const V1_PREFIX = Buffer.from('PROXY ');
 
 function ipv6ToString(bytes: readonly number[]): string {
   const groups: string[] = [];
