@@ -2,7 +2,7 @@
  * bench/lb: pairgate's L4 balancer against HAProxy in TCP mode and direct connections to the
  * backends (the ceiling), with the same backends, interleaved in one run.
  *
- *   npm run bench -- lb [--seconds 3] [--rounds 3] [--concurrency 32] [--streams 4]
+ *   npm run bench -- lb [--seconds 3] [--rounds 3] [--concurrency 32] [--streams 4] [--compare-tree DIR[,DIR]]
  *
  * Backends: two TCP servers in one child process that skip a PROXY v2 header when one comes,
  * echo a line (connection rate) or stream bytes until the client closes (throughput).
@@ -13,12 +13,15 @@
  * Targets (issue 8): connection rate >= 0.5x HAProxy's, throughput >= 0.8x HAProxy's.
  * Information rows (no target): CPU ms per MiB of the relay, the backends and this generator during
  * the throughput runs (/proc/<pid>/stat, all threads), since all of them share the machine's cores.
+ * --compare-tree DIR[,DIR…] adds a path `pairgate@<folder name>` per folder: the balancer served
+ * from another checkout (e.g. `git archive HEAD | tar -x -C DIR` with node_modules linked), same
+ * config, interleaved with this tree's in the same rounds (an A/B the machine's load hits alike).
  * Ends with one JSON line.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
@@ -31,6 +34,7 @@ const { values: args } = parseArgs({
     rounds: { type: 'string', default: '3' },
     concurrency: { type: 'string', default: '32' },
     streams: { type: 'string', default: '4' },
+    'compare-tree': { type: 'string' },
     help: { type: 'boolean', default: false },
   },
 });
@@ -43,6 +47,7 @@ const ROUNDS = Number(args.rounds);
 const CONCURRENCY = Number(args.concurrency);
 const STREAMS = Number(args.streams);
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const COMPARE_TREES = args['compare-tree'] ? args['compare-tree'].split(',').filter(Boolean) : [];
 
 const BACKEND_JS = `
 const net = require('net');
@@ -81,8 +86,11 @@ function child(cmd: string, argv: string[]): ChildProcess {
   return c;
 }
 
+let lastConnCpuUs = NaN;
+
 /** Connections per second: connect, send "hello\n", read the echo, close; CONCURRENCY loops. */
 async function connRate(port: number, seconds: number): Promise<number> {
+  const r0 = cpuSeconds(relayPid);
   let done = 0;
   let errors = 0;
   const end = Date.now() + seconds * 1000;
@@ -112,6 +120,7 @@ async function connRate(port: number, seconds: number): Promise<number> {
     }),
   );
   if (errors > done / 100) process.stderr.write(`  (${errors} failed connections on port ${port})\n`);
+  lastConnCpuUs = ((cpuSeconds(relayPid) - r0) * 1e6) / Math.max(done, 1);
   return done / ((Date.now() - t0) / 1000);
 }
 
@@ -214,15 +223,14 @@ async function main(): Promise<void> {
     const lbPort = await freePort();
     const lbAdmin = await freePort();
     const lbFile = join(tmp.path, 'lb.yaml');
-    writeFileSync(
-      lbFile,
+    const lbYaml = (port: number, admin: number) =>
       stringify({
         logLevel: 'warn',
-        admin: { host: '127.0.0.1', port: lbAdmin },
-        listeners: [{ name: 'bench', listen: `127.0.0.1:${lbPort}`, pool: 'p' }],
+        admin: { host: '127.0.0.1', port: admin },
+        listeners: [{ name: 'bench', listen: `127.0.0.1:${port}`, pool: 'p' }],
         pools: { p: { balance: 'leastconn', proxyProtocol: 'v2', check: { intervalMs: 2000 }, backends: [{ name: 'b1', address: `127.0.0.1:${b1}` }, { name: 'b2', address: `127.0.0.1:${b2}` }] } },
-      }),
-    );
+      });
+    writeFileSync(lbFile, lbYaml(lbPort, lbAdmin));
     const lbChild = child(process.execPath, [join(root, 'bin/pairgate.mjs'), 'lb', '--config', lbFile]);
     procs.push(lbChild);
     await waitForPort('127.0.0.1', lbPort, 20_000);
@@ -272,8 +280,21 @@ async function main(): Promise<void> {
       ...(hapPort ? ([['haproxy', hapPort]] as Array<[string, number]>) : []),
     ];
     const pidOf: Record<string, number | undefined> = { direct: undefined, pairgate: lbChild.pid, haproxy: hapPid };
+    for (const dir of COMPARE_TREES) {
+      const name = `pairgate@${basename(dir)}`;
+      const port = await freePort();
+      const file = join(tmp.path, `lb-${basename(dir)}.yaml`);
+      writeFileSync(file, lbYaml(port, await freePort()));
+      const c = child(process.execPath, [join(dir, 'bin/pairgate.mjs'), 'lb', '--config', file]);
+      procs.push(c);
+      await waitForPort('127.0.0.1', port, 20_000);
+      paths.push([name, port]);
+      pidOf[name] = c.pid;
+    }
     const rate: Record<string, number[]> = {};
     const tput: Record<string, number[]> = {};
+    /** Balancer CPU µs per connection in the connection-rate runs. */
+    const cpuPerConn: Record<string, number[]> = {};
     /** CPU ms per MiB moved in the throughput runs, per path and process. */
     const cpuPerMiB: Record<string, { relay: number[]; backends: number[]; generator: number[] }> = {};
     process.stdout.write(`bench lb: ${ROUNDS} rounds x ${SECONDS} s, ${CONCURRENCY} clients (conn rate), ${STREAMS} streams (throughput); ${haproxyVersion}\n`);
@@ -287,6 +308,7 @@ async function main(): Promise<void> {
       for (const [name, port] of r % 2 ? [...paths].reverse() : paths) {
         relayPid = pidOf[name];
         (rate[name] ??= []).push(await connRate(port, SECONDS));
+        (cpuPerConn[name] ??= []).push(lastConnCpuUs);
         (tput[name] ??= []).push(await throughput(port, SECONDS));
         const c = (cpuPerMiB[name] ??= { relay: [], backends: [], generator: [] });
         const perMiB = (sec: number) => (sec * 1000) / Math.max(lastMiB, 1e-9);
@@ -295,6 +317,7 @@ async function main(): Promise<void> {
         c.generator.push(perMiB(lastCpu.generator));
         process.stdout.write(
           `  round ${r + 1} ${name.padEnd(8)} ${rate[name]!.at(-1)!.toFixed(0).padStart(6)} conn/s ${tput[name]!.at(-1)!.toFixed(0).padStart(6)} MiB/s` +
+            `  relay cpu µs/conn ${name === 'direct' ? '-' : cpuPerConn[name]!.at(-1)!.toFixed(0)};` +
             `  cpu ms/MiB relay ${c.relay.at(-1)!.toFixed(2)} backends ${c.backends.at(-1)!.toFixed(2)} generator ${c.generator.at(-1)!.toFixed(2)}\n`,
         );
       }
@@ -312,6 +335,7 @@ async function main(): Promise<void> {
         '| --- | ---: | ---: | ---: | ---: |',
         row('direct (ceiling)', direct),
         row('pairgate lb', pg),
+        ...COMPARE_TREES.map((d) => row(`pairgate@${basename(d)}`, f(`pairgate@${basename(d)}`))),
         ...(hapPort ? [row('haproxy', hp)] : []),
         '',
       ].join('\n'),
@@ -320,14 +344,16 @@ async function main(): Promise<void> {
     const cpuRow = (n: string, label: string) => {
       const c = cpuPerMiB[n];
       if (!c) return [];
-      return [`| ${label} | ${n === 'direct' ? '-' : median(c.relay).toFixed(2)} | ${median(c.backends).toFixed(2)} | ${median(c.generator).toFixed(2)} |`];
+      const perConn = n === 'direct' ? '-' : median(cpuPerConn[n]!).toFixed(0);
+      return [`| ${label} | ${perConn} | ${n === 'direct' ? '-' : median(c.relay).toFixed(2)} | ${median(c.backends).toFixed(2)} | ${median(c.generator).toFixed(2)} |`];
     };
     process.stdout.write(
       [
-        '| throughput: CPU ms per MiB (medians) | relay | backends | generator |',
-        '| --- | ---: | ---: | ---: |',
+        '| CPU (medians, information) | relay µs/conn | relay ms/MiB | backends ms/MiB | generator ms/MiB |',
+        '| --- | ---: | ---: | ---: | ---: |',
         ...cpuRow('direct', 'direct'),
         ...cpuRow('pairgate', 'pairgate lb'),
+        ...COMPARE_TREES.flatMap((d) => cpuRow(`pairgate@${basename(d)}`, `pairgate@${basename(d)}`)),
         ...cpuRow('haproxy', 'haproxy'),
         '',
       ].join('\n'),
@@ -349,6 +375,8 @@ async function main(): Promise<void> {
           direct_mib_per_s: Math.round(direct.tput),
           pairgate_mib_per_s: Math.round(pg.tput),
           haproxy_mib_per_s: Math.round(hp.tput) || null,
+          pairgate_cpu_us_per_conn: cpuPerConn.pairgate ? Math.round(median(cpuPerConn.pairgate)) : null,
+          haproxy_cpu_us_per_conn: cpuPerConn.haproxy ? Math.round(median(cpuPerConn.haproxy)) : null,
           pairgate_cpu_ms_per_mib: cpuPerMiB.pairgate ? round2(median(cpuPerMiB.pairgate.relay)) : null,
           haproxy_cpu_ms_per_mib: cpuPerMiB.haproxy ? round2(median(cpuPerMiB.haproxy.relay)) : null,
         },
