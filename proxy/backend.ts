@@ -9,6 +9,7 @@
  */
 import net from 'node:net';
 import { AuthError, ProtocolError, TimeoutError, UnavailableError } from '../common/errors.ts';
+import { ReadPump } from '../common/relay.ts';
 
 export interface Endpoint {
   host: string;
@@ -38,13 +39,73 @@ export interface BackendSession {
   okLine: string;
   /** Bytes the backend sent after its login answer (rare), to be forwarded first. */
   leftover: Buffer;
+  /** The socket's reads, when it was connected with a BackendInput's `onread` (then it emits no 'data'). */
+  input: BackendInput | null;
+}
+
+/**
+ * Where a pair connection's reads go. The socket is made with this object's `onread` (Node
+ * reads into buffers the relay's ReadPump provides, see common/relay.ts): during the login
+ * dialogue each read is handed on as a copy (the buffer read into is shared), and once the
+ * session is spliced, reads go through the pump straight to the client, from buffers that are
+ * reused rather than a fresh 64 KiB one per read. What arrives while nobody listens (between
+ * the dialogue and the splice) is kept and written to the client first.
+ */
+export class BackendInput {
+  private readonly pump = new ReadPump();
+  private toLogin: ((chunk: Buffer) => void) | null = null;
+  private early: Buffer[] = [];
+  private relaying = false;
+  /** Bytes read since the relay started. */
+  relayed = 0;
+  readonly onread: { buffer: () => Uint8Array; callback: (nread: number, buf: Uint8Array) => boolean } = {
+    buffer: () => this.pump.onread.buffer(),
+    callback: (nread, buf) => {
+      if (this.relaying) {
+        this.relayed += nread;
+        return this.pump.onread.callback(nread, buf);
+      }
+      const chunk = Buffer.from(buf.subarray(0, nread)); // a copy: the buffer read into is shared
+      if (this.toLogin) this.toLogin(chunk);
+      else this.early.push(chunk);
+      return true;
+    },
+  };
+
+  /** The login dialogue's reader. */
+  listen(fn: (chunk: Buffer) => void): void {
+    this.toLogin = fn;
+    const early = this.early;
+    this.early = [];
+    for (const c of early) fn(c);
+  }
+
+  unlisten(): void {
+    this.toLogin = null;
+  }
+
+  /**
+   * Relays what `socket` (made with this `onread`) reads into `client` from now on, with the
+   * pump's backpressure, and ends the client when the socket ends. Bytes read since the dialogue
+   * stopped listening are written first.
+   */
+  startRelay(socket: net.Socket, client: net.Socket): void {
+    for (const c of this.early) {
+      this.relayed += c.length;
+      client.write(c);
+    }
+    this.early = [];
+    this.toLogin = null;
+    this.relaying = true;
+    this.pump.start(socket, client);
+  }
 }
 
 const MAX_LINE = 64 * 1024;
 
-export function connectTcp(ep: Endpoint, timeoutMs: number): Promise<net.Socket> {
+export function connectTcp(ep: Endpoint, timeoutMs: number, input?: BackendInput): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: ep.host, port: ep.port });
+    const socket = net.connect({ host: ep.host, port: ep.port, ...(input ? { onread: input.onread } : {}) });
     socket.setNoDelay(true);
     const done = (err: Error | null) => {
       clearTimeout(timer);
@@ -81,8 +142,10 @@ export class LineReader {
   constructor(
     private readonly socket: net.Socket,
     private readonly deadline: number,
+    private readonly input: BackendInput | null = null,
   ) {
-    socket.on('data', this.onData);
+    if (input) input.listen(this.onData);
+    else socket.on('data', this.onData);
     socket.once('end', this.onEnd);
     socket.once('close', this.onEnd);
     socket.on('error', this.onEnd);
@@ -129,7 +192,8 @@ export class LineReader {
 
   /** Stops reading; returns what was read past the last line. */
   detach(): Buffer {
-    this.socket.off('data', this.onData);
+    if (this.input) this.input.unlisten();
+    else this.socket.off('data', this.onData);
     this.socket.off('end', this.onEnd);
     this.socket.off('close', this.onEnd);
     this.socket.off('error', this.onEnd);
@@ -148,8 +212,8 @@ function imapQuote(s: string): string {
 }
 
 /** IMAP: greeting, ID with the client address, AUTHENTICATE PLAIN as master for uid. */
-export async function imapMasterLogin(socket: net.Socket, login: MasterLogin): Promise<BackendSession> {
-  const reader = new LineReader(socket, Date.now() + login.timeoutMs);
+export async function imapMasterLogin(socket: net.Socket, login: MasterLogin, input: BackendInput | null = null): Promise<BackendSession> {
+  const reader = new LineReader(socket, Date.now() + login.timeoutMs, input);
   try {
     const greeting = await reader.line(true);
     if (!/^\* OK\b/i.test(greeting)) {
@@ -220,7 +284,7 @@ export async function imapMasterLogin(socket: net.Socket, login: MasterLogin): P
     if (!caps) {
       await command('CAPABILITY');
     }
-    return { socket, capabilities: caps, okLine: auth.line, leftover: reader.detach() };
+    return { socket, capabilities: caps, okLine: auth.line, leftover: reader.detach(), input };
   } catch (err) {
     reader.detach();
     throw err;
@@ -228,8 +292,8 @@ export async function imapMasterLogin(socket: net.Socket, login: MasterLogin): P
 }
 
 /** POP3: greeting, XCLIENT with the client address, AUTH PLAIN as master for uid. */
-export async function pop3MasterLogin(socket: net.Socket, login: MasterLogin): Promise<BackendSession> {
-  const reader = new LineReader(socket, Date.now() + login.timeoutMs);
+export async function pop3MasterLogin(socket: net.Socket, login: MasterLogin, input: BackendInput | null = null): Promise<BackendSession> {
+  const reader = new LineReader(socket, Date.now() + login.timeoutMs, input);
   try {
     const greeting = await reader.line();
     if (!greeting.startsWith('+OK')) throw new UnavailableError(`backend greeting is not +OK: ${greeting.slice(0, 120)}`);
@@ -252,7 +316,7 @@ export async function pop3MasterLogin(socket: net.Socket, login: MasterLogin): P
       if (/\[(SYS\/TEMP|IN-USE|LOGIN-DELAY)\]/i.test(answer)) throw new UnavailableError(`backend login failed: ${answer.slice(0, 160)}`);
       throw new AuthError(`backend refused the master login: ${answer.slice(0, 160)}`);
     }
-    return { socket, capabilities: null, okLine: answer, leftover: reader.detach() };
+    return { socket, capabilities: null, okLine: answer, leftover: reader.detach(), input };
   } catch (err) {
     reader.detach();
     throw err;

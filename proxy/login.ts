@@ -10,7 +10,7 @@ import type { SessionLog } from './lazy-log.ts';
 import { AuthError, NotFoundError, UnavailableError, errorCode } from '../common/errors.ts';
 import type { PairRecord, UserRecord } from '../directory/types.ts';
 import { keys } from '../common/redis-bus.ts';
-import { connectTcp, imapMasterLogin, pop3MasterLogin, type BackendSession, type ClientAddress } from './backend.ts';
+import { BackendInput, connectTcp, imapMasterLogin, pop3MasterLogin, type BackendSession, type ClientAddress } from './backend.ts';
 import { inList, type ProxyContext, type Protocol, type SessionHandle } from './context.ts';
 
 export type LoginFailure =
@@ -152,7 +152,8 @@ export async function proxyLogin(
       return done({ ok: false, kind: 'temp', message: (err as Error).message });
     }
     try {
-      const socket = await connectTcp({ host: pair.address, port }, ctx.config.backend.connectTimeoutMs);
+      const input = new BackendInput();
+      const socket = await connectTcp({ host: pair.address, port }, ctx.config.backend.connectTimeoutMs, input);
       try {
         const opts = {
           uid: user.uid,
@@ -161,7 +162,7 @@ export async function proxyLogin(
           client: ctx.config.backend.forwardClientAddress ? client : undefined,
           timeoutMs: ctx.config.backend.loginTimeoutMs,
         };
-        const backend = protocol === 'imap' ? await imapMasterLogin(socket, opts) : await pop3MasterLogin(socket, opts);
+        const backend = protocol === 'imap' ? await imapMasterLogin(socket, opts, input) : await pop3MasterLogin(socket, opts, input);
         if (held) ctx.metrics.heldSeconds.observe({ pair: pair.id }, (Date.now() - holdStart) / 1000);
         req.session.pair = pair.id;
         return done({ ok: true, backend, user, pair, held });

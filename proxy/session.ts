@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { LazyLog, type SessionLog } from './lazy-log.ts';
 import type { ListenerConfig } from './config.ts';
 import type { ProxyContext, Protocol, SessionHandle } from './context.ts';
-import type { BackendSession, ClientAddress } from './backend.ts';
+import type { BackendInput, BackendSession, ClientAddress } from './backend.ts';
 import { looksLikeProxyHeader } from './proxy-protocol.ts';
 import { upgradeToTls } from './tls.ts';
 import { proxyLogin, type LoginResult } from './login.ts';
@@ -64,6 +64,9 @@ export abstract class ClientSession implements SessionHandle {
   private flushedOut = 0;
   private endReason = 'client closed';
   private sessionLabels: { protocol: Protocol; pair: string; role: string } | null = null;
+  /** The pair socket's reads when they go through a ReadPump (bytes out are counted there). */
+  private input: BackendInput | null = null;
+  private leftoverOut = 0;
   private readonly onDataBound = (chunk: Buffer) => this.handleData(chunk);
 
   constructor(
@@ -204,10 +207,10 @@ export abstract class ClientSession implements SessionHandle {
     this.sessionLabels = labels;
     this.log.info('session proxied');
     c.off('data', this.onDataBound);
-    // The relay, both ways: each chunk counted in a plain field (added to the byte metric by the
-    // proxy's periodic flush and at the end, so the hot path does no label hashing) and written
-    // on; a full write buffer pauses the reading side until 'drain' (what stream.pipe does, with
-    // one listener per direction and no pipe bookkeeping). An end from one side ends the other.
+    // The relay, both ways; bytes are counted in plain fields (added to the byte metric by the
+    // proxy's periodic flush and at the end, so the hot path does no label hashing).
+    // Client to pair: each chunk counted and written on; a full write buffer pauses the client
+    // until 'drain' (what stream.pipe does, with one listener and no pipe bookkeeping).
     c.on('data', (d: Buffer) => {
       this.bytesIn += d.length;
       if (!b.destroyed && !b.write(d)) c.pause();
@@ -218,13 +221,24 @@ export abstract class ClientSession implements SessionHandle {
     c.on('end', () => {
       if (!b.destroyed && !b.writableEnded) b.end();
     });
-    b.on('data', (d: Buffer) => {
-      this.bytesOut += d.length;
-      if (!c.destroyed && !c.write(d)) b.pause();
-    });
-    c.on('drain', () => {
-      if (!b.destroyed) b.resume();
-    });
+    // Pair to client (the bulk direction: FETCH, RETR): through the relay's ReadPump when the
+    // socket was made with one (reused read buffers, its own backpressure), else as above.
+    if (backend.leftover.length) {
+      this.bytesOut += backend.leftover.length;
+      this.leftoverOut = backend.leftover.length;
+      c.write(backend.leftover);
+    }
+    this.input = backend.input;
+    if (backend.input) backend.input.startRelay(b, c);
+    else {
+      b.on('data', (d: Buffer) => {
+        this.bytesOut += d.length;
+        if (!c.destroyed && !c.write(d)) b.pause();
+      });
+      c.on('drain', () => {
+        if (!b.destroyed) b.resume();
+      });
+    }
     const idle = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
     if (idle > 0) {
       const onIdle = () => {
@@ -253,15 +267,15 @@ export abstract class ClientSession implements SessionHandle {
         this.endClient();
       }
     });
-    if (backend.leftover.length) c.write(backend.leftover);
     if (clientLeftover.length) b.write(clientLeftover);
-    // The backend socket was read by the login dialogue and left flowing.
-    b.resume();
+    // The backend socket was read by the login dialogue and left flowing (a pump resumes it itself).
+    if (!backend.input) b.resume();
     c.resume();
   }
 
   /** Adds the bytes relayed since the last call to the byte metric (the proxy calls it every few seconds). */
   flushBytes(): void {
+    if (this.input) this.bytesOut = this.leftoverOut + this.input.relayed;
     if (this.bytesIn === this.flushedIn && this.bytesOut === this.flushedOut) return;
     const bytes = this.ctx.metrics.bytes;
     if (this.bytesIn > this.flushedIn) bytes.inc({ direction: 'in', protocol: this.protocol }, this.bytesIn - this.flushedIn);
