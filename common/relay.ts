@@ -92,6 +92,8 @@ export class ReadPump {
   private readonly sizes = [0, 0];
   private paused = false;
   private ended = false;
+  /** Either socket has closed: no bulk buffers are taken any more. */
+  private closed = false;
 
   constructor(options: ReadPumpOptions = {}) {
     this.bulkBytes = options.bulkBufferBytes ?? DEFAULT_BULK_BYTES;
@@ -137,7 +139,7 @@ export class ReadPump {
     } else {
       // The shared buffer is read into by every pump: write a copy.
       dst.write(Buffer.from(buf.subarray(0, nread)), this.afterWrite);
-      if (nread === buf.length && bulkPumps < maxBulkPumps) {
+      if (nread === buf.length && bulkPumps < maxBulkPumps && !this.closed) {
         bulkPumps++;
         this.bulk = [takeBuffer(this.bulkBytes), takeBuffer(this.bulkBytes)];
         this.next = 0;
@@ -185,6 +187,7 @@ export class ReadPump {
 
   /** At close of either socket: the bulk buffers are dropped (a write may still hold one), the slot freed. */
   private release(): void {
+    this.closed = true;
     if (!this.bulk) return;
     this.bulk = null;
     bulkPumps--;

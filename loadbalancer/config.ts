@@ -20,6 +20,9 @@
  *     backends:
  *       - { name: proxy-1, address: 10.0.0.11:143, weight: 1, maxconn: 5000, healthUrl: http://10.0.0.11:9025/health }
  * closeLog: { sample: 0.01 }        # one info line per closed connection, for this fraction of them
+ * relay:                           # backend -> client copying (common/relay.ts)
+ *   bulkBufferBytes: 1048576       # a connection that streams reads into two buffers this large...
+ *   maxBulkConnections: 64         # ...at most this many at once (memory: 2 x bulkBufferBytes each); others copy per read
  * ```
  */
 import { z } from 'zod';
@@ -105,6 +108,17 @@ export const lbConfigSchema = z
     pools: z.record(name, poolSchema),
     closeLog: z
       .object({ sample: z.number().min(0).max(1).default(0) })
+      .strict()
+      .default({}),
+    /**
+     * Backend -> client copying: while data streams, a connection reads into two buffers of its own
+     * (fewer, larger reads); at most maxBulkConnections at once, the others copy per read as usual.
+     */
+    relay: z
+      .object({
+        bulkBufferBytes: z.number().int().min(65536).max(16 * 1024 * 1024).default(1024 * 1024),
+        maxBulkConnections: z.number().int().min(0).default(64),
+      })
       .strict()
       .default({}),
     /** Bound for a graceful stop: established connections get this long to finish. */

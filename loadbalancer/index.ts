@@ -15,6 +15,7 @@
 import type { Logger } from '../common/log.ts';
 import type { MetricsRegistry } from '../common/metrics.ts';
 import { startAdminServer, type AdminServer } from '../common/admin-http.ts';
+import { setMaxBulkPumps } from '../common/relay.ts';
 import { PairgateError } from '../common/errors.ts';
 import type { AdminState, Backend, BackendStatus } from './backend.ts';
 import { splitHostPort, type LbConfig } from './config.ts';
@@ -76,7 +77,9 @@ export async function startLoadBalancer(initial: LbConfig, deps: LbDeps): Promis
     live,
     pool: (name: string) => pools.get(name),
     closeLogSample: () => config.closeLog.sample,
+    relayBufferBytes: () => config.relay.bulkBufferBytes,
   };
+  setMaxBulkPumps(config.relay.maxBulkConnections);
 
   for (const [name, pc] of Object.entries(config.pools)) pools.set(name, new Pool(name, pc, metrics, log));
   try {
@@ -220,6 +223,7 @@ export async function startLoadBalancer(initial: LbConfig, deps: LbDeps): Promis
     listeners.clear();
     for (const [k, v] of keep) listeners.set(k, v);
     config = next;
+    setMaxBulkPumps(config.relay.maxBulkConnections);
     log.info(
       { listeners: [...listeners.values()].map((l) => `${l.name}=${l.host}:${l.port}->${l.config.pool}`), connections: live.size },
       'load balancer config applied',

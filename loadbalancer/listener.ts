@@ -29,6 +29,8 @@ export interface ListenerDeps {
   /** The pool by name now (it may change on reload). */
   pool(name: string): Pool | undefined;
   closeLogSample(): number;
+  /** Size of each of the two buffers a streaming backend -> client connection reads into. */
+  relayBufferBytes(): number;
   /** Every spliced or pending connection, for a graceful stop. */
   live: Set<Conn>;
 }
@@ -51,10 +53,10 @@ interface Connected {
   pump: ReadPump;
 }
 
-function connectBackend(b: Backend, pool: PoolConfig): Promise<Connected | { error: string }> {
+function connectBackend(b: Backend, pool: PoolConfig, bulkBufferBytes: number): Promise<Connected | { error: string }> {
   return new Promise((resolve) => {
     let done = false;
-    const pump = new ReadPump();
+    const pump = new ReadPump({ bulkBufferBytes });
     const s = net.connect({
       onread: pump.onread,
       host: b.host,
@@ -312,7 +314,7 @@ export class Listener {
     let b: Backend | null = first;
     for (let attempt = 0; b && attempt <= pool.config.retries; attempt++) {
       tried.add(b);
-      const r = await connectBackend(b, pool.config);
+      const r = await connectBackend(b, pool.config, this.deps.relayBufferBytes());
       if ('socket' in r) return r;
       this.deps.metrics.connectFailures.inc({ backend: b.id });
       this.deps.log.warn({ backend: b.id, listener: this.name, error: r.error, attempt: attempt + 1 }, 'backend connect failed');
