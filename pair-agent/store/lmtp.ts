@@ -7,6 +7,7 @@
 import { createHash } from 'node:crypto';
 import { SMTPServer, type SMTPServerSession } from 'smtp-server';
 import type { Readable } from 'node:stream';
+import type { Socket } from 'node:net';
 import type { AddressList } from '../../common/cidr.ts';
 import { normalizeAddress } from '../../common/cidr.ts';
 import type { Logger } from '../../common/log.ts';
@@ -236,6 +237,11 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
     },
   });
   server.on('error', (err) => log.warn({ err: err.message }, 'LMTP connection error'));
+  // smtp-server writes every reply with its own socket.write: a pipelined MAIL, RCPT... DATA and
+  // the per-recipient replies after DATA were a write system call each (on loopback ~25 us, the
+  // largest item of the store's profile with 10 recipients). Replies written in one tick now go
+  // out together: corked at the first write, uncorked on the next tick (end() flushes too).
+  server.server.on('connection', (socket: Socket) => coalesceWrites(socket));
 
   await new Promise<void>((resolve, reject) => {
     const onErr = (err: Error) => reject(err);
@@ -262,6 +268,24 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
         server.close(() => resolve());
       }),
   };
+}
+
+/** Corks `socket` at the first write of a tick and uncorks it on the next, so that the writes of one tick become one. */
+export function coalesceWrites(socket: Socket): void {
+  const write = socket.write;
+  let corked = false;
+  const uncork = () => {
+    corked = false;
+    socket.uncork();
+  };
+  socket.write = function (this: Socket, ...args: Parameters<Socket['write']>): boolean {
+    if (!corked && !socket.destroyed) {
+      corked = true;
+      socket.cork();
+      process.nextTick(uncork);
+    }
+    return write.apply(this, args);
+  } as Socket['write'];
 }
 
 /** `alice@example.net` -> `alice` (lowercased, as Dovecot's %Ln). */

@@ -2,7 +2,8 @@
 import { describe, expect, it } from 'vitest';
 import { LineReader } from '../../pair-agent/store/pop3/lines.ts';
 import { stuff, top, uidlOf } from '../../pair-agent/store/pop3/session.ts';
-import { deliveryIdFromHeaders, envelopeDigest, localPart } from '../../pair-agent/store/lmtp.ts';
+import net from 'node:net';
+import { coalesceWrites, deliveryIdFromHeaders, envelopeDigest, localPart } from '../../pair-agent/store/lmtp.ts';
 import { checkMailbox, normalizeFlags } from '../../pair-agent/store/names.ts';
 
 function feed(input: Buffer, size: number, limit = 64) {
@@ -84,6 +85,36 @@ describe('LMTP delivery ids and names', () => {
       }
     }
     expect(bodies.map((b) => deliveryIdFromHeaders(b))).toEqual(['abc-123', null, 'lf-only', 'far', 'no-end']);
+  });
+  it('sends the replies written in one tick with one write, in order, and flushes them on end', async () => {
+    const got: Buffer[] = [];
+    const server = net.createServer((sock) => {
+      coalesceWrites(sock);
+      const calls: number[] = [];
+      const s = sock as unknown as { _writev: (c: unknown[], cb: () => void) => void; _write: (...a: unknown[]) => void };
+      const writev = s._writev.bind(sock);
+      const write1 = s._write.bind(sock);
+      s._writev = (chunks, cb) => (calls.push(chunks.length), writev(chunks, cb));
+      s._write = (...a) => (calls.push(1), write1(...a));
+      sock.write('250 2.1.0 Accepted\r\n');
+      sock.write('250 2.1.5 Accepted\r\n');
+      sock.write('354 End data with <CR><LF>.<CR><LF>\r\n');
+      setImmediate(() => {
+        expect(calls).toEqual([3]);
+        sock.write('250 2.0.0 Saved\r\n');
+        sock.end('221 Bye\r\n');
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const port = (server.address() as net.AddressInfo).port;
+    const c = net.connect(port, '127.0.0.1');
+    c.on('data', (d: Buffer) => got.push(d));
+    await new Promise((r) => c.on('end', r));
+    c.destroy();
+    await new Promise((r) => server.close(r));
+    expect(Buffer.concat(got).toString()).toBe(
+      '250 2.1.0 Accepted\r\n250 2.1.5 Accepted\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Saved\r\n221 Bye\r\n',
+    );
   });
   it('refuses mailbox path tricks and normalises flags', () => {
     for (const bad of ['../x', 'a/../b', '/abs', 'a//b', 'a/', 'a\u0000b', 'x*', '']) expect(() => checkMailbox(bad), bad).toThrow();
