@@ -47,7 +47,7 @@ import {
   FrameType,
   authMatches,
   authResponse,
-  decodeBlockWrite,
+  decodeBlockWriteParts,
   decodeJson,
   decodeRange,
   decodeSeq,
@@ -286,9 +286,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       }
       this.checkUsable('writes');
     }
-    // The local write goes to the I/O threads first; the frame is copied to the socket meanwhile.
-    const local = this.dev.write(offset, data);
-    local.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
+    // The frame goes to the socket first, then the local write to the I/O threads: the peer's
+    // path (transfer, its disk, the ack) is the longer one, so it starts first; the local write
+    // runs while the peer receives.
     const link = this.replicating() ? this.link : null;
     let peerDone: Promise<void> = Promise.resolve();
     if (link) {
@@ -307,6 +307,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       this.meta.bitmap.setRange(first, blocks);
       this.metaDirty = true;
     }
+    const local = this.dev.write(offset, data);
+    local.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
     try {
       await local;
     } catch (err) {
@@ -1124,9 +1126,10 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   private onPeerWrite(link: Link, f: Frame, resync: boolean): void {
     if (this.role === 'primary') throw new ProtocolError('peer sent a write to a primary (two primaries?)');
-    const { offset, data } = decodeBlockWrite(f.payload);
-    if (offset % BLOCK_SIZE !== 0 || data.length % BLOCK_SIZE !== 0 || data.length === 0) throw new ProtocolError(`unaligned write ${offset}+${data.length}`);
-    if (offset + data.length > this.size) throw new ProtocolError(`write ${offset}+${data.length} is past the end of the volume (${this.size})`);
+    // The block bytes stay as views of the received chunks: written with one pwritev, not joined.
+    const { offset, data, length } = decodeBlockWriteParts(f);
+    if (offset % BLOCK_SIZE !== 0 || length % BLOCK_SIZE !== 0 || length === 0) throw new ProtocolError(`unaligned write ${offset}+${length}`);
+    if (offset + length > this.size) throw new ProtocolError(`write ${offset}+${length} is past the end of the volume (${this.size})`);
     if (resync && this.connection !== 'SyncTarget') throw new ProtocolError('resync data while not a sync target');
     const seq = f.seq;
     if (!resync && this.config.protocol === 'B') this.send(link, FrameType.RecvAck, 0, encodeSeq(seq));
@@ -1147,12 +1150,12 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
         return;
       }
-      this.meta.bitmap.clearRange(offset / BLOCK_SIZE, data.length / BLOCK_SIZE);
+      this.meta.bitmap.clearRange(offset / BLOCK_SIZE, length / BLOCK_SIZE);
       this.metaDirty = true;
       if (resync) {
-        this.stats.resyncBytesReceived += data.length;
-        this.countRate(data.length);
-        this.send(link, FrameType.ResyncAck, 0, encodeRange(offset, data.length));
+        this.stats.resyncBytesReceived += length;
+        this.countRate(length);
+        this.send(link, FrameType.ResyncAck, 0, encodeRange(offset, length));
       } else if (durableNow) {
         this.ackWrite(link, seq);
       } else if (this.config.protocol === 'C') {

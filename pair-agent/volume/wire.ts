@@ -48,15 +48,30 @@ export enum FrameType {
 
 const KNOWN = new Set<number>(Object.values(FrameType).filter((v): v is number => typeof v === 'number'));
 
-export interface Frame {
-  type: FrameType;
-  seq: number;
-  payload: Buffer;
+/**
+ * A checked frame. The payload arrives as `parts`, views of the socket's chunks (no copy): a
+ * 1 MiB DATA frame goes to the disk from them with one pwritev. `payload` joins them on first use
+ * (small frames: JSON, acks, digests).
+ */
+export class Frame {
+  private joined: Buffer | null = null;
+
+  constructor(
+    readonly type: FrameType,
+    readonly seq: number,
+    readonly parts: readonly Buffer[],
+    readonly length: number,
+  ) {}
+
+  get payload(): Buffer {
+    if (!this.joined) this.joined = this.parts.length === 1 ? this.parts[0]! : Buffer.concat(this.parts as Buffer[], this.length);
+    return this.joined;
+  }
 }
 
 /** Header plus payload parts (not concatenated: a 1 MiB write is not copied to be framed). */
-export function encodeFrame(type: FrameType, seq: number, payload: Buffer | Buffer[] = []): Buffer[] {
-  const parts = Array.isArray(payload) ? payload : [payload];
+export function encodeFrame(type: FrameType, seq: number, payload: Buffer | readonly Buffer[] = []): Buffer[] {
+  const parts = Buffer.isBuffer(payload) ? [payload] : payload;
   let length = 0;
   let crc = 0;
   for (const p of parts) {
@@ -74,58 +89,76 @@ export function encodeFrame(type: FrameType, seq: number, payload: Buffer | Buff
   return [h, ...parts.filter((p) => p.length > 0)];
 }
 
-/** Incremental decoder: feed it socket chunks, get whole, checked frames. */
+/**
+ * Incremental decoder: feed it socket chunks, get whole, checked frames. The payload checksum
+ * is carried along chunk by chunk as the bytes arrive, and the payload is kept as views of the
+ * chunks, never copied into one buffer.
+ */
 export class FrameDecoder {
-  private chunks: Buffer[] = [];
-  private buffered = 0;
+  /** A header split across chunks is gathered here. */
+  private readonly hbuf = Buffer.alloc(HEADER_BYTES);
+  private hfill = 0;
   private header: { type: number; seq: number; length: number; crc: number } | null = null;
+  private parts: Buffer[] = [];
+  private got = 0;
+  private crc = 0;
 
   constructor(private readonly maxPayload = MAX_PAYLOAD) {}
 
-  private take(n: number): Buffer {
-    const out = Buffer.allocUnsafe(n);
-    let off = 0;
-    while (off < n) {
-      const c = this.chunks[0]!;
-      const k = Math.min(c.length, n - off);
-      c.copy(out, off, 0, k);
-      off += k;
-      if (k === c.length) this.chunks.shift();
-      else this.chunks[0] = c.subarray(k);
-    }
-    this.buffered -= n;
-    return out;
+  private parseHeader(h: Buffer): void {
+    if (h.readUInt32BE(0) !== MAGIC) throw new ProtocolError('bad frame magic (not a pairgate replication peer, or a corrupted stream)');
+    if (crc32c(h, 0, 0, 20) !== h.readUInt32BE(20)) throw new ProtocolError('frame header checksum mismatch');
+    const type = h.readUInt8(4);
+    if (!KNOWN.has(type)) throw new ProtocolError(`unknown frame type ${type}`);
+    const length = h.readUInt32BE(12);
+    if (length > this.maxPayload) throw new ProtocolError(`frame length ${length} is over the ${this.maxPayload}-byte limit`);
+    this.header = { type, seq: h.readUInt32BE(8), length, crc: h.readUInt32BE(16) };
+    this.parts = [];
+    this.got = 0;
+    this.crc = 0;
   }
 
   /** Throws ProtocolError on the first bad frame; the caller must drop the connection. */
   push(chunk: Buffer): Frame[] {
-    this.chunks.push(chunk);
-    this.buffered += chunk.length;
     const out: Frame[] = [];
+    let at = 0;
     for (;;) {
       if (!this.header) {
-        if (this.buffered < HEADER_BYTES) break;
-        const h = this.take(HEADER_BYTES);
-        if (h.readUInt32BE(0) !== MAGIC) throw new ProtocolError('bad frame magic (not a pairgate replication peer, or a corrupted stream)');
-        if (crc32c(h, 0, 0, 20) !== h.readUInt32BE(20)) throw new ProtocolError('frame header checksum mismatch');
-        const type = h.readUInt8(4);
-        if (!KNOWN.has(type)) throw new ProtocolError(`unknown frame type ${type}`);
-        const length = h.readUInt32BE(12);
-        if (length > this.maxPayload) throw new ProtocolError(`frame length ${length} is over the ${this.maxPayload}-byte limit`);
-        this.header = { type, seq: h.readUInt32BE(8), length, crc: h.readUInt32BE(16) };
+        if (this.hfill === 0 && chunk.length - at >= HEADER_BYTES) {
+          this.parseHeader(chunk.subarray(at, at + HEADER_BYTES));
+          at += HEADER_BYTES;
+        } else {
+          const k = Math.min(HEADER_BYTES - this.hfill, chunk.length - at);
+          chunk.copy(this.hbuf, this.hfill, at, at + k);
+          this.hfill += k;
+          at += k;
+          if (this.hfill < HEADER_BYTES) break;
+          this.hfill = 0;
+          this.parseHeader(this.hbuf);
+        }
       }
-      if (this.buffered < this.header.length) break;
-      const payload = this.header.length ? this.take(this.header.length) : Buffer.alloc(0);
-      if (crc32c(payload) !== this.header.crc) throw new ProtocolError(`payload checksum mismatch in a type ${this.header.type} frame`);
-      out.push({ type: this.header.type as FrameType, seq: this.header.seq, payload });
+      const h = this.header!;
+      const k = Math.min(h.length - this.got, chunk.length - at);
+      if (k > 0) {
+        const part = chunk.subarray(at, at + k);
+        this.crc = crc32c(part, this.crc);
+        this.parts.push(part);
+        this.got += k;
+        at += k;
+      }
+      if (this.got < h.length) break;
+      if (this.crc !== h.crc) throw new ProtocolError(`payload checksum mismatch in a type ${h.type} frame`);
+      out.push(new Frame(h.type as FrameType, h.seq, this.parts, h.length));
       this.header = null;
+      this.parts = [];
+      if (at === chunk.length) break;
     }
     return out;
   }
 
   /** Bytes of an incomplete frame still waiting (a truncated frame at close). */
   get pending(): number {
-    return this.buffered + (this.header ? HEADER_BYTES : 0);
+    return this.hfill + (this.header ? HEADER_BYTES + this.got : 0);
   }
 }
 
@@ -154,6 +187,25 @@ export function decodeBlockWrite(p: Buffer): { offset: number; data: Buffer } {
   if (p.length < 8) throw new ProtocolError('write frame shorter than its offset');
   const offset = Number(p.readBigUInt64BE(0));
   return { offset, data: p.subarray(8) };
+}
+
+/** The same from a frame's parts, without joining them: the block bytes as views of the parts. */
+export function decodeBlockWriteParts(f: Frame): { offset: number; data: Buffer[]; length: number } {
+  if (f.length < 8) throw new ProtocolError('write frame shorter than its offset');
+  let head = f.parts[0]!;
+  if (head.length < 8) head = Buffer.concat(f.parts as Buffer[], 8); // the offset split across chunks
+  const offset = Number(head.readBigUInt64BE(0));
+  const data: Buffer[] = [];
+  let skip = 8;
+  for (const p of f.parts) {
+    if (skip >= p.length) {
+      skip -= p.length;
+      continue;
+    }
+    data.push(skip ? p.subarray(skip) : p);
+    skip = 0;
+  }
+  return { offset, data, length: f.length - 8 };
 }
 
 /** u64 offset + u32 count (resync acks in bytes, verify requests in blocks). */

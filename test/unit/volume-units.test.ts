@@ -16,7 +16,7 @@ import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
 import { silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { compareUuids, mirrorDecision, splitBrainVictim, type UuidSide } from '../../pair-agent/volume/uuid-compare.ts';
-import { FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, authMatches, authResponse, decodeBlockWrite, decodeSeqs, encodeBlockWrite, encodeFrame, encodeSeqs } from '../../pair-agent/volume/wire.ts';
+import { FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, authMatches, authResponse, decodeBlockWrite, decodeBlockWriteParts, decodeSeqs, encodeBlockWrite, encodeFrame, encodeSeqs } from '../../pair-agent/volume/wire.ts';
 
 const side = (uuids: Partial<Uuids>, extra: Partial<UuidSide> = {}): UuidSide => ({
   uuids: { current: 'aaaa', bitmap: NO_UUID, history: [NO_UUID, NO_UUID], ...uuids },
@@ -103,6 +103,39 @@ describe('replication frames', () => {
         [FrameType.Ping, 43],
       ]);
       expect(decodeBlockWrite(frames[0]!.payload)).toEqual({ offset: 8192, data: Buffer.alloc(4096, 7) });
+      // The same write from the parts (views of the chunks, the offset possibly split across two).
+      const w = decodeBlockWriteParts(frames[0]!);
+      expect(w.offset).toBe(8192);
+      expect(w.length).toBe(4096);
+      expect(Buffer.concat(w.data)).toEqual(Buffer.alloc(4096, 7));
+      expect(frames[1]!.payload.length).toBe(0);
+    }
+  });
+
+  it('large payloads are kept as views of the received chunks, checksummed as they arrive', () => {
+    const block = Buffer.alloc(256 * 1024);
+    for (let i = 0; i < block.length; i++) block[i] = (i * 131 + 7) & 0xff;
+    const wire = Buffer.concat([...encodeFrame(FrameType.Data, 9, encodeBlockWrite(1 << 20, block)), ...encodeFrame(FrameType.Ping, 10)]);
+    for (const step of [3, 1000, 65536, wire.length]) {
+      const d = new FrameDecoder();
+      const frames = [];
+      for (let i = 0; i < wire.length; i += step) frames.push(...d.push(wire.subarray(i, i + step)));
+      expect(frames.map((f) => f.type)).toEqual([FrameType.Data, FrameType.Ping]);
+      const w = decodeBlockWriteParts(frames[0]!);
+      expect(w.offset).toBe(1 << 20);
+      expect(Buffer.concat(w.data)).toEqual(block);
+      // no copy: every part shares memory with the wire buffer
+      for (const p of w.data) expect(p.buffer).toBe(wire.buffer);
+      expect(d.pending).toBe(0);
+    }
+    // one flipped bit anywhere in the payload is caught, whatever the chunking
+    const bad = Buffer.from(wire);
+    bad[HEADER_BYTES + 8 + 200_000] ^= 0x10;
+    for (const step of [1000, 65536, bad.length]) {
+      const d = new FrameDecoder();
+      expect(() => {
+        for (let i = 0; i < bad.length; i += step) d.push(bad.subarray(i, i + step));
+      }).toThrow(/payload checksum/);
     }
   });
 
