@@ -17,7 +17,7 @@
  * Targets (issue #2): lru p99 < 0.2 ms, redis p99 < 1 ms, cold p99 < 5 ms. Ends with one JSON line.
  */
 import { execFile } from 'node:child_process';
-import { createWriteStream } from 'node:fs';
+import { createWriteStream, readFileSync } from 'node:fs';
 import { once } from 'node:events';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -65,6 +65,21 @@ interface Figures {
   p50: number;
   p99: number;
   failures: number;
+  /** CPU time per look-up of this (the pairgate) process and of slapd, in µs; information. */
+  nodeCpuUs?: number;
+  slapdCpuUs?: number;
+}
+
+/** slapd's user + system CPU time in µs, from /proc (clock ticks of 10 ms). */
+let slapdPid = 0;
+function slapdCpuUs(): number {
+  if (!slapdPid) return NaN;
+  try {
+    const f = readFileSync(`/proc/${slapdPid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return (Number(f[11]) + Number(f[12])) * 10_000;
+  } catch {
+    return NaN;
+  }
 }
 
 function pct(sorted: number[], p: number): number {
@@ -76,6 +91,8 @@ async function measure(logins: string[], concurrency: number, one: (login: strin
   let next = 0;
   let failures = 0;
   const t0 = performance.now();
+  const cpu0 = process.cpuUsage();
+  const slapd0 = slapdCpuUs();
   const worker = async () => {
     while (next < logins.length) {
       const login = logins[next++]!;
@@ -87,8 +104,10 @@ async function measure(logins: string[], concurrency: number, one: (login: strin
   };
   await Promise.all(Array.from({ length: concurrency }, worker));
   const secs = (performance.now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
+  const slapdUs = slapdCpuUs() - slapd0;
   lat.sort((a, b) => a - b);
-  return { n: logins.length, perSec: logins.length / secs, p50: pct(lat, 50), p99: pct(lat, 99), failures };
+  return { n: logins.length, perSec: logins.length / secs, p50: pct(lat, 50), p99: pct(lat, 99), failures, nodeCpuUs: (cpu.user + cpu.system) / logins.length, slapdCpuUs: slapdUs / logins.length };
 }
 
 /** The shared machine has hiccups: three rounds, the one with the median p99 is reported. */
@@ -124,7 +143,6 @@ async function main(): Promise<void> {
   const wanted = new Set(Array.from({ length: LOOKUPS }, (_, i) => userUid(i * stride)));
   const byUid = new Map<string, { mail: string; aliases: string[] }>();
   // Reading 100k entries back is quick enough and keeps the bench honest about aliases.
-  const { readFileSync } = await import('node:fs');
   for (const e of parseLdifEntries(readFileSync(file, 'utf8'))) {
     const uid = attrValue(e, 'uid');
     if (uid && wanted.has(uid)) byUid.set(uid, { mail: attrValue(e, 'mail')!, aliases: attrValues(e, 'mailLocalAddress') });
@@ -137,6 +155,7 @@ async function main(): Promise<void> {
   t = Date.now();
   const [slapd, redis] = await Promise.all([startSlapd({ ldif: [file] }), startRedis()]);
   say(`slapadd + slapd start in ${Date.now() - t} ms`);
+  slapdPid = slapd.proc.child.pid ?? 0;
   const bus = new RedisBus({ url: redis.url, log: silentLogger });
   while (!bus.connected) await new Promise((r) => setTimeout(r, 20));
   const base = { urls: [slapd.url], bindDn: SERVICE_DN, bindPassword: SERVICE_PASSWORD, baseDn: BASE, poolSize: Number(args.pool) };
@@ -195,8 +214,12 @@ async function main(): Promise<void> {
     ];
     const f = (x: number, d = 3) => (Number.isFinite(x) ? x.toFixed(d) : '-');
     process.stdout.write(`\ndirectory look-ups: ${USERS} users in slapd, ${CONCURRENCY} concurrent, ${LOOKUPS} distinct logins (uid / mail / alias)\n\n`);
-    process.stdout.write('| path | lookups | lookups/s | p50 ms | p99 ms | failed |\n| --- | ---: | ---: | ---: | ---: | ---: |\n');
-    for (const [name, r] of rows) process.stdout.write(`| ${name} | ${r.n} | ${r.perSec.toFixed(0)} | ${f(r.p50)} | ${f(r.p99)} | ${r.failures} |\n`);
+    process.stdout.write('| path | lookups | lookups/s | p50 ms | p99 ms | failed | pairgate CPU µs/lookup | slapd CPU µs/lookup |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n');
+    for (const [name, r] of rows) {
+      const cpu = (x: number | undefined) => (x !== undefined && Number.isFinite(x) ? x.toFixed(1) : '-');
+      const own = name.startsWith('ldapsearch') ? '-' : cpu(r.nodeCpuUs);
+      process.stdout.write(`| ${name} | ${r.n} | ${r.perSec.toFixed(0)} | ${f(r.p50)} | ${f(r.p99)} | ${r.failures} | ${own} | ${cpu(r.slapdCpuUs)} |\n`);
+    }
     const targets = {
       lru_hit_p99_ms: { value: +lruFig.p99.toFixed(4), max: 0.2 },
       redis_hit_p99_ms: { value: +redisFig.p99.toFixed(3), max: 1 },
@@ -208,6 +231,8 @@ async function main(): Promise<void> {
       cold_per_s: Math.round(coldFig.perSec),
       cold_p50_ms: +coldFig.p50.toFixed(3),
       cold_p99_ms: +coldFig.p99.toFixed(3),
+      cold_node_cpu_us: +(coldFig.nodeCpuUs ?? NaN).toFixed(1),
+      cold_slapd_cpu_us: +(coldFig.slapdCpuUs ?? NaN).toFixed(1),
       redis_per_s: Math.round(redisFig.perSec),
       redis_p50_ms: +redisFig.p50.toFixed(3),
       redis_p99_ms: +redisFig.p99.toFixed(3),
