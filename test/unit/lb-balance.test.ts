@@ -126,6 +126,12 @@ describe('config', () => {
     expect(c.pools.imap!.balance).toBe('leastconn');
     expect(c.pools.imap!.proxyProtocol).toBe('v2');
     expect(c.pools.imap!.check).toMatchObject({ enabled: true, fall: 3, rise: 2 });
+    expect(c.relay).toEqual({ bulkBufferBytes: 1024 * 1024, maxBulkConnections: 64 });
+  });
+
+  it('relay buffers: 0 bulk connections is allowed (copy per read only); a buffer under 64 KiB is refused, naming the key', () => {
+    expect(validateConfig(lbConfigSchema, { ...base, relay: { maxBulkConnections: 0 } }).relay.maxBulkConnections).toBe(0);
+    expect(() => validateConfig(lbConfigSchema, { ...base, relay: { bulkBufferBytes: 4096 } })).toThrow(/relay\.bulkBufferBytes/);
   });
 
   it('names an unknown balancing method, a duplicate port, an unknown pool, a duplicate backend', () => {
