@@ -3,7 +3,7 @@
  * a local file with no peer (the baseline, measured in the same run), then the resync rate and
  * the bytes a 1% dirty resync sends against a full sync.
  *
- *   npm run bench -- volume [--seconds 2] [--size-mib 256] [--peer-dir DIR]
+ *   npm run bench -- volume [--seconds 2] [--size-mib 256] [--peer-dir DIR] [--floor]
  *
  * On one machine both nodes' files share one disk, so the two fdatasyncs of a protocol C write
  * queue behind each other, which two real nodes never do; `--peer-dir` puts the peer's files
@@ -16,7 +16,13 @@
  * primary runs in this process; the peer is a separate `pairgate volume serve` process on
  * loopback, as on a real pair. Targets (issue #3): protocol C >= 0.7x local for 64 KiB and
  * larger writes; 4 KiB reported as measured. Ends with one JSON line.
+ *
+ * `--floor` adds information rows on what the machine itself allows (no volume code): two
+ * processes doing O_DSYNC writes at once, one to a file beside the primary's and one beside the
+ * peer's, against one process alone (do the two nodes' disk writes serialize?), and a bare Node
+ * loopback round trip of 64 KiB and 1 MiB between two processes.
  */
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
@@ -34,7 +40,7 @@ import { freePort, waitFor, waitForPort } from '../test/helpers/net.ts';
 import { startProcess, tempDir, type Managed } from '../test/helpers/proc.ts';
 
 const { values: args } = parseArgs({
-  options: { seconds: { type: 'string', default: '2' }, 'size-mib': { type: 'string', default: '256' }, 'peer-dir': { type: 'string' } },
+  options: { seconds: { type: 'string', default: '2' }, 'size-mib': { type: 'string', default: '256' }, 'peer-dir': { type: 'string' }, floor: { type: 'boolean', default: false } },
 });
 const SECONDS = Number(args.seconds);
 const SIZE = Number(args['size-mib']) * 1024 * 1024;
@@ -56,6 +62,90 @@ async function run(dev: BlockDevice, size: number, pattern: Pattern): Promise<{ 
   }
   const s = (performance.now() - start) / 1000;
   return { mibs: (n * size) / 1048576 / s, ops: n / s };
+}
+
+/** A child process writing `size` bytes at a time with O_DSYNC (sequential) from `startAt` for SECONDS: MiB/s. */
+const DSYNC_WRITER = `
+const { open } = require('node:fs/promises'); const { constants } = require('node:fs');
+const [file, size, secs, startAt, volBytes] = process.argv.slice(1).map((v, i) => (i ? Number(v) : v));
+(async () => {
+  const pre = await open(file, 'a+'); await pre.truncate(volBytes); await pre.close();
+  const fh = await open(file, constants.O_RDWR | constants.O_DSYNC);
+  const data = require('node:crypto').randomBytes(size); const slots = Math.floor(volBytes / size);
+  await new Promise((r) => setTimeout(r, Math.max(0, startAt - Date.now())));
+  const t0 = performance.now(); let n = 0;
+  while (performance.now() - t0 < secs * 1000) { await fh.write(data, 0, size, (n % slots) * size); n++; }
+  process.stdout.write(String((n * size) / 1048576 / ((performance.now() - t0) / 1000)));
+  await fh.close();
+})();`;
+
+function runChild(args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const c = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    c.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    c.on('error', reject);
+    c.on('exit', (code) => (code === 0 ? resolve(out) : reject(new Error(`probe child exited with ${code}`))));
+  });
+}
+
+/** O_DSYNC writers on the two nodes' folders: one alone, then both at once (MiB/s each). */
+async function diskFloor(dirA: string, dirB: string, size: number): Promise<{ alone: number; pairA: number; pairB: number }> {
+  const fa = join(dirA, 'floor-a.data');
+  const fb = join(dirB, 'floor-b.data');
+  const w = (f: string, startAt: number) => runChild(['-e', DSYNC_WRITER, f, String(size), String(SECONDS), String(startAt), String(SIZE)]).then(Number);
+  const alone = await w(fa, 0);
+  const startAt = Date.now() + 500;
+  const [pairA, pairB] = await Promise.all([w(fa, startAt), w(fb, startAt)]);
+  rmSync(fa, { force: true });
+  rmSync(fb, { force: true });
+  return { alone, pairA, pairB };
+}
+
+/** A child acks every `size` bytes it receives; the median time from write to ack, in ms. */
+const ECHO_CHILD = `
+const s = require('node:net').createServer((c) => { c.setNoDelay(true); let want = 0, got = 0;
+  c.on('data', (d) => { if (want === 0) { want = d.readUInt32BE(0); got = d.length - 4; } else got += d.length; if (got >= want) { want = 0; c.write(Buffer.alloc(4)); } }); });
+s.listen(0, '127.0.0.1', () => { process.stdout.write(String(s.address().port) + '\\n'); });
+process.stdin.on('end', () => process.exit(0)); process.stdin.resume();`;
+
+async function loopbackRtt(sizes: number[]): Promise<Record<number, number>> {
+  const net = await import('node:net');
+  const c = spawn(process.execPath, ['-e', ECHO_CHILD], { stdio: ['pipe', 'pipe', 'inherit'] });
+  try {
+    const port = await new Promise<number>((resolve) => c.stdout.once('data', (d: Buffer) => resolve(Number(d.toString().trim()))));
+    const s = net.connect(port, '127.0.0.1');
+    s.setNoDelay(true);
+    await new Promise((r) => s.once('connect', r));
+    let waiter: (() => void) | null = null;
+    s.on('data', () => waiter?.());
+    const out: Record<number, number> = {};
+    for (const size of sizes) {
+      const data = randomBytes(size);
+      const h = Buffer.alloc(4);
+      h.writeUInt32BE(size);
+      const lat: number[] = [];
+      const t0 = performance.now();
+      let i = 0;
+      while (performance.now() - t0 < SECONDS * 1000) {
+        const a = performance.now();
+        const warm = i++ < 50; // the first round trips of a size are left out
+        const acked = new Promise<void>((r) => (waiter = r));
+        s.cork();
+        s.write(h);
+        s.write(data);
+        s.uncork();
+        await acked;
+        if (!warm) lat.push(performance.now() - a);
+      }
+      lat.sort((x, y) => x - y);
+      out[size] = lat[lat.length >> 1]!;
+    }
+    s.destroy();
+    return out;
+  } finally {
+    c.stdin.end();
+  }
 }
 
 async function main(): Promise<void> {
@@ -96,6 +186,14 @@ async function main(): Promise<void> {
     }
     await local.close();
 
+    // What the machine allows, without the volume: O_DSYNC writers alone and two at once; loopback round trips.
+    const floor: Array<{ size: number; alone: number; pairA: number; pairB: number }> = [];
+    let rtt: Record<number, number> = {};
+    if (args.floor) {
+      for (const size of [65536, 1048576]) floor.push({ size, ...(await diskFloor(dir.path, peerDir, size)) });
+      rtt = await loopbackRtt([65536, 1048576]);
+    }
+
     // Resync: the peer away while 1% of the volume changes, then back.
     const statusOf = async () => (await adminCall(`http://127.0.0.1:${peerAdmin}`, 'GET', '/status')).body as { connection: string; outOfSyncBytes: number; disk: string };
     await adminCall(`http://127.0.0.1:${peerAdmin}`, 'POST', '/disconnect', {});
@@ -129,6 +227,15 @@ async function main(): Promise<void> {
     process.stdout.write(`\nvolume writes, one at a time with fdatasync, ${SECONDS} s each (${SIZE / 1048576} MiB volume; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir})\n`);
     process.stdout.write(`${pad('write', 12)}${'local MiB/s'.padStart(12)}${'C MiB/s'.padStart(10)}${'local w/s'.padStart(11)}${'C w/s'.padStart(9)}${'C/local'.padStart(9)}\n`);
     for (const r of rows) process.stdout.write(`${pad(r.name, 12)}${num(r.local.mibs).padStart(12)}${num(r.c.mibs).padStart(10)}${num(r.local.ops, 0).padStart(11)}${num(r.c.ops, 0).padStart(9)}${num(r.c.mibs / r.local.mibs, 2).padStart(9)}\n`);
+    if (floor.length) {
+      process.stdout.write(`\nfloor (no volume code): O_DSYNC sequential writes, one process alone vs two at once (one beside each node's files)\n`);
+      process.stdout.write(`${pad('write', 12)}${'alone MiB/s'.padStart(12)}${'two: each MiB/s'.padStart(17)}${'each/alone'.padStart(12)}\n`);
+      for (const f of floor) {
+        const each = Math.min(f.pairA, f.pairB);
+        process.stdout.write(`${pad(f.size >= 1048576 ? '1 MiB' : '64 KiB', 12)}${num(f.alone).padStart(12)}${`${f.pairA.toFixed(1)} / ${f.pairB.toFixed(1)}`.padStart(17)}${num(each / f.alone, 2).padStart(12)}\n`);
+      }
+      process.stdout.write(`loopback round trip (Node, two processes, median): 64 KiB ${rtt[65536]!.toFixed(3)} ms, 1 MiB ${rtt[1048576]!.toFixed(3)} ms\n`);
+    }
     process.stdout.write(`\nresync after 1% of the blocks changed: ${dirtyBytes} bytes sent (${dirty.size} blocks) in ${dirtyMs.toFixed(0)} ms\n`);
     process.stdout.write(`full sync of a replaced peer disk: ${fullBytes} bytes in ${fullMs.toFixed(0)} ms = ${((fullBytes / 1048576) / (fullMs / 1000)).toFixed(0)} MiB/s (peer process start included)\n`);
     process.stdout.write(`1% dirty resync sends ${((dirtyBytes / fullBytes) * 100).toFixed(2)}% of a full sync\n`);
@@ -144,6 +251,13 @@ async function main(): Promise<void> {
     figures.resync_1pct_bytes = dirtyBytes;
     figures.full_sync_bytes = fullBytes;
     figures.full_sync_mib_s = Number(((fullBytes / 1048576) / (fullMs / 1000)).toFixed(1));
+    for (const f of floor) {
+      const k = f.size >= 1048576 ? '1_mib' : '64_kib';
+      figures[`floor_dsync_${k}_alone_mib_s`] = Number(f.alone.toFixed(1));
+      figures[`floor_dsync_${k}_two_at_once_each_mib_s`] = Number(Math.min(f.pairA, f.pairB).toFixed(1));
+      figures[`floor_dsync_${k}_two_vs_alone`] = Number((Math.min(f.pairA, f.pairB) / f.alone).toFixed(3));
+    }
+    for (const [size, ms] of Object.entries(rtt)) figures[`floor_loopback_rtt_${Number(size) >= 1048576 ? '1_mib' : '64_kib'}_ms`] = Number(ms.toFixed(3));
     figures.load_avg_1m_start = Number(loadAtStart.toFixed(2));
     figures.load_avg_1m_end = Number(loadavg()[0]!.toFixed(2));
     const ratio = (name: string) => rows.find((r) => r.name === name)!;
