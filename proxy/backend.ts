@@ -124,19 +124,33 @@ export function connectTcp(ep: Endpoint, timeoutMs: number, input?: BackendInput
   });
 }
 
-/** Reads CRLF lines (IMAP literals at a line end are read and appended) from a socket, with a deadline. */
+/**
+ * Reads CRLF lines (IMAP literals at a line end are read and appended) from a socket, with a
+ * deadline. One timer per reader, armed at the first wait and cleared at detach (not a timer
+ * and a closure per wait: a login waits two or three times).
+ */
 export class LineReader {
   private buf: Buffer = Buffer.alloc(0);
-  private waiter: (() => void) | null = null;
+  private wake: (() => void) | null = null;
   private ended: Error | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  private timedOut = false;
   private readonly onData = (chunk: Buffer) => {
     this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
     if (this.buf.length > MAX_LINE * 2) this.ended = new ProtocolError('backend line too long');
-    this.waiter?.();
+    this.wakeUp();
   };
   private readonly onEnd = () => {
     this.ended ??= new UnavailableError('backend closed the connection');
-    this.waiter?.();
+    this.wakeUp();
+  };
+  private readonly onTimer = () => {
+    this.timer = null;
+    this.timedOut = true;
+    this.wakeUp();
+  };
+  private readonly parkWaiter = (resolve: () => void) => {
+    this.wake = resolve;
   };
 
   constructor(
@@ -151,21 +165,19 @@ export class LineReader {
     socket.on('error', this.onEnd);
   }
 
+  private wakeUp(): void {
+    const w = this.wake;
+    if (w) {
+      this.wake = null;
+      w();
+    }
+  }
+
   private async waitMore(): Promise<void> {
     if (this.ended) throw this.ended;
-    const left = this.deadline - Date.now();
-    if (left <= 0) throw new TimeoutError('backend did not answer in time');
-    await new Promise<void>((resolve) => {
-      const t = setTimeout(() => {
-        this.waiter = null;
-        resolve();
-      }, left);
-      this.waiter = () => {
-        clearTimeout(t);
-        this.waiter = null;
-        resolve();
-      };
-    });
+    if (this.timedOut || this.deadline - Date.now() <= 0) throw new TimeoutError('backend did not answer in time');
+    this.timer ??= setTimeout(this.onTimer, this.deadline - Date.now());
+    await new Promise<void>(this.parkWaiter);
   }
 
   async line(imapLiterals = false): Promise<string> {
@@ -192,6 +204,11 @@ export class LineReader {
 
   /** Stops reading; returns what was read past the last line. */
   detach(): Buffer {
+    if (this.timer) {
+      clearTimeout(this.timer);
+      this.timer = null;
+    }
+    this.wake = null;
     if (this.input) this.input.unlisten();
     else this.socket.off('data', this.onData);
     this.socket.off('end', this.onEnd);

@@ -56,6 +56,8 @@ export abstract class ClientSession implements SessionHandle {
   protected readonly started = Date.now();
   private resolveClosed!: () => void;
   private idleTimer: NodeJS.Timeout | null = null;
+  private idleMs = 0;
+  private readonly onIdleBound = () => this.onIdle();
   private sawData = false;
   private backend: net.Socket | null = null;
   private bytesIn = 0;
@@ -127,16 +129,32 @@ export abstract class ClientSession implements SessionHandle {
     this.onInput(chunk);
   }
 
+  /** (Re)starts the pre-login idle timer: the same timer restarted while its length stays the same. */
   protected armIdle(ms: number): void {
+    if (this.idleTimer && this.idleMs === ms) {
+      this.idleTimer.refresh();
+      return;
+    }
     if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = null;
     if (ms <= 0) return;
-    this.idleTimer = setTimeout(() => {
-      this.log.info({ phase: this.phase }, 'pre-login idle timeout');
-      const line = this.goodbye('idle timeout');
-      if (line) this.write(line);
-      this.close('pre-login idle timeout');
-    }, ms);
+    this.idleMs = ms;
+    this.idleTimer = setTimeout(this.onIdleBound, ms);
     this.idleTimer.unref();
+  }
+
+  /** Stops the pre-login idle timer (login running, session closed). */
+  private stopIdle(): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = null;
+  }
+
+  private onIdle(): void {
+    this.idleTimer = null;
+    this.log.info({ phase: this.phase }, 'pre-login idle timeout');
+    const line = this.goodbye('idle timeout');
+    if (line) this.write(line);
+    this.close('pre-login idle timeout');
   }
 
   protected write(text: string): void {
@@ -178,7 +196,7 @@ export abstract class ClientSession implements SessionHandle {
   protected async login(loginName: string, password: string, clientLeftover: () => Buffer, okText: (r: Extract<LoginResult, { ok: true }>) => string): Promise<LoginResult> {
     this.phase = 'logging-in';
     this.socket.pause();
-    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.stopIdle();
     const result = await proxyLogin(this.ctx, { protocol: this.protocol, login: loginName, password, client: this.conn.remote, session: this, log: this.log });
     if ((this.phase as Phase) === 'closed' || this.socket.destroyed) {
       if (result.ok) result.backend.socket.destroy();
@@ -315,7 +333,7 @@ export abstract class ClientSession implements SessionHandle {
     if (this.phase === 'closed') return;
     const wasProxying = this.phase === 'proxying';
     this.phase = 'closed';
-    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.stopIdle();
     this.backend?.destroy();
     if (!this.socket.destroyed) this.socket.destroy();
     this.ctx.metrics.connections.dec({ protocol: this.protocol });

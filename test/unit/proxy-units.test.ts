@@ -14,7 +14,9 @@ import { RedisBus } from '../../common/redis-bus.ts';
 import { Writable } from 'node:stream';
 import { silentLogger, createLogger } from '../../common/log.ts';
 import { LazyLog } from '../../proxy/lazy-log.ts';
-import { ProtocolError } from '../../common/errors.ts';
+import { ProtocolError, TimeoutError, UnavailableError } from '../../common/errors.ts';
+import net from 'node:net';
+import { LineReader } from '../../proxy/backend.ts';
 import { startRedis, type RedisServer } from '../helpers/redis.ts';
 import { waitFor } from '../helpers/net.ts';
 
@@ -198,5 +200,55 @@ describe('LazyLog (a session logger whose pino child is made on the first line w
     lazy.info('kept');
     await new Promise((r) => setTimeout(r, 50));
     expect(lines.map((l) => l.msg)).toEqual(['kept']);
+  });
+});
+
+describe('LineReader (the master-login dialogue reader: one deadline timer per reader)', () => {
+  const pairOfSockets = async (): Promise<{ server: net.Server; near: net.Socket; far: net.Socket }> => {
+    const server = net.createServer();
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const farP = new Promise<net.Socket>((r) => server.once('connection', r));
+    const near = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+    await new Promise((r) => near.once('connect', r));
+    return { server, near, far: await farP };
+  };
+
+  it('reads lines and literals that arrive in pieces over several waits, then times out at the deadline', async () => {
+    const { server, near, far } = await pairOfSockets();
+    try {
+      const reader = new LineReader(near, Date.now() + 300);
+      far.write('* OK he');
+      setTimeout(() => far.write('llo\r\n* 1 FETCH {5}\r\nab'), 20);
+      setTimeout(() => far.write('cde)\r\n'), 40);
+      expect(await reader.line(true)).toBe('* OK hello');
+      expect(await reader.line(true)).toBe('* 1 FETCH {5}abcde)');
+      const started = Date.now();
+      await expect(reader.line()).rejects.toBeInstanceOf(TimeoutError);
+      expect(Date.now() - started).toBeLessThan(1000);
+      // Later waits fail at once, and detach leaves no timer or listener behind.
+      await expect(reader.line()).rejects.toBeInstanceOf(TimeoutError);
+      expect(reader.detach().length).toBe(0);
+      expect(near.listenerCount('data')).toBe(0);
+    } finally {
+      near.destroy();
+      far.destroy();
+      server.close();
+    }
+  });
+
+  it('fails a wait when the backend closes, and returns bytes past the last line on detach', async () => {
+    const { server, near, far } = await pairOfSockets();
+    try {
+      const reader = new LineReader(near, Date.now() + 5000);
+      far.write('+OK ready\r\nrest');
+      expect(await reader.line()).toBe('+OK ready');
+      far.end();
+      await expect(reader.line()).rejects.toBeInstanceOf(UnavailableError);
+      expect(reader.detach().toString()).toBe('rest');
+    } finally {
+      near.destroy();
+      far.destroy();
+      server.close();
+    }
   });
 });
