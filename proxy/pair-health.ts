@@ -13,6 +13,7 @@
  * record for `ttlMs` (HEALTH_TTL_MS) is `down`, as if its record said so.
  */
 import { EventEmitter } from 'node:events';
+import http from 'node:http';
 import { isIP } from 'node:net';
 import type { Logger } from '../common/log.ts';
 import type { RedisBus, BusEvent } from '../common/redis-bus.ts';
@@ -23,6 +24,8 @@ import { counter, gauge, type MetricsRegistry } from '../common/metrics.ts';
 import type { Directory, PairRecord } from '../directory/types.ts';
 
 export const DEFAULT_ADMIN_PORT = 9025;
+/** Bound on a /health answer (a record is a few hundred bytes). */
+const MAX_HEALTH_BYTES = 64 * 1024;
 
 /** `unknown`: nothing heard yet about this pair (it was just learned of). */
 export type EffectiveState = PairState | 'unknown';
@@ -77,6 +80,8 @@ export class PairHealth extends EventEmitter {
   private readonly bus: RedisBus | null;
   private readonly opts: Required<Pick<PairHealthOptions, 'pollIntervalMs' | 'pollTimeoutMs' | 'ttlMs' | 'poll' | 'pairListRefreshMs' | 'defaultAdminPort'>>;
   private timer: NodeJS.Timeout | null = null;
+  /** Keep-alive connections to the pairs' /health endpoints (a few per pair at most). */
+  private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 2 });
   private listTimer: NodeJS.Timeout | null = null;
   private unsubscribe: (() => void) | null = null;
   private closed = false;
@@ -269,8 +274,7 @@ export class PairHealth extends EventEmitter {
   private async pollPair(t: Tracked): Promise<void> {
     const url = healthUrl(t.pair, this.opts.defaultAdminPort);
     try {
-      const res = await fetch(url, { signal: AbortSignal.timeout(this.opts.pollTimeoutMs) });
-      const text = await res.text();
+      const text = await this.httpGet(url, this.opts.pollTimeoutMs);
       const rec = parseHealthRecord(text);
       if (!rec) {
         this.polls?.inc({ pair: t.pair.id, source: 'poll', result: 'malformed' });
@@ -282,6 +286,40 @@ export class PairHealth extends EventEmitter {
       // Unreachable: nothing new learned; staleness turns it into `down` after the TTL.
       this.polls?.inc({ pair: t.pair.id, source: 'poll', result: 'error' });
     }
+  }
+
+  /**
+   * GET `url` through this object's keep-alive agent and return the body, bounded by
+   * `timeoutMs` and MAX_HEALTH_BYTES. node:http rather than fetch: one poll per pair per
+   * interval, and fetch (undici) took about twice the CPU per request of node:http's client.
+   */
+  private httpGet(url: string, timeoutMs: number): Promise<string> {
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const finish = (err: Error | null, body?: string) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        if (err) {
+          req.destroy();
+          reject(err);
+        } else resolve(body!);
+      };
+      const req = http.get(url, { agent: this.agent }, (res) => {
+        const chunks: Buffer[] = [];
+        let size = 0;
+        res.on('data', (c: Buffer) => {
+          size += c.length;
+          if (size > MAX_HEALTH_BYTES) finish(new Error('health record too large'));
+          else chunks.push(c);
+        });
+        res.on('end', () => finish(null, Buffer.concat(chunks).toString('utf8')));
+        res.on('error', (err) => finish(err));
+        res.on('aborted', () => finish(new Error('health response aborted')));
+      });
+      req.on('error', (err) => finish(err));
+      const timer = setTimeout(() => finish(new Error(`health poll timed out after ${timeoutMs} ms`)), timeoutMs);
+    });
   }
 
   private onBusEvent(e: BusEvent): void {
@@ -329,6 +367,7 @@ export class PairHealth extends EventEmitter {
     if (this.listTimer) clearInterval(this.listTimer);
     this.unsubscribe?.();
     this.removeAllListeners();
+    this.agent.destroy();
   }
 }
 

@@ -134,4 +134,35 @@ describe('PairHealth', () => {
       await redis.start();
     }
   });
+
+  it('bounds a poll: an endpoint that never answers or answers too much teaches nothing (the pair goes down once stale)', async () => {
+    const sockets = new Set<import('node:net').Socket>();
+    const hang = http.createServer(() => undefined); // never answers
+    const huge = http.createServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ ...record('pair-big', 'ok'), pad: 'x'.repeat(100 * 1024) }));
+    });
+    for (const srv of [hang, huge]) {
+      srv.on('connection', (c) => sockets.add(c));
+      await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+    }
+    const pairOf = (id: string, srv: http.Server): PairRecord => ({ id, dn: `cn=${id}`, address: '127.0.0.1', ports: { admin: (srv.address() as AddressInfo).port }, state: 'active', weight: 100 });
+    const ok = await fakePair('pair-fine', 'ok');
+    const health = new PairHealth({ log: silentLogger, pollIntervalMs: 100, pollTimeoutMs: 200, ttlMs: 600 });
+    await health.start();
+    try {
+      const started = Date.now();
+      await expect(health.awaitServable(pairOf('pair-hang', hang), 0)).rejects.toBeInstanceOf(UnavailableError);
+      expect(Date.now() - started).toBeLessThan(2000);
+      await health.awaitServable(ok.pair, 1000); // a good pair polled alongside is not held up
+      await expect(health.awaitServable(pairOf('pair-big', huge), 0)).rejects.toBeInstanceOf(UnavailableError);
+      await waitFor(() => health.state('pair-hang') === 'down' && health.state('pair-big') === 'down', 3000, 'both down');
+      expect(health.state('pair-fine')).toBe('ok');
+    } finally {
+      await health.close();
+      for (const c of sockets) c.destroy();
+      await Promise.all([hang, huge].map((srv) => new Promise<void>((r) => srv.close(() => r()))));
+      await ok.close();
+    }
+  });
 });
