@@ -286,9 +286,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       }
       this.checkUsable('writes');
     }
-    // The frame goes to the socket first, then the local write to the I/O threads: the peer's
-    // path (transfer, its disk, the ack) is the longer one, so it starts first; the local write
-    // runs while the peer receives.
+    // The local write goes to the I/O threads first; the frame is copied to the socket meanwhile.
+    const local = this.dev.write(offset, data);
+    local.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
     const link = this.replicating() ? this.link : null;
     let peerDone: Promise<void> = Promise.resolve();
     if (link) {
@@ -307,8 +307,6 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       this.meta.bitmap.setRange(first, blocks);
       this.metaDirty = true;
     }
-    const local = this.dev.write(offset, data);
-    local.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
     try {
       await local;
     } catch (err) {
