@@ -175,9 +175,9 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
     },
     onData(stream: Readable, session, cb) {
       // The body is kept as the chunks that arrived, never joined: the store writes them to the log
-      // by reference. A chunk that continues the previous one in the same memory (the DATA scan
-      // holds back the last 4 bytes of each socket read and emits them before the next) is merged
-      // back into it, so the parts stay about one per socket read.
+      // by reference. smtp-server emits about one chunk per socket read (it prepends the 4 bytes it
+      // held back from the previous read to the next one, in a fresh buffer), and a dot-unstuffed
+      // line start splits a read in two; no chunk is reused or changed after it is emitted.
       const parts: Buffer[] = [];
       let size = 0;
       // The body's SHA-256 (its address in the store, and part of the delivery id when the proxy
@@ -188,10 +188,7 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
         size += d.length;
         if (size <= maxBytes) {
           hash.update(d);
-          const last = parts.length ? parts[parts.length - 1]! : null;
-          if (last && last.buffer === d.buffer && last.byteOffset + last.length === d.byteOffset) {
-            parts[parts.length - 1] = Buffer.from(last.buffer, last.byteOffset, last.length + d.length);
-          } else parts.push(d);
+          parts.push(d);
         }
       });
       stream.on('error', (err) => cb(err));
