@@ -152,6 +152,10 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   private applyChain: Promise<void> = Promise.resolve();
   /** Peer frames queued or being applied (the one running included). */
   private applyQueued = 0;
+  /** Sequence numbers of peer writes applied (protocol C) and waiting for the next flush. */
+  private unflushed: Array<{ link: Link; seq: number }> = [];
+  /** Peer data writes (not resync blocks) queued and not yet started. */
+  private queuedData = 0;
   /** WriteAck sequence numbers gathered in this turn of the event loop: sent as one frame. */
   private ackBatch: number[] = [];
   /**
@@ -1132,14 +1136,16 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     const seq = f.seq;
     if (!resync && this.config.protocol === 'B') this.send(link, FrameType.RecvAck, 0, encodeSeq(seq));
     // One queue keeps the peer's order: a later write to a block always lands last.
+    if (!resync) this.queuedData++;
     this.enqueueApply(link, async () => {
+      if (!resync) this.queuedData--;
       if (this.meta.disk === 'Failed') {
         if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
         return;
       }
       // Protocol C with nothing else queued or flushing: one O_DSYNC write (one trip to the I/O
       // threads, not two). Otherwise write now and share the next fdatasync (group commit).
-      const durableNow = !resync && this.config.protocol === 'C' && this.applyQueued === 1 && this.dev.idle;
+      const durableNow = !resync && this.config.protocol === 'C' && this.applyQueued === 1 && this.unflushed.length === 0 && this.dev.idle;
       try {
         if (durableNow) await this.dev.writeDurable(offset, data);
         else await this.dev.writeNoSync(offset, data);
@@ -1157,15 +1163,27 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       } else if (durableNow) {
         this.ackWrite(link, seq);
       } else if (this.config.protocol === 'C') {
-        this.dev.flush().then(
-          () => this.ackWrite(link, seq),
-          (err) => {
-            this.diskFailed(err);
-            this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
-          },
-        );
+        // Writes that arrive together (one large write sent as several frames) share one
+        // fdatasync: the flush waits while more data writes are queued right behind, up to 64.
+        this.unflushed.push({ link, seq });
+        if (this.queuedData === 0 || this.unflushed.length >= 64) this.flushApplied();
       }
     });
+  }
+
+  /** One fdatasync for the protocol C writes applied since the last, then their acks. */
+  private flushApplied(): void {
+    const applied = this.unflushed;
+    this.unflushed = [];
+    this.dev.flush().then(
+      () => {
+        for (const { link, seq } of applied) this.ackWrite(link, seq);
+      },
+      (err) => {
+        this.diskFailed(err);
+        for (const { link, seq } of applied) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
+      },
+    );
   }
 
   /** Runs `step` after every earlier peer write; a failure drops the link (never an unhandled rejection). */
@@ -1178,6 +1196,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         this.dropLink(link, `apply failed: ${(err as Error).message}`);
       })
       .finally(() => {
+        // The last queued step flushes for every write applied before it (any kind of step: a
+        // resync block or a refused write behind a data write must not leave it unacknowledged).
+        if (this.applyQueued === 1 && this.unflushed.length) this.flushApplied();
         this.applyQueued--;
       });
   }

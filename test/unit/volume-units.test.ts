@@ -377,3 +377,29 @@ describe('a data file without its metadata', () => {
     }
   });
 });
+
+describe('FileBlockDevice write groups', () => {
+  it('writes issued in one tick share one fdatasync; a write alone on an idle device needs none (O_DSYNC)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-dev-group-'));
+    try {
+      const dev = await FileBlockDevice.open(join(dir, 'vol.img'), { size: 64 * 4096, create: true });
+      const a = Buffer.alloc(4096 * 2, 1);
+      const b = Buffer.alloc(4096, 2);
+      const c = [Buffer.alloc(100, 3), Buffer.alloc(4096 - 100, 4)];
+      await dev.write(0, Buffer.alloc(4096, 9));
+      expect(dev.flushCount).toBe(0);
+      // One large write handed over as three (the store log's way): one flush for the group.
+      await Promise.all([dev.write(4096, a), dev.write(3 * 4096, b), dev.write(4 * 4096, c)]);
+      expect(dev.flushCount).toBe(1);
+      expect((await dev.read(4096, 4 * 4096)).equals(Buffer.concat([a, b, ...c]))).toBe(true);
+      // A bad write in a group fails alone; the others are still made durable.
+      const results = await Promise.allSettled([dev.write(5 * 4096, b), dev.write(64 * 4096, b), dev.write(6 * 4096, b)]);
+      expect(results.map((r) => r.status)).toEqual(['fulfilled', 'rejected', 'fulfilled']);
+      expect(dev.flushCount).toBe(2);
+      expect(dev.idle).toBe(true);
+      await dev.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
