@@ -154,6 +154,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   private applyQueued = 0;
   /** Sequence numbers of peer writes applied (protocol C) and waiting for the next flush. */
   private unflushed: Array<{ link: Link; seq: number }> = [];
+  private unflushedBytes = 0;
   /** Peer data writes (not resync blocks) queued and not yet started. */
   private queuedData = 0;
   /** WriteAck sequence numbers gathered in this turn of the event loop: sent as one frame. */
@@ -1164,9 +1165,11 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         this.ackWrite(link, seq);
       } else if (this.config.protocol === 'C') {
         // Writes that arrive together (one large write sent as several frames) share one
-        // fdatasync: the flush waits while more data writes are queued right behind, up to 64.
+        // fdatasync: the flush waits while more data writes are queued right behind, for at most
+        // 64 writes or 4 MiB, so that a streaming primary still sees its acks come in steps.
         this.unflushed.push({ link, seq });
-        if (this.queuedData === 0 || this.unflushed.length >= 64) this.flushApplied();
+        this.unflushedBytes += length;
+        if (this.queuedData === 0 || this.unflushed.length >= 64 || this.unflushedBytes >= 4 * 1024 * 1024) this.flushApplied();
       }
     });
   }
@@ -1175,6 +1178,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   private flushApplied(): void {
     const applied = this.unflushed;
     this.unflushed = [];
+    this.unflushedBytes = 0;
     this.dev.flush().then(
       () => {
         for (const { link, seq } of applied) this.ackWrite(link, seq);
