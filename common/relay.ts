@@ -31,6 +31,15 @@
  *   nothing is queued, it gives the large buffers back.
  * - In shared mode the pump stops reading while the destination has `pauseBytes` or more
  *   queued, and reads again once its queued writes have all gone out.
+ *
+ * Known limits:
+ * - The large buffers go back only from a read callback (Node has already been told that the
+ *   next read lands in one of them, and Node 20 cannot be told otherwise without a read), so a
+ *   connection that goes quiet right after a burst keeps its two buffers and its bulk slot until
+ *   it next reads or closes: at most `maxBulkPumps` x 2 buffers in the process, after which other
+ *   connections simply stay on the shared buffer (copying, slower, still correct).
+ * - A pump resumes its reads from its own write callbacks: the destination must not be written
+ *   by anyone else while the relay runs (a caller's last words go out only as it closes).
  */
 import type net from 'node:net';
 

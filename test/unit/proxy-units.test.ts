@@ -224,7 +224,8 @@ describe('LineReader (the master-login dialogue reader: one deadline timer per r
       expect(await reader.line(true)).toBe('* 1 FETCH {5}abcde)');
       const started = Date.now();
       await expect(reader.line()).rejects.toBeInstanceOf(TimeoutError);
-      expect(Date.now() - started).toBeLessThan(1000);
+      // Bounded, not timed: the wait ends at the deadline, not never (generous for a loaded machine).
+      expect(Date.now() - started).toBeLessThan(5000);
       // Later waits fail at once, and detach leaves no timer or listener behind.
       await expect(reader.line()).rejects.toBeInstanceOf(TimeoutError);
       expect(reader.detach().length).toBe(0);
