@@ -174,7 +174,12 @@ export class CachingDirectory implements Directory {
 
   private resolve(kind: Kind, key: string, lruKey: string): Promise<UserRecord | null> {
     const epoch = this.epoch;
-    if (!this.useRedis || !this.bus!.connected) return this.fromBackend(kind, key, lruKey, epoch);
+    if (!this.useRedis) return this.fromBackend(kind, key, lruKey, epoch);
+    if (!this.bus!.connected) {
+      // Redis down: a miss of that layer, answered by the backend.
+      this.count.redisMiss.inc();
+      return this.fromBackend(kind, key, lruKey, epoch);
+    }
     return this.redisGetBatched(this.redisKey(kind, key)).then((cached) => {
       if (cached === undefined) {
         this.count.redisMiss.inc();
