@@ -39,8 +39,8 @@ export interface BackendSession {
   okLine: string;
   /** Bytes the backend sent after its login answer (rare), to be forwarded first. */
   leftover: Buffer;
-  /** The socket's reads, when it was connected with a BackendInput's `onread` (then it emits no 'data'). */
-  input: BackendInput | null;
+  /** The socket's reads: it was connected with this BackendInput's `onread` (so it emits no 'data'). */
+  input: BackendInput;
 }
 
 /**
@@ -229,7 +229,7 @@ function imapQuote(s: string): string {
 }
 
 /** IMAP: greeting, ID with the client address, AUTHENTICATE PLAIN as master for uid. */
-export async function imapMasterLogin(socket: net.Socket, login: MasterLogin, input: BackendInput | null = null): Promise<BackendSession> {
+export async function imapMasterLogin(socket: net.Socket, login: MasterLogin, input: BackendInput): Promise<BackendSession> {
   const reader = new LineReader(socket, Date.now() + login.timeoutMs, input);
   try {
     const greeting = await reader.line(true);
@@ -309,7 +309,7 @@ export async function imapMasterLogin(socket: net.Socket, login: MasterLogin, in
 }
 
 /** POP3: greeting, XCLIENT with the client address, AUTH PLAIN as master for uid. */
-export async function pop3MasterLogin(socket: net.Socket, login: MasterLogin, input: BackendInput | null = null): Promise<BackendSession> {
+export async function pop3MasterLogin(socket: net.Socket, login: MasterLogin, input: BackendInput): Promise<BackendSession> {
   const reader = new LineReader(socket, Date.now() + login.timeoutMs, input);
   try {
     const greeting = await reader.line();

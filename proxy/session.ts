@@ -66,7 +66,7 @@ export abstract class ClientSession implements SessionHandle {
   private flushedOut = 0;
   private endReason = 'client closed';
   private sessionLabels: { protocol: Protocol; pair: string; role: string } | null = null;
-  /** The pair socket's reads when they go through a ReadPump (bytes out are counted there). */
+  /** The pair socket's reads, once spliced (bytes out are counted there). */
   private input: BackendInput | null = null;
   private leftoverOut = 0;
   private readonly onDataBound = (chunk: Buffer) => this.handleData(chunk);
@@ -239,24 +239,15 @@ export abstract class ClientSession implements SessionHandle {
     c.on('end', () => {
       if (!b.destroyed && !b.writableEnded) b.end();
     });
-    // Pair to client (the bulk direction: FETCH, RETR): through the relay's ReadPump when the
-    // socket was made with one (reused read buffers, its own backpressure), else as above.
+    // Pair to client (the bulk direction: FETCH, RETR): through the relay's ReadPump the pair
+    // socket was made with (reused read buffers, its own backpressure).
     if (backend.leftover.length) {
       this.bytesOut += backend.leftover.length;
       this.leftoverOut = backend.leftover.length;
       c.write(backend.leftover);
     }
     this.input = backend.input;
-    if (backend.input) backend.input.startRelay(b, c);
-    else {
-      b.on('data', (d: Buffer) => {
-        this.bytesOut += d.length;
-        if (!c.destroyed && !c.write(d)) b.pause();
-      });
-      c.on('drain', () => {
-        if (!b.destroyed) b.resume();
-      });
-    }
+    backend.input.startRelay(b, c);
     const idle = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
     if (idle > 0) {
       const onIdle = () => {
@@ -286,8 +277,6 @@ export abstract class ClientSession implements SessionHandle {
       }
     });
     if (clientLeftover.length) b.write(clientLeftover);
-    // The backend socket was read by the login dialogue and left flowing (a pump resumes it itself).
-    if (!backend.input) b.resume();
     c.resume();
   }
 
