@@ -2,12 +2,17 @@
  * bench/lb: pairgate's L4 balancer against HAProxy in TCP mode and direct connections to the
  * backends (the ceiling), with the same backends, interleaved in one run.
  *
- *   npm run bench -- lb [--seconds 3] [--rounds 3] [--concurrency 32] [--streams 4] [--compare-tree DIR[,DIR]]
+ *   npm run bench -- lb [--seconds 3] [--rounds 3] [--concurrency 32] [--streams 4] [--workers N]
+ *                       [--compare-workers N[,N]] [--compare-tree DIR[,DIR]]
  *
  * Backends: two TCP servers in one child process that skip a PROXY v2 header when one comes,
  * echo a line (connection rate) or stream bytes until the client closes (throughput).
  * Paths: direct (no balancer), pairgate (`pairgate lb` child process, leastconn, PROXY v2,
  * TCP checks) and haproxy (leastconn, send-proxy-v2, check) — both balancers over both backends.
+ * Cores: HAProxy runs its default thread count (nbthread = the CPUs it may use; counted from
+ * /proc/<pid>/task) and pairgate gets as many worker processes (`workers`; --workers N overrides);
+ * both figures are printed. --compare-workers N adds a path `pairgate-wN`: this tree with N workers,
+ * interleaved in the same rounds. The balancer's CPU is summed over its primary and all its workers.
  * Figures: connections/s (connect, one 6-byte exchange, close) at --concurrency clients, and
  * bulk throughput (MiB/s, backend -> client over --streams connections); medians over --rounds.
  * Targets (issue 8): connection rate >= 0.5x HAProxy's, throughput >= 0.8x HAProxy's.
@@ -19,7 +24,8 @@
  * Ends with one JSON line.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import net from 'node:net';
 import { basename, dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -35,6 +41,8 @@ const { values: args } = parseArgs({
     concurrency: { type: 'string', default: '32' },
     streams: { type: 'string', default: '4' },
     'compare-tree': { type: 'string' },
+    workers: { type: 'string' },
+    'compare-workers': { type: 'string' },
     help: { type: 'boolean', default: false },
   },
 });
@@ -48,6 +56,7 @@ const CONCURRENCY = Number(args.concurrency);
 const STREAMS = Number(args.streams);
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const COMPARE_TREES = args['compare-tree'] ? args['compare-tree'].split(',').filter(Boolean) : [];
+const COMPARE_WORKERS = args['compare-workers'] ? args['compare-workers'].split(',').filter(Boolean).map(Number) : [];
 
 const BACKEND_JS = `
 const net = require('net');
@@ -124,17 +133,30 @@ async function connRate(port: number, seconds: number): Promise<number> {
   return done / ((Date.now() - t0) / 1000);
 }
 
-/** CPU seconds (user + system, all threads) a process has used so far, from /proc (Linux); NaN if unreadable. */
+/**
+ * CPU seconds (user + system, all threads) a process and its child processes (a balancer's
+ * workers) have used so far, from /proc (Linux); NaN if unreadable.
+ */
 function cpuSeconds(pid: number | undefined): number {
   if (!pid) return NaN;
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK + childPids(pid).reduce((sum, c) => sum + cpuSeconds(c), 0);
   } catch {
     return NaN;
   }
 }
+function childPids(pid: number): number[] {
+  const out: number[] = [];
+  for (const task of readdirSync(`/proc/${pid}/task`)) {
+    const list = readFileSync(`/proc/${pid}/task/${task}/children`, 'utf8').trim();
+    if (list) out.push(...list.split(' ').map(Number));
+  }
+  return out;
+}
+/** Threads of a process (HAProxy's nbthread in effect). */
+const threadCount = (pid: number) => readdirSync(`/proc/${pid}/task`).length;
 const CLK_TCK = (() => {
   try {
     return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
@@ -201,6 +223,21 @@ async function throughput(port: number, seconds: number): Promise<number> {
   return bytes / 1024 / 1024 / secs;
 }
 
+/** Waits until a clustered balancer's admin status shows every worker accepting. */
+async function waitForWorkers(adminPort: number, workers: number): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    try {
+      const st = (await (await fetch(`http://127.0.0.1:${adminPort}/status`, { signal: AbortSignal.timeout(5000) })).json()) as { workers?: Array<{ state: string }> };
+      if ((st.workers ?? []).filter((w) => w.state === 'running').length === workers) return;
+    } catch {
+      // not up yet
+    }
+    if (Date.now() > deadline) throw new Error(`pairgate lb: ${workers} workers not running after 60 s`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function main(): Promise<void> {
@@ -220,24 +257,10 @@ async function main(): Promise<void> {
     await waitForPort('127.0.0.1', b1);
     await waitForPort('127.0.0.1', b2);
 
-    const lbPort = await freePort();
-    const lbAdmin = await freePort();
-    const lbFile = join(tmp.path, 'lb.yaml');
-    const lbYaml = (port: number, admin: number) =>
-      stringify({
-        logLevel: 'warn',
-        admin: { host: '127.0.0.1', port: admin },
-        listeners: [{ name: 'bench', listen: `127.0.0.1:${port}`, pool: 'p' }],
-        pools: { p: { balance: 'leastconn', proxyProtocol: 'v2', check: { intervalMs: 2000 }, backends: [{ name: 'b1', address: `127.0.0.1:${b1}` }, { name: 'b2', address: `127.0.0.1:${b2}` }] } },
-      });
-    writeFileSync(lbFile, lbYaml(lbPort, lbAdmin));
-    const lbChild = child(process.execPath, [join(root, 'bin/pairgate.mjs'), 'lb', '--config', lbFile]);
-    procs.push(lbChild);
-    await waitForPort('127.0.0.1', lbPort, 20_000);
-
     let haproxyVersion = 'not installed';
     let hapPort = 0;
     let hapPid: number | undefined;
+    let hapThreads = 0;
     try {
       haproxyVersion = execFileSync('haproxy', ['-v'], { encoding: 'utf8' }).split('\n')[0]!.replace(/ - https.*/, '');
       hapPort = await freePort();
@@ -269,27 +292,53 @@ async function main(): Promise<void> {
       procs.push(hap);
       hapPid = hap.pid;
       await waitForPort('127.0.0.1', hapPort, 10_000);
+      hapThreads = threadCount(hap.pid!);
     } catch (err) {
       process.stderr.write(`haproxy unavailable: ${(err as Error).message}\n`);
       hapPort = 0;
     }
 
+    // As many balancer processes as HAProxy has threads (its default: one per CPU it may use).
+    const WORKERS = args.workers ? Number(args.workers) : hapThreads || os.availableParallelism();
+    const lbYaml = (port: number, admin: number, workers: number) =>
+      stringify({
+        logLevel: 'warn',
+        workers,
+        admin: { host: '127.0.0.1', port: admin },
+        listeners: [{ name: 'bench', listen: `127.0.0.1:${port}`, pool: 'p' }],
+        pools: { p: { balance: 'leastconn', proxyProtocol: 'v2', check: { intervalMs: 2000 }, backends: [{ name: 'b1', address: `127.0.0.1:${b1}` }, { name: 'b2', address: `127.0.0.1:${b2}` }] } },
+      });
+    /** Starts `pairgate lb` from a tree; resolves once its listener accepts and every worker runs. */
+    const startBalancer = async (tree: string, label: string, workers: number) => {
+      const port = await freePort();
+      const admin = await freePort();
+      const file = join(tmp.path, `lb-${label}.yaml`);
+      writeFileSync(file, lbYaml(port, admin, workers));
+      const c = child(process.execPath, [join(tree, 'bin/pairgate.mjs'), 'lb', '--config', file]);
+      procs.push(c);
+      await waitForPort('127.0.0.1', port, 30_000);
+      if (workers > 1) await waitForWorkers(admin, workers);
+      return { port, pid: c.pid };
+    };
+    const pgLb = await startBalancer(root, 'pairgate', WORKERS);
+
     const paths: Array<[string, number]> = [
       ['direct', b1],
-      ['pairgate', lbPort],
+      ['pairgate', pgLb.port],
       ...(hapPort ? ([['haproxy', hapPort]] as Array<[string, number]>) : []),
     ];
-    const pidOf: Record<string, number | undefined> = { direct: undefined, pairgate: lbChild.pid, haproxy: hapPid };
+    const pidOf: Record<string, number | undefined> = { direct: undefined, pairgate: pgLb.pid, haproxy: hapPid };
+    for (const n of COMPARE_WORKERS) {
+      const name = `pairgate-w${n}`;
+      const b = await startBalancer(root, name, n);
+      paths.push([name, b.port]);
+      pidOf[name] = b.pid;
+    }
     for (const dir of COMPARE_TREES) {
       const name = `pairgate@${basename(dir)}`;
-      const port = await freePort();
-      const file = join(tmp.path, `lb-${basename(dir)}.yaml`);
-      writeFileSync(file, lbYaml(port, await freePort()));
-      const c = child(process.execPath, [join(dir, 'bin/pairgate.mjs'), 'lb', '--config', file]);
-      procs.push(c);
-      await waitForPort('127.0.0.1', port, 20_000);
-      paths.push([name, port]);
-      pidOf[name] = c.pid;
+      const b = await startBalancer(dir, name, WORKERS);
+      paths.push([name, b.port]);
+      pidOf[name] = b.pid;
     }
     const rate: Record<string, number[]> = {};
     const tput: Record<string, number[]> = {};
@@ -297,7 +346,10 @@ async function main(): Promise<void> {
     const cpuPerConn: Record<string, number[]> = {};
     /** CPU ms per MiB moved in the throughput runs, per path and process. */
     const cpuPerMiB: Record<string, { relay: number[]; backends: number[]; generator: number[] }> = {};
-    process.stdout.write(`bench lb: ${ROUNDS} rounds x ${SECONDS} s, ${CONCURRENCY} clients (conn rate), ${STREAMS} streams (throughput); ${haproxyVersion}\n`);
+    process.stdout.write(
+      `bench lb: ${ROUNDS} rounds x ${SECONDS} s, ${CONCURRENCY} clients (conn rate), ${STREAMS} streams (throughput); ${haproxyVersion}\n` +
+        `  haproxy threads: ${hapThreads || '-'}; pairgate workers: ${WORKERS}; CPUs: ${os.availableParallelism()}\n`,
+    );
     // Warm-up (JIT, connection tables) on every path, not counted.
     for (const [name, port] of paths) {
       relayPid = pidOf[name];
@@ -335,6 +387,7 @@ async function main(): Promise<void> {
         '| --- | ---: | ---: | ---: | ---: |',
         row('direct (ceiling)', direct),
         row('pairgate lb', pg),
+        ...COMPARE_WORKERS.map((n) => row(`pairgate-w${n}`, f(`pairgate-w${n}`))),
         ...COMPARE_TREES.map((d) => row(`pairgate@${basename(d)}`, f(`pairgate@${basename(d)}`))),
         ...(hapPort ? [row('haproxy', hp)] : []),
         '',
@@ -353,6 +406,7 @@ async function main(): Promise<void> {
         '| --- | ---: | ---: | ---: | ---: |',
         ...cpuRow('direct', 'direct'),
         ...cpuRow('pairgate', 'pairgate lb'),
+        ...COMPARE_WORKERS.flatMap((n) => cpuRow(`pairgate-w${n}`, `pairgate-w${n}`)),
         ...COMPARE_TREES.flatMap((d) => cpuRow(`pairgate@${basename(d)}`, `pairgate@${basename(d)}`)),
         ...cpuRow('haproxy', 'haproxy'),
         '',
@@ -377,6 +431,8 @@ async function main(): Promise<void> {
           haproxy_mib_per_s: Math.round(hp.tput) || null,
           pairgate_cpu_us_per_conn: cpuPerConn.pairgate ? Math.round(median(cpuPerConn.pairgate)) : null,
           haproxy_cpu_us_per_conn: cpuPerConn.haproxy ? Math.round(median(cpuPerConn.haproxy)) : null,
+          haproxy_threads: hapThreads || null,
+          pairgate_workers: WORKERS,
           pairgate_cpu_ms_per_mib: cpuPerMiB.pairgate ? round2(median(cpuPerMiB.pairgate.relay)) : null,
           haproxy_cpu_ms_per_mib: cpuPerMiB.haproxy ? round2(median(cpuPerMiB.haproxy.relay)) : null,
         },

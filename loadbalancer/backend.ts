@@ -51,6 +51,8 @@ export class Backend implements Candidate {
   private checking = false;
   /** Called when this backend may take a queued client again. */
   onCapacity: () => void = () => {};
+  /** Called on every health transition (the cluster primary passes it on to its workers). */
+  onHealth: (up: boolean, reason: string) => void = () => {};
 
   constructor(
     readonly pool: string,
@@ -182,13 +184,22 @@ export class Backend implements Candidate {
     }
   }
 
-  private transition(up: boolean, reason: string): void {
+  private transition(up: boolean, reason: string, logIt = true): void {
     this.up = up;
     this.lastChange = Date.now();
     if (up) this.upSince = Date.now();
     this.metrics.backendUp.set({ backend: this.id }, up ? 1 : 0);
-    this.log.info({ backend: this.id, from: up ? 'down' : 'up', to: up ? 'up' : 'down', reason, active: this.active }, 'backend state change');
+    if (logIt) this.log.info({ backend: this.id, from: up ? 'down' : 'up', to: up ? 'up' : 'down', reason, active: this.active }, 'backend state change');
+    this.onHealth(up, reason);
     if (up) this.onCapacity();
+  }
+
+  /**
+   * Health decided elsewhere: a cluster worker runs no checks of its own and follows the
+   * primary's verdicts (the primary has logged the transition; the worker does not repeat it).
+   */
+  setHealth(up: boolean, reason: string): void {
+    if (up !== this.up) this.transition(up, reason, false);
   }
 
   setAdmin(state: AdminState): void {

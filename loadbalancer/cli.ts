@@ -1,11 +1,14 @@
 /**
  * `pairgate lb --config FILE`: runs the load balancer until SIGTERM/SIGINT; SIGHUP re-reads the
- * file (a bad file is refused whole, the old config kept, no connection dropped).
+ * file (a bad file is refused whole, the old config kept, no connection dropped). With `workers`
+ * above 1 (the default `auto` is one per CPU) this process is the primary of worker processes
+ * that each accept on every listener (cluster.ts); with 1 it is the balancer itself.
  *
  * `pairgate lb status|drain|ready|maintenance|weight <backend> [n]` talk to a running balancer's
  * admin API, found with `--admin URL` or from the `admin` section of `--config FILE`. A backend
  * is named `name` (that backend in every pool) or `pool/name`.
  */
+import cluster from 'node:cluster';
 import type { Command } from 'commander';
 import Table from 'cli-table3';
 import { adminCall } from '../common/admin-http.ts';
@@ -14,6 +17,7 @@ import { PairgateError, UnavailableError } from '../common/errors.ts';
 import { createLogger } from '../common/log.ts';
 import { createRegistry } from '../common/metrics.ts';
 import { installLifecycle } from '../common/lifecycle.ts';
+import { runLbWorker, startLbCluster, WORKER_ENV, workerCount } from './cluster.ts';
 import { lbConfigSchema, startLoadBalancer, type LbStatus } from './index.ts';
 
 interface Globals {
@@ -56,7 +60,10 @@ export function formatStatus(st: LbStatus): string {
       b.push([`${p.name}/${x.name}`, x.address, x.state, x.effectiveWeight === x.weight ? x.weight : `${x.effectiveWeight}/${x.weight}`, x.active, x.total, x.checks.lastResult ?? '-']);
     }
   }
-  return `${l.toString()}\n${b.toString()}`;
+  if (!st.workers) return `${l.toString()}\n${b.toString()}`;
+  const w = new Table({ style: { head: [], border: [] }, head: ['worker', 'pid', 'state', 'connections', 'spliced', 'restarts'] });
+  for (const x of st.workers) w.push([x.worker, x.pid || '-', x.state, x.connections, x.spliced, x.restarts]);
+  return `${l.toString()}\n${b.toString()}\n${w.toString()}`;
 }
 
 export function register(program: Command): void {
@@ -67,15 +74,30 @@ export function register(program: Command): void {
     .option('--admin <url>', 'admin API of a running balancer (for the sub-commands)')
     .option('--token <token>', 'admin bearer token (default: from the config, or PAIRGATE_ADMIN_TOKEN)')
     .action(async (opts: Globals) => {
+      // A worker forked by the primary below: it takes its config from the primary, not the file.
+      if (cluster.isWorker && process.env[WORKER_ENV]) return runLbWorker();
       if (!opts.config) throw new PairgateError('BAD_INPUT', 'pairgate lb: --config FILE is required to run the balancer', false);
       const config = loadConfigFile(lbConfigSchema, opts.config);
       const log = createLogger({ role: 'loadbalancer', level: config.logLevel, ...(config.id ? { base: { lb: config.id } } : {}) });
       const registry = createRegistry({ role: 'loadbalancer', ...(config.id ? { instance_name: config.id } : {}) });
+      const reread = () => loadConfigFile(lbConfigSchema, opts.config!);
+      const workers = workerCount(config.workers);
+      if (workers > 1) {
+        const lbc = await startLbCluster(config, { log, registry, workers });
+        installLifecycle({
+          log,
+          stop: () => lbc.stop(),
+          reload: async () => lbc.reload(reread()),
+          // Workers finish their connections (stopGraceMs) in parallel, plus their exit.
+          stopTimeoutMs: config.stopGraceMs + 10_000,
+        });
+        return;
+      }
       const balancer = await startLoadBalancer(config, { log, registry });
       installLifecycle({
         log,
         stop: () => balancer.stop(),
-        reload: async () => balancer.reload(loadConfigFile(lbConfigSchema, opts.config!)),
+        reload: async () => balancer.reload(reread()),
         stopTimeoutMs: config.stopGraceMs + 5000,
       });
     });

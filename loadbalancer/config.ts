@@ -19,6 +19,7 @@
  *     check: { intervalMs: 2000, timeoutMs: 1000, fall: 3, rise: 2 }
  *     backends:
  *       - { name: proxy-1, address: 10.0.0.11:143, weight: 1, maxconn: 5000, healthUrl: http://10.0.0.11:9025/health }
+ * workers: auto                    # `pairgate lb`: processes accepting on every listener (auto = one per CPU); limits are split
  * closeLog: { sample: 0.01 }        # one info line per closed connection, for this fraction of them
  * relay:                           # backend -> client copying (common/relay.ts)
  *   bulkBufferBytes: 1048576       # a connection that streams reads into two buffers this large...
@@ -123,6 +124,15 @@ export const lbConfigSchema = z
       .default({}),
     /** Bound for a graceful stop: established connections get this long to finish. */
     stopGraceMs: durationMs.default(10_000),
+    /**
+     * `pairgate lb` only (the in-process `startLoadBalancer` is always one process): how many
+     * worker processes accept on every listener, like HAProxy's nbthread or nginx's
+     * worker_processes. `auto` = one per CPU (os.availableParallelism()); 1 = no workers, the
+     * balancer runs in the one process. With more than one, maxconn (listener and backend),
+     * maxQueue and relay.maxBulkConnections are split across the workers (see workerShare in
+     * cluster.ts). A change takes a restart (a reload keeps the running count).
+     */
+    workers: z.union([z.literal('auto'), z.number().int().min(1).max(256)]).default('auto'),
   })
   .strict()
   .superRefine((cfg, ctx) => {

@@ -28,6 +28,8 @@ export class Pool {
   balancer: Balancer<Backend>;
   private queue: Waiter[] = [];
   private draining = false;
+  /** Called when a backend of this pool goes up or down (set before checks start). */
+  onHealthChange: (b: Backend, up: boolean, reason: string) => void = () => {};
 
   constructor(
     readonly name: string,
@@ -51,6 +53,7 @@ export class Pool {
       } else {
         const b = new Backend(this.name, cfg, config, this.metrics, this.log);
         b.onCapacity = () => this.dispatch();
+        b.onHealth = (up, reason) => this.onHealthChange(b, up, reason);
         next.push(b);
       }
     }

@@ -2,7 +2,8 @@
  * A real `pairgate lb` process: SIGHUP reload with a changed pool keeps an established
  * connection alive, a bad file on SIGHUP is refused (old config kept), the operator commands
  * (`pairgate lb status|drain|ready|weight|maintenance`), bad configs exit 2 naming the key,
- * and SIGTERM stops it.
+ * and SIGTERM stops it. This file runs the single-process balancer (`workers: 1`);
+ * lb-workers.test.ts runs the same command with worker processes.
  */
 import { execFile } from 'node:child_process';
 import { readdirSync, writeFileSync } from 'node:fs';
@@ -38,6 +39,7 @@ describe('pairgate lb (process)', () => {
   const config = (backends: TestBackend[], extra: Record<string, unknown> = {}) =>
     stringify({
       logLevel: 'info',
+      workers: 1,
       admin: { host: '127.0.0.1', port: adminPort },
       listeners: [{ name: 'imap', listen: `127.0.0.1:${port}`, pool: 'imap' }],
       pools: {
