@@ -20,7 +20,8 @@
  * the throughput runs (/proc/<pid>/stat, all threads), since all of them share the machine's cores.
  * --compare-tree DIR[,DIR…] adds a path `pairgate@<folder name>` per folder: the balancer served
  * from another checkout (e.g. `git archive HEAD | tar -x -C DIR` with node_modules linked), same
- * config, interleaved with this tree's in the same rounds (an A/B the machine's load hits alike).
+ * config, interleaved with this tree's in the same rounds (an A/B the machine's load hits alike);
+ * the config has `workers`, so the trees must be from the commit that added it on.
  * Ends with one JSON line.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';

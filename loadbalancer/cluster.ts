@@ -238,10 +238,12 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
         startup.reject(new PairgateError('UNAVAILABLE', `worker ${slot.n} exited while starting (code ${code}, signal ${signal})`, false));
         return;
       }
-      slot.backoffMs = Date.now() - slot.startedAt >= STABLE_MS ? RESTART_MIN_MS : Math.min(slot.backoffMs * 2, RESTART_MAX_MS);
+      if (Date.now() - slot.startedAt >= STABLE_MS) slot.backoffMs = RESTART_MIN_MS;
+      const delay = slot.backoffMs;
+      slot.backoffMs = Math.min(delay * 2, RESTART_MAX_MS);
       slot.restarts++;
-      log.error({ worker: slot.n, workerPid: w.process.pid, code, signal, restartInMs: slot.backoffMs, restarts: slot.restarts }, 'worker exited; restarting it');
-      slot.timer = setTimeout(() => fork(slot), slot.backoffMs);
+      log.error({ worker: slot.n, workerPid: w.process.pid, code, signal, restartInMs: delay, restarts: slot.restarts }, 'worker exited; restarting it');
+      slot.timer = setTimeout(() => fork(slot), delay);
     });
   };
 
@@ -267,7 +269,6 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
   poolSet.apply(config.pools);
   try {
     await new Promise<void>((resolve, reject) => {
-      startup = { resolve, reject };
       const timer = setTimeout(() => reject(new PairgateError('UNAVAILABLE', `workers did not start within ${START_TIMEOUT_MS} ms`, false)), START_TIMEOUT_MS);
       startup = {
         resolve: () => (clearTimeout(timer), resolve()),
