@@ -23,6 +23,21 @@ export function writeLength(data: WriteData): number {
   return n;
 }
 
+/** Bytes [start, end) of `data` as views of its parts (nothing copied). */
+export function sliceWriteData(data: WriteData, start: number, end: number): Buffer[] {
+  const parts = Buffer.isBuffer(data) ? [data] : data;
+  const out: Buffer[] = [];
+  let at = 0;
+  for (const p of parts) {
+    const from = Math.max(start, at);
+    const to = Math.min(end, at + p.length);
+    if (from < to) out.push(from === at && to === at + p.length ? p : p.subarray(from - at, to - at));
+    at += p.length;
+    if (at >= end) break;
+  }
+  return out;
+}
+
 export interface BlockDevice {
   /** Usable size in bytes (a multiple of BLOCK_SIZE). */
   readonly size: number;

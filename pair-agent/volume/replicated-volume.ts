@@ -21,7 +21,7 @@ import { existsSync } from 'node:fs';
 import { BadInputError, ConflictError, ProtocolError, UnavailableError } from '../../common/errors.ts';
 import type { Logger } from '../../common/log.ts';
 import type { MetricsRegistry } from '../../common/metrics.ts';
-import { BLOCK_SIZE, FileBlockDevice, checkRange, writeLength, type BlockDevice, type WriteData } from './block-device.ts';
+import { BLOCK_SIZE, FileBlockDevice, checkRange, sliceWriteData, writeLength, type BlockDevice, type WriteData } from './block-device.ts';
 import type { VolumeConfig } from './config.ts';
 import {
   AL_EXTENTS,
@@ -271,14 +271,15 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     checkRange(this.size, offset, length, true);
     this.checkUsable('writes');
     // Parts (records around a large payload) go to the local disk and into the DATA frame as they
-    // are; only a write too large for one frame is joined first, to be cut below.
-    const data = Buffer.isBuffer(given) || length <= MAX_WRITE_BYTES ? given : Buffer.concat(given, length);
-    // One DATA frame carries at most MAX_WRITE_BYTES: a larger write goes as several writes in
-    // flight together (ordered by sequence, sharing flushes); it resolves when all are durable.
-    if (Buffer.isBuffer(data) && data.length > MAX_WRITE_BYTES) {
-      const parts: Array<Promise<void>> = [];
-      for (let at = 0; at < data.length; at += MAX_WRITE_BYTES) parts.push(this.write(offset + at, data.subarray(at, at + MAX_WRITE_BYTES)));
-      await Promise.all(parts);
+    // are, never joined (a fresh 1 MiB buffer costs 0.6-1.9 ms here, mostly page faults). One DATA
+    // frame carries at most MAX_WRITE_BYTES: a larger write goes as several writes, each a list of
+    // views of the parts, in flight together (ordered by sequence, sharing flushes); it resolves
+    // when all are durable.
+    const data = given;
+    if (length > MAX_WRITE_BYTES) {
+      const pieces: Array<Promise<void>> = [];
+      for (let at = 0; at < length; at += MAX_WRITE_BYTES) pieces.push(this.write(offset + at, sliceWriteData(data, at, Math.min(length, at + MAX_WRITE_BYTES))));
+      await Promise.all(pieces);
       return;
     }
     const started = process.hrtime.bigint();

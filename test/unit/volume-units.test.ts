@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { ProtocolError, IntegrityError } from '../../common/errors.ts';
 import { crc32c, crc32cJs } from '../../pair-agent/store/crc32c.ts';
 import { AL_SLOT_BYTES, ActivityLogFile, Bitmap, JUST_CREATED, NO_UUID, freshMetadata, readMetadata, retireBitmapUuid, rotateUuids, writeMetadata, type Uuids } from '../../pair-agent/volume/metadata.ts';
-import { FileBlockDevice } from '../../pair-agent/volume/block-device.ts';
+import { FileBlockDevice, sliceWriteData } from '../../pair-agent/volume/block-device.ts';
 import { volumeConfigSchema } from '../../pair-agent/volume/config.ts';
 import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
 import { silentLogger } from '../../common/log.ts';
@@ -320,6 +320,25 @@ describe('opening a volume', () => {
   });
 });
 
+describe('sliceWriteData', () => {
+  it('gives any byte range of a list of parts as views, across part boundaries', () => {
+    const parts = [Buffer.from('abc'), Buffer.from(''), Buffer.from('defgh'), Buffer.from('ij')];
+    const whole = Buffer.concat(parts).toString();
+    for (let start = 0; start <= whole.length; start++) {
+      for (let end = start; end <= whole.length; end++) {
+        const got = sliceWriteData(parts, start, end);
+        expect(Buffer.concat(got).toString()).toBe(whole.slice(start, end));
+        expect(got.every((g) => g.length > 0)).toBe(true);
+        // Views: writing through one changes the original part.
+        for (const g of got) {
+          expect(parts.some((p) => p.buffer === g.buffer && g.byteOffset >= p.byteOffset && g.byteOffset + g.length <= p.byteOffset + p.length)).toBe(true);
+        }
+      }
+    }
+    expect(Buffer.concat(sliceWriteData(Buffer.from('xyz'), 1, 3)).toString()).toBe('yz');
+  });
+});
+
 describe('writes larger than one replication frame', () => {
   it('a 3 MiB + 4 KiB write under protocol C resolves once both disks hold all of it', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'pairgate-bigwrite-'));
@@ -349,6 +368,10 @@ describe('writes larger than one replication frame', () => {
       for (let i = 0; i < big.length; i += 4096) big.fill(i / 4096 + 1, i, i + 4096);
       await a.write(8 * 4096, big);
       expect((await a.read(8 * 4096, big.length)).equals(big)).toBe(true);
+      // The same as parts (records around a body, as the store writes): cut into frames as views, not joined.
+      const parts = [big.subarray(0, 4096), big.subarray(4096, 2 * 1024 * 1024 + 8192), big.subarray(2 * 1024 * 1024 + 8192)].map((p) => Buffer.from(p).fill(0xa5, 0, 1));
+      await a.write(2 * 1024 * 1024 + 8 * 4096, parts);
+      expect((await a.read(2 * 1024 * 1024 + 8 * 4096, big.length)).equals(Buffer.concat(parts))).toBe(true);
       const [da, db] = await Promise.all([a.blockDigests(), b.blockDigests()]);
       expect(db).toEqual(da);
       expect(b.status().outOfSyncBytes).toBe(0);
