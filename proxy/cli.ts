@@ -6,9 +6,8 @@
 import type { Command } from 'commander';
 import { loadConfigFile } from '../common/config.ts';
 import { createLogger } from '../common/log.ts';
-import { createRegistry } from '../common/metrics.ts';
 import { installLifecycle } from '../common/lifecycle.ts';
-import { proxyConfigSchema, startProxy } from './index.ts';
+import { proxyConfigSchema, proxyRegistry, startProxy } from './index.ts';
 
 export function register(program: Command): void {
   program
@@ -18,7 +17,7 @@ export function register(program: Command): void {
     .action(async (opts: { config: string }) => {
       const config = loadConfigFile(proxyConfigSchema, opts.config);
       const log = createLogger({ role: 'proxy', level: config.log.level, ...(config.id ? { base: { proxy: config.id } } : {}) });
-      const registry = createRegistry({ role: 'proxy', ...(config.id ? { instance_name: config.id } : {}) });
+      const registry = proxyRegistry({ role: 'proxy', ...(config.id ? { instance_name: config.id } : {}) });
       const proxy = await startProxy(config, { log, registry });
       installLifecycle({
         log,

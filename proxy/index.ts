@@ -13,13 +13,13 @@ import type { Logger } from '../common/log.ts';
 import { AddressList } from '../common/cidr.ts';
 import { RedisBus } from '../common/redis-bus.ts';
 import { startAdminServer, type AdminServer } from '../common/admin-http.ts';
-import { createRegistry, type MetricsRegistry } from '../common/metrics.ts';
+import type { MetricsRegistry } from '../common/metrics.ts';
 import { ConfigError } from '../common/errors.ts';
 import type { Directory } from '../directory/types.ts';
 import { proxyConfigSchema, type ProxyConfig } from './config.ts';
 import { PairHealth } from './pair-health.ts';
 import { AuthLimiter } from './rate-limit.ts';
-import { proxyMetrics } from './metrics.ts';
+import { proxyMetrics, proxyRegistry } from './metrics.ts';
 import { TlsStore } from './tls.ts';
 import { SessionRegistry, type ProxyContext } from './context.ts';
 import { startListener, type Listener } from './listener.ts';
@@ -27,7 +27,7 @@ import { startSmtpFrontEnds } from './smtp/index.ts';
 
 export { proxyConfigSchema, type ProxyConfig } from './config.ts';
 export { PairHealth, type PairHealthChange, type EffectiveState } from './pair-health.ts';
-export { proxyMetrics, type ProxyMetrics } from './metrics.ts';
+export { proxyMetrics, proxyRegistry, type ProxyMetrics } from './metrics.ts';
 export { AuthLimiter } from './rate-limit.ts';
 export { TlsStore } from './tls.ts';
 
@@ -69,7 +69,7 @@ async function openConfiguredDirectory(config: ProxyConfig, log: Logger, registr
 }
 
 export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<Proxy> {
-  const registry = deps.registry ?? createRegistry({ role: 'proxy' });
+  const registry = deps.registry ?? proxyRegistry({ role: 'proxy' });
   const log = deps.log.child({ role: 'proxy', ...(config.id ? { proxy: config.id } : {}) });
   const metrics = proxyMetrics(registry);
   const loadBalancers = new AddressList(config.loadBalancers, 'loadBalancers');

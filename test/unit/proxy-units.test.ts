@@ -10,6 +10,7 @@ import { decodeProxyHeader, looksLikeProxyHeader } from '../../proxy/proxy-proto
 import { validCredentials } from '../../proxy/login.ts';
 import { AuthLimiter } from '../../proxy/rate-limit.ts';
 import { proxyConfigSchema } from '../../proxy/config.ts';
+import { proxyRegistry } from '../../proxy/metrics.ts';
 import { RedisBus } from '../../common/redis-bus.ts';
 import { Writable } from 'node:stream';
 import { silentLogger, createLogger } from '../../common/log.ts';
@@ -106,6 +107,15 @@ describe('credentials and config', () => {
     expect(ok.hold.maxMs).toBe(15_000);
     expect(proxyConfigSchema.safeParse({ directory: {}, backend: { masterUser: 'm', masterSecret: 's' }, listeners: [{ protocol: 'smtp', port: 25 }] }).success).toBe(false);
     expect(proxyConfigSchema.safeParse({ directory: {}, backend: { masterUser: 'm' } }).success).toBe(false);
+  });
+});
+
+describe('proxyRegistry', () => {
+  it('carries the same default process metrics as common/metrics.ts gives (pairgate_process_ prefix, event-loop lag included) with the default labels', async () => {
+    const registry = proxyRegistry({ role: 'proxy' });
+    const text = await registry.metrics();
+    expect(text).toMatch(/^pairgate_process_nodejs_eventloop_lag_p99_seconds\{role="proxy"\} /m);
+    expect(text).toMatch(/^pairgate_process_process_cpu_user_seconds_total\{role="proxy"\} /m);
   });
 });
 
