@@ -2,7 +2,7 @@
  * bench/proxy: the proxy tier against its baselines, interleaved in the same run.
  *
  *   npm run bench -- proxy [--seconds 4] [--rounds 3] [--concurrency 32] [--big-mib 10] [--idle 5000]
- *                          [--idle-backend store|dovecot] [--paths direct,pairgate,...] [--compare-tree DIR]
+ *                          [--idle-backend store|dovecot] [--paths direct,pairgate,...] [--compare-tree DIR] [--node-relay]
  *
  * Paths measured, all to the same Dovecot (the pair's backend) on this machine:
  *   - direct: clients log in to Dovecot themselves;
@@ -31,7 +31,10 @@
  * --compare-tree DIR[,DIR…] adds a path `pairgate@<folder name>` per folder, the proxy served
  * from another checkout of pairgate (e.g. `git archive HEAD | tar -x -C DIR` with node_modules
  * linked), interleaved with this tree's in the same rounds: an A/B of a change that the
- * machine's load hits alike.
+ * machine's load hits alike. --node-relay adds a path `node-relay`: a bare Node relay in its own
+ * process (plain JavaScript, no TypeScript loader: accept, connect to Dovecot, stream.pipe both
+ * ways, no login handling; clients log in with their own password as through HAProxy), the
+ * floor of what any proxy written on Node's net/stream API costs per session on this machine.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -63,6 +66,7 @@ const { values: args } = parseArgs({
     'serve-proxy': { type: 'string' },
     paths: { type: 'string' },
     'compare-tree': { type: 'string' },
+    'node-relay': { type: 'boolean', default: false },
   },
 });
 if (args.help) {
@@ -77,6 +81,25 @@ const IDLE = Number(args.idle);
 const IDLE_BACKEND = args['idle-backend'] === 'dovecot' ? 'dovecot' : 'store';
 const ONLY_PATHS = args.paths ? new Set(args.paths.split(',').map((s) => s.trim())) : null;
 const COMPARE_TREES = args['compare-tree'] ? args['compare-tree'].split(',').filter(Boolean) : [];
+const NODE_RELAY = args['node-relay'];
+
+/** The --node-relay process: `node -e NODE_RELAY_SCRIPT LISTEN_PORT TARGET_PORT ...` (pairs of ports). */
+const NODE_RELAY_SCRIPT = `
+const net = require('node:net');
+const ports = process.argv.slice(1).map(Number);
+for (let i = 0; i < ports.length; i += 2) {
+  const target = ports[i + 1];
+  net.createServer((c) => {
+    c.setNoDelay(true);
+    const b = net.connect({ host: '127.0.0.1', port: target });
+    b.setNoDelay(true);
+    c.pipe(b).pipe(c);
+    c.on('error', () => b.destroy());
+    b.on('error', () => c.destroy());
+  }).listen(ports[i], '127.0.0.1');
+}
+process.on('SIGTERM', () => process.exit(0));
+`;
 const USERS = 40;
 const MASTER = 'pgmaster';
 const MASTER_SECRET = randomBytes(8).toString('hex');
@@ -467,6 +490,16 @@ async function main(): Promise<void> {
       pids.haproxy = [ha.pid!];
       await waitForPort('127.0.0.1', hImap, 10_000);
     }
+    let nodeRelayPorts: { imap: number; pop3: number } | null = null;
+    if (NODE_RELAY) {
+      const [nrImap, nrPop] = await Promise.all([freePort(), freePort()]);
+      const nr = startChild(process.execPath, ['-e', NODE_RELAY_SCRIPT, String(nrImap), String(dovecot.imapPort), String(nrPop), String(dovecot.pop3Port)]);
+      children.push(nr);
+      pids['node-relay'] = [nr.pid!];
+      await waitForPort('127.0.0.1', nrImap, 10_000);
+      await waitForPort('127.0.0.1', nrPop, 10_000);
+      nodeRelayPorts = { imap: nrImap, pop3: nrPop };
+    }
     const notes: string[] = [haveDirectory ? 'directory: LDIF backend (directory/index.ts)' : 'directory: in-test table (directory/index.ts not in the tree yet)'];
     if (!haproxyBin) notes.push('haproxy not installed: no L4 baseline');
     // nginx's mail proxy, with an auth_http endpoint answering from the same directory.
@@ -553,7 +586,8 @@ async function main(): Promise<void> {
       ...(nginxPorts ? [{ name: 'nginx', imap: nginxPorts.imap, pop3: nginxPorts.pop3 }] : []),
       ...(perditionPorts ? [{ name: 'perdition', imap: perditionPorts.imap, pop3: perditionPorts.pop3 }] : []),
       ...(haproxyBin ? [{ name: 'haproxy', imap: hImap, pop3: hPop }] : []),
-    ].filter((p) => !ONLY_PATHS || ONLY_PATHS.has(p.name) || p.name.startsWith('pairgate@'));
+      ...(nodeRelayPorts ? [{ name: 'node-relay', imap: nodeRelayPorts.imap, pop3: nodeRelayPorts.pop3 }] : []),
+    ].filter((p) => !ONLY_PATHS || ONLY_PATHS.has(p.name) || p.name.startsWith('pairgate@') || p.name === 'node-relay');
     for (const b of bases) notes.push(`${b.name}: the proxy served from ${b.tree}`);
     // Warm up every path (Dovecot login processes, the proxy's JIT and caches).
     for (const p of paths) {
