@@ -339,8 +339,9 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
     apply();
     await callAll('sync', poolSet.snapshot());
     const st = await status();
-    const changed = poolSet.findBackends(name).map((b) => b.id);
-    return { changed: st.backends.filter((b) => changed.includes(b.id)) };
+    const changed = new Set(poolSet.findBackends(name).map((b) => b.id));
+    // Shaped as the single process answers: `name` without the pool, `pool` beside it.
+    return { changed: st.pools.flatMap((p) => p.backends.filter((b) => changed.has(`${p.name}/${b.name}`))) };
   };
   const setState = (body: unknown, state: AdminState) => {
     const name = backendArg(body);

@@ -1,11 +1,13 @@
 /**
  * A real `pairgate lb` process with `workers: 2` (cluster.ts): connections are accepted by both
  * workers (their own counts in /status), every backend connection carries the client's address
- * in its PROXY v2 header, /metrics counts every connection of every worker, a drain and a backend
+ * in its PROXY v2 header, /metrics counts every connection of every worker, a drain (`pairgate lb
+ * drain`, whose answer and `pairgate lb status` come from the primary) and a backend
  * found down reach every worker, a killed worker is restarted while the other keeps serving,
  * SIGHUP keeps an established connection, and SIGTERM stops the primary and its workers after
  * the connections they still carry.
  */
+import { execFile } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -34,6 +36,14 @@ async function parallelGreetings(port: number, n: number, concurrency = 16): Pro
     }),
   );
   return out;
+}
+
+function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CLI, ...args], { cwd: ROOT, timeout: 20_000 }, (err, stdout, stderr) => {
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+  });
 }
 
 const alive = (pid: number) => {
@@ -129,9 +139,12 @@ describe('pairgate lb with workers: 2 (process)', () => {
   }, 60_000);
 
   it('a drain through the admin API holds in every worker; so does a backend the checks find down', async () => {
-    const r = await adminCall(admin, 'POST', '/drain', { backend: 'b1' });
-    expect(r.status).toBe(200);
-    expect((r.body as { changed: Array<{ state: string }> }).changed[0]!.state).toBe('drain');
+    // Through the operator command, which prints what the primary answered.
+    const d = await run(['lb', 'drain', 'b1', '--admin', admin]);
+    expect(d.stdout).toBe('imap/b1: drain (0 active)\n');
+    const st = await run(['lb', 'status', '--admin', admin]);
+    expect(st.stdout).toMatch(/imap\/b1 .* drain/);
+    expect(st.stdout.match(/│ [12]\s+│ \d+\s+│ running/g)).toHaveLength(2);
     let seen: Array<{ backend: string }> = [];
     const served = await perWorker(async () => {
       seen = await parallelGreetings(port, 100);
