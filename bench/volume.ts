@@ -3,7 +3,7 @@
  * a local file with no peer (the baseline, measured in the same run), then the resync rate and
  * the bytes a 1% dirty resync sends against a full sync.
  *
- *   npm run bench -- volume [--seconds 2] [--size-mib 256] [--peer-dir DIR] [--floor]
+ *   npm run bench -- volume [--seconds 2] [--size-mib 256] [--peer-dir DIR] [--floor] [--compare-tree DIR]
  *
  * On one machine both nodes' files share one disk, so the two fdatasyncs of a protocol C write
  * queue behind each other, which two real nodes never do; `--peer-dir` puts the peer's files
@@ -21,12 +21,18 @@
  * processes doing O_DSYNC writes at once, one to a file beside the primary's and one beside the
  * peer's, against one process alone (do the two nodes' disk writes serialize?), and a bare Node
  * loopback round trip of 64 KiB and 1 MiB between two processes.
+ *
+ * `--compare-tree DIR` (an A/B of two builds in one run; information, not a target): a second pair
+ * whose primary and peer run the volume code of another checkout (e.g. `git archive REV | tar -x
+ * -C DIR`, node_modules symlinked), with its own files beside this pair's; each row then runs
+ * local, this tree's C and the other tree's C one after the other, so all three see the same load.
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
 import { adminCall } from '../common/admin-http.ts';
@@ -40,7 +46,13 @@ import { freePort, waitFor, waitForPort } from '../test/helpers/net.ts';
 import { startProcess, tempDir, type Managed } from '../test/helpers/proc.ts';
 
 const { values: args } = parseArgs({
-  options: { seconds: { type: 'string', default: '2' }, 'size-mib': { type: 'string', default: '256' }, 'peer-dir': { type: 'string' }, floor: { type: 'boolean', default: false } },
+  options: {
+    seconds: { type: 'string', default: '2' },
+    'size-mib': { type: 'string', default: '256' },
+    'peer-dir': { type: 'string' },
+    floor: { type: 'boolean', default: false },
+    'compare-tree': { type: 'string' },
+  },
 });
 const SECONDS = Number(args.seconds);
 const SIZE = Number(args['size-mib']) * 1024 * 1024;
@@ -154,6 +166,8 @@ async function main(): Promise<void> {
   const dir = tempDir('pairgate-bench-volume-');
   let peer: Managed | null = null;
   let volume: ReplicatedVolume | null = null;
+  let comparePeer: Managed | null = null;
+  let compareVolume: BlockDevice & { close(): Promise<void> } | null = null;
   let cleanupPeer: () => unknown = () => undefined;
   try {
     const ports = { a: await freePort(), b: await freePort() };
@@ -175,15 +189,37 @@ async function main(): Promise<void> {
     await v.promote();
     const local = await FileBlockDevice.open(join(dir.path, 'local.data'), { size: SIZE, create: true });
 
-    const rows: Array<{ name: string; local: { mibs: number; ops: number }; c: { mibs: number; ops: number } }> = [];
+    const compareTree = args['compare-tree'];
+    if (compareTree) {
+      // The same pair built from the other checkout: its own ports and files, same folders.
+      const cports = { a: await freePort(), b: await freePort(), admin: await freePort() };
+      const cfgCA = { ...base, dataFile: join(dir.path, 'ca.data'), metaFile: join(dir.path, 'ca.meta'), listen: `127.0.0.1:${cports.a}`, peer: `127.0.0.1:${cports.b}` };
+      const cfgCB = { ...base, dataFile: join(peerDir, 'cb.data'), metaFile: join(peerDir, 'cb.meta'), listen: `127.0.0.1:${cports.b}`, peer: `127.0.0.1:${cports.a}`, admin: { host: '127.0.0.1', port: cports.admin } };
+      writeFileSync(join(dir.path, 'cb.yaml'), stringify(cfgCB));
+      comparePeer = startProcess('volume-peer-compare', process.execPath, [join(compareTree, 'bin/pairgate.mjs'), 'volume', 'serve', '--config', join(dir.path, 'cb.yaml'), '--log-level', 'warn'], { cwd: compareTree });
+      await waitForPort('127.0.0.1', cports.admin, 20_000);
+      const mod = (await import(pathToFileURL(join(compareTree, 'pair-agent/volume/replicated-volume.ts')).href)) as { ReplicatedVolume: typeof ReplicatedVolume };
+      const schema = (await import(pathToFileURL(join(compareTree, 'pair-agent/volume/config.ts')).href)) as { volumeConfigSchema: typeof volumeConfigSchema };
+      const cv = await mod.ReplicatedVolume.open(schema.volumeConfigSchema.parse(cfgCA), { log: silentLogger, registry: createRegistry({}, false) });
+      compareVolume = cv;
+      await waitFor(() => cv.status().connection === 'Connected', 10_000, 'the compare-tree peer to connect');
+      await cv.promote();
+    }
+
+    const rows: Array<{ name: string; local: { mibs: number; ops: number }; c: { mibs: number; ops: number }; compare?: { mibs: number; ops: number } }> = [];
     for (const size of [4096, 65536, 1048576]) {
       for (const pattern of ['seq', 'rand'] as Pattern[]) {
         // Interleaved, baseline first, so that both see the same machine load.
         const l = await run(local, size, pattern);
         const c = await run(v, size, pattern);
-        rows.push({ name: `${pattern} ${size >= 1048576 ? `${size / 1048576} MiB` : `${size / 1024} KiB`}`, local: l, c });
+        const compare = compareVolume ? await run(compareVolume, size, pattern) : undefined;
+        rows.push({ name: `${pattern} ${size >= 1048576 ? `${size / 1048576} MiB` : `${size / 1024} KiB`}`, local: l, c, compare });
       }
     }
+    await compareVolume?.close();
+    compareVolume = null;
+    await (comparePeer as Managed | null)?.stop(3000);
+    comparePeer = null;
     await local.close();
 
     // What the machine allows, without the volume: O_DSYNC writers alone and two at once; loopback round trips.
@@ -227,6 +263,11 @@ async function main(): Promise<void> {
     process.stdout.write(`\nvolume writes, one at a time with fdatasync, ${SECONDS} s each (${SIZE / 1048576} MiB volume; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir})\n`);
     process.stdout.write(`${pad('write', 12)}${'local MiB/s'.padStart(12)}${'C MiB/s'.padStart(10)}${'local w/s'.padStart(11)}${'C w/s'.padStart(9)}${'C/local'.padStart(9)}\n`);
     for (const r of rows) process.stdout.write(`${pad(r.name, 12)}${num(r.local.mibs).padStart(12)}${num(r.c.mibs).padStart(10)}${num(r.local.ops, 0).padStart(11)}${num(r.c.ops, 0).padStart(9)}${num(r.c.mibs / r.local.mibs, 2).padStart(9)}\n`);
+    if (compareTree) {
+      process.stdout.write(`\nthe same rows, protocol C of ${compareTree} (run right after this tree's C row)\n`);
+      process.stdout.write(`${pad('write', 12)}${'this C MiB/s'.padStart(13)}${'other C MiB/s'.padStart(14)}${'this/local'.padStart(11)}${'other/local'.padStart(12)}\n`);
+      for (const r of rows) process.stdout.write(`${pad(r.name, 12)}${num(r.c.mibs).padStart(13)}${num(r.compare!.mibs).padStart(14)}${num(r.c.mibs / r.local.mibs, 2).padStart(11)}${num(r.compare!.mibs / r.local.mibs, 2).padStart(12)}\n`);
+    }
     if (floor.length) {
       process.stdout.write(`\nfloor (no volume code): O_DSYNC sequential writes, one process alone vs two at once (one beside each node's files)\n`);
       process.stdout.write(`${pad('write', 12)}${'alone MiB/s'.padStart(12)}${'two: each MiB/s'.padStart(17)}${'each/alone'.padStart(12)}\n`);
@@ -247,6 +288,10 @@ async function main(): Promise<void> {
       figures[`${key}_local_mib_s`] = Number(r.local.mibs.toFixed(1));
       figures[`${key}_c_mib_s`] = Number(r.c.mibs.toFixed(1));
       figures[`${key}_c_vs_local`] = Number((r.c.mibs / r.local.mibs).toFixed(3));
+      if (r.compare) {
+        figures[`${key}_compare_tree_c_mib_s`] = Number(r.compare.mibs.toFixed(1));
+        figures[`${key}_compare_tree_c_vs_local`] = Number((r.compare.mibs / r.local.mibs).toFixed(3));
+      }
     }
     figures.resync_1pct_bytes = dirtyBytes;
     figures.full_sync_bytes = fullBytes;
@@ -270,6 +315,8 @@ async function main(): Promise<void> {
     const met = Object.values(targets).every((t) => (t.min === undefined || t.value >= t.min) && (t.max === undefined || t.value <= t.max));
     process.stdout.write(JSON.stringify({ bench: 'volume', figures, targets, met }) + '\n');
   } finally {
+    await compareVolume?.close().catch(() => undefined);
+    await (comparePeer as Managed | null)?.stop(3000);
     await volume?.close().catch(() => undefined);
     await (peer as Managed | null)?.stop(3000);
     cleanupPeer();
