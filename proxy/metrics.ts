@@ -2,28 +2,11 @@
  * The proxy tier's metrics (names are a contract with the Grafana dashboards). proxy/smtp
  * uses the same objects through `proxyMetrics(registry)`, so labels stay the same everywhere.
  */
-import client from 'prom-client';
-import { PREFIX, counter, createRegistry, gauge, histogram, type MetricsRegistry } from '../common/metrics.ts';
+import { counter, createRegistry, gauge, histogram, type MetricsRegistry } from '../common/metrics.ts';
 
-/**
- * How often the event-loop delay (the `process_eventloop_lag_*` metrics) is sampled, in ms.
- * prom-client's default is 10 ms: a timer firing 100 times a second that wakes the process
- * about twice per firing (libuv rounds the wait down to whole milliseconds and wakes once
- * early), ~200 wake-ups a second, which cost an idle proxy ~8 ms of CPU per second, half of all
- * it spent idle. (Under load the loop is awake anyway: there the difference was not measurable.)
- * At 100 ms a 15 s scrape still holds ~150 samples for the percentiles, and any stall longer
- * than 100 ms is seen every time.
- */
-export const EVENT_LOOP_SAMPLE_MS = 100;
-
-/**
- * The proxy process's metrics registry: common/metrics.ts's, with the default process metrics
- * (`pairgate_process_*`) sampling the event loop every EVENT_LOOP_SAMPLE_MS.
- */
+/** The proxy process's metrics registry (common/metrics.ts's, default process metrics included). */
 export function proxyRegistry(defaultLabels: Record<string, string>): MetricsRegistry {
-  const registry = createRegistry(defaultLabels, false);
-  client.collectDefaultMetrics({ register: registry, prefix: `${PREFIX}process_`, eventLoopMonitoringPrecision: EVENT_LOOP_SAMPLE_MS });
-  return registry;
+  return createRegistry(defaultLabels);
 }
 
 export function proxyMetrics(registry: MetricsRegistry) {
