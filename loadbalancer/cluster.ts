@@ -186,6 +186,19 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
     return out;
   };
 
+  /**
+   * A worker that started on an older config (a reload ran while it started) takes the current
+   * one, then the backends' states again: backends the reload added were unknown to its earlier
+   * sync, and health messages for them were dropped until it had them.
+   */
+  const catchUp = (slot: Slot) => {
+    slot.gen = gen;
+    void call(slot, 'reload', workerShare(config, count), 15_000).then(
+      () => call(slot, 'sync', poolSet.snapshot()).catch(() => {}),
+      (err: Error) => log.error({ worker: slot.n, err: err.message }, 'worker refused the current config'),
+    );
+  };
+
   let startup: { resolve(): void; reject(e: Error): void } | null = null;
   let startupWaiting = count;
 
@@ -206,10 +219,7 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
         log.info({ worker: slot.n, workerPid: w.process.pid }, 'worker accepting');
         // Admin or health changes made while it started, and a reload it missed.
         void call(slot, 'sync', poolSet.snapshot()).catch(() => {});
-        if (slot.gen !== gen) {
-          slot.gen = gen;
-          void call(slot, 'reload', workerShare(config, count), 15_000).catch((err: Error) => log.error({ worker: slot.n, err: err.message }, 'worker refused the current config'));
-        }
+        if (slot.gen !== gen) catchUp(slot);
         if (startup && --startupWaiting === 0) startup.resolve();
       } else if (m.t === 'start-failed') {
         log.error({ worker: slot.n, err: m.message }, 'worker could not start');
@@ -223,6 +233,10 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
         else p.reject(new PairgateError(m.code, m.message, false));
       }
     });
+    // A send() that fails (the channel of a worker that has just died) is an 'error' event on the
+    // worker (send is called without a callback); with no listener it would be an uncaught
+    // exception in the primary, ending every worker. Its exit follows and restarts it.
+    w.on('error', (err: Error) => log.warn({ worker: slot.n, workerPid: w.process.pid, err: err.message }, 'worker IPC error'));
     w.on('exit', (code, signal) => {
       if (slot.worker !== w) return;
       slot.worker = null;
@@ -389,6 +403,7 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
       const wanted = workerCount(next.workers);
       if (wanted !== count) log.warn({ running: count, configured: wanted }, 'a change of workers takes a restart; keeping the running count');
       const running = slots.filter((s) => s.ready);
+      const asked = new Set(running.map((s) => s.worker));
       const settled = await Promise.allSettled(running.map((s) => call(s, 'reload', workerShare(next, count), 15_000)));
       const refused = settled.flatMap((r, i) => (r.status === 'rejected' ? [{ worker: running[i]!.n, err: (r.reason as Error).message }] : []));
       // A refusal is the same in every worker (a new port that cannot be bound): all of them keep the old config.
@@ -398,6 +413,9 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
       config = next;
       gen++;
       for (const s of running) if (!refused.some((r) => r.worker === s.n)) s.gen = gen;
+      // A worker that became ready while the workers above reloaded (a restart) started on the old
+      // config and compared generations before this one counted: it catches up now.
+      for (const s of slots) if (s.ready && s.gen !== gen && !asked.has(s.worker)) catchUp(s);
     },
     stop: async () => {
       if (stopping) return;
