@@ -15,7 +15,8 @@
  *     takes (checks per worker would multiply the check traffic and could disagree for a whole
  *     interval x fall);
  *   - owns the admin state (drain, maintenance, weight): an admin call is applied by every
- *     worker before it is answered, and a worker that starts (or restarts) gets the current state
+ *     running worker before it is answered (one that fails to answer within CALL_TIMEOUT_MS is
+ *     logged and not waited for), and a worker that starts (or restarts) gets the current state
  *     before it accepts;
  *   - serves the admin HTTP listener: /metrics sums the workers' registries with its own
  *     (prom-client's AggregatorRegistry.aggregate), /status merges the workers' figures and lists
