@@ -403,7 +403,11 @@ describe('splicing', () => {
       });
     });
     c.socket.resume();
-    await Promise.race([done, sleep(20_000)]);
+    // ~1 s alone; the bound only tells a stall from a slow machine. Twice, on a machine at load
+    // 5-9 (a full-suite run beside benchmarks; a re-run started with the volume, store and IMAP
+    // tests), the bytes had not all arrived after 20 s (43 of 64 MiB in the first); 24 more
+    // re-runs under the same load took 0.6-1.7 s. Cause not found (see the commit): the bound is wide.
+    await Promise.race([done, sleep(50_000)]);
     expect(got).toBeGreaterThanOrEqual(total);
     c.socket.destroy();
   });
