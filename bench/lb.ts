@@ -2,7 +2,7 @@
  * bench/lb: pairgate's L4 balancer against HAProxy in TCP mode and direct connections to the
  * backends (the ceiling), with the same backends, interleaved in one run.
  *
- *   npm run bench -- lb [--seconds 3] [--rounds 3] [--concurrency 32] [--streams 4] [--workers N]
+ *   npm run bench -- lb [--seconds 3] [--rounds 3] [--warmup 3] [--concurrency 32] [--streams 4] [--workers N]
  *                       [--compare-workers N[,N]] [--compare-tree DIR[,DIR]]
  *
  * Backends: two TCP servers in one child process that skip a PROXY v2 header when one comes,
@@ -39,6 +39,7 @@ const { values: args } = parseArgs({
   options: {
     seconds: { type: 'string', default: '3' },
     rounds: { type: 'string', default: '3' },
+    warmup: { type: 'string', default: '3' },
     concurrency: { type: 'string', default: '32' },
     streams: { type: 'string', default: '4' },
     'compare-tree': { type: 'string' },
@@ -53,6 +54,8 @@ if (args.help) {
 }
 const SECONDS = Number(args.seconds);
 const ROUNDS = Number(args.rounds);
+/** Seconds of connections per path before the rounds (not counted). */
+const WARMUP = Number(args.warmup);
 const CONCURRENCY = Number(args.concurrency);
 const STREAMS = Number(args.streams);
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -351,10 +354,13 @@ async function main(): Promise<void> {
       `bench lb: ${ROUNDS} rounds x ${SECONDS} s, ${CONCURRENCY} clients (conn rate), ${STREAMS} streams (throughput); ${haproxyVersion}\n` +
         `  haproxy threads: ${hapThreads || '-'}; pairgate workers: ${WORKERS}; CPUs: ${os.availableParallelism()}\n`,
     );
-    // Warm-up (JIT, connection tables) on every path, not counted.
+    // Warm-up on every path, not counted: a balancer in service is long past its JIT's tiering
+    // (each worker process tiers up on its own), connection tables and heap growth. With 1 s
+    // (before 2026-12-06 07:10) pairgate's first round still cost 1.5-3x the CPU per
+    // connection of its later ones; HAProxy's rounds were flat.
     for (const [name, port] of paths) {
       relayPid = pidOf[name];
-      await connRate(port, 1);
+      await connRate(port, WARMUP);
       await throughput(port, 0.5);
     }
     for (let r = 0; r < ROUNDS; r++) {
