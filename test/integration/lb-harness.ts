@@ -3,8 +3,10 @@
  * header with proxy-protocol-js (v1 or v2) and record the addresses, greet with their name, echo,
  * answer a half-close with `BYE <bytes>` and stream bulk data on request.
  */
+import { execFile } from 'node:child_process';
 import net from 'node:net';
 import http from 'node:http';
+import { join } from 'node:path';
 import { V1ProxyProtocol, V2ProxyProtocol, IPv4ProxyAddress, IPv6ProxyAddress, Command } from 'proxy-protocol-js';
 import { createLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
@@ -302,4 +304,14 @@ export function count(names: string[]): Record<string, number> {
   const m: Record<string, number> = {};
   for (const n of names) m[n] = (m[n] ?? 0) + 1;
   return m;
+}
+
+/** Runs `pairgate ARGS` (bin/pairgate.mjs, from the repository root) to its end: exit code and output. */
+export function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const root = join(import.meta.dirname, '../..');
+  return new Promise((resolve) => {
+    execFile(process.execPath, [join(root, 'bin/pairgate.mjs'), ...args], { cwd: root, timeout: 20_000 }, (err, stdout, stderr) => {
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+  });
 }

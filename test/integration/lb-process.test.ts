@@ -5,7 +5,6 @@
  * and SIGTERM stops it. This file runs the single-process balancer (`workers: 1`);
  * lb-workers.test.ts runs the same command with worker processes.
  */
-import { execFile } from 'node:child_process';
 import { readdirSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
@@ -14,18 +13,10 @@ import { stringify } from 'yaml';
 import { adminCall } from '../../common/admin-http.ts';
 import { freePort, waitFor, waitForPort } from '../helpers/net.ts';
 import { startProcess, tempDir, type Managed } from '../helpers/proc.ts';
-import { connectClient, count, greetings, startBackend, type TestBackend } from './lb-harness.ts';
+import { connectClient, count, greetings, startBackend, type TestBackend, runCli as run } from './lb-harness.ts';
 
 const ROOT = join(import.meta.dirname, '../..');
 const CLI = join(ROOT, 'bin/pairgate.mjs');
-
-function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, ...args], { cwd: ROOT, timeout: 20_000 }, (err, stdout, stderr) => {
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
-}
 
 describe('pairgate lb (process)', () => {
   const tmp = tempDir('pairgate-lb-proc-');

@@ -7,7 +7,6 @@
  * SIGHUP keeps an established connection, and SIGTERM stops the primary and its workers after
  * the connections they still carry.
  */
-import { execFile } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -16,7 +15,7 @@ import { adminCall } from '../../common/admin-http.ts';
 import type { LbStatus } from '../../loadbalancer/index.ts';
 import { freePort, sleep, waitFor, waitForPort } from '../helpers/net.ts';
 import { startProcess, tempDir, type Managed } from '../helpers/proc.ts';
-import { connectClient, count, startBackend, type TestBackend } from './lb-harness.ts';
+import { connectClient, count, startBackend, type TestBackend, runCli as run } from './lb-harness.ts';
 
 const ROOT = join(import.meta.dirname, '../..');
 const CLI = join(ROOT, 'bin/pairgate.mjs');
@@ -36,14 +35,6 @@ async function parallelGreetings(port: number, n: number, concurrency = 16): Pro
     }),
   );
   return out;
-}
-
-function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, ...args], { cwd: ROOT, timeout: 20_000 }, (err, stdout, stderr) => {
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
 }
 
 const alive = (pid: number) => {
