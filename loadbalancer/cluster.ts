@@ -97,6 +97,8 @@ interface Slot {
   restarts: number;
   backoffMs: number;
   timer: NodeJS.Timeout | null;
+  /** Kills a worker that has not become ready within START_TIMEOUT_MS of its fork (its exit restarts it). */
+  startTimer: NodeJS.Timeout | null;
   /** Config generation the worker runs (a worker that started during a reload catches up). */
   gen: number;
 }
@@ -146,7 +148,7 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
   let stopping = false;
   let nextCall = 1;
   const pending = new Map<number, Pending>();
-  const slots: Slot[] = Array.from({ length: count }, (_, i) => ({ n: i + 1, worker: null, ready: false, startedAt: 0, restarts: 0, backoffMs: RESTART_MIN_MS, timer: null, gen: 0 }));
+  const slots: Slot[] = Array.from({ length: count }, (_, i) => ({ n: i + 1, worker: null, ready: false, startedAt: 0, restarts: 0, backoffMs: RESTART_MIN_MS, timer: null, startTimer: null, gen: 0 }));
 
   const send = (slot: Slot, m: ToWorker): boolean => {
     const w = slot.worker;
@@ -209,6 +211,14 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
     slot.startedAt = Date.now();
     const w = cluster.fork({ [WORKER_ENV]: String(slot.n) });
     slot.worker = w;
+    // A worker stuck while starting (a restart after the first start included) would otherwise
+    // show "starting" for ever with its share of the limits idle: kill it, its exit restarts it.
+    slot.startTimer = setTimeout(() => {
+      slot.startTimer = null;
+      if (slot.worker !== w || slot.ready || w.isDead()) return;
+      log.error({ worker: slot.n, workerPid: w.process.pid, timeoutMs: START_TIMEOUT_MS }, 'worker did not become ready in time; killing it');
+      w.process.kill('SIGKILL');
+    }, START_TIMEOUT_MS);
     w.on('message', (m: FromWorker) => {
       if (slot.worker !== w) return;
       // Sent once its message handler is in place (a message sent before that, at 'online', would be lost).
@@ -217,6 +227,7 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
         send(slot, { t: 'start', slot: slot.n, config: workerShare(config, count), backends: poolSet.snapshot() });
       } else if (m.t === 'ready') {
         slot.ready = true;
+        if (slot.startTimer) (clearTimeout(slot.startTimer), (slot.startTimer = null));
         log.info({ worker: slot.n, workerPid: w.process.pid }, 'worker accepting');
         // Admin or health changes made while it started, and a reload it missed.
         void call(slot, 'sync', poolSet.snapshot()).catch(() => {});
@@ -240,6 +251,7 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
     w.on('error', (err: Error) => log.warn({ worker: slot.n, workerPid: w.process.pid, err: err.message }, 'worker IPC error'));
     w.on('exit', (code, signal) => {
       if (slot.worker !== w) return;
+      if (slot.startTimer) (clearTimeout(slot.startTimer), (slot.startTimer = null));
       slot.worker = null;
       slot.ready = false;
       for (const [n, p] of pending) {
@@ -263,7 +275,10 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
   };
 
   const stopWorkers = async () => {
-    for (const s of slots) if (s.timer) (clearTimeout(s.timer), (s.timer = null));
+    for (const s of slots) {
+      if (s.timer) (clearTimeout(s.timer), (s.timer = null));
+      if (s.startTimer) (clearTimeout(s.startTimer), (s.startTimer = null));
+    }
     await Promise.all(
       slots.map(async (s) => {
         const w = s.worker;
