@@ -67,6 +67,8 @@ export function workerShare(config: LbConfig, workers: number): LbConfig {
 const PRIMARY_OWNED_METRICS = new Set(['pairgate_lb_backend_up', 'pairgate_lb_check_total']);
 /** Bound for one IPC call to a worker (status, metrics, an admin change). */
 const CALL_TIMEOUT_MS = 5000;
+/** Bound for the workers' status answers behind /health. */
+const HEALTH_CALL_TIMEOUT_MS = 1000;
 const START_TIMEOUT_MS = 60_000;
 const RESTART_MIN_MS = 100;
 const RESTART_MAX_MS = 10_000;
@@ -315,8 +317,9 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
     startup = null;
   }
 
-  const status = async (): Promise<LbStatus> => {
-    const answers = await callAll('status');
+  /** Merged status; a worker that does not answer within `timeoutMs` is logged and counted with no connections. */
+  const status = async (timeoutMs = CALL_TIMEOUT_MS): Promise<LbStatus> => {
+    const answers = await callAll('status', undefined, timeoutMs);
     const byWorker = new Map<Slot, LbStatus>(answers.map((a) => [a.slot, a.result as LbStatus]));
     const sums = new Map<string, { active: number; total: number }>();
     const add = (key: string, active: number, total: number) => {
@@ -388,7 +391,8 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
       registry: metricsRegistry,
       log,
       health: async () => {
-        const st = await status();
+        // A health probe has a short timeout of its own: one hung worker must not make it wait 5 s.
+        const st = await status(HEALTH_CALL_TIMEOUT_MS);
         const healthy = !stopping && poolSet.healthy() && slots.some((s) => s.ready);
         return { healthy, body: { role: 'loadbalancer', healthy, listeners: st.listeners, backends: st.backends, workers: st.workers } };
       },
