@@ -16,7 +16,7 @@
  *     interval x fall);
  *   - owns the admin state (drain, maintenance, weight): an admin call is applied by every
  *     running worker before it is answered (one that fails to answer within CALL_TIMEOUT_MS is
- *     logged and not waited for), and a worker that starts (or restarts) gets the current state
+ *     logged, named in the answer and sent the state once more a second later), and a worker that starts (or restarts) gets the current state
  *     before it accepts;
  *   - serves the admin HTTP listener: /metrics sums the workers' registries with its own
  *     (prom-client's AggregatorRegistry.aggregate), /status merges the workers' figures and lists
@@ -370,11 +370,23 @@ export async function startLbCluster(initial: LbConfig, deps: ClusterDeps): Prom
   /** An admin change: the primary's state first (it names a bad backend), then every worker applies it before the answer. */
   const adminChange = async (apply: () => unknown, name: string) => {
     apply();
-    await callAll('sync', poolSet.snapshot());
+    const running = slots.filter((sl) => sl.ready);
+    const answered = new Set((await callAll('sync', poolSet.snapshot())).map((a) => a.slot));
+    // A worker alive but slow to answer would keep the old drain/weight until the next change:
+    // send it the state again once more a little later, and say so in the answer.
+    const notAnswering = running.filter((sl) => !answered.has(sl));
+    for (const sl of notAnswering) {
+      setTimeout(() => {
+        if (sl.ready) call(sl, 'sync', poolSet.snapshot()).catch((err: Error) => log.error({ worker: sl.n, err: err.message }, 'worker still not taking the admin state'));
+      }, 1000).unref();
+    }
     const st = await status();
     const changed = new Set(poolSet.findBackends(name).map((b) => b.id));
     // Shaped as the single process answers: `name` without the pool, `pool` beside it.
-    return { changed: st.pools.flatMap((p) => p.backends.filter((b) => changed.has(`${p.name}/${b.name}`))) };
+    return {
+      changed: st.pools.flatMap((p) => p.backends.filter((b) => changed.has(`${p.name}/${b.name}`))),
+      ...(notAnswering.length ? { workersNotAnswering: notAnswering.map((sl) => sl.n) } : {}),
+    };
   };
   const setState = (body: unknown, state: AdminState) => {
     const name = backendArg(body);
