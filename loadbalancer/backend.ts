@@ -202,19 +202,20 @@ export class Backend implements Candidate {
     if (up !== this.up) this.transition(up, reason, false);
   }
 
-  setAdmin(state: AdminState): void {
+  /** `logIt` false: a cluster worker taking the primary's state (the primary has logged the change). */
+  setAdmin(state: AdminState, logIt = true): void {
     if (state === this.admin) return;
     const from = this.admin;
     this.admin = state;
-    this.log.info({ backend: this.id, from, to: state, reason: 'admin', active: this.active }, 'backend admin state change');
+    if (logIt) this.log.info({ backend: this.id, from, to: state, reason: 'admin', active: this.active }, 'backend admin state change');
     if (state === 'ready') {
       this.upSince = Date.now();
       this.onCapacity();
     }
   }
 
-  setWeight(w: number): void {
-    this.log.info({ backend: this.id, from: this.weight, to: w, reason: 'admin' }, 'backend weight change');
+  setWeight(w: number, logIt = true): void {
+    if (logIt) this.log.info({ backend: this.id, from: this.weight, to: w, reason: 'admin' }, 'backend weight change');
     this.weight = w;
     this.onCapacity();
   }

@@ -167,9 +167,10 @@ export class PoolSet {
       const b = byId.get(s.id);
       if (!b) continue;
       b.setHealth(s.up, 'primary');
-      if (b.admin !== s.admin) b.setAdmin(s.admin);
+      // The primary logged these changes; each worker repeating them would make 1 + N lines of one drain.
+      if (b.admin !== s.admin) b.setAdmin(s.admin, false);
       if (b.weight !== s.weight) {
-        b.setWeight(s.weight);
+        b.setWeight(s.weight, false);
         this.pools.get(b.pool)?.balancer.invalidate();
       }
     }
