@@ -25,7 +25,8 @@
  * `--compare-tree DIR` (an A/B of two builds in one run; information, not a target): a second pair
  * whose primary and peer run the volume code of another checkout (e.g. `git archive REV | tar -x
  * -C DIR`, node_modules symlinked), with its own files beside this pair's; each row then runs
- * local, this tree's C and the other tree's C one after the other, so all three see the same load.
+ * local, then this tree's C and the other tree's C one after the other (the two C runs swap order
+ * every row), so all three see the same load.
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -211,8 +212,12 @@ async function main(): Promise<void> {
       for (const pattern of ['seq', 'rand'] as Pattern[]) {
         // Interleaved, baseline first, so that both see the same machine load.
         const l = await run(local, size, pattern);
+        // With a compare tree the two C runs swap places every row: whatever running second costs
+        // (the disk still flushing the first one's writes) falls on each tree in turn.
+        const otherFirst = compareVolume !== null && rows.length % 2 === 1;
+        const early = otherFirst ? await run(compareVolume!, size, pattern) : undefined;
         const c = await run(v, size, pattern);
-        const compare = compareVolume ? await run(compareVolume, size, pattern) : undefined;
+        const compare = compareVolume ? (early ?? (await run(compareVolume, size, pattern))) : undefined;
         rows.push({ name: `${pattern} ${size >= 1048576 ? `${size / 1048576} MiB` : `${size / 1024} KiB`}`, local: l, c, compare });
       }
     }
@@ -264,7 +269,7 @@ async function main(): Promise<void> {
     process.stdout.write(`${pad('write', 12)}${'local MiB/s'.padStart(12)}${'C MiB/s'.padStart(10)}${'local w/s'.padStart(11)}${'C w/s'.padStart(9)}${'C/local'.padStart(9)}\n`);
     for (const r of rows) process.stdout.write(`${pad(r.name, 12)}${num(r.local.mibs).padStart(12)}${num(r.c.mibs).padStart(10)}${num(r.local.ops, 0).padStart(11)}${num(r.c.ops, 0).padStart(9)}${num(r.c.mibs / r.local.mibs, 2).padStart(9)}\n`);
     if (compareTree) {
-      process.stdout.write(`\nthe same rows, protocol C of ${compareTree} (run right after this tree's C row)\n`);
+      process.stdout.write(`\nthe same rows, protocol C of ${compareTree} (beside this tree's C row: after it in odd rows, before it in even ones)\n`);
       process.stdout.write(`${pad('write', 12)}${'this C MiB/s'.padStart(13)}${'other C MiB/s'.padStart(14)}${'this/local'.padStart(11)}${'other/local'.padStart(12)}\n`);
       for (const r of rows) process.stdout.write(`${pad(r.name, 12)}${num(r.c.mibs).padStart(13)}${num(r.compare!.mibs).padStart(14)}${num(r.c.mibs / r.local.mibs, 2).padStart(11)}${num(r.compare!.mibs / r.local.mibs, 2).padStart(12)}\n`);
     }
