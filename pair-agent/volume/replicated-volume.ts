@@ -266,8 +266,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     }
   }
 
-  async write(offset: number, given: WriteData): Promise<void> {
-    const length = writeLength(given);
+  async write(offset: number, data: WriteData): Promise<void> {
+    const length = writeLength(data);
     checkRange(this.size, offset, length, true);
     this.checkUsable('writes');
     // Parts (records around a large payload) go to the local disk and into the DATA frame as they
@@ -275,7 +275,6 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     // frame carries at most MAX_WRITE_BYTES: a larger write goes as several writes, each a list of
     // views of the parts, in flight together (ordered by sequence, sharing flushes); it resolves
     // when all are durable.
-    const data = given;
     if (length > MAX_WRITE_BYTES) {
       const pieces: Array<Promise<void>> = [];
       for (let at = 0; at < length; at += MAX_WRITE_BYTES) pieces.push(this.write(offset + at, sliceWriteData(data, at, Math.min(length, at + MAX_WRITE_BYTES))));

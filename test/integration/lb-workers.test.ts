@@ -13,12 +13,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
 import { adminCall } from '../../common/admin-http.ts';
 import type { LbStatus } from '../../loadbalancer/index.ts';
+import { PAIRGATE_BIN, REPO_ROOT, pidAlive } from '../../bin/lab/supervisor.ts';
 import { freePort, sleep, waitFor, waitForPort } from '../helpers/net.ts';
 import { startProcess, tempDir, type Managed } from '../helpers/proc.ts';
 import { connectClient, count, startBackend, type TestBackend, runCli as run } from './lb-harness.ts';
 
-const ROOT = join(import.meta.dirname, '../..');
-const CLI = join(ROOT, 'bin/pairgate.mjs');
 
 /** n connections, `concurrency` at a time (so that both workers are busy), each read to its greeting. */
 async function parallelGreetings(port: number, n: number, concurrency = 16): Promise<Array<{ backend: string; localPort: number }>> {
@@ -36,15 +35,6 @@ async function parallelGreetings(port: number, n: number, concurrency = 16): Pro
   );
   return out;
 }
-
-const alive = (pid: number) => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 describe('pairgate lb with workers: 2 (process)', () => {
   const tmp = tempDir('pairgate-lb-workers-');
@@ -98,7 +88,7 @@ describe('pairgate lb with workers: 2 (process)', () => {
     port = await freePort();
     admin = `http://127.0.0.1:${await freePort()}`;
     writeFileSync(file, config(bs));
-    lb = startProcess('pairgate-lb-workers', process.execPath, [CLI, 'lb', '--config', file], { cwd: ROOT });
+    lb = startProcess('pairgate-lb-workers', process.execPath, [PAIRGATE_BIN, 'lb', '--config', file], { cwd: REPO_ROOT });
     await waitForPort('127.0.0.1', Number(new URL(admin).port), 60_000, () => lb.alive());
     await waitFor(async () => (await status()).workers?.every((w) => w.state === 'running'), 30_000, 'both workers running');
   }, 120_000);
@@ -181,7 +171,7 @@ describe('pairgate lb with workers: 2 (process)', () => {
       'worker restarted',
     );
     expect(st.workers!.find((x) => x.worker === victim.worker)!.restarts).toBe(1);
-    expect(alive(victim.pid)).toBe(false);
+    expect(pidAlive(victim.pid)).toBe(false);
     expect(lb.output()).toMatch(/"worker":1[^\n]*"signal":"SIGKILL"[^\n]*worker exited; restarting it/);
     // The new worker serves too.
     const { served } = await untilEveryWorkerServed(200);
@@ -219,6 +209,6 @@ describe('pairgate lb with workers: 2 (process)', () => {
     await a.waitFor('BYE');
     const code = await Promise.race([lb.exited, sleep(20_000).then(() => 'timeout')]);
     expect(code).toBe(0);
-    for (const pid of pids) expect(alive(pid)).toBe(false);
+    for (const pid of pids) expect(pidAlive(pid)).toBe(false);
   }, 60_000);
 });
