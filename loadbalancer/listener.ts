@@ -68,24 +68,88 @@ function connectBackend(b: Backend, pool: PoolConfig, bulkBufferBytes: number): 
       keepAliveInitialDelay: pool.keepaliveMs,
       // Passed on to the stream (not in @types/node 20's NetConnectOpts).
     } as net.NetConnectOpts);
-    const finish = (r: Connected | { error: string }) => {
+    // Inline handlers guarded by `done` rather than named ones removed again: no per-connection
+    // function names to set (tsx's keepNames) and fewer listener-list changes. The error handler
+    // stays for the socket's life: after the connect it only keeps an error emitted before the
+    // splice adds its own from being unhandled.
+    const timer = setTimeout(() => {
+      if (done) return;
+      done = true;
+      s.destroy();
+      resolve({ error: 'connect-timeout' });
+    }, pool.connectTimeoutMs);
+    s.on('error', (err: NodeJS.ErrnoException) => {
       if (done) return;
       done = true;
       clearTimeout(timer);
-      s.off('connect', onConnect);
-      s.off('error', onError);
-      if ('error' in r) s.destroy();
-      resolve(r);
-    };
-    // Stays for the socket's life: the splice adds its own handler; this one only keeps an error
-    // emitted between connect and splice from being unhandled.
-    s.on('error', () => {});
-    const onConnect = () => finish({ socket: s, pump });
-    const onError = (err: NodeJS.ErrnoException) => finish({ error: err.code ?? err.message });
-    const timer = setTimeout(() => finish({ error: 'connect-timeout' }), pool.connectTimeoutMs);
-    s.once('connect', onConnect);
-    s.once('error', onError);
+      s.destroy();
+      resolve({ error: err.code ?? err.message });
+    });
+    s.once('connect', () => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      resolve({ socket: s, pump });
+    });
   });
+}
+
+/** Runs in the check phase before the next poll: schedules the uncork for the one after it. */
+function uncorkAfterNextPoll(s: net.Socket): void {
+  setImmediate(uncork, s);
+}
+function uncork(s: net.Socket): void {
+  s.uncork();
+}
+
+/**
+ * One client connection from accept to close. A class with its state in fields, so that a
+ * connection makes no closures beyond its event handlers (GC, and tsx's keepNames sets a name
+ * on every named closure made).
+ */
+class Connection implements Conn {
+  server: net.Socket | null = null;
+  /** The backend whose slot this client holds now (null when none). */
+  backend: Backend | null = null;
+  /** The backend it was spliced to (null before). */
+  spliced: Backend | null = null;
+  closed = false;
+  cancelQueue: (() => void) | null = null;
+  holdsListenerSlot = false;
+  queuedMs = 0;
+  endReason = '';
+  /** Sockets closed since the splice; both closed ends the connection. */
+  closedSockets = 0;
+  private countedIn = 0;
+  private countedOut = 0;
+  readonly id = nextId++;
+  readonly start = Date.now();
+  readonly clientAddress: string;
+  readonly clientPort: number;
+
+  constructor(
+    readonly client: net.Socket,
+    private readonly metrics: LbMetrics,
+  ) {
+    this.clientAddress = client.remoteAddress ?? '';
+    this.clientPort = client.remotePort ?? 0;
+  }
+
+  destroy(): void {
+    this.endReason ||= 'stop';
+    this.client.destroy();
+    this.server?.destroy();
+  }
+
+  account(): void {
+    if (!this.spliced) return;
+    const inNow = this.client.bytesRead;
+    const outNow = this.server?.bytesRead ?? 0;
+    if (inNow > this.countedIn) this.metrics.bytes.inc({ direction: 'in' }, inNow - this.countedIn);
+    if (outNow > this.countedOut) this.metrics.bytes.inc({ direction: 'out' }, outNow - this.countedOut);
+    this.countedIn = inNow;
+    this.countedOut = outNow;
+  }
 }
 
 export class Listener {
@@ -94,6 +158,8 @@ export class Listener {
   total = 0;
   host: string;
   port: number;
+  /** Bound to one address (not a wildcard, not a name): the PROXY header's destination is known. */
+  private readonly specificHost: boolean;
 
   constructor(
     public config: ListenerConfig,
@@ -102,6 +168,7 @@ export class Listener {
     const hp = splitHostPort(config.listen);
     this.host = hp.host;
     this.port = hp.port;
+    this.specificHost = net.isIP(hp.host) !== 0 && hp.host !== '0.0.0.0' && !/^[0:]+$/.test(hp.host);
     this.server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true, highWaterMark: SOCKET_HWM }, (c) => this.accept(c));
     this.server.on('error', (err) => this.deps.log.error({ listener: config.name, err: err.message }, 'listener error'));
   }
@@ -159,144 +226,107 @@ export class Listener {
   }
 
   private accept(client: net.Socket): void {
-    const { metrics, log } = this.deps;
     const pool = this.deps.pool(this.config.pool);
-    const clientAddress = client.remoteAddress ?? '';
-    const clientPort = client.remotePort ?? 0;
-    const start = Date.now();
-    let server: net.Socket | null = null;
-    /** The backend whose slot this client holds now (null when none). */
-    let backend: Backend | null = null;
-    let spliced: Backend | null = null;
-    let closed = false;
-    let cancelQueue: (() => void) | null = null;
-    let holdsListenerSlot = false;
-    let queuedMs = 0;
-    let endReason = '';
-    let countedIn = 0;
-    let countedOut = 0;
-    const id = nextId++;
-
-    const conn: Conn = {
-      client,
-      get server() {
-        return server;
-      },
-      destroy: () => {
-        endReason ||= 'stop';
-        client.destroy();
-        server?.destroy();
-      },
-      account: () => {
-        if (!spliced) return;
-        const inNow = client.bytesRead;
-        const outNow = server?.bytesRead ?? 0;
-        if (inNow > countedIn) metrics.bytes.inc({ direction: 'in' }, inNow - countedIn);
-        if (outNow > countedOut) metrics.bytes.inc({ direction: 'out' }, outNow - countedOut);
-        countedIn = inNow;
-        countedOut = outNow;
-      },
-    };
-    this.deps.live.add(conn);
-
-    const finish = () => {
-      if (closed) return;
-      closed = true;
-      cancelQueue?.();
-      this.deps.live.delete(conn);
-      if (holdsListenerSlot) this.active--;
-      if (backend) backend.release();
-      if (spliced) {
-        this.children(spliced).dec();
-        conn.account();
-        const bytesIn = client.bytesRead;
-        const bytesOut = server?.bytesRead ?? 0;
-        const sample = this.deps.closeLogSample();
-        if (sample > 0 && (sample >= 1 || Math.random() < sample)) {
-          log.info(
-            {
-              cid: id,
-              listener: this.name,
-              backend: spliced.id,
-              client: `${clientAddress}:${clientPort}`,
-              bytesIn,
-              bytesOut,
-              queuedMs,
-              durationMs: Date.now() - start,
-              reason: endReason || 'closed',
-            },
-            'connection closed',
-          );
-        }
-      }
-      if (holdsListenerSlot || backend) this.deps.pool(this.config.pool)?.dispatch();
-      backend = null;
-    };
-
-    const refuse = (reason: string) => {
-      metrics.rejected.inc({ listener: this.name, reason });
-      log.warn({ listener: this.name, client: clientAddress, reason }, 'client refused');
-      endReason = reason;
-      client.destroy();
-      finish();
-    };
+    const c = new Connection(client, this.deps.metrics);
+    this.deps.live.add(c);
 
     client.on('error', (err: NodeJS.ErrnoException) => {
-      endReason ||= `client-${err.code ?? 'error'}`;
-      server?.destroy();
+      c.endReason ||= `client-${err.code ?? 'error'}`;
+      c.server?.destroy();
     });
-    client.on('close', () => {
+    client.on('close', (hadError: boolean) => {
       // Gone before its backend was connected (queued or connecting): give back what it held.
-      if (!server) finish();
+      if (!c.server) return this.finish(c);
+      if (hadError) c.server.destroy();
+      if (++c.closedSockets === 2) this.finish(c);
     });
 
-    if (!pool) return refuse('no-pool');
+    if (!pool) return this.refuse(c, 'no-pool');
     client.setNoDelay(true);
     if (pool.config.keepaliveMs > 0) client.setKeepAlive(true, pool.config.keepaliveMs);
 
-    const begin = (b: Backend) => {
-      // Slots taken synchronously so that a burst cannot overshoot maxconn.
-      this.active++;
-      holdsListenerSlot = true;
-      b.acquire();
-      backend = b;
-      void this.connectWithRetries(client, pool, b, clientAddress, (next) => {
-        if (closed) return;
-        backend?.release();
-        backend = next;
-        next?.acquire();
-      }).then((r) => {
-        if (closed || client.destroyed) {
-          r?.socket.destroy();
-          finish();
-          return;
-        }
-        if (!r) return refuse('connect-failed');
-        server = r.socket;
-        spliced = backend;
-        this.total++;
-        this.splice(client, r.socket, r.pump, pool.config, backend!, (reason) => {
-          endReason ||= reason;
-        }, finish);
-      });
-    };
-
-    const first = this.hasSlot() ? pool.pick(clientAddress) : null;
-    if (first) return begin(first);
-    if (this.hasSlot() && !pool.serviceable()) return refuse('no-backend');
-    const q = pool.enqueue(this, clientAddress, (b, reason) => {
-      cancelQueue = null;
-      if (closed) {
+    const first = this.hasSlot() ? pool.pick(c.clientAddress) : null;
+    if (first) return this.begin(c, pool, first);
+    if (this.hasSlot() && !pool.serviceable()) return this.refuse(c, 'no-backend');
+    const q = pool.enqueue(this, c.clientAddress, (b, reason) => {
+      c.cancelQueue = null;
+      if (c.closed) {
         // Client left while queued but the slot was handed over: give it back.
         if (b) pool.dispatch();
         return;
       }
-      if (!b) return refuse(reason ?? 'queue-timeout');
-      queuedMs = Date.now() - start;
-      begin(b);
+      if (!b) return this.refuse(c, reason ?? 'queue-timeout');
+      c.queuedMs = Date.now() - c.start;
+      this.begin(c, pool, b);
     });
-    if (!q) return refuse('queue-full');
-    cancelQueue = () => q.cancel();
+    if (!q) return this.refuse(c, 'queue-full');
+    c.cancelQueue = () => q.cancel();
+  }
+
+  private begin(c: Connection, pool: Pool, b: Backend): void {
+    // Slots taken synchronously so that a burst cannot overshoot maxconn.
+    this.active++;
+    c.holdsListenerSlot = true;
+    b.acquire();
+    c.backend = b;
+    void this.connectWithRetries(c.client, pool, b, c.clientAddress, (next) => {
+      if (c.closed) return;
+      c.backend?.release();
+      c.backend = next;
+      next?.acquire();
+    }).then((r) => {
+      if (c.closed || c.client.destroyed) {
+        r?.socket.destroy();
+        this.finish(c);
+        return;
+      }
+      if (!r) return this.refuse(c, 'connect-failed');
+      c.server = r.socket;
+      c.spliced = c.backend;
+      this.total++;
+      this.splice(c, r.socket, r.pump, pool.config, c.backend!);
+    });
+  }
+
+  private refuse(c: Connection, reason: string): void {
+    this.deps.metrics.rejected.inc({ listener: this.name, reason });
+    this.deps.log.warn({ listener: this.name, client: c.clientAddress, reason }, 'client refused');
+    c.endReason = reason;
+    c.client.destroy();
+    this.finish(c);
+  }
+
+  private finish(c: Connection): void {
+    if (c.closed) return;
+    c.closed = true;
+    c.cancelQueue?.();
+    this.deps.live.delete(c);
+    if (c.holdsListenerSlot) this.active--;
+    if (c.backend) c.backend.release();
+    const spliced = c.spliced;
+    if (spliced) {
+      this.children(spliced).dec();
+      c.account();
+      const sample = this.deps.closeLogSample();
+      if (sample > 0 && (sample >= 1 || Math.random() < sample)) {
+        this.deps.log.info(
+          {
+            cid: c.id,
+            listener: this.name,
+            backend: spliced.id,
+            client: `${c.clientAddress}:${c.clientPort}`,
+            bytesIn: c.client.bytesRead,
+            bytesOut: c.server?.bytesRead ?? 0,
+            queuedMs: c.queuedMs,
+            durationMs: Date.now() - c.start,
+            reason: c.endReason || 'closed',
+          },
+          'connection closed',
+        );
+      }
+    }
+    if (c.holdsListenerSlot || c.backend) this.deps.pool(this.config.pool)?.dispatch();
+    c.backend = null;
   }
 
   /**
@@ -324,37 +354,53 @@ export class Listener {
     return null;
   }
 
-  private splice(client: net.Socket, server: net.Socket, pump: ReadPump, pool: PoolConfig, backend: Backend, setReason: (r: string) => void, done: () => void): void {
+  private splice(c: Connection, server: net.Socket, pump: ReadPump, pool: PoolConfig, backend: Backend): void {
+    const client = c.client;
     this.children(backend).inc();
     backend.total++;
-    const header = buildProxyHeader(pool.proxyProtocol, { address: client.remoteAddress ?? '', port: client.remotePort ?? 0 }, { address: client.localAddress ?? '', port: client.localPort ?? 0 });
-    if (header.length) server.write(header);
-    let closedCount = 0;
-    const onClose = () => {
-      if (++closedCount === 2) done();
-    };
+    const header = buildProxyHeader(pool.proxyProtocol, { address: c.clientAddress, port: c.clientPort }, this.localEndpoint(client));
+    // The client's error and close handlers (accept) destroy the backend on an error and count
+    // the client's close.
     server.on('error', (err: NodeJS.ErrnoException) => {
-      setReason(`backend-${err.code ?? 'error'}`);
+      c.endReason ||= `backend-${err.code ?? 'error'}`;
       client.destroy();
     });
-    client.on('error', () => server.destroy());
-    server.on('close', (hadError) => {
+    server.on('close', (hadError: boolean) => {
       if (hadError) client.destroy();
-      onClose();
-    });
-    client.on('close', (hadError) => {
-      if (hadError) server.destroy();
-      onClose();
+      if (++c.closedSockets === 2) this.finish(c);
     });
     if (pool.idleTimeoutMs > 0) {
-      const idle = () => {
-        setReason('idle-timeout');
-        client.destroy();
-        server.destroy();
-      };
-      client.setTimeout(pool.idleTimeoutMs, idle);
-      server.setTimeout(pool.idleTimeoutMs, idle);
+      client.setTimeout(pool.idleTimeoutMs, () => this.idle(c));
+      server.setTimeout(pool.idleTimeoutMs, () => this.idle(c));
+    }
+    if (header.length) {
+      // The header and the client's first bytes in one write: with a client that speaks first
+      // (implicit TLS on 465/993/995, a pipelining MTA) they are in the kernel by now, and one
+      // segment wakes the backend once instead of twice. relay() resumes the client, whose
+      // bytes are read in the next poll of the event loop and written into the corked socket;
+      // the immediate after that poll sends it all. A client that waits for the greeting
+      // (SMTP, IMAP, POP3) has nothing to read: the header goes alone, one loop turn later.
+      server.cork();
+      server.write(header);
+      relay(client, server, { bPump: pump });
+      setImmediate(uncorkAfterNextPoll, server);
+      return;
     }
     relay(client, server, { bPump: pump });
+  }
+
+  private idle(c: Connection): void {
+    c.endReason ||= 'idle-timeout';
+    c.client.destroy();
+    c.server?.destroy();
+  }
+
+  /**
+   * The address the client reached: the listener's own when it is bound to one address (no
+   * getsockname per connection), else the socket's.
+   */
+  private localEndpoint(client: net.Socket): { address: string; port: number } {
+    if (this.specificHost) return { address: this.host, port: this.port };
+    return { address: client.localAddress ?? '', port: client.localPort ?? 0 };
   }
 }

@@ -7,7 +7,7 @@
 import net from 'node:net';
 import v8 from 'node:v8';
 import vm from 'node:vm';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { canConnect, sleep, waitFor } from '../helpers/net.ts';
 import { startProcess } from '../helpers/proc.ts';
 import { adminCall } from '../../common/admin-http.ts';
@@ -101,6 +101,25 @@ describe('PROXY protocol to the backends', () => {
     expect(h!.source).toEqual({ address: '127.0.0.1', port: c.socket.localPort });
     expect(h!.destination).toEqual({ address: '127.0.0.1', port: lb.port() });
     c.socket.destroy();
+  });
+
+  it('a client that speaks first: its bytes follow the header (v2 and v1), a client that waits still gets the greeting', async () => {
+    for (const version of ['v2', 'v1'] as const) {
+      const [b] = await backends(1, version);
+      const lb = await lbFor([b!], { proxyProtocol: version });
+      // Written before the balancer has even accepted: header and bytes may leave in one write.
+      const s = net.connect({ host: '127.0.0.1', port: lb.port() });
+      s.write('first words\n');
+      let got = '';
+      s.on('data', (d: Buffer) => (got += d.toString('latin1')));
+      await vi.waitFor(() => expect(got).toBe('b1\nfirst words\n'), { timeout: 5000 });
+      const h = b!.headers.find((x) => !x.local && x.source?.port === s.localPort);
+      expect(h).toMatchObject({ version: version === 'v2' ? 2 : 1, source: { address: '127.0.0.1', port: s.localPort }, destination: { port: lb.port() } });
+      s.destroy();
+      const c = await connectClient(lb.port());
+      expect(await c.greeting()).toBe('b1');
+      c.socket.destroy();
+    }
   });
 
   it('v1 for old backends, none when off', async () => {
