@@ -168,6 +168,11 @@ describe('PROXY header', () => {
     const a6 = v6.proxyAddress as IPv6ProxyAddress;
     expect(a6.sourceAddress.address).toEqual([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
     expect(a6.destinationAddress.address).toEqual([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+    const e4 = V2ProxyProtocol.parse(new Uint8Array(buildProxyHeader('v2', { address: '255.0.10.1', port: 65535 }, { address: '0.0.0.0', port: 0 })));
+    const b4 = e4.proxyAddress as IPv4ProxyAddress;
+    expect([b4.sourceAddress.address, b4.sourcePort, b4.destinationAddress.address]).toEqual([[255, 0, 10, 1], 65535, [0, 0, 0, 0]]);
+    const t6 = V2ProxyProtocol.parse(new Uint8Array(buildProxyHeader('v2', { address: '64:ff9b::198.51.100.20', port: 2 }, { address: '::1', port: 993 })));
+    expect((t6.proxyAddress as IPv6ProxyAddress).sourceAddress.address).toEqual([0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, 198, 51, 100, 20]);
     // Mapped addresses from a dual-stack listener go out as TCP4.
     const m = V2ProxyProtocol.parse(new Uint8Array(buildProxyHeader('v2', { address: '::ffff:192.0.2.9', port: 5 }, { address: '::ffff:10.0.0.1', port: 110 })));
     expect(m.proxyAddress).toBeInstanceOf(IPv4ProxyAddress);
