@@ -22,14 +22,15 @@
  * after a crash (checkpoint plus replay of the tail); on a pair the node that opens the store
  * reads its own replica, so the replication link plays no part in it.
  * Each cell's progress line on stderr also gives the store process's CPU time per delivery
- * (user + system, from process.cpuUsage), which moves far less with machine load than the rates.
+ * (user + system, from process.cpuUsage), which moves far less with machine load than the rates, and the
+ * volume peer's (from /proc/PID/stat, in 10 ms ticks; NaN where there is no /proc).
  * --sizes picks the message sizes (bytes) to run, e.g. `--sizes 1048576` for a quick look at one
  * size. STORE_BENCH_PROF=dir writes CPU profiles of the store children and the volume peer there (on exit).
  * Targets (issue #5): deliveries on protocol C >= 1.0x Dovecot; recovery < 2 s for 100,000
  * messages. Ends with one JSON line.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -308,7 +309,6 @@ async function recoveryRun(): Promise<{ messages: number; cleanMs: number; crash
 
 async function main(): Promise<void> {
   if (args.help) {
-    const { readFileSync } = await import('node:fs');
     const header = readFileSync(fileURLToPath(import.meta.url), 'utf8').split('*/')[0]!;
     process.stdout.write(header.replace(/^\/\*\*?\n?|^ \* ?/gm, '') + '\n');
     return;
@@ -368,6 +368,16 @@ async function main(): Promise<void> {
     const peerProf = process.env.STORE_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.STORE_BENCH_PROF] : [];
     peer = startProcess('volume-peer', process.execPath, [...peerProf, PAIRGATE_BIN, 'volume', 'serve', '--config', join(dir.path, 'b.yaml'), '--log-level', 'warn'], { cwd: REPO_ROOT });
     await waitForPort('127.0.0.1', ports.peerAdmin, 20_000);
+    const peerPid = peer.child.pid;
+    /** CPU time (ms, user + system, all threads) the volume peer has used so far, from /proc (10 ms ticks). */
+    const peerCpuMs = () => {
+      try {
+        const f = readFileSync(`/proc/${peerPid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+        return ((Number(f[11]) + Number(f[12])) * 1000) / 100;
+      } catch {
+        return NaN; // not Linux, or the peer is gone
+      }
+    };
     const cPorts = await startStore('replicated', { BENCH_VOLUME_CONFIG: JSON.stringify(cfgA) });
     process.stderr.write(`pairgate store on a replicated volume: ${JSON.stringify({ ...cPorts, child: cPorts.child.pid })}; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir}\n`);
     const localPorts = args['no-local'] ? null : await startStore('local');
@@ -379,15 +389,17 @@ async function main(): Promise<void> {
         const name = `lmtp ${size >= 1024 * 1024 ? size / 1024 / 1024 + ' MiB' : size / 1024 + ' KiB'} x${rcpts}`;
         const secs = size >= 1024 * 1024 ? Math.max(SECONDS, 3) : SECONDS;
         const cpu0 = await cpuOf(cPorts.child);
+        const peer0 = peerCpuMs();
         const c = await lmtpRun(cPorts.lmtp, size, rcpts, secs);
         const cpuC = ((await cpuOf(cPorts.child)) - cpu0) / Math.max(1, c.count);
+        const cpuPeer = (peerCpuMs() - peer0) / Math.max(1, c.count);
         const cpu1 = localPorts ? await cpuOf(localPorts.child) : 0;
         const l = localPorts ? await lmtpRun(localPorts.lmtp, size, rcpts, secs) : null;
         const cpuL = localPorts && l ? ((await cpuOf(localPorts.child)) - cpu1) / Math.max(1, l.count) : null;
         const dc = await lmtpRun(dovecot.lmtpPort, size, rcpts, secs);
         rows.push({ name, c: c.perSec, local: l?.perSec ?? null, dovecot: dc.perSec });
         process.stderr.write(
-          `${name}: pairgate C ${c.perSec.toFixed(1)}/s (${c.count}, store CPU ${cpuC.toFixed(2)} ms/delivery)${l ? `, pairgate local ${l.perSec.toFixed(1)}/s (${l.count}, ${cpuL!.toFixed(2)} ms)` : ''}, dovecot ${dc.perSec.toFixed(1)}/s (${dc.count})\n`,
+          `${name}: pairgate C ${c.perSec.toFixed(1)}/s (${c.count}, store CPU ${cpuC.toFixed(2)} ms/delivery, volume peer ${cpuPeer.toFixed(2)})${l ? `, pairgate local ${l.perSec.toFixed(1)}/s (${l.count}, ${cpuL!.toFixed(2)} ms)` : ''}, dovecot ${dc.perSec.toFixed(1)}/s (${dc.count})\n`,
         );
       }
     }

@@ -74,10 +74,25 @@ export function checkRange(size: number, offset: number, length: number, aligned
  * that finds the device idle goes through a second handle opened O_DSYNC instead: the same disk
  * work (data plus a cache flush), but one trip to the I/O thread pool instead of two (write, then
  * fdatasync), which is most of the latency left once the disk itself is fast.
+ *
+ * Where the file system takes O_DIRECT (ext4, xfs; not tmpfs), writes bypass the page cache, as a
+ * DRBD volume sits below it: the data is copied into a reused page-aligned buffer (AlignedPool)
+ * and written from there. A buffered write into a part of the file not in the page cache costs a
+ * fresh page-cache page per 4 KiB; on this VM that was 2.2-2.6 ms of CPU per MiB once the memory
+ * the guest had freed recently was used up (0.14 ms per MiB direct, the copy 0.05 ms), and a
+ * log-structured store appends to parts never written before. Durability is unchanged: the
+ * O_DSYNC path opens O_DIRECT|O_DSYNC, the group path writes O_DIRECT then fdatasyncs (which
+ * flushes the disk cache and commits the allocation of blocks written into holes). Reads stay
+ * buffered (the kernel drops cached pages a direct write covers). `direct: false` in open()
+ * keeps the page-cache path; a direct write refused with EINVAL switches the device back to it.
  */
 export class FileBlockDevice implements BlockDevice {
   private fh: FileHandle | null;
   private dsync: FileHandle | null = null;
+  /** O_DIRECT handles (plain, and with O_DSYNC), when the file system takes them. */
+  private directFh: FileHandle | null = null;
+  private directSync: FileHandle | null = null;
+  private pool: AlignedPool | null = null;
   private syncing: Promise<void> | null = null;
   private syncWanted = false;
   private waiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = [];
@@ -89,7 +104,7 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   /** Opens (and with `create`, creates or extends to `size`) the backing file. */
-  static async open(path: string, opts: { size?: number; create?: boolean } = {}): Promise<FileBlockDevice> {
+  static async open(path: string, opts: { size?: number; create?: boolean; direct?: boolean } = {}): Promise<FileBlockDevice> {
     const fh = await open(path, opts.create ? 'a+' : 'r+').then(async (h) => {
       if (!opts.create) return h;
       await h.close();
@@ -105,7 +120,37 @@ export class FileBlockDevice implements BlockDevice {
     const dev = new FileBlockDevice(fh, size, path);
     // Optional: a file system without O_DSYNC support keeps the write-then-fdatasync path.
     dev.dsync = await open(path, constants.O_RDWR | constants.O_DSYNC).catch(() => null);
+    if (opts.direct !== false && size >= BLOCK_SIZE) await dev.openDirect();
     return dev;
+  }
+
+  /**
+   * Opens the O_DIRECT handles and checks, with a direct read of the first block into a pooled
+   * buffer, that the file system and the buffers' alignment are accepted; else stays buffered.
+   */
+  private async openDirect(): Promise<void> {
+    const O_DIRECT = constants.O_DIRECT;
+    if (!O_DIRECT) return;
+    const pool = AlignedPool.create();
+    if (!pool) return;
+    const fh = await open(this.path, constants.O_RDWR | O_DIRECT).catch(() => null);
+    const fhSync = fh ? await open(this.path, constants.O_RDWR | O_DIRECT | constants.O_DSYNC).catch(() => null) : null;
+    const slot = pool.take();
+    const ok = fh !== null && fhSync !== null && (await fh.read(slot, 0, BLOCK_SIZE, 0).then((r) => r.bytesRead === BLOCK_SIZE, () => false));
+    pool.give(slot);
+    if (!ok) {
+      await fh?.close();
+      await fhSync?.close();
+      return;
+    }
+    this.directFh = fh;
+    this.directSync = fhSync;
+    this.pool = pool;
+  }
+
+  /** True while writes bypass the page cache (O_DIRECT). */
+  get direct(): boolean {
+    return this.directFh !== null;
   }
 
   /** No durable write or flush in flight: a write now would share nothing with another. */
@@ -133,7 +178,7 @@ export class FileBlockDevice implements BlockDevice {
   /** Writes without waiting for durability (the replicated volume sequences its own flushes). */
   async writeNoSync(offset: number, data: WriteData): Promise<void> {
     checkRange(this.size, offset, writeLength(data), true);
-    await writeFully(this.handle(), offset, data);
+    await this.writeAll(false, offset, data);
   }
 
   /**
@@ -175,7 +220,7 @@ export class FileBlockDevice implements BlockDevice {
     };
     if (alone) {
       const w = group[0]!;
-      this.writeAll(this.dsync!, w.offset, w.data).then(
+      this.writeAll(true, w.offset, w.data).then(
         () => finish([{ ok: true }]),
         (err: unknown) => finish([{ ok: false, err }]),
       );
@@ -195,15 +240,39 @@ export class FileBlockDevice implements BlockDevice {
     if (!this.dsync) return this.write(offset, data);
     this.active++;
     try {
-      await this.writeAll(this.dsync, offset, data);
+      await this.writeAll(true, offset, data);
     } finally {
       this.active--;
     }
   }
 
-  private async writeAll(fh: FileHandle, offset: number, data: WriteData): Promise<void> {
+  /** Writes all of `data` at `offset`, durable when it resolves if `sync` (O_DSYNC), direct where it can. */
+  private async writeAll(sync: boolean, offset: number, data: WriteData): Promise<void> {
     if (!this.fh) throw new UnavailableError(`block device ${this.path} is closed`);
-    await writeFully(fh, offset, data);
+    const fh = sync ? this.directSync : this.directFh;
+    if (fh && this.pool) {
+      try {
+        await writeDirect(fh, this.pool, offset, data);
+        return;
+      } catch (err) {
+        // EINVAL: the file system or the buffer's alignment refused O_DIRECT after all; a real I/O
+        // error (EIO, ENOSPC) is the caller's, as on the buffered path.
+        if ((err as NodeJS.ErrnoException).code !== 'EINVAL' || this.directFh === null) throw err;
+        this.dropDirect();
+      }
+    }
+    await writeFully(sync ? this.dsync ?? this.handle() : this.handle(), offset, data);
+    if (sync && !this.dsync) await this.handle().datasync();
+  }
+
+  private dropDirect(): void {
+    const a = this.directFh;
+    const b = this.directSync;
+    this.directFh = null;
+    this.directSync = null;
+    this.pool = null;
+    void a?.close().catch(() => undefined);
+    void b?.close().catch(() => undefined);
   }
 
   /** Group commit: callers arriving while a sync runs share the next one. */
@@ -234,8 +303,15 @@ export class FileBlockDevice implements BlockDevice {
   async close(): Promise<void> {
     const fh = this.fh;
     const ds = this.dsync;
+    const dfh = this.directFh;
+    const dsync = this.directSync;
     this.fh = null;
     this.dsync = null;
+    this.directFh = null;
+    this.directSync = null;
+    this.pool = null;
+    await dsync?.close();
+    await dfh?.close();
     await ds?.close();
     await fh?.close();
   }
@@ -262,5 +338,77 @@ async function writeFully(fh: FileHandle, offset: number, data: WriteData): Prom
     while (i < parts.length && bytesWritten >= parts[i]!.length) bytesWritten -= parts[i++]!.length;
     parts = parts.slice(i);
     if (bytesWritten > 0) parts[0] = parts[0]!.subarray(bytesWritten);
+  }
+}
+
+/** The global WebAssembly.Memory constructor (the compiler's lib has no WebAssembly types here). */
+const WasmMemory = (globalThis as unknown as { WebAssembly?: { Memory: new (d: { initial: number; maximum: number }) => { buffer: ArrayBuffer } } }).WebAssembly?.Memory;
+
+/** Bytes of one aligned buffer: a write is copied and written in pieces of at most this. */
+export const DIRECT_CHUNK = 1024 * 1024;
+
+/**
+ * Page-aligned buffers for O_DIRECT, reused. Node gives no aligned allocation; the memory of a
+ * WebAssembly.Memory is page-aligned (V8 maps it with its page allocator), and the device checks
+ * the alignment once with a direct read before it relies on it. Buffers are never grown (growing
+ * would detach them); a few are kept free for reuse, so a write touches no fresh memory.
+ */
+export class AlignedPool {
+  private free: Buffer[] = [];
+  private constructor(private readonly keep: number) {}
+
+  static create(keep = 8): AlignedPool | null {
+    try {
+      const pool = new AlignedPool(keep);
+      pool.give(pool.take());
+      return pool;
+    } catch {
+      return null; // no WebAssembly (e.g. --jitless): stay buffered
+    }
+  }
+
+  take(): Buffer {
+    if (!WasmMemory) throw new Error('no WebAssembly.Memory');
+    return this.free.pop() ?? Buffer.from(new WasmMemory({ initial: DIRECT_CHUNK / 65536, maximum: DIRECT_CHUNK / 65536 }).buffer);
+  }
+
+  give(b: Buffer): void {
+    if (this.free.length < this.keep) this.free.push(b);
+  }
+}
+
+/** Copies `data` into aligned buffers, a piece at a time, and writes each piece with the O_DIRECT handle. */
+async function writeDirect(fh: FileHandle, pool: AlignedPool, offset: number, data: WriteData): Promise<void> {
+  const parts = Buffer.isBuffer(data) ? [data] : data;
+  const total = writeLength(data);
+  const slot = pool.take();
+  try {
+    let pi = 0;
+    let po = 0;
+    for (let at = 0; at < total; ) {
+      const n = Math.min(DIRECT_CHUNK, total - at);
+      let filled = 0;
+      while (filled < n) {
+        const p = parts[pi]!;
+        const k = Math.min(p.length - po, n - filled);
+        p.copy(slot, filled, po, po + k);
+        filled += k;
+        po += k;
+        if (po === p.length) {
+          pi++;
+          po = 0;
+        }
+      }
+      let done = 0;
+      while (done < n) {
+        // a short direct write ends on a block boundary; the rest is written from there
+        const { bytesWritten } = await fh.write(slot, done, n - done, offset + at + done);
+        if (bytesWritten <= 0 || bytesWritten % BLOCK_SIZE !== 0) throw new IntegrityError(`direct write at ${offset + at + done}: ${bytesWritten} bytes written`);
+        done += bytesWritten;
+      }
+      at += n;
+    }
+  } finally {
+    pool.give(slot);
   }
 }

@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { ProtocolError, IntegrityError } from '../../common/errors.ts';
 import { crc32c, crc32cJs } from '../../pair-agent/store/crc32c.ts';
 import { AL_SLOT_BYTES, ActivityLogFile, Bitmap, JUST_CREATED, NO_UUID, freshMetadata, readMetadata, retireBitmapUuid, rotateUuids, writeMetadata, type Uuids } from '../../pair-agent/volume/metadata.ts';
-import { FileBlockDevice, sliceWriteData } from '../../pair-agent/volume/block-device.ts';
+import { AlignedPool, DIRECT_CHUNK, FileBlockDevice, sliceWriteData } from '../../pair-agent/volume/block-device.ts';
 import { volumeConfigSchema } from '../../pair-agent/volume/config.ts';
 import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
 import { silentLogger } from '../../common/log.ts';
@@ -421,6 +421,49 @@ describe('FileBlockDevice write groups', () => {
       expect(dev.flushCount).toBe(2);
       expect(dev.idle).toBe(true);
       await dev.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('FileBlockDevice direct writes (O_DIRECT)', () => {
+  it('pooled buffers are page-aligned, reused, and never grown', () => {
+    const pool = AlignedPool.create(2)!;
+    expect(pool).not.toBeNull();
+    const a = pool.take();
+    expect(a.length).toBe(DIRECT_CHUNK);
+    expect(a.byteOffset).toBe(0);
+    pool.give(a);
+    expect(pool.take()).toBe(a);
+  });
+
+  it('parts of any length, writes over one pooled buffer, both paths and a group: the same bytes as the buffered device', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-dev-direct-'));
+    try {
+      const direct = await FileBlockDevice.open(join(dir, 'direct.img'), { size: 8 * 1024 * 1024, create: true });
+      const buffered = await FileBlockDevice.open(join(dir, 'buffered.img'), { size: 8 * 1024 * 1024, create: true, direct: false });
+      expect(buffered.direct).toBe(false);
+      // /tmp here and in CI is ext4, which takes O_DIRECT (elsewhere a file system that refuses it keeps the buffered path).
+      if (process.platform === 'linux') expect(direct.direct).toBe(true);
+      const rnd = (n: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7 + n) & 0xff));
+      const writes: Array<[number, Buffer | Buffer[]]> = [
+        [0, rnd(4096)],
+        [4096, [rnd(1), rnd(4095), rnd(8192)]],
+        [65536, [rnd(DIRECT_CHUNK - 100), rnd(100 + 4096 * 3), rnd(4096)]], // over one pooled buffer
+      ];
+      for (const dev of [direct, buffered]) {
+        for (const [off, data] of writes) await dev.write(off, data);
+        // a group of three in one tick (write + one fdatasync), and the peer's no-sync and durable paths
+        await Promise.all([dev.write(3 * 1024 * 1024, rnd(8192)), dev.write(4 * 1024 * 1024, [rnd(3000), rnd(1096)]), dev.write(5 * 1024 * 1024, rnd(4096 * 5))]);
+        await dev.writeNoSync(6 * 1024 * 1024, [rnd(2048), rnd(2048)]);
+        await dev.flush();
+        await dev.writeDurable(7 * 1024 * 1024, rnd(4096 * 2));
+      }
+      expect((await direct.read(0, 8 * 1024 * 1024)).equals(await buffered.read(0, 8 * 1024 * 1024))).toBe(true);
+      await direct.close();
+      await buffered.close();
+      expect(readFileSync(join(dir, 'direct.img')).equals(readFileSync(join(dir, 'buffered.img')))).toBe(true);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
