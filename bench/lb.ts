@@ -15,7 +15,11 @@
  * interleaved in the same rounds. The balancer's CPU is summed over its primary and all its workers.
  * Figures: connections/s (connect, one 6-byte exchange, close) at --concurrency clients, and
  * bulk throughput (MiB/s, backend -> client over --streams connections); medians over --rounds.
- * Targets (issue 8): connection rate >= 0.5x HAProxy's, throughput >= 0.8x HAProxy's.
+ * Targets (issue 8): connection rate >= 0.5x HAProxy's, throughput >= 0.8x HAProxy's, each as the
+ * median over the rounds of pairgate's figure / HAProxy's in the same round (the ratio of the two
+ * medians is printed too). With a clustered balancer each row also shows the share of the round's
+ * connections each worker spliced and how the throughput streams sat on the workers (the kernel
+ * picks the worker, SCHED_NONE).
  * Information rows (no target): CPU ms per MiB of the relay, the backends and this generator during
  * the throughput runs (/proc/<pid>/stat, all threads), since all of them share the machine's cores.
  * --compare-tree DIR[,DIR…] adds a path `pairgate@<folder name>` per folder: the balancer served
@@ -190,8 +194,29 @@ function cpuMark(): () => CpuSplit {
 let lastCpu: CpuSplit = { relay: NaN, backends: NaN, generator: NaN };
 let lastMiB = 0;
 
+/** How the last throughput run's streams sat on a clustered balancer's workers, e.g. "3+1" ('' when not known). */
+let lastSpread = '';
+
+/** A clustered balancer's workers from its admin /status (null: not clustered or no answer). */
+async function workerStatus(adminPort: number | undefined): Promise<Array<{ connections: number; spliced: number }> | null> {
+  if (!adminPort) return null;
+  try {
+    const st = (await (await fetch(`http://127.0.0.1:${adminPort}/status`, { signal: AbortSignal.timeout(2000) })).json()) as {
+      workers?: Array<{ connections: number; spliced: number }>;
+    };
+    return st.workers ?? null;
+  } catch {
+    return null;
+  }
+}
+/** Connections open per worker now, e.g. "3+1". */
+async function workerSpread(adminPort: number | undefined): Promise<string | null> {
+  const ws = await workerStatus(adminPort);
+  return ws ? ws.map((w) => w.connections).join('+') : null;
+}
+
 /** MiB/s received over STREAMS connections each streaming from the backend for `seconds`. */
-async function throughput(port: number, seconds: number): Promise<number> {
+async function throughput(port: number, seconds: number, adminPort?: number): Promise<number> {
   let bytes = 0;
   const warm = 300;
   let counting = false;
@@ -214,6 +239,8 @@ async function throughput(port: number, seconds: number): Promise<number> {
     ),
   );
   await new Promise((r) => setTimeout(r, warm));
+  // Which worker accepts a stream is the kernel's choice (SCHED_NONE): all four may sit on one.
+  lastSpread = (await workerSpread(adminPort)) ?? '';
   counting = true;
   const t0 = Date.now();
   const cpu = cpuMark();
@@ -322,7 +349,7 @@ async function main(): Promise<void> {
       procs.push(c);
       await waitForPort('127.0.0.1', port, 30_000);
       if (workers > 1) await waitForWorkers(admin, workers);
-      return { port, pid: c.pid };
+      return { port, pid: c.pid, admin: workers > 1 ? admin : undefined };
     };
     const pgLb = await startBalancer(root, 'pairgate', WORKERS);
 
@@ -332,17 +359,21 @@ async function main(): Promise<void> {
       ...(hapPort ? ([['haproxy', hapPort]] as Array<[string, number]>) : []),
     ];
     const pidOf: Record<string, number | undefined> = { direct: undefined, pairgate: pgLb.pid, haproxy: hapPid };
+    /** Admin ports of clustered balancers (for the streams' spread over the workers). */
+    const adminOf: Record<string, number | undefined> = { pairgate: pgLb.admin };
     for (const n of COMPARE_WORKERS) {
       const name = `pairgate-w${n}`;
       const b = await startBalancer(root, name, n);
       paths.push([name, b.port]);
       pidOf[name] = b.pid;
+      adminOf[name] = b.admin;
     }
     for (const dir of COMPARE_TREES) {
       const name = `pairgate@${basename(dir)}`;
       const b = await startBalancer(dir, name, WORKERS);
       paths.push([name, b.port]);
       pidOf[name] = b.pid;
+      adminOf[name] = b.admin;
     }
     const rate: Record<string, number[]> = {};
     const tput: Record<string, number[]> = {};
@@ -366,9 +397,13 @@ async function main(): Promise<void> {
     for (let r = 0; r < ROUNDS; r++) {
       for (const [name, port] of r % 2 ? [...paths].reverse() : paths) {
         relayPid = pidOf[name];
+        const before = await workerStatus(adminOf[name]);
         (rate[name] ??= []).push(await connRate(port, SECONDS));
+        const after = before && (await workerStatus(adminOf[name]));
+        // Share of the round's connections each worker spliced (the kernel picks the worker).
+        const connSpread = after && after.length === before.length ? after.map((w, i) => w.spliced - before[i]!.spliced) : null;
         (cpuPerConn[name] ??= []).push(lastConnCpuUs);
-        (tput[name] ??= []).push(await throughput(port, SECONDS));
+        (tput[name] ??= []).push(await throughput(port, SECONDS, adminOf[name]));
         const c = (cpuPerMiB[name] ??= { relay: [], backends: [], generator: [] });
         const perMiB = (sec: number) => (sec * 1000) / Math.max(lastMiB, 1e-9);
         c.relay.push(perMiB(lastCpu.relay));
@@ -377,7 +412,9 @@ async function main(): Promise<void> {
         process.stdout.write(
           `  round ${r + 1} ${name.padEnd(8)} ${rate[name]!.at(-1)!.toFixed(0).padStart(6)} conn/s ${tput[name]!.at(-1)!.toFixed(0).padStart(6)} MiB/s` +
             `  relay cpu µs/conn ${name === 'direct' ? '-' : cpuPerConn[name]!.at(-1)!.toFixed(0)};` +
-            `  cpu ms/MiB relay ${c.relay.at(-1)!.toFixed(2)} backends ${c.backends.at(-1)!.toFixed(2)} generator ${c.generator.at(-1)!.toFixed(2)}\n`,
+            `  cpu ms/MiB relay ${c.relay.at(-1)!.toFixed(2)} backends ${c.backends.at(-1)!.toFixed(2)} generator ${c.generator.at(-1)!.toFixed(2)}` +
+            `${connSpread ? `  conns per worker ${connSpread.map((n) => `${Math.round((100 * n) / Math.max(1, connSpread.reduce((a, b) => a + b, 0)))}%`).join('+')}` : ''}` +
+            `${lastSpread ? `  streams per worker ${lastSpread}` : ''}\n`,
         );
       }
     }
@@ -419,9 +456,24 @@ async function main(): Promise<void> {
         '',
       ].join('\n'),
     );
-    const rateRatio = hapPort ? pg.rate / hp.rate : NaN;
-    const tputRatio = hapPort ? pg.tput / hp.tput : NaN;
-    if (hapPort) process.stdout.write(`pairgate / haproxy: connection rate ${rateRatio.toFixed(2)}x (target >= 0.5), throughput ${tputRatio.toFixed(2)}x (target >= 0.8)\n`);
+    // The targets' ratios pair each round's pairgate figure with HAProxy's from the same round
+    // (run next to each other, order alternating) and take the median over the rounds: load that
+    // other processes put on the shared cores moves between rounds, and a ratio of the two
+    // medians can set one path's figure from a quiet round against the other's from a busy one.
+    // The ratio of the medians (the figure before 2026-12-06 08:50) is printed too.
+    const paired = (xs: number[] | undefined, ys: number[] | undefined) => (xs && ys ? median(xs.map((x, i) => x / ys[i]!)) : NaN);
+    const rateRatio = hapPort ? paired(rate.pairgate, rate.haproxy) : NaN;
+    const tputRatio = hapPort ? paired(tput.pairgate, tput.haproxy) : NaN;
+    const rateOfMedians = hapPort ? pg.rate / hp.rate : NaN;
+    const tputOfMedians = hapPort ? pg.tput / hp.tput : NaN;
+    if (hapPort) {
+      const perRound = (xs: number[], ys: number[]) => xs.map((x, i) => (x / ys[i]!).toFixed(2)).join(' ');
+      process.stdout.write(
+        `pairgate / haproxy per round: connection rate ${perRound(rate.pairgate!, rate.haproxy!)}; throughput ${perRound(tput.pairgate!, tput.haproxy!)}\n` +
+          `pairgate / haproxy (median of the rounds' ratios): connection rate ${rateRatio.toFixed(2)}x (target >= 0.5), throughput ${tputRatio.toFixed(2)}x (target >= 0.8); ` +
+          `ratio of the medians: ${rateOfMedians.toFixed(2)}x, ${tputOfMedians.toFixed(2)}x\n`,
+      );
+    }
     const round2 = (x: number) => Math.round(x * 100) / 100;
     const targets = hapPort
       ? { conn_rate_vs_haproxy: { value: round2(rateRatio), min: 0.5 }, throughput_vs_haproxy: { value: round2(tputRatio), min: 0.8 } }
@@ -442,6 +494,8 @@ async function main(): Promise<void> {
           pairgate_workers: WORKERS,
           pairgate_cpu_ms_per_mib: cpuPerMiB.pairgate ? round2(median(cpuPerMiB.pairgate.relay)) : null,
           haproxy_cpu_ms_per_mib: cpuPerMiB.haproxy ? round2(median(cpuPerMiB.haproxy.relay)) : null,
+          conn_rate_ratio_of_medians: hapPort ? round2(rateOfMedians) : null,
+          throughput_ratio_of_medians: hapPort ? round2(tputOfMedians) : null,
         },
         targets,
         met: hapPort ? rateRatio >= 0.5 && tputRatio >= 0.8 : false,
