@@ -249,7 +249,9 @@ describe('activity log file', () => {
       await pending;
       expect(al.pending).toBeNull();
       await al.close();
-      expect((await ActivityLogFile.open(file)).extents).toEqual([1, 2, 7, 9]);
+      const reopened = await ActivityLogFile.open(file);
+      expect(reopened.extents).toEqual([1, 2, 7, 9]);
+      await reopened.close();
       // Tear the newest slot (sequence 3, odd: the second slot): the one before it is read.
       const second = AL_SLOT_BYTES;
       const fd = openSync(file, 'r+');
