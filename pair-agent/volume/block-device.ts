@@ -250,15 +250,30 @@ export class FileBlockDevice implements BlockDevice {
   private async writeAll(sync: boolean, offset: number, data: WriteData): Promise<void> {
     if (!this.fh) throw new UnavailableError(`block device ${this.path} is closed`);
     const fh = sync ? this.directSync : this.directFh;
-    if (fh && this.pool) {
+    const pool = this.pool;
+    let slot: Buffer | null = null;
+    if (fh && pool) {
       try {
-        await writeDirect(fh, this.pool, offset, data);
+        slot = pool.take();
+      } catch {
+        // No aligned buffer to be had now (a WebAssembly.Memory refused): this write goes through the page cache.
+      }
+    }
+    if (fh && pool && slot) {
+      try {
+        await writeDirect(fh, slot, offset, data);
         return;
       } catch (err) {
-        // EINVAL: the file system or the buffer's alignment refused O_DIRECT after all; a real I/O
-        // error (EIO, ENOSPC) is the caller's, as on the buffered path.
-        if ((err as NodeJS.ErrnoException).code !== 'EINVAL' || this.directFh === null) throw err;
-        this.dropDirect();
+        // EINVAL: the file system or the buffer's alignment refused O_DIRECT after all: the device
+        // goes back to the page cache. A write whose direct handle was dropped meanwhile (by another
+        // write's EINVAL: closed under it, EBADF) is redone there too. A real I/O error (EIO,
+        // ENOSPC) is the caller's, as on the buffered path.
+        if (fh === (sync ? this.directSync : this.directFh)) {
+          if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+          this.dropDirect();
+        }
+      } finally {
+        pool.give(slot);
       }
     }
     await writeFully(sync ? this.dsync ?? this.handle() : this.handle(), offset, data);
@@ -377,38 +392,34 @@ export class AlignedPool {
   }
 }
 
-/** Copies `data` into aligned buffers, a piece at a time, and writes each piece with the O_DIRECT handle. */
-async function writeDirect(fh: FileHandle, pool: AlignedPool, offset: number, data: WriteData): Promise<void> {
+/** Copies `data` into the aligned buffer `slot`, a piece at a time, and writes each piece with the O_DIRECT handle. */
+async function writeDirect(fh: FileHandle, slot: Buffer, offset: number, data: WriteData): Promise<void> {
   const parts = Buffer.isBuffer(data) ? [data] : data;
   const total = writeLength(data);
-  const slot = pool.take();
-  try {
-    let pi = 0;
-    let po = 0;
-    for (let at = 0; at < total; ) {
-      const n = Math.min(DIRECT_CHUNK, total - at);
-      let filled = 0;
-      while (filled < n) {
-        const p = parts[pi]!;
-        const k = Math.min(p.length - po, n - filled);
-        p.copy(slot, filled, po, po + k);
-        filled += k;
-        po += k;
-        if (po === p.length) {
-          pi++;
-          po = 0;
-        }
+  let pi = 0;
+  let po = 0;
+  for (let at = 0; at < total; ) {
+    const n = Math.min(DIRECT_CHUNK, total - at);
+    let filled = 0;
+    while (filled < n) {
+      const p = parts[pi]!;
+      const k = Math.min(p.length - po, n - filled);
+      p.copy(slot, filled, po, po + k);
+      filled += k;
+      po += k;
+      if (po === p.length) {
+        pi++;
+        po = 0;
       }
-      let done = 0;
-      while (done < n) {
-        // a short direct write ends on a block boundary; the rest is written from there
-        const { bytesWritten } = await fh.write(slot, done, n - done, offset + at + done);
-        if (bytesWritten <= 0 || bytesWritten % BLOCK_SIZE !== 0) throw new IntegrityError(`direct write at ${offset + at + done}: ${bytesWritten} bytes written`);
-        done += bytesWritten;
-      }
-      at += n;
     }
-  } finally {
-    pool.give(slot);
+    let done = 0;
+    while (done < n) {
+      // A short direct write ends on a boundary of the device's logical block (512 B or 4 KiB):
+      // the rest is written from there (were it not aligned, EINVAL sends the write to the page cache).
+      const { bytesWritten } = await fh.write(slot, done, n - done, offset + at + done);
+      if (bytesWritten <= 0) throw new IntegrityError(`direct write at ${offset + at + done}: ${bytesWritten} bytes written`);
+      done += bytesWritten;
+    }
+    at += n;
   }
 }
