@@ -76,15 +76,16 @@ export function checkRange(size: number, offset: number, length: number, aligned
  * fdatasync), which is most of the latency left once the disk itself is fast.
  *
  * Where the file system takes O_DIRECT (ext4, xfs; tmpfs from Linux 6.6 on, where it still goes
- * through memory), writes bypass the page cache, as a DRBD volume sits below it: the data is
- * copied into a reused page-aligned buffer (AlignedPool) and written from there. A buffered write into a part of the file not in the page cache costs a
- * fresh page-cache page per 4 KiB; on this VM that was 2.2-2.6 ms of CPU per MiB once the memory
- * the guest had freed recently was used up (0.14 ms per MiB direct, the copy 0.05 ms), and a
- * log-structured store appends to parts never written before. Durability is unchanged: the
- * O_DSYNC path opens O_DIRECT|O_DSYNC, the group path writes O_DIRECT then fdatasyncs (which
- * flushes the disk cache and commits the allocation of blocks written into holes). Reads stay
- * buffered (the kernel drops cached pages a direct write covers). `direct: false` in open()
- * keeps the page-cache path; a direct write refused with EINVAL switches the device back to it.
+ * through memory), writes bypass the page cache, as a DRBD volume sits below it: the data is copied
+ * into a reused page-aligned buffer (AlignedPool) and written from there. A buffered write into a
+ * part of the file not in the page cache costs a fresh page-cache page per 4 KiB; on this VM that
+ * was 2.2-2.6 ms of CPU per MiB once the memory the guest had freed recently was used up (0.14 ms
+ * per MiB direct, the copy 0.05 ms), and a log-structured store appends to parts never written
+ * before. Durability is unchanged: the O_DSYNC path opens O_DIRECT|O_DSYNC, the group path writes
+ * O_DIRECT then fdatasyncs (which flushes the disk cache and commits the allocation of blocks
+ * written into holes). Reads stay buffered (the kernel drops cached pages a direct write covers).
+ * `direct: false` in open() keeps the page-cache path; a direct write refused with EINVAL switches
+ * the device back to it.
  */
 export class FileBlockDevice implements BlockDevice {
   private fh: FileHandle | null;
