@@ -178,9 +178,17 @@ async function readBackAddresses(file: string, wanted: Set<string>): Promise<Map
      })();`,
     { eval: true, workerData: { file, wanted: [...wanted], ldif: new URL('../directory/ldif.ts', import.meta.url).href } },
   );
-  const [entries] = (await once(worker, 'message')) as [Array<[string, { mail: string; aliases: string[] }]>];
-  await worker.terminate();
-  return new Map(entries);
+  // A worker that ends without answering (or hangs) fails the bench instead of stalling it.
+  const ended = new Promise<never>((_, reject) => {
+    worker.once('exit', (code) => reject(new Error(`LDIF read-back worker exited (code ${code}) without an answer`)));
+    setTimeout(() => reject(new Error('LDIF read-back worker gave no answer within 120 s')), 120_000).unref();
+  });
+  try {
+    const [entries] = (await Promise.race([once(worker, 'message'), ended])) as [Array<[string, { mail: string; aliases: string[] }]>];
+    return new Map(entries);
+  } finally {
+    await worker.terminate();
+  }
 }
 
 async function main(): Promise<void> {
