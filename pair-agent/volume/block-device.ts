@@ -250,7 +250,11 @@ export class FileBlockDevice implements BlockDevice {
   /** Writes all of `data` at `offset`, durable when it resolves if `sync` (O_DSYNC), direct where it can. */
   private async writeAll(sync: boolean, offset: number, data: WriteData): Promise<void> {
     if (!this.fh) throw new UnavailableError(`block device ${this.path} is closed`);
-    const fh = sync ? this.directSync : this.directFh;
+    // A durable write longer than one aligned buffer goes out in pieces: through the O_DSYNC
+    // handle each piece would flush the disk cache; written plain, they share one fdatasync.
+    const pieces = sync && writeLength(data) > DIRECT_CHUNK;
+    const directSync = () => (sync && !pieces ? this.directSync : this.directFh);
+    const fh = directSync();
     const pool = this.pool;
     let slot: Buffer | null = null;
     if (fh && pool) {
@@ -261,20 +265,25 @@ export class FileBlockDevice implements BlockDevice {
       }
     }
     if (fh && pool && slot) {
+      let written = false;
       try {
         await writeDirect(fh, slot, offset, data);
-        return;
+        written = true;
       } catch (err) {
         // EINVAL: the file system or the buffer's alignment refused O_DIRECT after all: the device
         // goes back to the page cache. A write whose direct handle was dropped meanwhile (by another
         // write's EINVAL: closed under it, EBADF) is redone there too. A real I/O error (EIO,
         // ENOSPC) is the caller's, as on the buffered path.
-        if (fh === (sync ? this.directSync : this.directFh)) {
+        if (fh === directSync()) {
           if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
           this.dropDirect();
         }
       } finally {
         pool.give(slot);
+      }
+      if (written) {
+        if (pieces) await this.handle().datasync();
+        return;
       }
     }
     await writeFully(sync ? this.dsync ?? this.handle() : this.handle(), offset, data);

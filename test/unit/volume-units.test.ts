@@ -472,6 +472,33 @@ describe('FileBlockDevice direct writes (O_DIRECT)', () => {
     }
   });
 
+  it('a durable direct write longer than one buffer goes out plain and pays one fdatasync, not one flush per piece', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-dev-direct-'));
+    try {
+      const dev = await FileBlockDevice.open(join(dir, 'd.img'), { size: 8 * 1024 * 1024, create: true });
+      if (!dev.direct) return; // no O_DIRECT here: the buffered path is covered above
+      const internals = dev as unknown as { fh: { datasync(): Promise<void> }; directSync: { write: (...a: unknown[]) => Promise<unknown> } };
+      let datasyncs = 0;
+      let syncPieces = 0;
+      const datasync = internals.fh.datasync.bind(internals.fh);
+      internals.fh.datasync = () => (datasyncs++, datasync());
+      const syncWrite = internals.directSync.write.bind(internals.directSync);
+      internals.directSync.write = (...a: unknown[]) => (syncPieces++, syncWrite(...a));
+      const big = Buffer.alloc(DIRECT_CHUNK + 8192, 0x3c);
+      await dev.writeDurable(1024 * 1024, big);
+      expect(syncPieces).toBe(0);
+      expect(datasyncs).toBe(1);
+      // One buffer's worth or less: one O_DSYNC write, no fdatasync.
+      await dev.writeDurable(4 * 1024 * 1024, Buffer.alloc(8192, 0x3d));
+      expect(syncPieces).toBe(1);
+      expect(datasyncs).toBe(1);
+      expect((await dev.read(1024 * 1024, big.length)).equals(big)).toBe(true);
+      await dev.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('a direct write refused with EINVAL goes back to the page cache, and so does one in flight beside it', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'pairgate-dev-direct-'));
     try {
