@@ -1,17 +1,52 @@
-/** Ports and readiness for test servers: everything on loopback, ports chosen by the kernel. */
+/** Ports and readiness for test servers: everything on loopback. */
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 
-/** A port the kernel just handed out; the caller binds it right away (tiny race, retried by callers). */
-export async function freePort(host = '127.0.0.1'): Promise<number> {
-  return new Promise((resolve, reject) => {
+/** The kernel's ephemeral range: ports it hands to outgoing connections and to listen(0). */
+function ephemeralRange(): [number, number] {
+  try {
+    const [lo, hi] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (lo! > 0 && hi! >= lo!) return [lo!, hi!];
+  } catch {
+    // not Linux: the usual default
+  }
+  return [32768, 60999];
+}
+const [EPHEMERAL_LOW] = ephemeralRange();
+/** Ports tests reserve come from below the ephemeral range (and above the registered services most hosts run). */
+const PICK_LOW = 20000;
+
+function tryListen(port: number, host: string): Promise<number | null> {
+  return new Promise((resolve) => {
     const srv = net.createServer();
     srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, host, () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
+    srv.once('error', () => resolve(null));
+    srv.listen({ port, host, exclusive: true }, () => {
+      const got = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(got));
     });
   });
+}
+
+/**
+ * A port that is free now, for a server a test starts a moment later. It comes from below the
+ * kernel's ephemeral range where that range leaves room: a port from listen(0) is an ephemeral
+ * one, and between this check and the server's bind the suite's thousands of outgoing
+ * connections could take it as their source port (a pair agent whose replication port was taken
+ * that way never met its peer; seen once in a full-suite run). Tests in other processes can still
+ * pick the same port: the random start makes that rare, and the servers' own EADDRINUSE says so.
+ */
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  if (EPHEMERAL_LOW - PICK_LOW >= 1000) {
+    for (let i = 0; i < 50; i++) {
+      const candidate = PICK_LOW + Math.floor(Math.random() * (EPHEMERAL_LOW - PICK_LOW));
+      const port = await tryListen(candidate, host);
+      if (port !== null) return port;
+    }
+  }
+  const port = await tryListen(0, host);
+  if (port === null) throw new Error(`no free port on ${host}`);
+  return port;
 }
 
 export async function canConnect(host: string, port: number, timeoutMs = 500): Promise<boolean> {

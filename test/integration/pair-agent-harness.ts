@@ -197,7 +197,7 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
         return r && r.status === 200 && r.body.primary ? r.body.primary : null;
       }, timeoutMs, 'a primary serving on the floating address', 50).catch((err) => {
         // Say why: both agents' last log lines (elections, fencing, resource start errors).
-        const tail = (n: TestNode) => `--- pair-agent ${n.id} (${n.proc?.alive() ? 'running' : 'not running'}):\n${n.proc?.output().slice(-3000) ?? '(never started)'}`;
+        const tail = (n: TestNode) => `--- pair-agent ${n.id} (${n.proc?.alive() ? 'running' : 'not running'}):\n${n.proc?.output().slice(-8000) ?? "(never started)"}`;
         throw new Error(`${(err as Error).message}\n${tail(a)}\n${tail(b)}`);
       });
       return h as NodeId;
