@@ -84,6 +84,8 @@ export interface TestPair {
   /** Cuts (true) or restores (false) heartbeat link i in both directions. */
   cutLink(i: number, cut: boolean): void;
   node(id: NodeId): TestNode;
+  /** Both agents' last log lines, for a failure message: what they decided and why. */
+  logs(chars?: number): string;
   /** GET the pair health on the floating address; null when nothing answers. */
   floatingHealth(timeoutMs?: number): Promise<{ status: number; body: { state: string; primary: string | null } } | null>;
   waitPrimary(timeoutMs?: number): Promise<NodeId>;
@@ -188,6 +190,10 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
       relays[i]!.toA.cut = cut;
       relays[i]!.toB.cut = cut;
     },
+    logs(chars = 8000) {
+      const tail = (n: TestNode) => `--- pair-agent ${n.id} (${n.proc?.alive() ? 'running' : 'not running'}):\n${n.proc?.output().slice(-chars) ?? '(never started)'}`;
+      return `${tail(a)}\n${tail(b)}`;
+    },
     async floatingHealth(timeoutMs = 300) {
       return (await getJson(`http://${address}:${healthPort}/health`, timeoutMs)) as { status: number; body: { state: string; primary: string | null } } | null;
     },
@@ -197,8 +203,7 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
         return r && r.status === 200 && r.body.primary ? r.body.primary : null;
       }, timeoutMs, 'a primary serving on the floating address', 50).catch((err) => {
         // Say why: both agents' last log lines (elections, fencing, resource start errors).
-        const tail = (n: TestNode) => `--- pair-agent ${n.id} (${n.proc?.alive() ? 'running' : 'not running'}):\n${n.proc?.output().slice(-8000) ?? "(never started)"}`;
-        throw new Error(`${(err as Error).message}\n${tail(a)}\n${tail(b)}`);
+        throw new Error(`${(err as Error).message}\n${pair.logs()}`);
       });
       return h as NodeId;
     },

@@ -115,7 +115,9 @@ describe('pair agent with a replicated volume', () => {
     await waitFor(async () => (await pair!.floatingHealth())?.body.state === 'ok', 5000, 'pair ok once a is an UpToDate secondary');
     // b knows a's disk is UpToDate again (the resync's end reached it), so it hands back on request.
     expect((await pair.b.post('/standby', {})).status).toBe(200);
-    await waitFor(async () => (await pair!.a.status())?.state === 'primary' && (await vol.status('a'))?.role === 'primary', 15_000, 'a primary again after b stood by');
+    await waitFor(async () => (await pair!.a.status())?.state === 'primary' && (await vol.status('a'))?.role === 'primary', 15_000, 'a primary again after b stood by').catch((err) => {
+      throw new Error(`${(err as Error).message}\n${pair!.logs()}`);
+    });
     const back = ((await adminCall(vol.url('a'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { digest: string }).digest;
     expect(back).toBe(db);
   });
