@@ -253,8 +253,9 @@ export class FileBlockDevice implements BlockDevice {
     // A durable write longer than one aligned buffer goes out in pieces: through the O_DSYNC
     // handle each piece would flush the disk cache; written plain, they share one fdatasync.
     const pieces = sync && writeLength(data) > DIRECT_CHUNK;
-    const directSync = () => (sync && !pieces ? this.directSync : this.directFh);
-    const fh = directSync();
+    // Read again after a failure: another write's EINVAL may have dropped the handles meanwhile.
+    const directHandle = () => (sync && !pieces ? this.directSync : this.directFh);
+    const fh = directHandle();
     const pool = this.pool;
     let slot: Buffer | null = null;
     if (fh && pool) {
@@ -274,7 +275,7 @@ export class FileBlockDevice implements BlockDevice {
         // goes back to the page cache. A write whose direct handle was dropped meanwhile (by another
         // write's EINVAL: closed under it, EBADF) is redone there too. A real I/O error (EIO,
         // ENOSPC) is the caller's, as on the buffered path.
-        if (fh === directSync()) {
+        if (fh === directHandle()) {
           if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
           this.dropDirect();
         }
@@ -404,24 +405,11 @@ export class AlignedPool {
 
 /** Copies `data` into the aligned buffer `slot`, a piece at a time, and writes each piece with the O_DIRECT handle. */
 async function writeDirect(fh: FileHandle, slot: Buffer, offset: number, data: WriteData): Promise<void> {
-  const parts = Buffer.isBuffer(data) ? [data] : data;
   const total = writeLength(data);
-  let pi = 0;
-  let po = 0;
-  for (let at = 0; at < total; ) {
+  for (let at = 0; at < total; at += DIRECT_CHUNK) {
     const n = Math.min(DIRECT_CHUNK, total - at);
     let filled = 0;
-    while (filled < n) {
-      const p = parts[pi]!;
-      const k = Math.min(p.length - po, n - filled);
-      p.copy(slot, filled, po, po + k);
-      filled += k;
-      po += k;
-      if (po === p.length) {
-        pi++;
-        po = 0;
-      }
-    }
+    for (const p of sliceWriteData(data, at, at + n)) filled += p.copy(slot, filled);
     let done = 0;
     while (done < n) {
       // A short direct write ends on a boundary of the device's logical block (512 B or 4 KiB):
@@ -430,6 +418,5 @@ async function writeDirect(fh: FileHandle, slot: Buffer, offset: number, data: W
       if (bytesWritten <= 0) throw new IntegrityError(`direct write at ${offset + at + done}: ${bytesWritten} bytes written`);
       done += bytesWritten;
     }
-    at += n;
   }
 }
