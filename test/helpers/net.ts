@@ -2,17 +2,17 @@
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
 
-/** The kernel's ephemeral range: ports it hands to outgoing connections and to listen(0). */
-function ephemeralRange(): [number, number] {
+/** Lowest port of the kernel's ephemeral range (outgoing connections' source ports, listen(0)). */
+function ephemeralLow(): number {
   try {
-    const [lo, hi] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
-    if (lo! > 0 && hi! >= lo!) return [lo!, hi!];
+    const lo = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]);
+    if (lo > 0) return lo;
   } catch {
     // not Linux: the usual default
   }
-  return [32768, 60999];
+  return 32768;
 }
-const [EPHEMERAL_LOW] = ephemeralRange();
+const EPHEMERAL_LOW = ephemeralLow();
 /** Ports tests reserve come from below the ephemeral range (and above the registered services most hosts run). */
 const PICK_LOW = 20000;
 
@@ -32,9 +32,9 @@ function tryListen(port: number, host: string): Promise<number | null> {
  * A port that is free now, for a server a test starts a moment later. It comes from below the
  * kernel's ephemeral range where that range leaves room: a port from listen(0) is an ephemeral
  * one, and between this check and the server's bind the suite's thousands of outgoing
- * connections could take it as their source port (a pair agent whose replication port was taken
- * that way never met its peer; seen once in a full-suite run). Tests in other processes can still
- * pick the same port: the random start makes that rare, and the servers' own EADDRINUSE says so.
+ * connections could take it as their source port. Tests in other processes can still pick the
+ * same port (a stress run of 8 copies of one pair test saw a pair's replication port reached by
+ * another copy's node): the random pick makes that rare, and the servers' EADDRINUSE says so.
  */
 export async function freePort(host = '127.0.0.1'): Promise<number> {
   if (EPHEMERAL_LOW - PICK_LOW >= 1000) {
