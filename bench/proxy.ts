@@ -696,6 +696,8 @@ async function main(): Promise<void> {
       const c = cpu[name]![k];
       return c.sessions ? (c.dovecotMs + c.proxyMs + c.benchMs) / c.sessions : NaN;
     };
+    /** pairgate/nginx rate ratio that the summed CPU per session implies, to 3 places. */
+    const impliedVsNginx = (k: 'imap' | 'pop3') => (machineMs('nginx', k) / machineMs('pairgate', k)).toFixed(3);
     const lines = [
       `proxy bench: concurrency ${CONCURRENCY}, ${SECONDS}s per round x${ROUNDS} (best) after ${WARMUP}s warm-up per path and protocol, bulk ${BIG_MIB} MiB FETCH, ${IDLE} idle sessions (backend: ${IDLE_BACKEND})`,
       `${pad('path', nameW)} ${pad('IMAP sess/s', 12)} ${pad('POP3 sess/s', 12)} ${pad('bulk MiB/s', 11)} ${pad('errors', 7)} ${pad('proxy CPU ms/sess IMAP POP3', 28)} dovecot CPU ms/sess IMAP POP3`,
@@ -724,7 +726,7 @@ async function main(): Promise<void> {
         .map((p) => `${p.name} ${per(machineMs(p.name, 'imap'), 1)}; ${per(machineMs(p.name, 'pop3'), 1)}`)
         .join(', ')}${
         results.pairgate && results.nginx
-          ? `; pairgate/nginx rate ratio these imply: IMAP ${(machineMs('nginx', 'imap') / machineMs('pairgate', 'imap')).toFixed(3)}, POP3 ${(machineMs('nginx', 'pop3') / machineMs('pairgate', 'pop3')).toFixed(3)}`
+          ? `; pairgate/nginx rate ratio these imply: IMAP ${impliedVsNginx('imap')}, POP3 ${impliedVsNginx('pop3')}`
           : ''
       }`,
       `proxy CPU ms per MiB of bulk FETCH relayed: ${paths
@@ -767,8 +769,8 @@ async function main(): Promise<void> {
     if (pg && results.haproxy) figures.pairgate_vs_haproxy_imap_rate = Number((pg.imap / results.haproxy.imap).toFixed(3));
     if (pg && direct) figures.pairgate_vs_direct_imap_rate = Number((pg.imap / direct.imap).toFixed(3));
     if (pg && results.nginx) {
-      figures.pairgate_vs_nginx_cpu_implied_imap_rate = Number((machineMs('nginx', 'imap') / machineMs('pairgate', 'imap')).toFixed(3));
-      figures.pairgate_vs_nginx_cpu_implied_pop3_rate = Number((machineMs('nginx', 'pop3') / machineMs('pairgate', 'pop3')).toFixed(3));
+      figures.pairgate_vs_nginx_cpu_implied_imap_rate = Number(impliedVsNginx('imap'));
+      figures.pairgate_vs_nginx_cpu_implied_pop3_rate = Number(impliedVsNginx('pop3'));
     }
     if (pg && results.perdition) {
       figures.pairgate_vs_perdition_imap_rate = Number((pg.imap / results.perdition.imap).toFixed(3));
