@@ -29,6 +29,8 @@ export interface SessionHandle {
   closed: Promise<void>;
   /** Adds bytes relayed since the last call to the byte metric (called every few seconds). */
   flushBytes?(): void;
+  /** The registry's once-a-second look at the session (idle timeout, closing bound). */
+  sweep?(now: number): void;
 }
 
 const addressVerdicts = new WeakMap<AddressList, Map<string, boolean>>();
@@ -54,12 +56,12 @@ export class SessionRegistry {
   private readonly all = new Set<SessionHandle>();
   private readonly perUser = new Map<string, number>();
 
+  /** A new session; it calls remove() when it ends. */
   add(s: SessionHandle): void {
     this.all.add(s);
-    void s.closed.then(() => this.remove(s));
   }
 
-  private remove(s: SessionHandle): void {
+  remove(s: SessionHandle): void {
     if (!this.all.delete(s)) return;
     if (s.uid) this.decUser(s.uid);
   }
@@ -101,6 +103,11 @@ export class SessionRegistry {
   /** Every open session's byte counts into the metric (one timer for all sessions, not one each). */
   flushBytes(): void {
     for (const s of this.all) s.flushBytes?.();
+  }
+
+  /** Every open session's idle and closing bounds (one timer for all sessions, not timers per socket). */
+  sweep(now = Date.now()): void {
+    for (const s of this.all) s.sweep?.(now);
   }
 
   get size(): number {

@@ -21,6 +21,9 @@ const REPLIES: Record<LoginFailure, string> = {
   temp: 'NO [UNAVAILABLE] Mail server temporarily unavailable; try again later.',
 };
 
+/** Per listener config: the capability lists without and with TLS, and the TLS store they were made for. */
+const capsCache = new WeakMap<object, [string | null, string | null, unknown]>();
+
 type SaslState = { mech: 'PLAIN'; tag: string } | { mech: 'LOGIN'; tag: string; user?: string };
 
 export class ImapSession extends ClientSession {
@@ -45,7 +48,19 @@ export class ImapSession extends ClientSession {
     return !this.isSecure && (l.requireTls ?? l.tls === 'starttls');
   }
 
+  /** The pre-login capability list (the same for every session of a listener in the same TLS state: kept). */
   private capabilities(): string {
+    const kept = capsCache.get(this.conn.listener);
+    const i = this.isSecure ? 1 : 0;
+    if (kept?.[i] && kept[2] === this.ctx.tls) return kept[i];
+    const text = this.buildCapabilities();
+    const entry: [string | null, string | null, unknown] = kept && kept[2] === this.ctx.tls ? kept : [null, null, this.ctx.tls];
+    entry[i] = text;
+    capsCache.set(this.conn.listener, entry);
+    return text;
+  }
+
+  private buildCapabilities(): string {
     const caps = ['IMAP4rev1', 'SASL-IR', 'LOGIN-REFERRALS', 'ID', 'ENABLE', 'IDLE', 'LITERAL+'];
     if (!this.isSecure && this.conn.listener.tls === 'starttls' && this.ctx.tls) caps.push('STARTTLS');
     if (this.tlsRequired) caps.push('LOGINDISABLED');

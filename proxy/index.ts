@@ -100,9 +100,15 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     const limiter = new AuthLimiter(config.authLimits, bus, log, metrics);
     cleanup.push(() => limiter.close());
     const sessions = new SessionRegistry();
-    const flushTimer = setInterval(() => sessions.flushBytes(), 5000);
-    flushTimer.unref();
-    cleanup.push(() => clearInterval(flushTimer));
+    // One timer for every session: idle timeouts and closing bounds each second, the byte
+    // metric every fifth second.
+    let ticks = 0;
+    const sweepTimer = setInterval(() => {
+      sessions.sweep();
+      if (++ticks % 5 === 0) sessions.flushBytes();
+    }, 1000);
+    sweepTimer.unref();
+    cleanup.push(() => clearInterval(sweepTimer));
     const ctx: ProxyContext = { config, directory, pairHealth, limiter, metrics, log, loadBalancers, trustedBackends, tls, bus, sessions, stopping: false };
 
     pairHealth.on('change', (c) => {

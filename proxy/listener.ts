@@ -11,7 +11,8 @@ import { inList, type ProxyContext } from './context.ts';
 import { readProxyHeader } from './proxy-protocol.ts';
 import { upgradeToTls } from './tls.ts';
 import { normalizeAddress } from '../common/cidr.ts';
-import type { AcceptedConnection, ClientSession } from './session.ts';
+import type { AcceptedConnection, ClientSession, ConnectionSlots } from './session.ts';
+import type { ClientAddress } from './backend.ts';
 import { ImapSession } from './imap.ts';
 import { Pop3Session } from './pop3.ts';
 
@@ -55,15 +56,46 @@ function withPrefix(socket: net.Socket, prefix: Buffer): Duplex {
   return d;
 }
 
+const ignoreError = (): void => undefined;
+
 function rejectLine(protocol: ListenerConfig['protocol'], text: string): string {
   return protocol === 'imap' ? `* BYE [UNAVAILABLE] ${text}\r\n` : `-ERR [SYS/TEMP] ${text}\r\n`;
+}
+
+/** A connection's local address, asked of the kernel (getsockname) only if something reads it. */
+class Accepted implements AcceptedConnection {
+  constructor(
+    readonly socket: net.Socket,
+    readonly remote: ClientAddress,
+    private readonly raw: net.Socket,
+    readonly secure: boolean,
+    readonly listener: ListenerConfig,
+    readonly viaLb: boolean,
+    readonly slots: ConnectionSlots,
+  ) {}
+
+  get local(): ClientAddress {
+    return { address: normalizeAddress(this.raw.localAddress ?? ''), port: this.raw.localPort ?? 0 };
+  }
+}
+
+/** Open connections of one listener, in total and per client address. */
+class Slots implements ConnectionSlots {
+  readonly perIp = new Map<string, number>();
+  open = 0;
+
+  release(address: string): void {
+    this.open--;
+    const left = (this.perIp.get(address) ?? 1) - 1;
+    if (left <= 0) this.perIp.delete(address);
+    else this.perIp.set(address, left);
+  }
 }
 
 export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Promise<Listener> {
   const name = lc.name ?? `${lc.protocol}-${lc.port}`;
   const log = ctx.log.child({ listener: name });
-  const perIp = new Map<string, number>();
-  let open = 0;
+  const slots = new Slots();
   const limits = ctx.config.limits;
 
   const reject = (socket: net.Socket, reason: string, text: string | null) => {
@@ -74,19 +106,25 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
     t.unref();
   };
 
-  const accept = async (raw: net.Socket) => {
-    raw.setNoDelay(true);
-    raw.on('error', () => undefined);
-    const peer = normalizeAddress(raw.remoteAddress ?? '');
-    if (ctx.stopping) return reject(raw, 'stopping', lc.tls === 'implicit' ? null : 'Server shutting down.');
-    if (limits.maxConnections > 0 && open >= limits.maxConnections) {
-      log.warn({ open }, 'connection limit reached');
-      return reject(raw, 'max-connections', lc.tls === 'implicit' ? null : 'Too many connections.');
+  /** The per-address limit, then the session. */
+  const admit = (raw: net.Socket, socket: net.Socket, remote: ClientAddress, viaLb: boolean) => {
+    const n = slots.perIp.get(remote.address) ?? 0;
+    if (limits.maxConnectionsPerIp > 0 && n >= limits.maxConnectionsPerIp) {
+      log.warn({ client: remote.address, open: n }, 'per-address connection limit reached');
+      return reject(socket, 'max-per-ip', 'Too many connections from your address.');
     }
-    let remote = { address: peer, port: raw.remotePort ?? 0 };
+    slots.perIp.set(remote.address, n + 1);
+    slots.open++;
+    const conn = new Accepted(socket, remote, raw, lc.tls === 'implicit', lc, viaLb, slots);
+    const session: ClientSession = lc.protocol === 'imap' ? new ImapSession(ctx, conn) : new Pop3Session(ctx, conn);
+    session.start();
+  };
+
+  /** Connections from load balancers (PROXY header first) and on implicit-TLS ports: what takes waiting. */
+  const acceptSlow = async (raw: net.Socket, peer: string, viaLb: boolean) => {
+    let remote: ClientAddress = { address: peer, port: raw.remotePort ?? 0 };
     let socket: net.Socket = raw;
     let prefix: Buffer = Buffer.alloc(0);
-    const viaLb = inList(ctx.loadBalancers, peer);
     if (viaLb) {
       try {
         const { header, rest } = await readProxyHeader(raw, ctx.config.timeouts.proxyHeaderMs);
@@ -111,39 +149,37 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
     } else if (prefix.length) {
       raw.unshift(prefix);
     }
-    const n = perIp.get(remote.address) ?? 0;
-    if (limits.maxConnectionsPerIp > 0 && n >= limits.maxConnectionsPerIp) {
-      log.warn({ client: remote.address, open: n }, 'per-address connection limit reached');
-      return reject(socket, 'max-per-ip', 'Too many connections from your address.');
+    admit(raw, socket, remote, viaLb);
+  };
+
+  const accept = (raw: net.Socket) => {
+    raw.setNoDelay(true);
+    raw.on('error', ignoreError);
+    const peer = normalizeAddress(raw.remoteAddress ?? '');
+    if (ctx.stopping) return reject(raw, 'stopping', lc.tls === 'implicit' ? null : 'Server shutting down.');
+    if (limits.maxConnections > 0 && slots.open >= limits.maxConnections) {
+      log.warn({ open: slots.open }, 'connection limit reached');
+      return reject(raw, 'max-connections', lc.tls === 'implicit' ? null : 'Too many connections.');
     }
-    perIp.set(remote.address, n + 1);
-    open++;
-    const conn: AcceptedConnection = {
-      socket,
-      remote,
-      // Asked of the kernel (getsockname) only if something reads it.
-      get local() {
-        return { address: normalizeAddress(raw.localAddress ?? ''), port: raw.localPort ?? 0 };
-      },
-      secure: lc.tls === 'implicit',
-      listener: lc,
-      viaLb,
-    };
-    const session: ClientSession = lc.protocol === 'imap' ? new ImapSession(ctx, conn) : new Pop3Session(ctx, conn);
-    void session.closed.then(() => {
-      open--;
-      const left = (perIp.get(remote.address) ?? 1) - 1;
-      if (left <= 0) perIp.delete(remote.address);
-      else perIp.set(remote.address, left);
-    });
-    session.start();
+    const viaLb = inList(ctx.loadBalancers, peer);
+    if (viaLb || lc.tls === 'implicit') {
+      acceptSlow(raw, peer, viaLb).catch((err) => {
+        log.error({ err }, 'accepting a connection failed');
+        raw.destroy();
+      });
+      return;
+    }
+    // Plain connection from a client: no wait before the session starts.
+    admit(raw, raw, { address: peer, port: raw.remotePort ?? 0 }, false);
   };
 
   const server = net.createServer({ pauseOnConnect: false }, (socket) => {
-    accept(socket).catch((err) => {
+    try {
+      accept(socket);
+    } catch (err) {
       log.error({ err }, 'accepting a connection failed');
       socket.destroy();
-    });
+    }
   });
   server.on('error', (err) => log.error({ err: err.message }, 'listener error'));
   await new Promise<void>((resolve, reject) => {

@@ -10,7 +10,7 @@ import type { SessionLog } from './lazy-log.ts';
 import { AuthError, NotFoundError, UnavailableError, errorCode } from '../common/errors.ts';
 import type { PairRecord, UserRecord } from '../directory/types.ts';
 import { keys } from '../common/redis-bus.ts';
-import { BackendInput, connectTcp, imapMasterLogin, pop3MasterLogin, type BackendSession, type ClientAddress } from './backend.ts';
+import { connectAndLogin, type BackendSession, type ClientAddress } from './backend.ts';
 import { inList, type ProxyContext, type Protocol, type SessionHandle } from './context.ts';
 
 export type LoginFailure =
@@ -40,33 +40,48 @@ export function validCredentials(login: string, password: string): boolean {
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
+/** Counts the login's outcome (and its latency when it succeeded) and returns it. */
+function done(ctx: ProxyContext, protocol: Protocol, started: number, r: LoginResult): LoginResult {
+  const m = ctx.metrics;
+  m.logins.inc(protocol === 'imap' ? (r.ok ? LOGIN_LABELS.imap.ok : LOGIN_LABELS.imap[r.kind]) : r.ok ? LOGIN_LABELS.pop3.ok : LOGIN_LABELS.pop3[r.kind]);
+  if (r.ok) m.loginSeconds.observe(PROTOCOL_LABELS[protocol], (Date.now() - started) / 1000);
+  return r;
+}
+
+/** Label objects made once (prom-client hashes what it is given; no object per event). */
+const PROTOCOL_LABELS = { imap: { protocol: 'imap' }, pop3: { protocol: 'pop3' } } as const;
+const loginLabels = (protocol: Protocol) => ({
+  ok: { protocol, result: 'ok' },
+  auth: { protocol, result: 'auth' },
+  locked: { protocol, result: 'locked' },
+  limit: { protocol, result: 'limit' },
+  temp: { protocol, result: 'temp' },
+});
+const LOGIN_LABELS = { imap: loginLabels('imap'), pop3: loginLabels('pop3') };
+
+/** A wrong password (or malformed credentials): counted against the address and the login, answered after the delay. */
+async function failAuth(ctx: ProxyContext, protocol: Protocol, started: number, client: ClientAddress, login: string, message: string): Promise<LoginResult> {
+  const delay = await ctx.limiter.fail(client.address, login);
+  if (delay > 0) await sleep(delay);
+  return done(ctx, protocol, started, { ok: false, kind: 'auth', message });
+}
+
 export async function proxyLogin(
   ctx: ProxyContext,
   req: { protocol: Protocol; login: string; password: string; client: ClientAddress; session: SessionHandle; log: SessionLog },
 ): Promise<LoginResult> {
   const { protocol, login, password, client, log } = req;
   const started = Date.now();
-  const done = (r: LoginResult): LoginResult => {
-    const result = r.ok ? 'ok' : r.kind;
-    ctx.metrics.logins.inc({ protocol, result });
-    if (r.ok) ctx.metrics.loginSeconds.observe({ protocol }, (Date.now() - started) / 1000);
-    return r;
-  };
-  const failAuth = async (message: string): Promise<LoginResult> => {
-    const delay = await ctx.limiter.fail(client.address, login);
-    if (delay > 0) await sleep(delay);
-    return done({ ok: false, kind: 'auth', message });
-  };
 
-  if (ctx.stopping) return done({ ok: false, kind: 'temp', message: 'proxy is shutting down' });
+  if (ctx.stopping) return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'proxy is shutting down' });
   const verdict = await ctx.limiter.check(client.address, login);
   if (verdict.locked) {
     log.warn({ login, client: client.address, scope: verdict.scope, ipFailures: verdict.ipFailures, loginFailures: verdict.loginFailures }, 'login refused: too many failures');
-    return done({ ok: false, kind: 'locked', message: 'too many failed logins' });
+    return done(ctx, protocol, started, { ok: false, kind: 'locked', message: 'too many failed logins' });
   }
   if (!validCredentials(login, password)) {
     log.info({ client: client.address }, 'login refused: malformed credentials');
-    return failAuth('malformed credentials');
+    return failAuth(ctx, protocol, started, client, login, 'malformed credentials');
   }
 
   let user: UserRecord;
@@ -75,15 +90,13 @@ export async function proxyLogin(
   } catch (err) {
     if (err instanceof AuthError) {
       log.info({ login, client: client.address }, 'login failed: bad credentials');
-      return failAuth('authentication failed');
+      return failAuth(ctx, protocol, started, client, login, 'authentication failed');
     }
     log.warn({ login, err: (err as Error).message, code: errorCode(err) }, 'login failed: directory unavailable');
-    return done({ ok: false, kind: 'temp', message: 'directory unavailable' });
+    return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'directory unavailable' });
   }
-  // The session's logger is lazy (its pino child is made only when a line is written), and so
-  // are these: a successful login logs nothing here.
-  let ulogMade: SessionLog | undefined;
-  const ulog = () => (ulogMade ??= log.with({ user: user.uid }));
+  // The session's logger is lazy (its pino child is made only when a line is written); the
+  // lines below, none of which a successful login writes, add the user (and pair) to it.
 
   // A user move in its final copy blocks new sessions for the user (Redis `usermove:<uid>`):
   // wait, bounded by the hold, then route afresh (the move switches the home pair).
@@ -100,11 +113,11 @@ export async function proxyLogin(
       if (!blocked) break;
       if (!waited) {
         waited = true;
-        ulog().info('login held: user move in progress');
+        log.with({ user: user.uid }).info('login held: user move in progress');
       }
       if (Date.now() + 200 >= deadline) {
-        ulog().warn('login failed: user move still in progress after the hold bound');
-        return done({ ok: false, kind: 'temp', message: 'user move in progress' });
+        log.with({ user: user.uid }).warn('login failed: user move still in progress after the hold bound');
+        return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'user move in progress' });
       }
       await sleep(200);
     }
@@ -114,77 +127,76 @@ export async function proxyLogin(
   try {
     pair = (await ctx.directory.routeFor(user)).pair;
   } catch (err) {
-    ulog().warn({ err: (err as Error).message, code: errorCode(err) }, err instanceof NotFoundError ? 'login failed: user has no usable home pair' : 'login failed: route lookup failed');
-    return done({ ok: false, kind: 'temp', message: 'no route' });
+    log
+      .with({ user: user.uid })
+      .warn({ err: (err as Error).message, code: errorCode(err) }, err instanceof NotFoundError ? 'login failed: user has no usable home pair' : 'login failed: route lookup failed');
+    return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'no route' });
   }
-  let plogMade: SessionLog | undefined;
-  const plog = () => (plogMade ??= log.with({ user: user.uid, pair: pair.id }));
 
   if (!inList(ctx.trustedBackends, pair.address)) {
-    plog().error({ address: pair.address }, 'pair address is outside backend.trustedNetworks: master login refused');
-    return done({ ok: false, kind: 'temp', message: 'pair not trusted' });
+    log.with({ user: user.uid, pair: pair.id }).error({ address: pair.address }, 'pair address is outside backend.trustedNetworks: master login refused');
+    return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'pair not trusted' });
   }
   if (!ctx.sessions.bindUser(req.session, user.uid, ctx.config.limits.maxSessionsPerUser)) {
-    plog().warn({ cap: ctx.config.limits.maxSessionsPerUser }, 'login refused: too many sessions for this user');
-    return done({ ok: false, kind: 'limit', message: 'too many sessions' });
+    log.with({ user: user.uid, pair: pair.id }).warn({ cap: ctx.config.limits.maxSessionsPerUser }, 'login refused: too many sessions for this user');
+    return done(ctx, protocol, started, { ok: false, kind: 'limit', message: 'too many sessions' });
   }
-  const unbind = () => ctx.sessions.unbindUser(req.session);
 
   const holdDeadline = started + ctx.config.hold.maxMs;
-  const port = protocol === 'imap' ? (pair.ports.imap ?? 143) : (pair.ports.pop3 ?? 110);
+  const ep = { host: pair.address, port: protocol === 'imap' ? (pair.ports.imap ?? 143) : (pair.ports.pop3 ?? 110) };
+  const backendCfg = ctx.config.backend;
+  const opts = {
+    uid: user.uid,
+    masterUser: backendCfg.masterUser,
+    masterSecret: backendCfg.masterSecret,
+    client: backendCfg.forwardClientAddress ? client : undefined,
+    timeoutMs: backendCfg.loginTimeoutMs,
+  };
   let held = false;
   let holdStart = 0;
-  const markHeld = () => {
-    if (held) return;
-    held = true;
-    holdStart = Date.now();
-    ctx.metrics.heldLogins.inc({ pair: pair.id });
-    plog().info({ state: ctx.pairHealth.state(pair.id) }, 'login held: waiting for the pair');
-  };
   for (let attempt = 1; ; attempt++) {
     const st = ctx.pairHealth.state(pair.id);
-    if (st === 'failing-over' || (st === 'unknown' && attempt > 1)) markHeld();
-    try {
-      await ctx.pairHealth.awaitServable(pair, Math.max(0, holdDeadline - Date.now()));
-    } catch (err) {
-      plog().warn({ err: (err as Error).message, attempt }, 'login failed: pair not serving');
-      unbind();
-      return done({ ok: false, kind: 'temp', message: (err as Error).message });
+    if (!held && (st === 'failing-over' || (st === 'unknown' && attempt > 1))) {
+      held = true;
+      holdStart = Date.now();
+      ctx.metrics.heldLogins.inc({ pair: pair.id });
+      log.with({ user: user.uid, pair: pair.id }).info({ state: st }, 'login held: waiting for the pair');
     }
-    try {
-      const input = new BackendInput();
-      const socket = await connectTcp({ host: pair.address, port }, ctx.config.backend.connectTimeoutMs, input);
+    if (st !== 'ok' && st !== 'degraded') {
       try {
-        const opts = {
-          uid: user.uid,
-          masterUser: ctx.config.backend.masterUser,
-          masterSecret: ctx.config.backend.masterSecret,
-          client: ctx.config.backend.forwardClientAddress ? client : undefined,
-          timeoutMs: ctx.config.backend.loginTimeoutMs,
-        };
-        const backend = protocol === 'imap' ? await imapMasterLogin(socket, opts, input) : await pop3MasterLogin(socket, opts, input);
-        if (held) ctx.metrics.heldSeconds.observe({ pair: pair.id }, (Date.now() - holdStart) / 1000);
-        req.session.pair = pair.id;
-        return done({ ok: true, backend, user, pair, held });
+        await ctx.pairHealth.awaitServable(pair, Math.max(0, holdDeadline - Date.now()));
       } catch (err) {
-        socket.destroy();
-        throw err;
+        log.with({ user: user.uid, pair: pair.id }).warn({ err: (err as Error).message, attempt }, 'login failed: pair not serving');
+        ctx.sessions.unbindUser(req.session);
+        return done(ctx, protocol, started, { ok: false, kind: 'temp', message: (err as Error).message });
       }
+    } else ctx.pairHealth.track(pair);
+    try {
+      const backend = await connectAndLogin(protocol, ep, backendCfg.connectTimeoutMs, opts);
+      if (held) ctx.metrics.heldSeconds.observe({ pair: pair.id }, (Date.now() - holdStart) / 1000);
+      req.session.pair = pair.id;
+      return done(ctx, protocol, started, { ok: true, backend, user, pair, held });
     } catch (err) {
       ctx.metrics.backendConnectFailures.inc({ pair: pair.id });
+      const plog = log.with({ user: user.uid, pair: pair.id });
       if (err instanceof AuthError) {
-        plog().error({ err: err.message }, 'pair refused the master login (check backend.masterUser/masterSecret and the pair trusted networks)');
-        unbind();
-        return done({ ok: false, kind: 'temp', message: 'backend login refused' });
+        plog.error({ err: err.message }, 'pair refused the master login (check backend.masterUser/masterSecret and the pair trusted networks)');
+        ctx.sessions.unbindUser(req.session);
+        return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'backend login refused' });
       }
       const retryMs = ctx.config.hold.retryMs;
       if (Date.now() + retryMs >= holdDeadline || !(err instanceof UnavailableError || errorCode(err) === 'TIMEOUT')) {
-        plog().warn({ err: (err as Error).message, attempt }, 'login failed: cannot reach the pair');
-        unbind();
-        return done({ ok: false, kind: 'temp', message: 'pair unreachable' });
+        plog.warn({ err: (err as Error).message, attempt }, 'login failed: cannot reach the pair');
+        ctx.sessions.unbindUser(req.session);
+        return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'pair unreachable' });
       }
-      plog().info({ err: (err as Error).message, attempt }, 'backend connect failed; retrying within the hold bound');
-      markHeld();
+      plog.info({ err: (err as Error).message, attempt }, 'backend connect failed; retrying within the hold bound');
+      if (!held) {
+        held = true;
+        holdStart = Date.now();
+        ctx.metrics.heldLogins.inc({ pair: pair.id });
+        plog.info({ state: ctx.pairHealth.state(pair.id) }, 'login held: waiting for the pair');
+      }
       await sleep(retryMs);
     }
   }

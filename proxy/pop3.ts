@@ -78,6 +78,11 @@ export class Pop3Session extends ClientSession {
 
   /** Bytes the client sent after the command being handled (pipelined; forwarded after login). */
   private leftover(): Buffer {
+    if (this.lines.length === 0) {
+      const out = this.buf;
+      this.buf = Buffer.alloc(0);
+      return out;
+    }
     const rest = this.lines.map((l) => Buffer.from(`${l}\r\n`));
     this.lines = [];
     const out = Buffer.concat([...rest, this.buf]);

@@ -32,6 +32,8 @@ export interface HeaderResult {
 /** Whether a buffer's first bytes could be a PROXY header (for refusing them from untrusted peers). */
 export function looksLikeProxyHeader(buf: Buffer): boolean {
   if (buf.length === 0) return false;
+  // Most first bytes can start neither signature (v2: 0x0D, v1: 'P'): no slices made for them.
+  if (buf[0] !== V2_SIGNATURE[0] && buf[0] !== V1_PREFIX[0]) return false;
   const n = Math.min(buf.length, V2_SIGNATURE.length);
   if (buf.subarray(0, n).equals(V2_SIGNATURE.subarray(0, n))) return true;
   const m = Math.min(buf.length, V1_PREFIX.length);

@@ -1,9 +1,16 @@
 /**
  * What IMAP and POP3 client sessions share: the socket (replaced after STARTTLS/STLS), the
  * pre-login idle timer, the refusal of PROXY headers from untrusted peers, the login call,
- * and, once logged in, the splice: bytes both ways with backpressure (stream pipes), byte
- * counters, idle timeouts on both sides, a clean client close when the backend goes away,
- * and one log line at the end with user, pair, client address, bytes and duration.
+ * and, once logged in, the splice: bytes both ways with backpressure, byte counters, the idle
+ * timeout, a clean client close when the backend goes away, and one log line at the end with
+ * user, pair, client address, bytes and duration.
+ *
+ * Per-session costs are kept few, because at a few hundred sessions a second they are most of
+ * the proxy's CPU: no timer per socket once spliced (the registry's once-a-second sweep
+ * (`sweep`) sees a session idle when its byte counters stop moving, and bounds the wait for a
+ * closing client), label objects for the metrics made once, not per event, and no closures
+ * made per session where a method does (under the TypeScript loader every named closure also
+ * costs an Object.defineProperty each time it is made).
  */
 import type net from 'node:net';
 import { randomBytes } from 'node:crypto';
@@ -15,6 +22,11 @@ import { looksLikeProxyHeader } from './proxy-protocol.ts';
 import { upgradeToTls } from './tls.ts';
 import { proxyLogin, type LoginResult } from './login.ts';
 
+/** What the listener counts per connection (per client address); told once when the session ends. */
+export interface ConnectionSlots {
+  release(address: string): void;
+}
+
 export interface AcceptedConnection {
   socket: net.Socket;
   /** The client as the session sees it: from the PROXY header when behind a load balancer. */
@@ -25,6 +37,34 @@ export interface AcceptedConnection {
   listener: ListenerConfig;
   /** True when the connection came from a configured load balancer (PROXY header read). */
   viaLb: boolean;
+  /** The listener's connection counts (released when the session ends). */
+  slots?: ConnectionSlots;
+}
+
+/** How long a client that was sent its goodbye (or whose backend went away) has to close before it is destroyed. */
+const CLOSE_GRACE_MS = 5000;
+
+/** Metric label objects, one per protocol (and per pair, and per close reason), made once. */
+const PROTOCOL_LABELS = { imap: { protocol: 'imap' }, pop3: { protocol: 'pop3' } } as const;
+const sessionLabelCache = new Map<string, { protocol: Protocol; pair: string; role: string }>();
+function sessionLabelsFor(protocol: Protocol, pair: string): { protocol: Protocol; pair: string; role: string } {
+  const key = `${protocol}|${pair}`;
+  let l = sessionLabelCache.get(key);
+  if (!l) {
+    if (sessionLabelCache.size > 10_000) sessionLabelCache.clear();
+    sessionLabelCache.set(key, (l = { protocol, pair, role: 'proxy' }));
+  }
+  return l;
+}
+const closedLabelCache = new Map<string, { protocol: Protocol; reason: string }>();
+function closedLabels(protocol: Protocol, reason: string): { protocol: Protocol; reason: string } {
+  const key = `${protocol}|${reason}`;
+  let l = closedLabelCache.get(key);
+  if (!l) {
+    if (closedLabelCache.size > 1000) closedLabelCache.clear();
+    closedLabelCache.set(key, (l = { protocol, reason }));
+  }
+  return l;
 }
 
 type Phase = 'pre-login' | 'tls' | 'logging-in' | 'proxying' | 'closed';
@@ -47,17 +87,18 @@ export abstract class ClientSession implements SessionHandle {
   uid: string | null = null;
   pair: string | null = null;
   readonly clientAddress: string;
-  readonly closed: Promise<void>;
   protected socket: net.Socket;
   protected secure: boolean;
   protected phase: Phase = 'pre-login';
   /** The session's logger: its pino child (cid, client, later user and pair) is made on the first line written. */
   protected log: SessionLog;
   protected readonly started = Date.now();
-  private resolveClosed!: () => void;
+  /** Made only when someone waits for the end (the graceful stop, tests). */
+  private closedPromise: Promise<void> | null = null;
+  private resolveClosed: (() => void) | null = null;
   private idleTimer: NodeJS.Timeout | null = null;
   private idleMs = 0;
-  private readonly onIdleBound = () => this.onIdle();
+  private readonly onIdleBound: () => void;
   private sawData = false;
   private backend: net.Socket | null = null;
   private bytesIn = 0;
@@ -69,7 +110,13 @@ export abstract class ClientSession implements SessionHandle {
   /** The pair socket's reads, once spliced (bytes out are counted there). */
   private input: BackendInput | null = null;
   private leftoverOut = 0;
-  private readonly onDataBound = (chunk: Buffer) => this.handleData(chunk);
+  private readonly onDataBound: (chunk: Buffer) => void;
+  /** Spliced: the idle bound, and the byte count and time the sweep last saw it move. */
+  private proxiedIdleMs = 0;
+  private seenActivity = -1;
+  private seenActiveAt = 0;
+  /** When the client, told to go, is destroyed if it has not closed (0 = not closing). */
+  private closeBy = 0;
 
   constructor(
     protected readonly ctx: ProxyContext,
@@ -78,8 +125,19 @@ export abstract class ClientSession implements SessionHandle {
     this.socket = conn.socket;
     this.secure = conn.secure;
     this.clientAddress = conn.remote.address;
-    this.closed = new Promise((r) => (this.resolveClosed = r));
     this.log = new LazyLog(ctx.log, () => ({ cid: this.cid, client: conn.remote.address }));
+    // Assigned here rather than as class fields: the loader names class-field closures at run time.
+    this.onIdleBound = () => this.onIdle();
+    this.onDataBound = (chunk) => this.handleData(chunk);
+  }
+
+  /** Resolves when the session is gone. */
+  get closed(): Promise<void> {
+    if (!this.closedPromise) {
+      if (this.phase === 'closed') this.closedPromise = Promise.resolve();
+      else this.closedPromise = new Promise((r) => (this.resolveClosed = r));
+    }
+    return this.closedPromise;
   }
 
   /** Connection id in log lines (made when first asked for). */
@@ -98,7 +156,7 @@ export abstract class ClientSession implements SessionHandle {
 
   start(): void {
     this.ctx.sessions.add(this);
-    this.ctx.metrics.connections.inc({ protocol: this.protocol });
+    this.ctx.metrics.connections.inc(PROTOCOL_LABELS[this.protocol]);
     this.attach(this.socket);
     this.write(this.greeting());
     this.armIdle(this.ctx.config.timeouts.preLoginMs);
@@ -219,7 +277,7 @@ export abstract class ClientSession implements SessionHandle {
     const b = backend.socket;
     this.backend = b;
     this.phase = 'proxying';
-    const labels = { protocol: this.protocol, pair: this.pair ?? 'unknown', role: 'proxy' };
+    const labels = sessionLabelsFor(this.protocol, this.pair ?? 'unknown');
     this.ctx.metrics.sessions.inc(labels);
     this.ctx.metrics.sessionsTotal.inc(labels);
     this.sessionLabels = labels;
@@ -248,15 +306,9 @@ export abstract class ClientSession implements SessionHandle {
     }
     this.input = backend.input;
     backend.input.startRelay(b, c);
-    const idle = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
-    if (idle > 0) {
-      const onIdle = () => {
-        this.log.info({ idleMs: idle }, 'session idle timeout');
-        this.kick('idle timeout');
-      };
-      c.setTimeout(idle, onIdle);
-      b.setTimeout(idle, onIdle);
-    }
+    // The idle timeout (no bytes either way) is the registry's sweep's: see sweep().
+    this.proxiedIdleMs = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
+    this.seenActiveAt = Date.now();
     b.on('error', (err) => {
       this.endReason = `backend error: ${(err as NodeJS.ErrnoException).code ?? err.message}`;
     });
@@ -291,13 +343,35 @@ export abstract class ClientSession implements SessionHandle {
     this.flushedOut = this.bytesOut;
   }
 
-  /** Ends the client side and destroys it if the client does not close within a bound. */
+  /**
+   * Called about once a second by the registry for every open session: closes a spliced session
+   * whose byte counters have not moved for its idle time, and destroys a client that was told to
+   * go and has not closed within CLOSE_GRACE_MS. (Instead of timers on both sockets, refreshed
+   * on every read and write, and a timer per closing client.)
+   */
+  sweep(now: number): void {
+    if (this.phase === 'closed') return;
+    if (this.closeBy !== 0) {
+      if (now >= this.closeBy) this.socket.destroy();
+      return;
+    }
+    if (this.phase !== 'proxying' || this.proxiedIdleMs <= 0) return;
+    const activity = this.bytesIn + (this.input ? this.input.relayed : 0);
+    if (activity !== this.seenActivity) {
+      this.seenActivity = activity;
+      this.seenActiveAt = now;
+      return;
+    }
+    if (now - this.seenActiveAt >= this.proxiedIdleMs) {
+      this.log.info({ idleMs: this.proxiedIdleMs }, 'session idle timeout');
+      this.kick('idle timeout');
+    }
+  }
+
+  /** Ends the client side; the sweep destroys it if the client does not close within a bound. */
   private endClient(): void {
-    const c = this.socket;
-    c.end();
-    const t = setTimeout(() => c.destroy(), 5000);
-    t.unref();
-    c.once('close', () => clearTimeout(t));
+    this.socket.end();
+    if (this.closeBy === 0) this.closeBy = Date.now() + CLOSE_GRACE_MS;
   }
 
   /** Closes the session with the protocol's goodbye (pair down, graceful stop, idle). */
@@ -325,11 +399,14 @@ export abstract class ClientSession implements SessionHandle {
     this.stopIdle();
     this.backend?.destroy();
     if (!this.socket.destroyed) this.socket.destroy();
-    this.ctx.metrics.connections.dec({ protocol: this.protocol });
+    this.ctx.metrics.connections.dec(PROTOCOL_LABELS[this.protocol]);
+    this.ctx.sessions.remove(this);
+    this.conn.slots?.release(this.clientAddress);
     if (wasProxying) {
       if (this.sessionLabels) this.ctx.metrics.sessions.dec(this.sessionLabels);
       this.flushBytes();
-      this.ctx.metrics.closed.inc({ protocol: this.protocol, reason: reason.split(':')[0]! });
+      const colon = reason.indexOf(':');
+      this.ctx.metrics.closed.inc(closedLabels(this.protocol, colon < 0 ? reason : reason.slice(0, colon)));
       this.log.info(
         { user: this.uid, pair: this.pair, client: this.clientAddress, bytesIn: this.bytesIn, bytesOut: this.bytesOut, durationMs: Date.now() - this.started, reason },
         'session ended',
@@ -337,6 +414,6 @@ export abstract class ClientSession implements SessionHandle {
     } else {
       this.log.debug({ reason, durationMs: Date.now() - this.started }, 'connection ended before login');
     }
-    this.resolveClosed();
+    this.resolveClosed?.();
   }
 }

@@ -15,9 +15,9 @@ import { RedisBus } from '../../common/redis-bus.ts';
 import { Writable } from 'node:stream';
 import { silentLogger, createLogger } from '../../common/log.ts';
 import { LazyLog } from '../../proxy/lazy-log.ts';
-import { ProtocolError, TimeoutError, UnavailableError } from '../../common/errors.ts';
+import { AuthError, ProtocolError, TimeoutError, UnavailableError } from '../../common/errors.ts';
 import net from 'node:net';
-import { LineReader } from '../../proxy/backend.ts';
+import { connectAndLogin } from '../../proxy/backend.ts';
 import { startRedis, type RedisServer } from '../helpers/redis.ts';
 import { waitFor } from '../helpers/net.ts';
 
@@ -213,53 +213,125 @@ describe('LazyLog (a session logger whose pino child is made on the first line w
   });
 });
 
-describe('LineReader (the master-login dialogue reader: one deadline timer per reader)', () => {
-  const pairOfSockets = async (): Promise<{ server: net.Server; near: net.Socket; far: net.Socket }> => {
-    const server = net.createServer();
+describe('connectAndLogin (the master-login dialogue: a state machine fed from the socket reads, one timer)', () => {
+  /** A one-connection server that answers each line the proxy sends with `script(line)` (what it writes back). */
+  const fakePair = async (greeting: string | string[], script: (line: string, write: (s: string) => void) => void) => {
+    const server = net.createServer((s) => {
+      const parts = Array.isArray(greeting) ? greeting : [greeting];
+      // The greeting in pieces, some apart in time: the dialogue must wait for whole lines (and literals).
+      parts.forEach((p, i) => setTimeout(() => s.write(p), i * 15));
+      let buf = '';
+      s.on('data', (d: Buffer) => {
+        buf += d.toString('latin1');
+        let i: number;
+        while ((i = buf.indexOf('\r\n')) >= 0) {
+          const line = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          script(line, (t) => s.write(t));
+        }
+      });
+      s.on('error', () => undefined);
+    });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-    const farP = new Promise<net.Socket>((r) => server.once('connection', r));
-    const near = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-    await new Promise((r) => near.once('connect', r));
-    return { server, near, far: await farP };
+    return { server, port: (server.address() as net.AddressInfo).port };
   };
+  const login = { uid: 'alice', masterUser: 'm', masterSecret: 's', client: { address: '192.0.2.7', port: 4242 }, timeoutMs: 5000 };
 
-  it('reads lines and literals that arrive in pieces over several waits, then times out at the deadline', async () => {
-    const { server, near, far } = await pairOfSockets();
+  it('IMAP: reads a greeting that arrives in pieces with a literal, pipelines ID and AUTHENTICATE, keeps the bytes after the answer', async () => {
+    const seen: string[] = [];
+    const { server, port } = await fakePair(['* OK [CAPABILITY IMAP4rev1 SASL-IR] he', 'llo {5}\r\nab', 'cde\r\n'], (line, write) => {
+      seen.push(line);
+      const [tag, cmd] = line.split(' ');
+      if (cmd === 'ID') write(`* ID NIL\r\n${tag} OK ID done\r\n`);
+      if (cmd === 'AUTHENTICATE') write(`${tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n* 3 EXISTS\r\n`);
+    });
     try {
-      const reader = new LineReader(near, Date.now() + 300);
-      far.write('* OK he');
-      setTimeout(() => far.write('llo\r\n* 1 FETCH {5}\r\nab'), 20);
-      setTimeout(() => far.write('cde)\r\n'), 40);
-      expect(await reader.line(true)).toBe('* OK hello');
-      expect(await reader.line(true)).toBe('* 1 FETCH {5}abcde)');
-      const started = Date.now();
-      await expect(reader.line()).rejects.toBeInstanceOf(TimeoutError);
-      // Bounded, not timed: the wait ends at the deadline, not never (generous for a loaded machine).
-      expect(Date.now() - started).toBeLessThan(5000);
-      // Later waits fail at once, and detach leaves no timer or listener behind.
-      await expect(reader.line()).rejects.toBeInstanceOf(TimeoutError);
-      expect(reader.detach().length).toBe(0);
-      expect(near.listenerCount('data')).toBe(0);
+      const b = await connectAndLogin('imap', { host: '127.0.0.1', port }, 2000, login);
+      expect(b.capabilities).toBe('IMAP4rev1 IDLE');
+      expect(b.okLine).toMatch(/^pg2 OK/);
+      expect(seen[0]).toBe('pg1 ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "4242")');
+      expect(seen[1]).toBe(`pg2 AUTHENTICATE PLAIN ${Buffer.from('alice\0m\0s').toString('base64')}`);
+      // What came after the login answer is handed on (the session writes it to the client first).
+      expect(b.leftover.toString()).toBe('* 3 EXISTS\r\n');
+      b.socket.destroy();
     } finally {
-      near.destroy();
-      far.destroy();
       server.close();
     }
   });
 
-  it('fails a wait when the backend closes, and returns bytes past the last line on detach', async () => {
-    const { server, near, far } = await pairOfSockets();
+  it('IMAP without SASL-IR: CAPABILITY first, ID alone, then AUTHENTICATE answering the continuation', async () => {
+    const seen: string[] = [];
+    const { server, port } = await fakePair('* OK ready\r\n', (line, write) => {
+      seen.push(line);
+      const [tag, cmd] = line.split(' ');
+      if (cmd === 'CAPABILITY') write(`* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n${tag} OK done\r\n`);
+      else if (cmd === 'ID') write(`${tag} OK ID done\r\n`);
+      else if (cmd === 'AUTHENTICATE') write('+ \r\n');
+      else if (!line.startsWith('pg')) write('pg3 OK Logged in\r\n');
+    });
     try {
-      const reader = new LineReader(near, Date.now() + 5000);
-      far.write('+OK ready\r\nrest');
-      expect(await reader.line()).toBe('+OK ready');
-      far.end();
-      await expect(reader.line()).rejects.toBeInstanceOf(UnavailableError);
-      expect(reader.detach().toString()).toBe('rest');
+      const b = await connectAndLogin('imap', { host: '127.0.0.1', port }, 2000, login);
+      expect(seen.map((l) => l.split(' ').slice(0, 3).join(' '))).toEqual(['pg1 CAPABILITY', 'pg2 ID ("x-originating-ip"', 'pg3 AUTHENTICATE PLAIN', Buffer.from('alice\0m\0s').toString('base64'), 'pg4 CAPABILITY']);
+      // The login answer had no capabilities: asked again after it (pre-login ones do not count).
+      expect(b.capabilities).toBe('IMAP4rev1 AUTH=PLAIN');
+      expect(b.okLine).toBe('pg3 OK Logged in');
+      b.socket.destroy();
     } finally {
-      near.destroy();
-      far.destroy();
       server.close();
     }
+  });
+
+  it('POP3: XCLIENT and AUTH in one write; a refused master login is an AuthError, a temporary one UnavailableError', async () => {
+    for (const [answer, kind] of [
+      ['-ERR [AUTH] no', AuthError],
+      ['-ERR [SYS/TEMP] later', UnavailableError],
+    ] as const) {
+      const { server, port } = await fakePair('+OK ready\r\n', (line, write) => {
+        if (line.startsWith('XCLIENT')) write('+OK\r\n');
+        if (line.startsWith('AUTH')) write(`${answer}\r\n`);
+      });
+      try {
+        await expect(connectAndLogin('pop3', { host: '127.0.0.1', port }, 2000, login)).rejects.toBeInstanceOf(kind);
+      } finally {
+        server.close();
+      }
+    }
+    const { server, port } = await fakePair('+OK ready\r\n', (line, write) => {
+      if (line.startsWith('XCLIENT')) write('+OK\r\n');
+      if (line.startsWith('AUTH')) write('+OK Logged in.\r\nrest');
+    });
+    try {
+      const b = await connectAndLogin('pop3', { host: '127.0.0.1', port }, 2000, login);
+      expect(b.okLine).toBe('+OK Logged in.');
+      expect(b.leftover.toString()).toBe('rest');
+      b.socket.destroy();
+    } finally {
+      server.close();
+    }
+  });
+
+  it('times out at the login bound, fails when the pair closes, and when nothing listens', async () => {
+    const silent = await fakePair('* OK [CAPABILITY IMAP4rev1 SASL-IR] hello\r\n', () => undefined);
+    try {
+      const started = Date.now();
+      await expect(connectAndLogin('imap', { host: '127.0.0.1', port: silent.port }, 2000, { ...login, timeoutMs: 300 })).rejects.toBeInstanceOf(TimeoutError);
+      // Bounded, not timed: the wait ends at the deadline, not never (generous for a loaded machine).
+      expect(Date.now() - started).toBeLessThan(5000);
+    } finally {
+      silent.server.close();
+    }
+    const closing = await fakePair('+OK ready\r\n', (line, write) => {
+      if (line.startsWith('XCLIENT')) write('+OK\r\n');
+    });
+    closing.server.on('connection', (s) => setTimeout(() => s.end(), 50));
+    try {
+      await expect(connectAndLogin('pop3', { host: '127.0.0.1', port: closing.port }, 2000, login)).rejects.toBeInstanceOf(UnavailableError);
+    } finally {
+      closing.server.close();
+    }
+    const gone = await fakePair('', () => undefined);
+    gone.server.close();
+    await new Promise((r) => setTimeout(r, 20));
+    await expect(connectAndLogin('imap', { host: '127.0.0.1', port: gone.port }, 2000, login)).rejects.toThrow(/cannot connect/);
   });
 });
