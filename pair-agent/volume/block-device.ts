@@ -149,6 +149,26 @@ export class FileBlockDevice implements BlockDevice {
     this.pool = pool;
   }
 
+  /**
+   * A page-aligned buffer of DIRECT_CHUNK bytes from the device's pool, for a caller that fills it
+   * and writes from it (the replicated volume reads a peer's DATA frame straight into one): a write
+   * of a view of it starting at its first byte goes to the disk as it is, without the copy into an
+   * aligned buffer. Null when the device is not direct. Give it back with releaseAligned.
+   */
+  takeAligned(): Buffer | null {
+    if (!this.pool) return null;
+    try {
+      return this.pool.take();
+    } catch {
+      return null;
+    }
+  }
+
+  /** Returns a buffer from takeAligned (or any view of it) to the pool. */
+  releaseAligned(b: Buffer): void {
+    this.pool?.giveBack(b);
+  }
+
   /** True while writes bypass the page cache (O_DIRECT). */
   get direct(): boolean {
     return this.directFh !== null;
@@ -257,8 +277,12 @@ export class FileBlockDevice implements BlockDevice {
     const directHandle = () => (sync && !pieces ? this.directSync : this.directFh);
     const fh = directHandle();
     const pool = this.pool;
-    let slot: Buffer | null = null;
-    if (fh && pool) {
+    // Data already in one of the pool's aligned buffers (a peer's DATA frame read into it) is
+    // written from there; anything else is copied into a pooled buffer a piece at a time.
+    const only = Buffer.isBuffer(data) ? data : data.length === 1 ? data[0]! : null;
+    const inPlace = pool && only && pool.owns(only) ? only : null;
+    let slot: Buffer | null = inPlace;
+    if (fh && pool && !slot) {
       try {
         slot = pool.take();
       } catch {
@@ -268,7 +292,7 @@ export class FileBlockDevice implements BlockDevice {
     if (fh && pool && slot) {
       let written = false;
       try {
-        await writeDirect(fh, slot, offset, data);
+        await writeDirect(fh, slot, offset, data, inPlace !== null);
         written = true;
       } catch (err) {
         // EINVAL: the file system or the buffer's alignment refused O_DIRECT after all: the device
@@ -280,7 +304,7 @@ export class FileBlockDevice implements BlockDevice {
           this.dropDirect();
         }
       } finally {
-        pool.give(slot);
+        if (!inPlace) pool.give(slot);
       }
       if (written) {
         if (pieces) await this.handle().datasync();
@@ -381,6 +405,8 @@ export const DIRECT_CHUNK = 1024 * 1024;
  */
 export class AlignedPool {
   private free: Buffer[] = [];
+  /** Every buffer this pool made, by its memory: to recognise a view of one (aligned at its start). */
+  private readonly mine = new WeakSet<ArrayBufferLike>();
   private constructor(private readonly keep: number) {}
 
   static create(keep = 8): AlignedPool | null {
@@ -395,7 +421,21 @@ export class AlignedPool {
 
   take(): Buffer {
     if (!WasmMemory) throw new Error('no WebAssembly.Memory');
-    return this.free.pop() ?? Buffer.from(new WasmMemory({ initial: DIRECT_CHUNK / 65536, maximum: DIRECT_CHUNK / 65536 }).buffer);
+    const reused = this.free.pop();
+    if (reused) return reused;
+    const b = Buffer.from(new WasmMemory({ initial: DIRECT_CHUNK / 65536, maximum: DIRECT_CHUNK / 65536 }).buffer);
+    this.mine.add(b.buffer);
+    return b;
+  }
+
+  /** True when `b` is a view of one of this pool's buffers that starts on a block boundary. */
+  owns(b: Buffer): boolean {
+    return this.mine.has(b.buffer) && b.byteOffset % BLOCK_SIZE === 0;
+  }
+
+  /** Gives back the pool buffer `b` is a view of (take/give pairs for a caller that holds views). */
+  giveBack(b: Buffer): void {
+    if (this.mine.has(b.buffer)) this.give(Buffer.from(b.buffer, 0, DIRECT_CHUNK));
   }
 
   give(b: Buffer): void {
@@ -403,13 +443,19 @@ export class AlignedPool {
   }
 }
 
-/** Copies `data` into the aligned buffer `slot`, a piece at a time, and writes each piece with the O_DIRECT handle. */
-async function writeDirect(fh: FileHandle, slot: Buffer, offset: number, data: WriteData): Promise<void> {
+/**
+ * Copies `data` into the aligned buffer `slot`, a piece at a time, and writes each piece with the
+ * O_DIRECT handle; `inPlace`: `slot` is `data` itself (already aligned), written as it is.
+ */
+async function writeDirect(fh: FileHandle, slot: Buffer, offset: number, data: WriteData, inPlace = false): Promise<void> {
   const total = writeLength(data);
   for (let at = 0; at < total; at += DIRECT_CHUNK) {
     const n = Math.min(DIRECT_CHUNK, total - at);
-    let filled = 0;
-    for (const p of sliceWriteData(data, at, at + n)) filled += p.copy(slot, filled);
+    // In place: `slot` is the data (a view of a pool buffer, so one piece of at most DIRECT_CHUNK).
+    if (!inPlace) {
+      let filled = 0;
+      for (const p of sliceWriteData(data, at, at + n)) filled += p.copy(slot, filled);
+    }
     let done = 0;
     while (done < n) {
       // A short direct write ends on a boundary of the device's logical block (512 B or 4 KiB):

@@ -31,6 +31,13 @@ export const volumeConfigSchema = z
     /** A: written locally and sent; B: the peer received it; C: both disks have it (default). */
     protocol: z.enum(['A', 'B', 'C']).default('C'),
     resyncRateBytesPerSec: z.number().int().positive().default(100 * 1024 * 1024),
+    /**
+     * The largest piece of a write one DATA frame carries (64 KiB to 1 MiB, whole blocks). A larger
+     * write leaves as several frames sent together; the peer checks and writes each as it arrives
+     * while the next is on the way, then flushes once. Smaller pieces pay when the peer's disk is its
+     * own; on one shared disk (both nodes on one machine) the extra writes cost more than they save.
+     */
+    dataFrameBytes: z.number().int().min(64 * 1024).max(1024 * 1024).multipleOf(BLOCK_SIZE, `a multiple of ${BLOCK_SIZE}`).default(1024 * 1024),
     afterSb0Pri: z.enum(['disconnect', 'discard-zero-changes', 'discard-younger-primary', 'discard-least-changes']).default('disconnect'),
     afterSb1Pri: z.enum(['disconnect', 'consensus', 'discard-secondary']).default('disconnect'),
     pingIntervalMs: durationMs.min(10).default(200),

@@ -21,7 +21,7 @@ import { existsSync } from 'node:fs';
 import { BadInputError, ConflictError, ProtocolError, UnavailableError } from '../../common/errors.ts';
 import type { Logger } from '../../common/log.ts';
 import type { MetricsRegistry } from '../../common/metrics.ts';
-import { BLOCK_SIZE, FileBlockDevice, checkRange, sliceWriteData, writeLength, type BlockDevice, type WriteData } from './block-device.ts';
+import { BLOCK_SIZE, DIRECT_CHUNK, FileBlockDevice, checkRange, sliceWriteData, writeLength, type BlockDevice, type WriteData } from './block-device.ts';
 import type { VolumeConfig } from './config.ts';
 import {
   AL_EXTENTS,
@@ -43,8 +43,10 @@ import {
 import { compareUuids, splitBrainVictim, type SyncDecision } from './uuid-compare.ts';
 import { volumeMetrics, type VolumeMetrics } from './metrics.ts';
 import {
+  FLAG_MORE,
   FrameDecoder,
   FrameType,
+  MAX_PAYLOAD,
   authMatches,
   authResponse,
   decodeBlockWriteParts,
@@ -118,7 +120,7 @@ interface Link {
   closed: boolean;
   handshakeTimer: NodeJS.Timeout | null;
   /** Frames held until the end of this tick (see sendAfterLocalWrites), in link order; null when none. */
-  held: Array<{ type: FrameType; seq: number; payload: Buffer | Buffer[] | undefined }> | null;
+  held: Array<{ type: FrameType; seq: number; payload: Buffer | Buffer[] | undefined; flags?: number }> | null;
 }
 
 const RESYNC_RUN_BLOCKS = 64;
@@ -159,6 +161,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   private unflushedBytes = 0;
   /** Peer data writes (not resync blocks) queued and not yet started. */
   private queuedData = 0;
+  /** The link whose last applied DATA frame said MORE (its flush waits for the next one); else null. */
+  private moreFrom: Link | null = null;
   /** WriteAck sequence numbers gathered in this turn of the event loop: sent as one frame. */
   private ackBatch: number[] = [];
   /**
@@ -306,12 +310,24 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       // The DATA frame carries whole blocks: once sent, these blocks are the peer's business; a
       // lost link puts them back in the bitmap (pending writes are re-marked on disconnect).
       this.meta.bitmap.clearRange(first, blocks);
-      const seq = ++this.dataSeq;
       const needsPeer = this.config.protocol === 'A' ? 'none' : this.config.protocol === 'B' ? 'recv' : 'write';
-      if (needsPeer !== 'none') {
-        peerDone = new Promise<void>((resolve) => this.pending.set(seq, { first, blocks, needsPeer, done: resolve }));
+      // A write over config.dataFrameBytes leaves as several DATA frames (one checksum, one
+      // sequence number, one pending entry each; sent together, so all but the last say MORE): the
+      // peer verifies and writes each piece as it completes while the next is still on the way,
+      // then flushes once and acknowledges them all together. Durable on the peer = every piece's ack.
+      const waits: Array<Promise<void>> = [];
+      const pieceBytes = this.config.dataFrameBytes;
+      for (let at = 0; at < length; at += pieceBytes) {
+        const end = Math.min(length, at + pieceBytes);
+        const seq = ++this.dataSeq;
+        if (needsPeer !== 'none') {
+          waits.push(new Promise<void>((resolve) => this.pending.set(seq, { first: first + at / BLOCK_SIZE, blocks: (end - at) / BLOCK_SIZE, needsPeer, done: resolve })));
+        }
+        const piece = at === 0 && end === length ? data : sliceWriteData(data, at, end);
+        this.sendAfterLocalWrites(link, FrameType.Data, seq, encodeBlockWrite(offset + at, piece));
       }
-      this.sendAfterLocalWrites(link, FrameType.Data, seq, encodeBlockWrite(offset, data));
+      if (waits.length === 1) peerDone = waits[0]!;
+      else if (waits.length > 1) peerDone = Promise.all(waits).then(() => undefined);
       this.stats.dataBytesSent += length;
       this.metrics.bytesSent('data', length);
     } else {
@@ -616,7 +632,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   private async startLink(): Promise<void> {
     const { host, port } = this.splitHostPort(this.config.listen);
-    this.server = net.createServer((socket) => this.accepted(socket));
+    // Paused: an accepted connection is taken over by a socket that reads into our own buffers
+    // (see ownedReads) before any byte is read.
+    this.server = net.createServer({ pauseOnConnect: true }, (socket) => this.accepted(socket));
     this.server.on('error', (err) => this.log.error({ err: err.message }, 'volume: replication listener error'));
     await new Promise<void>((resolve, reject) => {
       this.server!.once('error', reject);
@@ -648,11 +666,12 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   private dial(): void {
     if (this.link || this.closed || this.connection === 'StandAlone') return;
     const { host, port } = this.splitHostPort(this.config.peer);
-    const socket = net.connect({ host, port });
+    const decoder = this.newDecoder();
+    const socket = net.connect({ host, port, onread: this.ownedReads(decoder) });
     const timer = setTimeout(() => socket.destroy(new Error('connect timeout')), this.config.connectTimeoutMs);
     socket.once('connect', () => {
       clearTimeout(timer);
-      this.startHandshake(socket);
+      this.startHandshake(socket, decoder);
     });
     socket.once('error', () => {
       clearTimeout(timer);
@@ -665,10 +684,53 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       socket.destroy();
       return;
     }
-    this.startHandshake(socket);
+    // Node gives `onread` (reads into buffers the caller owns) only to sockets it makes itself, not
+    // to accepted ones: the accepted connection's handle is moved into such a socket, as Node's own
+    // server does it (net.Socket's `handle` option). The paused socket has read nothing yet. Where
+    // the handle is not there to move (another Node), the connection is read as 'data' events.
+    const handle = (socket as unknown as { _handle?: { useUserBuffer?: unknown } | null })._handle;
+    if (handle && typeof handle.useUserBuffer === 'function') {
+      (socket as unknown as { _handle: unknown })._handle = null;
+      socket.destroy(); // frees nothing but the server's count of this connection
+      const decoder = this.newDecoder();
+      const owned = new net.Socket({ handle, readable: true, writable: true, onread: this.ownedReads(decoder) } as net.SocketConstructorOpts);
+      this.startHandshake(owned, decoder);
+      return;
+    }
+    socket.resume();
+    this.startHandshake(socket, new FrameDecoder());
   }
 
-  private startHandshake(socket: net.Socket): void {
+  private newDecoder(): FrameDecoder {
+    return new FrameDecoder(MAX_PAYLOAD, (type, length) => this.payloadTargets(type, length));
+  }
+
+  /**
+   * Where a received frame's payload goes. A DATA frame's blocks, on a secondary with a direct
+   * disk, go into an aligned buffer of the device's pool: read there straight from the socket, and
+   * written from there (no copy, and no fresh buffer per socket read for V8 to collect). The buffer
+   * goes back to the pool once the write is done (onPeerWrite). Anything else: a fresh buffer.
+   */
+  private payloadTargets(type: FrameType, length: number): Buffer[] | null {
+    if (type !== FrameType.Data || length <= 8 || length - 8 > DIRECT_CHUNK || this.role !== 'secondary' || !this.link?.authenticated) return null;
+    const slot = this.dev.takeAligned();
+    return slot ? [Buffer.allocUnsafe(8), slot.subarray(0, length - 8)] : null;
+  }
+
+  /** net.Socket `onread` options: the socket reads into the decoder's buffers; 'data' is not emitted. */
+  private ownedReads(decoder: FrameDecoder): { buffer: () => Buffer; callback: (n: number, buf: Buffer) => boolean } {
+    return {
+      buffer: () => decoder.readBuffer(),
+      callback: (n, buf) => {
+        const link = this.link;
+        // Not the current link's: a link already dropped, its socket closing.
+        if (link && link.decoder === decoder) this.onFrames(link, () => decoder.received(buf, n));
+        return true;
+      },
+    };
+  }
+
+  private startHandshake(socket: net.Socket, decoder: FrameDecoder): void {
     if (this.link) {
       socket.destroy();
       return;
@@ -677,7 +739,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     socket.setKeepAlive(true, 1000);
     const link: Link = {
       socket,
-      decoder: new FrameDecoder(),
+      decoder,
       sendSeq: 0,
       myNonce: randomBytes(32).toString('hex'),
       peerHello: null,
@@ -727,6 +789,11 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     const frames = link.held;
     link.held = null;
     if (!frames || link.closed) return;
+    // DATA frames leaving together: all but the last say MORE, so that the peer writes them as
+    // they arrive and makes them durable with one flush after the last (instead of a flush each).
+    let last = -1;
+    frames.forEach((f, i) => f.type === FrameType.Data && (last = i));
+    frames.forEach((f, i) => f.type === FrameType.Data && i < last && (f.flags = FLAG_MORE));
     try {
       this.writeFrames(link, frames);
     } catch (err) {
@@ -735,9 +802,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     }
   }
 
-  private writeFrames(link: Link, frames: ReadonlyArray<{ type: FrameType; seq: number; payload: Buffer | Buffer[] | undefined }>): void {
+  private writeFrames(link: Link, frames: ReadonlyArray<{ type: FrameType; seq: number; payload: Buffer | Buffer[] | undefined; flags?: number }>): void {
     link.socket.cork();
-    for (const f of frames) for (const part of encodeFrame(f.type, f.seq, f.payload)) link.socket.write(part);
+    for (const f of frames) for (const part of encodeFrame(f.type, f.seq, f.payload, f.flags)) link.socket.write(part);
     link.socket.uncork();
   }
 
@@ -748,10 +815,15 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   }
 
   private onData(link: Link, chunk: Buffer): void {
+    this.onFrames(link, () => link.decoder.push(chunk));
+  }
+
+  /** Takes the frames `decode` completes (ProtocolError: a bad frame, the link is dropped) and handles them in order. */
+  private onFrames(link: Link, decode: () => Frame[]): void {
     if (link.closed) return;
     let frames: Frame[];
     try {
-      frames = link.decoder.push(chunk);
+      frames = decode();
     } catch (err) {
       this.reject(link, 'bad-frame', (err as Error).message);
       return;
@@ -1175,18 +1247,24 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     if (offset + length > this.size) throw new ProtocolError(`write ${offset}+${length} is past the end of the volume (${this.size})`);
     if (resync && this.connection !== 'SyncTarget') throw new ProtocolError('resync data while not a sync target');
     const seq = f.seq;
+    // MORE: the primary sent further DATA frames with this one; the flush waits for the last of them.
+    const more = !resync && (f.flags & FLAG_MORE) !== 0;
     if (!resync && this.config.protocol === 'B') this.send(link, FrameType.RecvAck, 0, encodeSeq(seq));
     // One queue keeps the peer's order: a later write to a block always lands last.
     if (!resync) this.queuedData++;
     this.enqueueApply(link, async () => {
-      if (!resync) this.queuedData--;
+      if (!resync) {
+        this.queuedData--;
+        this.moreFrom = more ? link : null;
+      }
       if (this.meta.disk === 'Failed') {
+        this.dev.releaseAligned(data[0]!);
         if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
         return;
       }
-      // Protocol C with nothing else queued or flushing: one O_DSYNC write (one trip to the I/O
-      // threads, not two). Otherwise write now and share the next fdatasync (group commit).
-      const durableNow = !resync && this.config.protocol === 'C' && this.applyQueued === 1 && this.unflushed.length === 0 && this.dev.idle;
+      // Protocol C with nothing else queued, flushing or announced (MORE): one O_DSYNC write (one
+      // trip to the I/O threads, not two). Otherwise write now and share the next fdatasync.
+      const durableNow = !resync && !more && this.config.protocol === 'C' && this.applyQueued === 1 && this.unflushed.length === 0 && this.dev.idle;
       try {
         if (durableNow) await this.dev.writeDurable(offset, data);
         else await this.dev.writeNoSync(offset, data);
@@ -1194,6 +1272,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         this.diskFailed(err);
         if (!resync) this.send(link, FrameType.NegAck, 0, encodeSeq(seq));
         return;
+      } finally {
+        // The buffer the frame was read into (when it was one of the device's aligned ones) is free again.
+        this.dev.releaseAligned(data[0]!);
       }
       this.meta.bitmap.clearRange(offset / BLOCK_SIZE, length / BLOCK_SIZE);
       this.metaDirty = true;
@@ -1209,7 +1290,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         // 64 writes or 4 MiB, so that a streaming primary still sees its acks come in steps.
         this.unflushed.push({ link, seq });
         this.unflushedBytes += length;
-        if (this.queuedData === 0 || this.unflushed.length >= 64 || this.unflushedBytes >= 4 * 1024 * 1024) this.flushApplied();
+        if ((this.queuedData === 0 && !more) || this.unflushed.length >= 64 || this.unflushedBytes >= 4 * 1024 * 1024) this.flushApplied();
       }
     });
   }
@@ -1241,8 +1322,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       })
       .finally(() => {
         // The last queued step flushes for every write applied before it (any kind of step: a
-        // resync block or a refused write behind a data write must not leave it unacknowledged).
-        if (this.applyQueued === 1 && this.unflushed.length) this.flushApplied();
+        // resync block or a refused write behind a data write must not leave it unacknowledged),
+        // unless the last DATA frame said MORE and its link is up: the frame after it flushes.
+        if (this.applyQueued === 1 && this.unflushed.length && !(this.moreFrom && !this.moreFrom.closed)) this.flushApplied();
         this.applyQueued--;
       });
   }
@@ -1384,6 +1466,11 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     if (link.held) this.sendHeld(link);
     link.closed = true;
     if (link.handshakeTimer) clearTimeout(link.handshakeTimer);
+    if (this.moreFrom === link) {
+      // The rest of a batch will not come: what was applied of it is flushed now (its acks go nowhere).
+      this.moreFrom = null;
+      if (this.applyQueued === 0 && this.unflushed.length) this.flushApplied();
+    }
     link.socket.end();
     setTimeout(() => link.socket.destroy(), 200).unref();
     if (this.link !== link) return;

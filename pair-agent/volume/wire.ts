@@ -3,7 +3,7 @@
  *
  *   0  magic   u32  'PGVR'
  *   4  type    u8
- *   5  flags   u8   (0)
+ *   5  flags   u8   bit 0 (MORE, DATA frames): more DATA frames follow in the same batch (see FLAG_MORE)
  *   6  unused  u16
  *   8  seq     u32  sender's sequence number (data frames: the write's number)
  *   12 length  u32  payload bytes
@@ -46,6 +46,14 @@ export enum FrameType {
   PromoteReply = 18,
 }
 
+/**
+ * DATA frame flag: more DATA frames follow right behind this one (the rest of one large write cut
+ * into pieces, or other writes issued in the same tick). The peer writes a MORE frame without a
+ * flush of its own and makes it durable with the flush after the batch's last frame, which is sent
+ * in the same socket write. An older peer ignores the bit (it flushes per frame, as before).
+ */
+export const FLAG_MORE = 1;
+
 const KNOWN = new Set<number>(Object.values(FrameType).filter((v): v is number => typeof v === 'number'));
 
 /**
@@ -61,6 +69,7 @@ export class Frame {
     readonly seq: number,
     readonly parts: readonly Buffer[],
     readonly length: number,
+    readonly flags = 0,
   ) {}
 
   get payload(): Buffer {
@@ -70,7 +79,7 @@ export class Frame {
 }
 
 /** Header plus payload parts (not concatenated: a 1 MiB write is not copied to be framed). */
-export function encodeFrame(type: FrameType, seq: number, payload: Buffer | readonly Buffer[] = []): Buffer[] {
+export function encodeFrame(type: FrameType, seq: number, payload: Buffer | readonly Buffer[] = [], flags = 0): Buffer[] {
   const parts = Buffer.isBuffer(payload) ? [payload] : payload;
   let length = 0;
   let crc = 0;
@@ -82,6 +91,7 @@ export function encodeFrame(type: FrameType, seq: number, payload: Buffer | read
   const h = Buffer.alloc(HEADER_BYTES);
   h.writeUInt32BE(MAGIC, 0);
   h.writeUInt8(type, 4);
+  h.writeUInt8(flags, 5);
   h.writeUInt32BE(seq >>> 0, 8);
   h.writeUInt32BE(length, 12);
   h.writeUInt32BE(crc, 16);
@@ -90,20 +100,44 @@ export function encodeFrame(type: FrameType, seq: number, payload: Buffer | read
 }
 
 /**
+ * Where a frame's payload is read to, chosen when its header has been checked: buffers whose
+ * lengths add up to `length` (e.g. the 8-byte offset of a DATA frame, then an aligned buffer the
+ * disk write can go out from as it is). Null: a fresh buffer of `length` bytes.
+ */
+export type PayloadTargets = (type: FrameType, length: number) => Buffer[] | null;
+
+/**
  * Incremental decoder: feed it socket chunks, get whole, checked frames. The payload checksum
- * is carried along chunk by chunk as the bytes arrive, and the payload is kept as views of the
- * chunks, never copied into one buffer.
+ * is carried along chunk by chunk as the bytes arrive.
+ *
+ * Two ways to feed it:
+ * - `push(chunk)`: chunks the caller got from the socket ('data' events); the payload is kept as
+ *   views of the chunks, never copied into one buffer.
+ * - `readBuffer()` / `received(buf, n)`: the socket reads into buffers the decoder hands out
+ *   (net.Socket's `onread`). While a payload is being received that is the payload's own buffer
+ *   (see PayloadTargets), so its bytes land where they are needed straight from the kernel; between
+ *   payloads, a small scratch buffer, from which headers and small payloads are copied. No buffer is
+ *   allocated per read (a fresh 64 KiB buffer per read kept V8's full collections busy on the peer).
+ * Either way a frame is delivered only once its whole payload has arrived and matched its checksum.
  */
 export class FrameDecoder {
   /** A header split across chunks is gathered here. */
   private readonly hbuf = Buffer.alloc(HEADER_BYTES);
   private hfill = 0;
-  private header: { type: number; seq: number; length: number; crc: number } | null = null;
+  private header: { type: number; flags: number; seq: number; length: number; crc: number } | null = null;
   private parts: Buffer[] = [];
   private got = 0;
   private crc = 0;
+  /** Owned mode: the payload's target buffers, the one being filled, and how far. */
+  private targets: Buffer[] | null = null;
+  private ti = 0;
+  private tfill = 0;
+  private scratch: Buffer | null = null;
 
-  constructor(private readonly maxPayload = MAX_PAYLOAD) {}
+  constructor(
+    private readonly maxPayload = MAX_PAYLOAD,
+    private readonly targetsFor: PayloadTargets | null = null,
+  ) {}
 
   private parseHeader(h: Buffer): void {
     if (h.readUInt32BE(0) !== MAGIC) throw new ProtocolError('bad frame magic (not a pairgate replication peer, or a corrupted stream)');
@@ -112,7 +146,7 @@ export class FrameDecoder {
     if (!KNOWN.has(type)) throw new ProtocolError(`unknown frame type ${type}`);
     const length = h.readUInt32BE(12);
     if (length > this.maxPayload) throw new ProtocolError(`frame length ${length} is over the ${this.maxPayload}-byte limit`);
-    this.header = { type, seq: h.readUInt32BE(8), length, crc: h.readUInt32BE(16) };
+    this.header = { type, flags: h.readUInt8(5), seq: h.readUInt32BE(8), length, crc: h.readUInt32BE(16) };
     this.parts = [];
     this.got = 0;
     this.crc = 0;
@@ -120,6 +154,49 @@ export class FrameDecoder {
 
   /** Throws ProtocolError on the first bad frame; the caller must drop the connection. */
   push(chunk: Buffer): Frame[] {
+    return this.consume(chunk, false);
+  }
+
+  /**
+   * Owned mode: the buffer the next socket read should fill (a view of the current payload's
+   * target, at most the bytes it still lacks, or the scratch buffer between payloads).
+   */
+  readBuffer(): Buffer {
+    if (this.header && this.targets && this.got < this.header.length) {
+      while (this.tfill === this.targets[this.ti]!.length) {
+        this.ti++;
+        this.tfill = 0;
+      }
+      return this.targets[this.ti]!.subarray(this.tfill);
+    }
+    return (this.scratch ??= Buffer.allocUnsafeSlow(SCRATCH_BYTES));
+  }
+
+  /** Owned mode: `n` bytes were read into `buf` (the last readBuffer()). Throws ProtocolError as push does. */
+  received(buf: Buffer, n: number): Frame[] {
+    if (buf === this.scratch || !this.header || !this.targets) return this.consume(buf.subarray(0, n), true);
+    // Read straight into the payload's target: checksum it where it landed.
+    const h = this.header;
+    this.crc = crc32c(buf, this.crc, 0, n);
+    this.tfill += n;
+    this.got += n;
+    if (this.got < h.length) return [];
+    return this.finish();
+  }
+
+  private finish(): Frame[] {
+    const h = this.header!;
+    if (this.crc !== h.crc) throw new ProtocolError(`payload checksum mismatch in a type ${h.type} frame`);
+    const parts = this.targets ?? this.parts;
+    const f = new Frame(h.type as FrameType, h.seq, parts, h.length, h.flags);
+    this.header = null;
+    this.parts = [];
+    this.targets = null;
+    return [f];
+  }
+
+  /** `copy`: payload bytes are copied into the payload's targets (owned mode), else kept as views of `chunk`. */
+  private consume(chunk: Buffer, copy: boolean): Frame[] {
     const out: Frame[] = [];
     let at = 0;
     for (;;) {
@@ -136,21 +213,43 @@ export class FrameDecoder {
           this.hfill = 0;
           this.parseHeader(this.hbuf);
         }
+        if (copy) {
+          const len = this.header!.length;
+          const t = this.targetsFor?.(this.header!.type as FrameType, len) ?? null;
+          if (t && t.reduce((n, b) => n + b.length, 0) !== len) throw new Error('payload targets do not add up to the frame length');
+          this.targets = t ?? (len ? [Buffer.allocUnsafe(len)] : []);
+          this.ti = 0;
+          this.tfill = 0;
+        }
       }
       const h = this.header!;
-      const k = Math.min(h.length - this.got, chunk.length - at);
-      if (k > 0) {
-        const part = chunk.subarray(at, at + k);
-        this.crc = crc32c(part, this.crc);
-        this.parts.push(part);
-        this.got += k;
-        at += k;
+      if (copy) {
+        while (this.got < h.length && at < chunk.length) {
+          const t = this.targets![this.ti]!;
+          if (this.tfill === t.length) {
+            this.ti++;
+            this.tfill = 0;
+            continue;
+          }
+          const k = Math.min(t.length - this.tfill, chunk.length - at);
+          chunk.copy(t, this.tfill, at, at + k);
+          this.crc = crc32c(t, this.crc, this.tfill, this.tfill + k);
+          this.tfill += k;
+          this.got += k;
+          at += k;
+        }
+      } else {
+        const k = Math.min(h.length - this.got, chunk.length - at);
+        if (k > 0) {
+          const part = chunk.subarray(at, at + k);
+          this.crc = crc32c(part, this.crc);
+          this.parts.push(part);
+          this.got += k;
+          at += k;
+        }
       }
       if (this.got < h.length) break;
-      if (this.crc !== h.crc) throw new ProtocolError(`payload checksum mismatch in a type ${h.type} frame`);
-      out.push(new Frame(h.type as FrameType, h.seq, this.parts, h.length));
-      this.header = null;
-      this.parts = [];
+      out.push(...this.finish());
       if (at === chunk.length) break;
     }
     return out;
@@ -161,6 +260,9 @@ export class FrameDecoder {
     return this.hfill + (this.header ? HEADER_BYTES + this.got : 0);
   }
 }
+
+/** Owned mode's buffer between payloads: headers, acks and the first bytes of a payload land here. */
+const SCRATCH_BYTES = 16 * 1024;
 
 // --- payloads ---------------------------------------------------------------------------
 

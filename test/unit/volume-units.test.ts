@@ -139,6 +139,60 @@ describe('replication frames', () => {
     }
   });
 
+  it('owned reads: payloads land in the buffers chosen for them, straight from the read or copied from the scratch buffer', () => {
+    const block = Buffer.alloc(256 * 1024);
+    for (let i = 0; i < block.length; i++) block[i] = (i * 131 + 7) & 0xff;
+    const wire = Buffer.concat([
+      ...encodeFrame(FrameType.Ping, 1),
+      ...encodeFrame(FrameType.Data, 9, encodeBlockWrite(1 << 20, block), 1),
+      ...encodeFrame(FrameType.State, 2, Buffer.from('{"x":1}')),
+      ...encodeFrame(FrameType.Data, 10, encodeBlockWrite(4096, block.subarray(0, 4096))),
+    ]);
+    for (const step of [1, 5, 24, 1000, 65536, wire.length]) {
+      const targets: Buffer[] = [];
+      const d = new FrameDecoder(MAX_PAYLOAD, (type, length) => {
+        if (type !== FrameType.Data) return null;
+        const t = Buffer.alloc(length - 8);
+        targets.push(t);
+        return [Buffer.alloc(8), t];
+      });
+      const frames = [];
+      // A socket that fills at most `step` bytes of whatever buffer it is given.
+      for (let at = 0; at < wire.length; ) {
+        const buf = d.readBuffer();
+        const n = Math.min(step, buf.length, wire.length - at);
+        wire.copy(buf, 0, at, at + n);
+        at += n;
+        frames.push(...d.received(buf, n));
+      }
+      expect(frames.map((f) => [f.type, f.seq, f.flags])).toEqual([[FrameType.Ping, 1, 0], [FrameType.Data, 9, 1], [FrameType.State, 2, 0], [FrameType.Data, 10, 0]]);
+      const w = decodeBlockWriteParts(frames[1]!);
+      expect(w.offset).toBe(1 << 20);
+      expect(w.data).toEqual([targets[0]]); // the chosen buffer itself, not a copy
+      expect(targets[0]!.equals(block)).toBe(true);
+      expect(decodeBlockWriteParts(frames[3]!).data[0]!.equals(block.subarray(0, 4096))).toBe(true);
+      expect(frames[2]!.payload.toString()).toBe('{"x":1}');
+      expect(d.pending).toBe(0);
+    }
+    // A flipped bit: caught whether the byte came through the scratch buffer or straight into the target.
+    for (const step of [1000, 65536, wire.length]) {
+      const bad = Buffer.from(wire);
+      bad[2 * HEADER_BYTES + 8 + 200_000] ^= 0x10;
+      const d = new FrameDecoder(MAX_PAYLOAD, (type, length) => (type === FrameType.Data ? [Buffer.alloc(8), Buffer.alloc(length - 8)] : null));
+      const got: number[] = [];
+      expect(() => {
+        for (let at = 0; at < bad.length; ) {
+          const buf = d.readBuffer();
+          const n = Math.min(step, buf.length, bad.length - at);
+          bad.copy(buf, 0, at, at + n);
+          at += n;
+          got.push(...d.received(buf, n).map((f) => f.type));
+        }
+      }).toThrow(/payload checksum/);
+      expect(got).toEqual([FrameType.Ping]); // nothing of the bad frame delivered
+    }
+  });
+
   const bad = (mutate: (b: Buffer) => void, message: RegExp) => {
     const b = Buffer.concat(encodeFrame(FrameType.State, 1, Buffer.from('{"role":"primary"}')));
     mutate(b);
@@ -356,6 +410,7 @@ describe('writes larger than one replication frame', () => {
       volumeConfigSchema.parse({
         name: 'big', dataFile: join(dir, `${name}.data`), metaFile: join(dir, `${name}.meta`), sizeBytes: 16 * 1024 * 1024,
         listen: `127.0.0.1:${ports[me]}`, peer: `127.0.0.1:${ports[peer]}`, secret: 'big-write-secret-0123', protocol: 'C',
+        dataFrameBytes: 256 * 1024, // each 1 MiB piece leaves as four DATA frames (MORE, MORE, MORE, last)
       });
     const a = await ReplicatedVolume.open(config(0, 1, 'a'), deps());
     const b = await ReplicatedVolume.open(config(1, 0, 'b'), deps());
@@ -377,6 +432,59 @@ describe('writes larger than one replication frame', () => {
       const [da, db] = await Promise.all([a.blockDigests(), b.blockDigests()]);
       expect(db).toEqual(da);
       expect(b.status().outOfSyncBytes).toBe(0);
+    } finally {
+      await a.close();
+      await b.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('DATA frames sent together (MORE)', () => {
+  it('the peer writes every frame of a batch and flushes once after the last, then acknowledges them all', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-more-'));
+    const ports = await Promise.all([0, 1].map(() => new Promise<number>((resolve) => {
+      const s = net.createServer();
+      s.listen(0, '127.0.0.1', () => {
+        const port = (s.address() as net.AddressInfo).port;
+        s.close(() => resolve(port));
+      });
+    })));
+    const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
+    const config = (me: number, peer: number, name: string) =>
+      volumeConfigSchema.parse({
+        name: 'more', dataFile: join(dir, `${name}.data`), metaFile: join(dir, `${name}.meta`), sizeBytes: 16 * 1024 * 1024,
+        listen: `127.0.0.1:${ports[me]}`, peer: `127.0.0.1:${ports[peer]}`, secret: 'more-frames-secret-0123', protocol: 'C',
+      });
+    const a = await ReplicatedVolume.open(config(0, 1, 'a'), deps());
+    const b = await ReplicatedVolume.open(config(1, 0, 'b'), deps());
+    try {
+      const deadline = Date.now() + 10_000;
+      while (!(a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate')) {
+        if (Date.now() > deadline) throw new Error(`not connected: ${JSON.stringify([a.status().connection, b.status().connection])}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await a.promote();
+      const peerDev = (b as unknown as { dev: FileBlockDevice }).dev;
+      let durable = 0;
+      const writeDurable = peerDev.writeDurable.bind(peerDev);
+      peerDev.writeDurable = (off, data) => {
+        durable++;
+        return writeDurable(off, data);
+      };
+      const one = Buffer.alloc(1024 * 1024, 0x5a);
+      const tail = Buffer.alloc(8192, 0xa5);
+      // As the store commits a 1 MiB delivery: two writes issued in one tick, two DATA frames.
+      const flushesBefore = peerDev.flushCount;
+      await Promise.all([a.write(1024 * 1024, one), a.write(2 * 1024 * 1024, tail)]);
+      expect(durable).toBe(0); // no O_DSYNC write (a flush) of its own for the first frame
+      expect(peerDev.flushCount - flushesBefore).toBe(1);
+      // A lone write still takes the one-trip O_DSYNC path on the peer.
+      await a.write(4 * 1024 * 1024, tail);
+      expect(durable).toBe(1);
+      const [da, db] = await Promise.all([a.blockDigests(), b.blockDigests()]);
+      expect(db).toEqual(da);
+      expect(a.status().outOfSyncBytes).toBe(0);
     } finally {
       await a.close();
       await b.close();
@@ -467,6 +575,38 @@ describe('FileBlockDevice direct writes (O_DIRECT)', () => {
       await direct.close();
       await buffered.close();
       expect(readFileSync(join(dir, 'direct.img')).equals(readFileSync(join(dir, 'buffered.img')))).toBe(true);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a write from one of the device\'s own aligned buffers goes out from it as it is, and lands', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pairgate-dev-inplace-'));
+    try {
+      const dev = await FileBlockDevice.open(join(dir, 'd.img'), { size: 4 * 1024 * 1024, create: true });
+      if (!dev.direct) return; // a file system without O_DIRECT: no aligned buffers to lend
+      const slot = dev.takeAligned()!;
+      expect(slot.length).toBe(DIRECT_CHUNK);
+      for (let i = 0; i < slot.length; i++) slot[i] = (i * 13 + 5) & 0xff;
+      const copies: Buffer[] = [];
+      const copy = Buffer.prototype.copy;
+      Buffer.prototype.copy = function (this: Buffer, ...args: Parameters<Buffer['copy']>) {
+        copies.push(this);
+        return copy.apply(this, args);
+      };
+      try {
+        await dev.write(8192, slot.subarray(0, 64 * 1024)); // durable, alone (O_DSYNC)
+        await dev.writeNoSync(1024 * 1024, [slot]); // the peer's no-sync path, a list of one
+        await dev.flush();
+      } finally {
+        Buffer.prototype.copy = copy;
+      }
+      expect(copies.filter((b) => b.buffer === slot.buffer)).toEqual([]); // never copied into another buffer
+      expect((await dev.read(8192, 64 * 1024)).equals(slot.subarray(0, 64 * 1024))).toBe(true);
+      expect((await dev.read(1024 * 1024, DIRECT_CHUNK)).equals(slot)).toBe(true);
+      dev.releaseAligned(slot.subarray(0, 4096));
+      expect(dev.takeAligned()).not.toBeNull();
+      await dev.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
