@@ -10,7 +10,7 @@ import type { RedisBus } from '../common/redis-bus.ts';
 import type { ProxyConfig } from './config.ts';
 import type { PairHealth } from './pair-health.ts';
 import type { AuthLimiter } from './rate-limit.ts';
-import type { ProxyMetrics } from './metrics.ts';
+import type { ProxyMetrics, ProxyTallies } from './metrics.ts';
 import type { TlsStore } from './tls.ts';
 
 export type Protocol = 'imap' | 'pop3';
@@ -131,6 +131,8 @@ export interface ProxyContext {
   pairHealth: PairHealth;
   limiter: AuthLimiter;
   metrics: ProxyMetrics;
+  /** Per-session counts for `metrics`, added to them when they are read. */
+  tallies: ProxyTallies;
   log: Logger;
   /** Load-balancer addresses: PROXY header required from them, refused from others. */
   loadBalancers: AddressList;

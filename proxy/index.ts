@@ -19,7 +19,7 @@ import type { Directory } from '../directory/types.ts';
 import { proxyConfigSchema, type ProxyConfig } from './config.ts';
 import { PairHealth } from './pair-health.ts';
 import { AuthLimiter } from './rate-limit.ts';
-import { proxyMetrics, proxyRegistry } from './metrics.ts';
+import { proxyMetrics, proxyRegistry, proxyTallies } from './metrics.ts';
 import { TlsStore } from './tls.ts';
 import { SessionRegistry, type ProxyContext } from './context.ts';
 import { startListener, type Listener } from './listener.ts';
@@ -109,7 +109,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     }, 1000);
     sweepTimer.unref();
     cleanup.push(() => clearInterval(sweepTimer));
-    const ctx: ProxyContext = { config, directory, pairHealth, limiter, metrics, log, loadBalancers, trustedBackends, tls, bus, sessions, stopping: false };
+    const ctx: ProxyContext = { config, directory, pairHealth, limiter, metrics, tallies: proxyTallies(metrics), log, loadBalancers, trustedBackends, tls, bus, sessions, stopping: false };
 
     pairHealth.on('change', (c) => {
       if (c.to !== 'down') return;

@@ -42,9 +42,8 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Counts the login's outcome (and its latency when it succeeded) and returns it. */
 function done(ctx: ProxyContext, protocol: Protocol, started: number, r: LoginResult): LoginResult {
-  const m = ctx.metrics;
-  m.logins.inc(protocol === 'imap' ? (r.ok ? LOGIN_LABELS.imap.ok : LOGIN_LABELS.imap[r.kind]) : r.ok ? LOGIN_LABELS.pop3.ok : LOGIN_LABELS.pop3[r.kind]);
-  if (r.ok) m.loginSeconds.observe(PROTOCOL_LABELS[protocol], (Date.now() - started) / 1000);
+  ctx.tallies.logins.add(protocol === 'imap' ? (r.ok ? LOGIN_LABELS.imap.ok : LOGIN_LABELS.imap[r.kind]) : r.ok ? LOGIN_LABELS.pop3.ok : LOGIN_LABELS.pop3[r.kind], 1);
+  if (r.ok) ctx.metrics.loginSeconds.observe(PROTOCOL_LABELS[protocol], (Date.now() - started) / 1000);
   return r;
 }
 
@@ -74,7 +73,8 @@ export async function proxyLogin(
   const started = Date.now();
 
   if (ctx.stopping) return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'proxy is shutting down' });
-  const verdict = await ctx.limiter.check(client.address, login);
+  // Without Redis (or with both limits off) the verdict is had without waiting.
+  const verdict = ctx.limiter.checkNow(client.address, login) ?? (await ctx.limiter.check(client.address, login));
   if (verdict.locked) {
     log.warn({ login, client: client.address, scope: verdict.scope, ipFailures: verdict.ipFailures, loginFailures: verdict.loginFailures }, 'login refused: too many failures');
     return done(ctx, protocol, started, { ok: false, kind: 'locked', message: 'too many failed logins' });

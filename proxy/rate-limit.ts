@@ -27,6 +27,7 @@ export interface LimitVerdict {
 }
 
 const LOCAL_MAX_ENTRIES = 100_000;
+const UNLIMITED: LimitVerdict = Object.freeze({ locked: false, ipFailures: 0, loginFailures: 0 });
 
 /** Logins are case-folded and bounded before they become keys. */
 export function loginKey(login: string): string {
@@ -82,6 +83,23 @@ export class AuthLimiter {
     }
   }
 
+  /**
+   * The verdict when it needs no Redis round trip: both limits off (nothing can lock), or no
+   * Redis configured (local counters only); null when check() must ask Redis.
+   */
+  checkNow(ip: string, login: string): LimitVerdict | null {
+    if (this.cfg.maxPerIp <= 0 && this.cfg.maxPerLogin <= 0) return UNLIMITED;
+    if (this.bus) return null;
+    return this.verdict(this.localGet(keys.authFailIp(ip)), this.localGet(keys.authFailUser(loginKey(login))));
+  }
+
+  private verdict(ipFailures: number, loginFailures: number): LimitVerdict {
+    const ipLocked = this.cfg.maxPerIp > 0 && ipFailures >= this.cfg.maxPerIp;
+    const loginLocked = this.cfg.maxPerLogin > 0 && loginFailures >= this.cfg.maxPerLogin;
+    if (ipLocked || loginLocked) this.metrics?.throttled.inc({ scope: ipLocked ? 'ip' : 'login' });
+    return { locked: ipLocked || loginLocked, ...(ipLocked ? { scope: 'ip' as const } : loginLocked ? { scope: 'login' as const } : {}), ipFailures, loginFailures };
+  }
+
   /** Current failure counts; the larger of Redis and local is taken (local covers Redis outages). */
   async check(ip: string, login: string): Promise<LimitVerdict> {
     const ipKey = keys.authFailIp(ip);
@@ -97,10 +115,7 @@ export class AuthLimiter {
         // Redis down: local counters only.
       }
     }
-    const ipLocked = this.cfg.maxPerIp > 0 && ipFailures >= this.cfg.maxPerIp;
-    const loginLocked = this.cfg.maxPerLogin > 0 && loginFailures >= this.cfg.maxPerLogin;
-    if (ipLocked || loginLocked) this.metrics?.throttled.inc({ scope: ipLocked ? 'ip' : 'login' });
-    return { locked: ipLocked || loginLocked, ...(ipLocked ? { scope: 'ip' as const } : loginLocked ? { scope: 'login' as const } : {}), ipFailures, loginFailures };
+    return this.verdict(ipFailures, loginFailures);
   }
 
   /** Counts a failure; returns the delay to apply before answering it. */

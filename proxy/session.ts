@@ -96,9 +96,9 @@ export abstract class ClientSession implements SessionHandle {
   /** Made only when someone waits for the end (the graceful stop, tests). */
   private closedPromise: Promise<void> | null = null;
   private resolveClosed: (() => void) | null = null;
-  private idleTimer: NodeJS.Timeout | null = null;
+  /** Pre-login idle bound (0 = none running) and when it was last restarted; the sweep enforces it. */
   private idleMs = 0;
-  private readonly onIdleBound: () => void;
+  private idleFrom = 0;
   private sawData = false;
   private backend: net.Socket | null = null;
   private bytesIn = 0;
@@ -126,8 +126,7 @@ export abstract class ClientSession implements SessionHandle {
     this.secure = conn.secure;
     this.clientAddress = conn.remote.address;
     this.log = new LazyLog(ctx.log, () => ({ cid: this.cid, client: conn.remote.address }));
-    // Assigned here rather than as class fields: the loader names class-field closures at run time.
-    this.onIdleBound = () => this.onIdle();
+    // Assigned here rather than as a class field: the loader names class-field closures at run time.
     this.onDataBound = (chunk) => this.handleData(chunk);
   }
 
@@ -156,7 +155,7 @@ export abstract class ClientSession implements SessionHandle {
 
   start(): void {
     this.ctx.sessions.add(this);
-    this.ctx.metrics.connections.inc(PROTOCOL_LABELS[this.protocol]);
+    this.ctx.tallies.connections.add(PROTOCOL_LABELS[this.protocol], 1);
     this.attach(this.socket);
     this.write(this.greeting());
     this.armIdle(this.ctx.config.timeouts.preLoginMs);
@@ -187,28 +186,19 @@ export abstract class ClientSession implements SessionHandle {
     this.onInput(chunk);
   }
 
-  /** (Re)starts the pre-login idle timer: the same timer restarted while its length stays the same. */
+  /** (Re)starts the pre-login idle bound (the sweep closes the session when it runs out; 0 = none). */
   protected armIdle(ms: number): void {
-    if (this.idleTimer && this.idleMs === ms) {
-      this.idleTimer.refresh();
-      return;
-    }
-    if (this.idleTimer) clearTimeout(this.idleTimer);
-    this.idleTimer = null;
-    if (ms <= 0) return;
-    this.idleMs = ms;
-    this.idleTimer = setTimeout(this.onIdleBound, ms);
-    this.idleTimer.unref();
+    this.idleMs = ms > 0 ? ms : 0;
+    this.idleFrom = Date.now();
   }
 
-  /** Stops the pre-login idle timer (login running, session closed). */
+  /** Stops the pre-login idle bound (login running, session closed). */
   private stopIdle(): void {
-    if (this.idleTimer) clearTimeout(this.idleTimer);
-    this.idleTimer = null;
+    this.idleMs = 0;
   }
 
   private onIdle(): void {
-    this.idleTimer = null;
+    this.idleMs = 0;
     this.log.info({ phase: this.phase }, 'pre-login idle timeout');
     const line = this.goodbye('idle timeout');
     if (line) this.write(line);
@@ -278,8 +268,8 @@ export abstract class ClientSession implements SessionHandle {
     this.backend = b;
     this.phase = 'proxying';
     const labels = sessionLabelsFor(this.protocol, this.pair ?? 'unknown');
-    this.ctx.metrics.sessions.inc(labels);
-    this.ctx.metrics.sessionsTotal.inc(labels);
+    this.ctx.tallies.sessions.add(labels, 1);
+    this.ctx.tallies.sessionsTotal.add(labels, 1);
     this.sessionLabels = labels;
     this.log.info('session proxied');
     c.off('data', this.onDataBound);
@@ -344,8 +334,9 @@ export abstract class ClientSession implements SessionHandle {
   }
 
   /**
-   * Called about once a second by the registry for every open session: closes a spliced session
-   * whose byte counters have not moved for its idle time, and destroys a client that was told to
+   * Called about once a second by the registry for every open session: closes a session idle
+   * before login for the pre-login time (no complete command), a spliced session whose byte
+   * counters have not moved for its idle time, and destroys a client that was told to
    * go and has not closed within CLOSE_GRACE_MS. (Instead of timers on both sockets, refreshed
    * on every read and write, and a timer per closing client.)
    */
@@ -353,6 +344,10 @@ export abstract class ClientSession implements SessionHandle {
     if (this.phase === 'closed') return;
     if (this.closeBy !== 0) {
       if (now >= this.closeBy) this.socket.destroy();
+      return;
+    }
+    if (this.idleMs > 0) {
+      if (now - this.idleFrom >= this.idleMs) this.onIdle();
       return;
     }
     if (this.phase !== 'proxying' || this.proxiedIdleMs <= 0) return;
@@ -399,14 +394,14 @@ export abstract class ClientSession implements SessionHandle {
     this.stopIdle();
     this.backend?.destroy();
     if (!this.socket.destroyed) this.socket.destroy();
-    this.ctx.metrics.connections.dec(PROTOCOL_LABELS[this.protocol]);
+    this.ctx.tallies.connections.add(PROTOCOL_LABELS[this.protocol], -1);
     this.ctx.sessions.remove(this);
     this.conn.slots?.release(this.clientAddress);
     if (wasProxying) {
-      if (this.sessionLabels) this.ctx.metrics.sessions.dec(this.sessionLabels);
+      if (this.sessionLabels) this.ctx.tallies.sessions.add(this.sessionLabels, -1);
       this.flushBytes();
       const colon = reason.indexOf(':');
-      this.ctx.metrics.closed.inc(closedLabels(this.protocol, colon < 0 ? reason : reason.slice(0, colon)));
+      this.ctx.tallies.closed.add(closedLabels(this.protocol, colon < 0 ? reason : reason.slice(0, colon)), 1);
       this.log.info(
         { user: this.uid, pair: this.pair, client: this.clientAddress, bytesIn: this.bytesIn, bytesOut: this.bytesOut, durationMs: Date.now() - this.started, reason },
         'session ended',

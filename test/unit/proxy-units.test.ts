@@ -10,7 +10,7 @@ import { decodeProxyHeader, looksLikeProxyHeader } from '../../proxy/proxy-proto
 import { validCredentials } from '../../proxy/login.ts';
 import { AuthLimiter } from '../../proxy/rate-limit.ts';
 import { proxyConfigSchema } from '../../proxy/config.ts';
-import { proxyRegistry } from '../../proxy/metrics.ts';
+import { proxyMetrics, proxyRegistry, proxyTallies } from '../../proxy/metrics.ts';
 import { RedisBus } from '../../common/redis-bus.ts';
 import { Writable } from 'node:stream';
 import { silentLogger, createLogger } from '../../common/log.ts';
@@ -161,6 +161,52 @@ describe('AuthLimiter', () => {
       await busB.close();
       if (!redis.proc.alive()) await redis.start();
     }
+  });
+});
+
+describe('AuthLimiter.checkNow (the verdict without a Redis round trip)', () => {
+  it('answers from local counters without Redis, leaves it to check() with Redis, and never locks with both limits off', async () => {
+    const cfg = { windowMs: 60_000, maxPerIp: 2, maxPerLogin: 5, delayStepMs: 0, maxDelayMs: 0 };
+    const local = new AuthLimiter(cfg, null, silentLogger);
+    expect(local.checkNow('192.0.2.9', 'eve')).toMatchObject({ locked: false, ipFailures: 0 });
+    await local.fail('192.0.2.9', 'eve');
+    await local.fail('192.0.2.9', 'Eve');
+    expect(local.checkNow('192.0.2.9', 'eve')).toMatchObject({ locked: true, scope: 'ip', ipFailures: 2, loginFailures: 2 });
+    expect(await local.check('192.0.2.9', 'eve')).toMatchObject({ locked: true, scope: 'ip' });
+    const withBus = new AuthLimiter(cfg, {} as RedisBus, silentLogger);
+    expect(withBus.checkNow('192.0.2.9', 'eve')).toBeNull();
+    const off = new AuthLimiter({ ...cfg, maxPerIp: 0, maxPerLogin: 0 }, {} as RedisBus, silentLogger);
+    expect(off.checkNow('192.0.2.9', 'eve')).toMatchObject({ locked: false });
+    for (const l of [local, withBus, off]) l.close();
+  });
+});
+
+describe('metric tallies (per-session counts added to the metrics when they are read)', () => {
+  it('shows counter and gauge changes at every read, a gauge back at zero included, and shares one tally per metric', async () => {
+    const registry = proxyRegistry({ role: 'proxy' });
+    const m = proxyMetrics(registry);
+    const t = proxyTallies(m);
+    expect(proxyTallies(proxyMetrics(registry)).sessions).toBe(t.sessions);
+    const labels = { protocol: 'imap', pair: 'pair-a', role: 'proxy' };
+    t.sessions.add(labels, 1);
+    t.sessionsTotal.add(labels, 1);
+    t.sessions.add(labels, 1);
+    let text = await registry.metrics();
+    expect(text).toMatch(/pairgate_sessions\{protocol="imap",pair="pair-a",role="proxy"\} 2\b/);
+    expect(text).toMatch(/pairgate_sessions_total\{protocol="imap",pair="pair-a",role="proxy"\} 1\b/);
+    t.sessions.add(labels, -1);
+    t.sessions.add(labels, 1);
+    t.sessions.add(labels, -2);
+    t.sessionsTotal.add(labels, 1);
+    // Direct updates of the same metric (as the SMTP side makes) add up with the tallied ones.
+    m.sessionsTotal.inc(labels);
+    text = await registry.metrics();
+    expect(text).toMatch(/pairgate_sessions\{protocol="imap",pair="pair-a",role="proxy"\} 0\b/);
+    expect(text).toMatch(/pairgate_sessions_total\{protocol="imap",pair="pair-a",role="proxy"\} 3\b/);
+    // A read of the one metric flushes it too.
+    t.logins.add({ protocol: 'pop3', result: 'ok' }, 1);
+    const logins = await m.logins.get();
+    expect(logins.values).toEqual([expect.objectContaining({ labels: { protocol: 'pop3', result: 'ok' }, value: 1 })]);
   });
 });
 
