@@ -3,7 +3,7 @@
  * a local file with no peer (the baseline, measured in the same run), then the resync rate and
  * the bytes a 1% dirty resync sends against a full sync.
  *
- *   npm run bench -- volume [--seconds 2] [--size-mib 256] [--peer-dir DIR] [--floor] [--compare-tree DIR]
+ *   npm run bench -- volume [--seconds 2] [--size-mib 256] [--peer-dir DIR] [--floor] [--compare-tree DIR] [--data-frame-kib N]
  *
  * On one machine both nodes' files share one disk, so the two fdatasyncs of a protocol C write
  * queue behind each other, which two real nodes never do; `--peer-dir` puts the peer's files
@@ -27,6 +27,10 @@
  * -C DIR`, node_modules symlinked), with its own files beside this pair's; each row then runs
  * local, then this tree's C and the other tree's C one after the other (the two C runs swap order
  * every row), so all three see the same load.
+ *
+ * `--data-frame-kib N` sets this tree's pair's `dataFrameBytes` (volume config: a larger write leaves
+ * as several DATA frames the peer writes as they arrive; default 1024, i.e. one frame per 1 MiB);
+ * the compare tree's pair keeps its default.
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -53,6 +57,7 @@ const { values: args } = parseArgs({
     'peer-dir': { type: 'string' },
     floor: { type: 'boolean', default: false },
     'compare-tree': { type: 'string' },
+    'data-frame-kib': { type: 'string' },
   },
 });
 const SECONDS = Number(args.seconds);
@@ -174,10 +179,11 @@ async function main(): Promise<void> {
     const ports = { a: await freePort(), b: await freePort() };
     const peerAdmin = await freePort();
     const base = { name: 'benchvol', sizeBytes: SIZE, secret: SECRET, protocol: 'C', resyncRateBytesPerSec: 2 * 1024 * 1024 * 1024 };
-    const cfgA = volumeConfigSchema.parse({ ...base, dataFile: join(dir.path, 'a.data'), metaFile: join(dir.path, 'a.meta'), listen: `127.0.0.1:${ports.a}`, peer: `127.0.0.1:${ports.b}` });
+    const frame = args['data-frame-kib'] ? { dataFrameBytes: Number(args['data-frame-kib']) * 1024 } : {};
+    const cfgA = volumeConfigSchema.parse({ ...base, ...frame, dataFile: join(dir.path, 'a.data'), metaFile: join(dir.path, 'a.meta'), listen: `127.0.0.1:${ports.a}`, peer: `127.0.0.1:${ports.b}` });
     const peerDir = args['peer-dir'] ? mkdtempSync(join(args['peer-dir'], 'pairgate-bench-peer-')) : dir.path;
     cleanupPeer = () => peerDir !== dir.path && rmSync(peerDir, { recursive: true, force: true });
-    const cfgB = { ...base, dataFile: join(peerDir, 'b.data'), metaFile: join(peerDir, 'b.meta'), listen: `127.0.0.1:${ports.b}`, peer: `127.0.0.1:${ports.a}`, admin: { host: '127.0.0.1', port: peerAdmin } };
+    const cfgB = { ...base, ...frame, dataFile: join(peerDir, 'b.data'), metaFile: join(peerDir, 'b.meta'), listen: `127.0.0.1:${ports.b}`, peer: `127.0.0.1:${ports.a}`, admin: { host: '127.0.0.1', port: peerAdmin } };
     writeFileSync(join(dir.path, 'b.yaml'), stringify(cfgB));
     const startPeer = async () => {
       peer = startProcess('volume-peer', process.execPath, [PAIRGATE_BIN, 'volume', 'serve', '--config', join(dir.path, 'b.yaml'), '--log-level', 'warn'], { cwd: REPO_ROOT });
@@ -265,7 +271,7 @@ async function main(): Promise<void> {
 
     const pad = (s: string, n: number) => s.padEnd(n);
     const num = (x: number, d = 1) => x.toFixed(d).padStart(9);
-    process.stdout.write(`\nvolume writes, one at a time with fdatasync, ${SECONDS} s each (${SIZE / 1048576} MiB volume; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir})\n`);
+    process.stdout.write(`\nvolume writes, one at a time with fdatasync, ${SECONDS} s each (${SIZE / 1048576} MiB volume; peer files in ${peerDir === dir.path ? 'the same folder (same disk)' : peerDir}; DATA frames of ${cfgA.dataFrameBytes / 1024} KiB at most)\n`);
     process.stdout.write(`${pad('write', 12)}${'local MiB/s'.padStart(12)}${'C MiB/s'.padStart(10)}${'local w/s'.padStart(11)}${'C w/s'.padStart(9)}${'C/local'.padStart(9)}\n`);
     for (const r of rows) process.stdout.write(`${pad(r.name, 12)}${num(r.local.mibs).padStart(12)}${num(r.c.mibs).padStart(10)}${num(r.local.ops, 0).padStart(11)}${num(r.c.ops, 0).padStart(9)}${num(r.c.mibs / r.local.mibs, 2).padStart(9)}\n`);
     if (compareTree) {
@@ -298,6 +304,7 @@ async function main(): Promise<void> {
         figures[`${key}_compare_tree_c_vs_local`] = Number((r.compare.mibs / r.local.mibs).toFixed(3));
       }
     }
+    figures.data_frame_kib = cfgA.dataFrameBytes / 1024;
     figures.resync_1pct_bytes = dirtyBytes;
     figures.full_sync_bytes = fullBytes;
     figures.full_sync_mib_s = Number(((fullBytes / 1048576) / (fullMs / 1000)).toFixed(1));
