@@ -62,6 +62,8 @@ export const directoryConfigSchema = z
     timeoutMs: durationMs.min(1).optional(),
     /** Service connections per server (operations are pipelined on each). */
     poolSize: z.number().int().min(1).max(64).optional(),
+    /** Most look-ups asked for in one turn of the event loop that share one LDAP search (1: no sharing). */
+    batchMax: z.number().int().min(1).max(64).optional(),
     /** Connections per server for user binds (one bind at a time on each). */
     authPoolSize: z.number().int().min(1).max(256).optional(),
     /** How long a server that failed is skipped before it is tried again. */
@@ -84,5 +86,6 @@ export const LDAP_DEFAULTS = {
   timeoutMs: 3_000,
   poolSize: 2,
   authPoolSize: 8,
+  batchMax: 16,
   retryDownMs: 5_000,
 };

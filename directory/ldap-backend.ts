@@ -4,13 +4,14 @@
  * ldapts Filter objects, so a value (whatever it contains) travels as an assertion value
  * and cannot change the filter; DNs of new entries are RFC 4514-escaped (escape.ts).
  */
-import { AndFilter, Attribute, Change, EqualityFilter, OrFilter, PresenceFilter, ResultCodeError, type Client, type Entry, type Filter } from 'ldapts';
+import { AndFilter, Attribute, Change, EqualityFilter, PresenceFilter, ResultCodeError, type Client, type Entry, type Filter } from 'ldapts';
 import { AuthError, ConflictError, LimitError, NotFoundError, UnavailableError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import type { DirectoryBackend, NewUserEntry } from './backend.ts';
 import { LDAP_DEFAULTS, type DirectoryConfig } from './config.ts';
 import { escapeDnValue, escapeFilterValue } from './escape.ts';
 import { LdapPool } from './ldap-pool.ts';
+import { ENTRIES_PER_LOOKUP, LookupBatcher, type LookupKind } from './ldap-batch.ts';
 import type { DirectoryMetrics } from './metrics.ts';
 import { PAIR_ATTRIBUTES, toPairRecord, toUserRecord, USER_ATTRIBUTES, type AttrMap, type PairParseProblem } from './records.ts';
 import type { PairRecord, UserRecord } from './types.ts';
@@ -24,6 +25,9 @@ function attrMap(entry: Entry): AttrMap {
   }
   return m;
 }
+
+/** The directory_ldap_seconds op label of a user search. */
+const SEARCH_OP: Record<LookupKind | 'batch', string> = { login: 'search_login', recipient: 'search_recipient', batch: 'search_batch' };
 
 const eq = (attribute: string, value: string) => new EqualityFilter({ attribute, value });
 
@@ -39,6 +43,7 @@ export class LdapBackend implements DirectoryBackend {
   private readonly pairsDn: string;
   private readonly log: Logger;
   private readonly warned = new Set<string>();
+  private readonly batcher: LookupBatcher;
 
   constructor(c: DirectoryConfig, deps: { log: Logger; metrics: DirectoryMetrics }) {
     this.log = deps.log;
@@ -58,9 +63,14 @@ export class LdapBackend implements DirectoryBackend {
       log: deps.log,
       metrics: deps.metrics,
     });
+    this.batcher = new LookupBatcher({
+      maxBatch: c.batchMax ?? LDAP_DEFAULTS.batchMax,
+      search: (filter, sizeLimit, op) => this.searchUsers(SEARCH_OP[op], filter, sizeLimit),
+      onBatch: (size, usable) => deps.metrics.ldapBatched.inc({ outcome: usable ? 'answered' : 'asked_again' }, size),
+    });
   }
 
-  private async searchUsers(op: string, filter: Filter, sizeLimit = 3): Promise<Entry[]> {
+  private async searchUsers(op: string, filter: Filter, sizeLimit = ENTRIES_PER_LOOKUP): Promise<Entry[]> {
     return this.pool.run(op, async (client: Client) => {
       try {
         const r = await client.search(this.usersDn, { scope: 'sub', filter, attributes: USER_ATTRIBUTES, sizeLimit });
@@ -95,15 +105,11 @@ export class LdapBackend implements DirectoryBackend {
   }
 
   async findLogin(login: string): Promise<UserRecord | null> {
-    const parts: Filter[] = [eq('uid', login)];
-    if (login.includes('@')) parts.push(eq('mail', login), eq('mailLocalAddress', login));
-    const entries = await this.searchUsers('search_login', parts.length === 1 ? parts[0]! : new OrFilter({ filters: parts }));
-    return this.pick(entries, login, 'login');
+    return this.pick(await this.batcher.lookup('login', login), login, 'login');
   }
 
   async findRecipient(address: string): Promise<UserRecord | null> {
-    const entries = await this.searchUsers('search_recipient', new OrFilter({ filters: [eq('mail', address), eq('mailLocalAddress', address)] }));
-    return this.pick(entries, address, 'recipient');
+    return this.pick(await this.batcher.lookup('recipient', address), address, 'recipient');
   }
 
   async bindUser(dn: string, password: string): Promise<void> {

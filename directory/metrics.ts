@@ -8,6 +8,8 @@ export function directoryMetrics(registry: MetricsRegistry = createRegistry({}, 
     /** layer: lru | redis; result: hit | miss. */
     cache: counter(registry, 'directory_cache_total', 'Directory cache look-ups by layer and result', ['layer', 'result'] as const),
     ldapSeconds: histogram(registry, 'directory_ldap_seconds', 'LDAP operation latency by operation', ['op'] as const),
+    /** Look-ups that shared one LDAP search (ldap-batch.ts); outcome: answered | asked_again (each asked alone after). */
+    ldapBatched: counter(registry, 'directory_ldap_batched_lookups_total', 'Look-ups sent in a shared LDAP search, by outcome', ['outcome'] as const),
     /** kind: connect | timeout | closed | tls | server | other. */
     ldapErrors: counter(registry, 'directory_ldap_errors_total', 'LDAP errors that made a server skipped, by kind', ['kind'] as const),
     /** result: ok | fail | error. */

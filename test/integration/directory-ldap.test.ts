@@ -99,6 +99,40 @@ describe('LDAP specifics', () => {
     await waitFor(() => sockets() <= before, 5000, 'LDAP sockets closed');
   });
 
+  it('look-ups asked together share one search and get the answers each would get alone', async () => {
+    // An entry whose uid is not ASCII: a batch that brings it back is asked again one by one.
+    const c = new Client({ url: slapd.url, timeout: 5000, connectTimeout: 5000 });
+    await c.bind(slapd.adminDn, slapd.adminPassword);
+    await c.add(`uid=zoë,ou=people,${BASE}`, { objectClass: ['inetOrgPerson', 'inetLocalMailRecipient'], uid: 'zoë', cn: 'z', sn: 'z', mail: 'zoe@example.net', mailHost: 'pair-04' });
+    await c.unbind();
+    const registry = createRegistry({}, false);
+    const batched = await openDirectory(lookupConfig([slapd.url]), { log: silentLogger, registry });
+    const alone = await openDirectory(lookupConfig([slapd.url], { batchMax: 1 }), { log: silentLogger });
+    const logins = ['alice', 'ALICE', 'alice@example.net', 'A.Example@EXAMPLE.net', 'postmaster@example.net', 'bob', 'robert@example.org', 'carol', 'dave', 'nobody', 'nobody@example.net', '*)(uid=*', 'al ice', 'zoë'];
+    const recipients = ['alice@example.net', 'Robert@Example.ORG', 'bob', 'nobody@example.net'];
+    const uidOf = (u: { uid: string } | null) => u?.uid ?? null;
+    const answer = async (d: Directory, i: number) => {
+      const [l, r] = await Promise.all([Promise.all(logins.map((x) => d.findLogin(x).then(uidOf))), Promise.all(recipients.map((x) => d.findRecipient(x).then(uidOf)))]);
+      return [...l, ...r, i];
+    };
+    const want = [];
+    for (const x of logins) want.push(uidOf(await alone.findLogin(x)));
+    for (const x of recipients) want.push(uidOf(await alone.findRecipient(x)));
+    expect(want.slice(0, 8)).toEqual(['alice', 'alice', 'alice', 'alice', 'alice', 'bob', 'bob', 'carol']);
+    expect(await answer(batched, 0)).toEqual([...want, 0]);
+    const counted = (outcome: string) => Number(new RegExp(`directory_ldap_batched_lookups_total\\{outcome="${outcome}"\\} (\\d+)`).exec(registryText)?.[1] ?? 0);
+    let registryText = await registry.metrics();
+    expect(counted('answered')).toBeGreaterThan(10);
+    expect(counted('asked_again')).toBe(0);
+    // zoë's entry comes back for zoe@example.net: that batch is asked again, one look-up at a time, with the same answers.
+    const withZoe = await Promise.all(['alice', 'zoe@example.net', 'bob'].map((x) => batched.findLogin(x).then(uidOf)));
+    expect(withZoe).toEqual(['alice', 'zoë', 'bob']);
+    registryText = await registry.metrics();
+    expect(counted('asked_again')).toBe(3);
+    await batched.close();
+    await alone.close();
+  });
+
   it('binds as the service account and reads as it', async () => {
     const d = await openDirectory(lookupConfig([slapd.url]), { log: silentLogger });
     try {
