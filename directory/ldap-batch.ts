@@ -23,9 +23,12 @@
  *   this comparison does not model (Unicode case folding, characters the preparation drops), so
  *   a batch answer holding one is not used.
  * A batch whose answer is not used, that holds an entry matching none of its look-ups, or that
- * hits the size limit is asked again one look-up at a time; a look-up with more entries than a
+ * hits the size limit (more entries than 3 per look-up: ldapts returns a search cut short by
+ * its size limit without an error, so the batch asks for one entry more and counts) is asked
+ * again one look-up at a time; a look-up with more entries than a
  * single search allows is asked alone. So a batch never answers differently from the searches it
- * replaces.
+ * replaces. (Assumed: no server-side size limit for the service account below 3 x batchMax + 1;
+ * a lower one would cut a batch short unseen, as it would cut a single search below 3.)
  */
 import { EqualityFilter, OrFilter, type Entry, type Filter } from 'ldapts';
 import { ConflictError } from '../common/errors.ts';
@@ -161,9 +164,14 @@ export class LookupBatcher {
       return;
     }
     const filter = new OrFilter({ filters: batch.flatMap((p) => lookupAttributes(p.kind, p.value).map((attribute) => new EqualityFilter({ attribute, value: p.value }))) });
-    this.opts.search(filter, ENTRIES_PER_LOOKUP * batch.length, 'batch').then(
+    // One entry over what the batch may use: ldapts hands back the entries that came before a
+    // client size limit with no error (sizeLimitExceeded is not thrown when a limit was asked
+    // for), so an answer cut short is only seen by its length. More than `limit` entries: the
+    // answer may be incomplete (a look-up's entry among those left out), asked again one by one.
+    const limit = ENTRIES_PER_LOOKUP * batch.length;
+    this.opts.search(filter, limit + 1, 'batch').then(
       (entries) => {
-        const per = attribute(batch, entries);
+        const per = entries.length > limit ? null : attribute(batch, entries);
         this.opts.onBatch?.(batch.length, per !== null);
         if (!per) {
           for (const p of batch) this.sendAlone(p);
@@ -175,7 +183,7 @@ export class LookupBatcher {
         }
       },
       (err: unknown) => {
-        // Over the size limit (searchUsers' ConflictError): too many entries for the batch as a whole.
+        // Over a size limit reported as an error (searchUsers' ConflictError): asked again one by one.
         if (err instanceof ConflictError) {
           this.opts.onBatch?.(batch.length, false);
           for (const p of batch) this.sendAlone(p);

@@ -133,6 +133,26 @@ describe('LDAP specifics', () => {
     await alone.close();
   });
 
+  it('a batch cut short by its size limit is asked again (ldapts returns the entries before the limit without an error)', async () => {
+    // Seven entries share an alias; one more user is added after them (a later entry ID).
+    const c = new Client({ url: slapd.url, timeout: 5000, connectTimeout: 5000 });
+    await c.bind(slapd.adminDn, slapd.adminPassword);
+    for (let i = 1; i <= 7; i++) {
+      await c.add(`uid=crowd${i},ou=people,${BASE}`, { objectClass: ['inetOrgPerson', 'inetLocalMailRecipient'], uid: `crowd${i}`, cn: 'c', sn: 'c', mail: `crowd${i}@example.net`, mailLocalAddress: 'crowd@example.net', mailHost: 'pair-01' });
+    }
+    await c.add(`uid=straggler,ou=people,${BASE}`, { objectClass: ['inetOrgPerson', 'inetLocalMailRecipient'], uid: 'straggler', cn: 'l', sn: 'l', mail: 'straggler@example.net', mailHost: 'pair-02' });
+    await c.unbind();
+    const batched = await openDirectory(lookupConfig([slapd.url]), { log: silentLogger });
+    const alone = await openDirectory(lookupConfig([slapd.url], { batchMax: 1 }), { log: silentLogger });
+    const uidOf = (u: { uid: string } | null) => u?.uid ?? null;
+    const want = [uidOf(await alone.findRecipient('crowd@example.net')), uidOf(await alone.findLogin('straggler'))];
+    expect(want[1]).toBe('straggler');
+    // Two look-ups: a limit of 6 (or 7) entries, eight match.
+    expect(await Promise.all([batched.findRecipient('crowd@example.net').then(uidOf), batched.findLogin('straggler').then(uidOf)])).toEqual(want);
+    await batched.close();
+    await alone.close();
+  });
+
   it('binds as the service account and reads as it', async () => {
     const d = await openDirectory(lookupConfig([slapd.url]), { log: silentLogger });
     try {
