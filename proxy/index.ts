@@ -102,13 +102,20 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     const sessions = new SessionRegistry();
     // One timer for every session: idle timeouts and closing bounds each second, the byte
     // metric every fifth second.
+    // After stop() it runs on (unref'd) until the last session is gone: a client kicked at the
+    // stop that has not closed yet is still destroyed when its close grace runs out.
     let ticks = 0;
+    let draining = false;
     const sweepTimer = setInterval(() => {
       sessions.sweep();
       if (++ticks % 5 === 0) sessions.flushBytes();
+      if (draining && sessions.size === 0) clearInterval(sweepTimer);
     }, 1000);
     sweepTimer.unref();
-    cleanup.push(() => clearInterval(sweepTimer));
+    cleanup.push(() => {
+      if (sessions.size === 0) clearInterval(sweepTimer);
+      else draining = true;
+    });
     const ctx: ProxyContext = { config, directory, pairHealth, limiter, metrics, tallies: proxyTallies(metrics), log, loadBalancers, trustedBackends, tls, bus, sessions, stopping: false };
 
     pairHealth.on('change', (c) => {

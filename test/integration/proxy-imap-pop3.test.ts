@@ -943,6 +943,13 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(answer).toMatch(/^a1 OK/);
     const finisher = await imapLogin(p3port, 'alice', 'alice-pass');
     expect(finisher.answer).toMatch(/^a1 OK/);
+    // A client that never closes its side: once told to go, it is destroyed after the close
+    // grace (5 s) even when that ends after stop() returned.
+    const stubborn = net.connect({ port: p3port, allowHalfOpen: true });
+    let stubbornClosed = false;
+    stubborn.on('error', () => undefined);
+    stubborn.on('close', () => (stubbornClosed = true));
+    await new Promise((r) => stubborn.once('data', r));
     const stopping = p3.stop(3000); // long enough for the finishing session on a loaded machine
     await expect(LineClient.connect(p3port)).rejects.toThrow();
     // Within the grace time a session goes on: its commands reach the pair and it logs out itself.
@@ -955,6 +962,16 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(await c.until(/^\* BYE/, 10_000)).toMatch(/shutting down/);
     await c.closed;
     await stopping;
+    // Destroyed by the proxy (its close grace ran out): what the client writes now is reset.
+    await waitFor(
+      async () => {
+        if (!stubbornClosed && !stubborn.destroyed) stubborn.write('a1 NOOP\r\n');
+        await sleep(200);
+        return stubbornClosed || undefined;
+      },
+      10_000,
+      'the half-closed client destroyed after the close grace',
+    );
   });
 
   it('one log line per session at its end (user, pair, client, bytes, duration); login and byte metrics', async () => {
