@@ -395,32 +395,48 @@ describe('sliceWriteData', () => {
   });
 });
 
+/** Two replicated volumes on this machine, connected under protocol C, `a` primary (`extra`: more volume config). */
+async function connectedPair(name: string, secret: string, extra: Record<string, unknown> = {}) {
+  const dir = mkdtempSync(join(tmpdir(), `pairgate-${name}-`));
+  const ports = await Promise.all([0, 1].map(() => new Promise<number>((resolve) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  })));
+  const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
+  const config = (me: number, peer: number, node: string) =>
+    volumeConfigSchema.parse({
+      name, dataFile: join(dir, `${node}.data`), metaFile: join(dir, `${node}.meta`), sizeBytes: 16 * 1024 * 1024,
+      listen: `127.0.0.1:${ports[me]}`, peer: `127.0.0.1:${ports[peer]}`, secret, protocol: 'C', ...extra,
+    });
+  const a = await ReplicatedVolume.open(config(0, 1, 'a'), deps());
+  const b = await ReplicatedVolume.open(config(1, 0, 'b'), deps());
+  const close = async () => {
+    await a.close();
+    await b.close();
+    rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    const deadline = Date.now() + 10_000;
+    while (!(a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate')) {
+      if (Date.now() > deadline) throw new Error(`not connected: ${JSON.stringify([a.status().connection, b.status().connection])}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    await a.promote();
+  } catch (err) {
+    await close();
+    throw err;
+  }
+  return { a, b, close };
+}
+
 describe('writes larger than one replication frame', () => {
   it('a 3 MiB + 4 KiB write under protocol C resolves once both disks hold all of it', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'pairgate-bigwrite-'));
-    const ports = await Promise.all([0, 1].map(() => new Promise<number>((resolve) => {
-      const s = net.createServer();
-      s.listen(0, '127.0.0.1', () => {
-        const port = (s.address() as net.AddressInfo).port;
-        s.close(() => resolve(port));
-      });
-    })));
-    const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
-    const config = (me: number, peer: number, name: string) =>
-      volumeConfigSchema.parse({
-        name: 'big', dataFile: join(dir, `${name}.data`), metaFile: join(dir, `${name}.meta`), sizeBytes: 16 * 1024 * 1024,
-        listen: `127.0.0.1:${ports[me]}`, peer: `127.0.0.1:${ports[peer]}`, secret: 'big-write-secret-0123', protocol: 'C',
-        dataFrameBytes: 256 * 1024, // each 1 MiB piece leaves as four DATA frames (MORE, MORE, MORE, last)
-      });
-    const a = await ReplicatedVolume.open(config(0, 1, 'a'), deps());
-    const b = await ReplicatedVolume.open(config(1, 0, 'b'), deps());
+    // Each 1 MiB piece leaves as four DATA frames (MORE, MORE, MORE, last).
+    const { a, b, close } = await connectedPair('big', 'big-write-secret-0123', { dataFrameBytes: 256 * 1024 });
     try {
-      const deadline = Date.now() + 10_000;
-      while (!(a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate')) {
-        if (Date.now() > deadline) throw new Error(`not connected: ${JSON.stringify([a.status().connection, b.status().connection])}`);
-        await new Promise((r) => setTimeout(r, 20));
-      }
-      await a.promote();
       const big = Buffer.alloc(3 * 1024 * 1024 + 4096);
       for (let i = 0; i < big.length; i += 4096) big.fill(i / 4096 + 1, i, i + 4096);
       await a.write(8 * 4096, big);
@@ -433,38 +449,15 @@ describe('writes larger than one replication frame', () => {
       expect(db).toEqual(da);
       expect(b.status().outOfSyncBytes).toBe(0);
     } finally {
-      await a.close();
-      await b.close();
-      rmSync(dir, { recursive: true, force: true });
+      await close();
     }
   });
 });
 
 describe('DATA frames sent together (MORE)', () => {
   it('the peer writes every frame of a batch and flushes once after the last, then acknowledges them all', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'pairgate-more-'));
-    const ports = await Promise.all([0, 1].map(() => new Promise<number>((resolve) => {
-      const s = net.createServer();
-      s.listen(0, '127.0.0.1', () => {
-        const port = (s.address() as net.AddressInfo).port;
-        s.close(() => resolve(port));
-      });
-    })));
-    const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
-    const config = (me: number, peer: number, name: string) =>
-      volumeConfigSchema.parse({
-        name: 'more', dataFile: join(dir, `${name}.data`), metaFile: join(dir, `${name}.meta`), sizeBytes: 16 * 1024 * 1024,
-        listen: `127.0.0.1:${ports[me]}`, peer: `127.0.0.1:${ports[peer]}`, secret: 'more-frames-secret-0123', protocol: 'C',
-      });
-    const a = await ReplicatedVolume.open(config(0, 1, 'a'), deps());
-    const b = await ReplicatedVolume.open(config(1, 0, 'b'), deps());
+    const { a, b, close } = await connectedPair('more', 'more-frames-secret-0123');
     try {
-      const deadline = Date.now() + 10_000;
-      while (!(a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate')) {
-        if (Date.now() > deadline) throw new Error(`not connected: ${JSON.stringify([a.status().connection, b.status().connection])}`);
-        await new Promise((r) => setTimeout(r, 20));
-      }
-      await a.promote();
       const peerDev = (b as unknown as { dev: FileBlockDevice }).dev;
       let durable = 0;
       const writeDurable = peerDev.writeDurable.bind(peerDev);
@@ -486,9 +479,7 @@ describe('DATA frames sent together (MORE)', () => {
       expect(db).toEqual(da);
       expect(a.status().outOfSyncBytes).toBe(0);
     } finally {
-      await a.close();
-      await b.close();
-      rmSync(dir, { recursive: true, force: true });
+      await close();
     }
   });
 });
