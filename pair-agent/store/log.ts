@@ -423,12 +423,22 @@ export class LogWriter {
 
   /** Resolves once everything appended so far is durable. */
   commit(): Promise<void> {
-    if (this.failed) return Promise.reject(new UnavailableError('the store log failed a write', { cause: this.failed }));
-    if (this.regions.length === 0) return this.inflight ? this.inflight.then(() => undefined) : Promise.resolve();
+    if (this.failed) return Promise.reject(this.failedError());
+    // Nothing of ours pending: wait for the group in flight (it may hold records appended by this
+    // caller and committed by another), and fail as its waiters do if its write failed.
+    if (this.regions.length === 0) return this.inflight ? this.inflight.then(() => this.throwIfFailed()) : Promise.resolve();
     return new Promise((resolve, reject) => {
       this.waiters.push({ resolve, reject });
       if (!this.inflight) this.inflight = this.run();
     });
+  }
+
+  private failedError(): UnavailableError {
+    return new UnavailableError('the store log failed a write', { cause: this.failed });
+  }
+
+  private throwIfFailed(): void {
+    if (this.failed) throw this.failedError();
   }
 
   private async run(): Promise<void> {

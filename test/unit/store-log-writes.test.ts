@@ -2,14 +2,15 @@
  * The log's device writes from record parts (pair-agent/store/log.ts deviceWrites) and the
  * devices' writes of parts (FileBlockDevice with pwritev): the bytes on disk are those of the
  * parts back to back, zero-padded to the block, in writes of at most MAX_DEVICE_WRITE; large
- * payloads are passed by reference, not copied.
+ * payloads are passed by reference, not copied; and a failed group write fails every commit that waits on it.
  */
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { MAX_DEVICE_WRITE, deviceWrites, roundUp } from '../../pair-agent/store/log.ts';
+import { LogWriter, MAX_DEVICE_WRITE, chooseGeometry, deviceWrites, roundUp, segmentStart } from '../../pair-agent/store/log.ts';
+import type { BlockDevice } from '../../pair-agent/volume/block-device.ts';
 import { BLOCK_SIZE, FileBlockDevice, writeLength } from '../../pair-agent/volume/block-device.ts';
 
 function joined(data: Buffer | readonly Buffer[]): Buffer {
@@ -78,4 +79,27 @@ describe('store log: device writes from record parts', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it('a commit with nothing of its own pending fails when the group in flight fails (its records may be in it)', async () => {
+    const size = 64 * 1024 * 1024;
+    let failWrites: ((e: Error) => void) | null = null;
+    const device: BlockDevice = {
+      size,
+      read: async (_offset: number, length: number) => Buffer.alloc(length),
+      // Every write waits until the test fails it: the group stays in flight meanwhile.
+      write: () => new Promise<void>((_, reject) => (failWrites = reject)),
+      flush: async () => undefined,
+    } as unknown as BlockDevice;
+    const g = chooseGeometry(size);
+    const writer = new LogWriter(device, g, { offset: segmentStart(g, 0), seq: 1, prevCrc: 0 }, () => 1, () => undefined);
+    writer.append(1, Buffer.from('record of caller A'));
+    const a = writer.commit(); // starts the group
+    const b = writer.commit(); // nothing pending of its own: waits for A's group
+    await new Promise((r) => setImmediate(r));
+    failWrites!(new Error('EIO'));
+    await expect(a).rejects.toThrow(/store log write failed: EIO/);
+    await expect(b).rejects.toThrow(/failed a write/);
+    await expect(writer.commit()).rejects.toThrow(/failed a write/);
+  });
 });
+
