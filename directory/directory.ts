@@ -8,6 +8,7 @@
 import { LRUCache } from 'lru-cache';
 import { AuthError, BadInputError, ConflictError, NotFoundError, PairgateError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
+import { tallyOf } from '../common/metrics.ts';
 import { keys, type BusEvent, type RedisBus } from '../common/redis-bus.ts';
 import type { DirectoryBackend } from './backend.ts';
 import type { CacheConfig } from './config.ts';
@@ -88,14 +89,19 @@ export class CachingDirectory implements Directory {
     this.bus = opts.bus;
     this.lru = opts.cache.maxEntries > 0 ? new LRUCache<string, Cached>({ max: opts.cache.maxEntries, ttl: Math.max(1, opts.cache.ttlMs) }) : null;
     const m = this.m;
+    // Counted as plain numbers, added to the metrics when they are read (common/metrics.ts Tally).
+    const tally = (metric: typeof m.cache | typeof m.lookups, labels: Record<string, string>) => {
+      const t = tallyOf(metric);
+      return { inc: () => t.add(labels, 1) };
+    };
     this.count = {
-      lruHit: m.cache.labels({ layer: 'lru', result: 'hit' }),
-      lruMiss: m.cache.labels({ layer: 'lru', result: 'miss' }),
-      redisHit: m.cache.labels({ layer: 'redis', result: 'hit' }),
-      redisMiss: m.cache.labels({ layer: 'redis', result: 'miss' }),
-      found: m.lookups.labels({ result: 'found' }),
-      notFound: m.lookups.labels({ result: 'not_found' }),
-      error: m.lookups.labels({ result: 'error' }),
+      lruHit: tally(m.cache, { layer: 'lru', result: 'hit' }),
+      lruMiss: tally(m.cache, { layer: 'lru', result: 'miss' }),
+      redisHit: tally(m.cache, { layer: 'redis', result: 'hit' }),
+      redisMiss: tally(m.cache, { layer: 'redis', result: 'miss' }),
+      found: tally(m.lookups, { result: 'found' }),
+      notFound: tally(m.lookups, { result: 'not_found' }),
+      error: tally(m.lookups, { result: 'error' }),
     };
     this.unsubscribe = this.bus ? this.bus.onEvent((e) => this.onBusEvent(e)) : null;
     this.backend.onChange?.((change) => {

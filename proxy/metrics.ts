@@ -2,8 +2,7 @@
  * The proxy tier's metrics (names are a contract with the Grafana dashboards). proxy/smtp
  * uses the same objects through `proxyMetrics(registry)`, so labels stay the same everywhere.
  */
-import type { Counter, Gauge } from 'prom-client';
-import { counter, createRegistry, gauge, histogram, type MetricsRegistry } from '../common/metrics.ts';
+import { counter, createRegistry, gauge, histogram, tallyOf, type MetricsRegistry } from '../common/metrics.ts';
 
 /** The proxy process's metrics registry (common/metrics.ts's, default process metrics included). */
 export function proxyRegistry(defaultLabels: Record<string, string>): MetricsRegistry {
@@ -29,49 +28,6 @@ export function proxyMetrics(registry: MetricsRegistry) {
 }
 
 export type ProxyMetrics = ReturnType<typeof proxyMetrics>;
-
-/**
- * Changes to a counter or gauge for label sets that come up on every session, kept as plain
- * numbers and added to the prom-client metric when it is read (a scrape, `registry.metrics()`,
- * `metric.get()`): prom-client hashes and validates the label object on every call, which at a
- * few hundred sessions a second was a measurable share of the proxy's CPU. The key is the label
- * object itself: callers make each label set once and never change it.
- */
-export class Tally {
-  private pending = new Map<object, number>();
-
-  constructor(private readonly metric: Counter<string> | Gauge<string>) {
-    // prom-client calls a metric's `collect` at the start of every read.
-    const m = metric as unknown as { collect?: (this: unknown) => unknown };
-    const before = m.collect;
-    m.collect = (): unknown => {
-      this.flush();
-      return before?.call(metric);
-    };
-  }
-
-  add(labels: object, n: number): void {
-    this.pending.set(labels, (this.pending.get(labels) ?? 0) + n);
-  }
-
-  flush(): void {
-    if (this.pending.size === 0) return;
-    const pending = this.pending;
-    this.pending = new Map();
-    for (const [labels, n] of pending) {
-      // A gauge moved up and down again still shows its series (at its value), as before.
-      if (n >= 0) (this.metric as Counter<string>).inc(labels as Record<string, string>, n);
-      else (this.metric as Gauge<string>).dec(labels as Record<string, string>, -n);
-    }
-  }
-}
-
-const tallies = new WeakMap<object, Tally>();
-function tallyOf(metric: Counter<string> | Gauge<string>): Tally {
-  let t = tallies.get(metric);
-  if (!t) tallies.set(metric, (t = new Tally(metric)));
-  return t;
-}
 
 /** The per-session metrics' tallies (one per metric object, whoever asks). */
 export function proxyTallies(m: ProxyMetrics) {
