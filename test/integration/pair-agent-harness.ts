@@ -18,6 +18,8 @@ export type NodeId = 'a' | 'b';
 export interface AgentStatus {
   state: string;
   holds: boolean;
+  /** The last state change (epoch ms): unchanged between two answers means no transition in between. */
+  lastTransition: { at: number; from: string; to: string; reason: string } | null;
   fencing: string;
   peer: { alive: boolean; generation: number | null; state: string | null };
   health: { state: string; primary: string | null; fencing?: string };
@@ -220,16 +222,30 @@ export async function startPair(opts: PairOptions = {}): Promise<TestPair> {
   return pair;
 }
 
-/** Samples both nodes' roles until stopped; records every instant at which both claimed to hold the resources. */
+/**
+ * Samples both nodes' roles until stopped; records every instant at which both held the resources.
+ * Two status requests sent together can be answered hundreds of ms apart on a loaded machine, so
+ * "a said it holds, b said it holds" does not show that both held at once (a hand-over can happen
+ * between the two answers; a fresh-clone CI run at 12:17 reported exactly that, a=primary
+ * b=primary, during a ping hand-over). Each sample asks one node, then the other, then the first
+ * again: the first held all through the other's answer when both of its answers say it holds and
+ * name the same last transition; the order alternates so that either node can be the first.
+ */
 export function sampleRoles(pair: TestPair, intervalMs = 40): { stop(): Promise<{ samples: number; bothHeld: string[] }> } {
   let running = true;
   const bothHeld: string[] = [];
   let samples = 0;
   const loop = (async () => {
-    while (running) {
-      const [sa, sb] = await Promise.all([pair.a.status(300), pair.b.status(300)]);
+    for (let aFirst = true; running; aFirst = !aFirst) {
+      const [first, second] = aFirst ? [pair.a, pair.b] : [pair.b, pair.a];
+      const before = await first.status(300);
+      const other = await second.status(300);
+      const after = await first.status(300);
       samples += 1;
-      if (sa?.holds && sb?.holds && pair.a.proc?.alive() && pair.b.proc?.alive()) bothHeld.push(`${new Date().toISOString()} a=${sa.state} b=${sb.state}`);
+      const heldThrough = !!before?.holds && !!after?.holds && before.lastTransition?.at === after.lastTransition?.at;
+      if (heldThrough && other?.holds && pair.a.proc?.alive() && pair.b.proc?.alive()) {
+        bothHeld.push(`${new Date().toISOString()} ${aFirst ? 'a' : 'b'}=${after!.state} (held through) ${aFirst ? 'b' : 'a'}=${other.state}`);
+      }
       await sleep(intervalMs);
     }
   })();
