@@ -44,6 +44,18 @@ export function normalizeLogin(login: string, caseInsensitiveUid = false): strin
 }
 
 /** A Redis cache value: the record, null for a cached negative, undefined for nothing usable. */
+/** A look-up waiting for the next MGET (CachingDirectory.flushGets). */
+interface PendingGet {
+  kind: Kind;
+  key: string;
+  lruKey: string;
+  /** The invalidation epoch when the look-up began: an answer from an older one is not cached. */
+  epoch: number;
+  redisKey: string;
+  resolve(user: UserRecord | null): void;
+  reject(err: unknown): void;
+}
+
 function parseCached(raw: string | null): UserRecord | null | undefined {
   if (raw === null) return undefined;
   if (raw === NEGATIVE) return null;
@@ -195,14 +207,9 @@ export class CachingDirectory implements Directory {
       this.count.redisMiss.inc();
       return this.fromBackend(kind, key, lruKey, epoch);
     }
-    return this.redisGetBatched(this.redisKey(kind, key)).then((cached) => {
-      if (cached === undefined) {
-        this.count.redisMiss.inc();
-        return this.fromBackend(kind, key, lruKey, epoch);
-      }
-      this.count.redisHit.inc();
-      if (epoch === this.epoch) this.lru?.set(lruKey, { user: cached }, { ttl: cached ? this.cfg.ttlMs : this.cfg.negativeTtlMs });
-      return cached;
+    return new Promise<UserRecord | null>((resolve, reject) => {
+      this.pendingGets.push({ kind, key, lruKey, epoch, redisKey: this.redisKey(kind, key), resolve, reject });
+      if (this.pendingGets.length === 1) setImmediate(this.flushGetsBound);
     });
   }
 
@@ -219,31 +226,43 @@ export class CachingDirectory implements Directory {
     return user;
   }
 
-  private pendingGets: Array<{ key: string; resolve: (user: UserRecord | null | undefined) => void }> = [];
-
-  /**
-   * Redis GETs asked for in one turn of the event loop go out as one MGET: under load the
-   * look-ups of many sessions share a round trip (and a write and a read system call).
-   * Resolves with the cached answer: a record, null (cached negative), or undefined (not in
-   * Redis, unreadable, or Redis unavailable).
-   */
-  private redisGetBatched(key: string): Promise<UserRecord | null | undefined> {
-    return new Promise((resolve) => {
-      this.pendingGets.push({ key, resolve });
-      if (this.pendingGets.length === 1) setImmediate(this.flushGetsBound);
-    });
-  }
+  private pendingGets: PendingGet[] = [];
 
   private readonly flushGetsBound = () => this.flushGets();
 
+  /**
+   * Redis GETs asked for in one turn of the event loop go out as one MGET: under load the
+   * look-ups of many sessions share a round trip (and a write and a read system call). Each
+   * look-up's answer is settled here, without a promise step of its own in between: a hit is
+   * the cached answer (a record, or null for a cached "no such user"); a miss (not in Redis,
+   * unreadable, or Redis unavailable) is asked of the backend.
+   */
   private flushGets(): void {
     const batch = this.pendingGets;
     this.pendingGets = [];
     const settle = (values: Array<string | null> | null) => {
-      for (let i = 0; i < batch.length; i++) batch[i]!.resolve(parseCached(values?.[i] ?? null));
+      for (let i = 0; i < batch.length; i++) {
+        const g = batch[i]!;
+        try {
+          this.settleGet(g, parseCached(values?.[i] ?? null));
+        } catch (err) {
+          g.reject(err);
+        }
+      }
     };
-    const req = batch.length === 1 ? this.bus!.get(batch[0]!.key).then((v) => [v]) : this.bus!.mget(batch.map((b) => b.key));
+    const req = batch.length === 1 ? this.bus!.get(batch[0]!.redisKey).then((v) => [v]) : this.bus!.mget(batch.map((b) => b.redisKey));
     req.then(settle, () => settle(null));
+  }
+
+  private settleGet(g: PendingGet, cached: UserRecord | null | undefined): void {
+    if (cached === undefined) {
+      this.count.redisMiss.inc();
+      this.fromBackend(g.kind, g.key, g.lruKey, g.epoch).then(g.resolve, g.reject);
+      return;
+    }
+    this.count.redisHit.inc();
+    if (g.epoch === this.epoch) this.lru?.set(g.lruKey, { user: cached }, { ttl: cached ? this.cfg.ttlMs : this.cfg.negativeTtlMs });
+    g.resolve(cached);
   }
 
   // ---- authentication -------------------------------------------------------------------
