@@ -43,7 +43,6 @@ export function normalizeLogin(login: string, caseInsensitiveUid = false): strin
   return caseInsensitiveUid || t.includes('@') ? normalizeAddress(t) : t;
 }
 
-/** A Redis cache value: the record, null for a cached negative, undefined for nothing usable. */
 /** A look-up waiting for the next MGET (CachingDirectory.flushGets). */
 interface PendingGet {
   kind: Kind;
@@ -56,6 +55,7 @@ interface PendingGet {
   reject(err: unknown): void;
 }
 
+/** A Redis cache value: the record, null for a cached negative, undefined for nothing usable. */
 function parseCached(raw: string | null): UserRecord | null | undefined {
   if (raw === null) return undefined;
   if (raw === NEGATIVE) return null;
