@@ -57,9 +57,14 @@ const ADDRESS_ATTRS = ['mail', 'mailLocalAddress'] as const;
 const LOGIN_ADDRESS_ATTRS = ['uid', 'mail', 'mailLocalAddress'] as const;
 const MATCHED_ATTRS = ['uid', 'mail', 'maillocaladdress'];
 
-/** The filter of one look-up: one equality assertion per attribute, ORed. */
-export function lookupFilter(kind: LookupKind, value: string): Filter {
-  const parts = lookupAttributes(kind, value).map((attribute) => new EqualityFilter({ attribute, value }));
+/** One equality assertion per attribute the look-up matches on. */
+function lookupAssertions(kind: LookupKind, value: string): Filter[] {
+  return lookupAttributes(kind, value).map((attribute) => new EqualityFilter({ attribute, value }));
+}
+
+/** The filter of one look-up: its assertions, ORed. */
+function lookupFilter(kind: LookupKind, value: string): Filter {
+  const parts = lookupAssertions(kind, value);
   return parts.length === 1 ? parts[0]! : new OrFilter({ filters: parts });
 }
 
@@ -163,7 +168,7 @@ export class LookupBatcher {
       this.sendAlone(batch[0]!);
       return;
     }
-    const filter = new OrFilter({ filters: batch.flatMap((p) => lookupAttributes(p.kind, p.value).map((attribute) => new EqualityFilter({ attribute, value: p.value }))) });
+    const filter = new OrFilter({ filters: batch.flatMap((p) => lookupAssertions(p.kind, p.value)) });
     // One entry over what the batch may use: ldapts hands back the entries that came before a
     // client size limit with no error (sizeLimitExceeded is not thrown when a limit was asked
     // for), so an answer cut short is only seen by its length. More than `limit` entries: the

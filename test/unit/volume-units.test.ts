@@ -528,6 +528,24 @@ describe('FileBlockDevice write groups', () => {
   });
 });
 
+/**
+ * Runs `fn` on a fresh O_DIRECT device of `size` bytes in a temp dir, then closes it and removes
+ * the dir. On a file system without O_DIRECT the test has nothing to check and `fn` is skipped.
+ */
+async function withDirectDevice(prefix: string, size: number, fn: (dev: FileBlockDevice) => Promise<void>): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  try {
+    const dev = await FileBlockDevice.open(join(dir, 'd.img'), { size, create: true });
+    try {
+      if (dev.direct) await fn(dev);
+    } finally {
+      await dev.close();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 describe('FileBlockDevice direct writes (O_DIRECT)', () => {
   it('pooled buffers are page-aligned, reused, and never grown', () => {
     const pool = AlignedPool.create(2)!;
@@ -572,10 +590,8 @@ describe('FileBlockDevice direct writes (O_DIRECT)', () => {
   });
 
   it('a write from one of the device\'s own aligned buffers goes out from it as it is, and lands', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'pairgate-dev-inplace-'));
-    try {
-      const dev = await FileBlockDevice.open(join(dir, 'd.img'), { size: 4 * 1024 * 1024, create: true });
-      if (!dev.direct) return; // a file system without O_DIRECT: no aligned buffers to lend
+    // Needs O_DIRECT: a file system without it has no aligned buffers to lend.
+    await withDirectDevice('pairgate-dev-inplace-', 4 * 1024 * 1024, async (dev) => {
       const slot = dev.takeAligned()!;
       expect(slot.length).toBe(DIRECT_CHUNK);
       for (let i = 0; i < slot.length; i++) slot[i] = (i * 13 + 5) & 0xff;
@@ -597,17 +613,12 @@ describe('FileBlockDevice direct writes (O_DIRECT)', () => {
       expect((await dev.read(1024 * 1024, DIRECT_CHUNK)).equals(slot)).toBe(true);
       dev.releaseAligned(slot.subarray(0, 4096));
       expect(dev.takeAligned()).not.toBeNull();
-      await dev.close();
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a durable direct write longer than one buffer goes out plain and pays one fdatasync, not one flush per piece', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'pairgate-dev-direct-'));
-    try {
-      const dev = await FileBlockDevice.open(join(dir, 'd.img'), { size: 8 * 1024 * 1024, create: true });
-      if (!dev.direct) return; // no O_DIRECT here: the buffered path is covered above
+    // Needs O_DIRECT: the buffered path is covered above.
+    await withDirectDevice('pairgate-dev-direct-', 8 * 1024 * 1024, async (dev) => {
       const internals = dev as unknown as { fh: { datasync(): Promise<void> }; directSync: { write: (...a: unknown[]) => Promise<unknown> } };
       let datasyncs = 0;
       let syncPieces = 0;
@@ -624,17 +635,12 @@ describe('FileBlockDevice direct writes (O_DIRECT)', () => {
       expect(syncPieces).toBe(1);
       expect(datasyncs).toBe(1);
       expect((await dev.read(1024 * 1024, big.length)).equals(big)).toBe(true);
-      await dev.close();
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a direct write refused with EINVAL goes back to the page cache, and so does one in flight beside it', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'pairgate-dev-direct-'));
-    try {
-      const dev = await FileBlockDevice.open(join(dir, 'd.img'), { size: 8 * 1024 * 1024, create: true });
-      if (!dev.direct) return; // no O_DIRECT on this file system: nothing to fall back from
+    // Needs O_DIRECT: without it there is nothing to fall back from.
+    await withDirectDevice('pairgate-dev-direct-', 8 * 1024 * 1024, async (dev) => {
       // Buffers off page alignment: the kernel refuses every direct write from them with EINVAL.
       const pool = (dev as unknown as { pool: AlignedPool }).pool;
       pool.take = () => Buffer.from(new ArrayBuffer(DIRECT_CHUNK + 4096), 512, DIRECT_CHUNK);
@@ -646,10 +652,7 @@ describe('FileBlockDevice direct writes (O_DIRECT)', () => {
       await dev.flush();
       expect((await dev.read(0, a.length)).equals(a)).toBe(true);
       for (const at of [4, 5, 6]) expect((await dev.read(at * 1024 * 1024, b.length)).equals(b)).toBe(true);
-      await dev.close();
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
 
