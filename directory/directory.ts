@@ -43,16 +43,74 @@ export function normalizeLogin(login: string, caseInsensitiveUid = false): strin
   return caseInsensitiveUid || t.includes('@') ? normalizeAddress(t) : t;
 }
 
-/** A look-up waiting for the next MGET (CachingDirectory.flushGets). */
-interface PendingGet {
-  kind: Kind;
-  key: string;
-  lruKey: string;
-  /** The invalidation epoch when the look-up began: an answer from an older one is not cached. */
-  epoch: number;
-  redisKey: string;
-  resolve(user: UserRecord | null): void;
-  reject(err: unknown): void;
+type Resolve = (user: UserRecord | null) => void;
+type Reject = (err: unknown) => void;
+
+/**
+ * The executor of every look-up's promise: one function for all of them, which leaves the
+ * promise's settle functions here for join() to take. An arrow function per promise would be
+ * one more allocation on the hot path of every login.
+ */
+let capturedResolve: Resolve | null = null;
+let capturedReject: Reject | null = null;
+function captureSettlers(resolve: Resolve, reject: Reject): void {
+  capturedResolve = resolve;
+  capturedReject = reject;
+}
+
+/**
+ * One look-up in flight. Every caller asking for the same key before it settles shares it (one
+ * Redis GET or backend search) and gets its own promise, settled together with the others'.
+ */
+class PendingLookup {
+  /** The first caller's settle functions; callers who join later are kept in `joined`. */
+  private firstResolve: Resolve | null = null;
+  private firstReject: Reject | null = null;
+  private joined: Array<[Resolve, Reject]> | null = null;
+
+  constructor(
+    readonly kind: Kind,
+    readonly key: string,
+    readonly lruKey: string,
+    /** The invalidation epoch when the look-up began: an answer from an older one is not cached. */
+    readonly epoch: number,
+  ) {}
+
+  /** A promise for one more caller. */
+  join(): Promise<UserRecord | null> {
+    const answer = new Promise<UserRecord | null>(captureSettlers);
+    if (!this.firstResolve) {
+      this.firstResolve = capturedResolve;
+      this.firstReject = capturedReject;
+    } else (this.joined ??= []).push([capturedResolve!, capturedReject!]);
+    capturedResolve = capturedReject = null;
+    return answer;
+  }
+
+  /** How many callers wait on this look-up (each is counted in the metrics). */
+  get callers(): number {
+    return (this.firstResolve ? 1 : 0) + (this.joined?.length ?? 0);
+  }
+
+  resolve(user: UserRecord | null): void {
+    this.firstResolve?.(user);
+    if (this.joined) for (const [resolve] of this.joined) resolve(user);
+  }
+
+  reject(err: unknown): void {
+    this.firstReject?.(err);
+    if (this.joined) for (const [, reject] of this.joined) reject(err);
+  }
+}
+
+/**
+ * Cached records are shared: one object is handed to every caller that asks for the user
+ * while it is cached, instead of a copy each (a copy per Redis hit was a twentieth of that
+ * path's garbage). Frozen, so that no caller can change what another one reads.
+ */
+function shared(u: UserRecord): UserRecord {
+  Object.freeze(u.aliases);
+  return Object.freeze(u);
 }
 
 /** A Redis cache value: the record, null for a cached negative, undefined for nothing usable. */
@@ -61,14 +119,10 @@ function parseCached(raw: string | null): UserRecord | null | undefined {
   if (raw === NEGATIVE) return null;
   try {
     const v = JSON.parse(raw) as UserRecord;
-    return v && typeof v.uid === 'string' && typeof v.dn === 'string' ? v : undefined;
+    return v && typeof v.uid === 'string' && typeof v.dn === 'string' && Array.isArray(v.aliases) ? shared(v) : undefined;
   } catch {
     return undefined;
   }
-}
-
-function clone(u: UserRecord): UserRecord {
-  return { ...u, aliases: [...u.aliases] };
 }
 
 export class CachingDirectory implements Directory {
@@ -80,7 +134,7 @@ export class CachingDirectory implements Directory {
   private readonly m: DirectoryMetrics;
   private readonly bus: RedisBus | undefined;
   private readonly lru: LRUCache<string, Cached> | null;
-  private readonly inflight = new Map<string, Promise<UserRecord | null>>();
+  private readonly inflight = new Map<string, PendingLookup>();
   /** Bumped by every invalidation: an answer read before it is returned but not cached. */
   private epoch = 0;
   private pairs: { at: number; list: PairRecord[] } | null = null;
@@ -90,7 +144,7 @@ export class CachingDirectory implements Directory {
   private readonly unsubscribe: (() => void) | null;
   private closed = false;
   // Labelled children bound once: the in-process hit path is a few microseconds.
-  private readonly count: Record<'lruHit' | 'lruMiss' | 'redisHit' | 'redisMiss' | 'found' | 'notFound' | 'error', { inc(): void }>;
+  private readonly count: Record<'lruHit' | 'lruMiss' | 'redisHit' | 'redisMiss' | 'found' | 'notFound' | 'error', { inc(): void; add(n: number): void }>;
 
   constructor(opts: CachingDirectoryOptions) {
     this.backend = opts.backend;
@@ -104,7 +158,7 @@ export class CachingDirectory implements Directory {
     // Counted as plain numbers, added to the metrics when they are read (common/metrics.ts Tally).
     const tally = (metric: typeof m.cache | typeof m.lookups, labels: Record<string, string>) => {
       const t = tallyOf(metric);
-      return { inc: () => t.add(labels, 1) };
+      return { inc: () => t.add(labels, 1), add: (n: number) => t.add(labels, n) };
     };
     this.count = {
       lruHit: tally(m.cache, { layer: 'lru', result: 'hit' }),
@@ -157,64 +211,52 @@ export class CachingDirectory implements Directory {
       const hit = this.lru.get(lruKey);
       if (hit) {
         this.count.lruHit.inc();
-        return Promise.resolve(this.answer(hit.user));
+        (hit.user ? this.count.found : this.count.notFound).inc();
+        return Promise.resolve(hit.user);
       }
       this.count.lruMiss.inc();
     }
-    let p = this.inflight.get(lruKey);
-    if (!p) {
-      const created = this.resolve(kind, key, lruKey);
-      const forget = this.forgetter(lruKey, created);
-      created.then(forget, forget);
-      p = created;
-      this.inflight.set(lruKey, p);
-    }
-    return p.then(this.answerBound, this.failedBound);
-  }
-
-  /**
-   * Drops a finished look-up from `inflight`. Made by a method, not as a named closure in
-   * lookup(): under the TypeScript loader (tsx keeps function names) every named closure
-   * costs an Object.defineProperty when it is made, a tenth of the Redis-hit path's garbage.
-   */
-  private forgetter(lruKey: string, created: Promise<UserRecord | null>): () => void {
-    return () => {
-      if (this.inflight.get(lruKey) === created) this.inflight.delete(lruKey);
-    };
-  }
-
-  /** Counts the answer and gives the caller its own copy: the cached record stays as read. */
-  private answer(user: UserRecord | null): UserRecord | null {
-    if (!user) {
-      this.count.notFound.inc();
-      return null;
-    }
-    this.count.found.inc();
-    return clone(user);
-  }
-
-  private readonly answerBound = (user: UserRecord | null) => this.answer(user);
-  private readonly failedBound = (err: unknown): never => {
-    this.count.error.inc();
-    throw err;
-  };
-
-  private resolve(kind: Kind, key: string, lruKey: string): Promise<UserRecord | null> {
-    const epoch = this.epoch;
-    if (!this.useRedis) return this.fromBackend(kind, key, lruKey, epoch);
-    if (!this.bus!.connected) {
+    const joining = this.inflight.get(lruKey);
+    if (joining) return joining.join();
+    const pending = new PendingLookup(kind, key, lruKey, this.epoch);
+    this.inflight.set(lruKey, pending);
+    const answer = pending.join();
+    if (!this.useRedis) this.askBackend(pending);
+    else if (!this.bus!.connected) {
       // Redis down: a miss of that layer, answered by the backend.
       this.count.redisMiss.inc();
-      return this.fromBackend(kind, key, lruKey, epoch);
-    }
-    return new Promise<UserRecord | null>((resolve, reject) => {
-      this.pendingGets.push({ kind, key, lruKey, epoch, redisKey: this.redisKey(kind, key), resolve, reject });
+      this.askBackend(pending);
+    } else {
+      this.pendingGets.push(pending);
       if (this.pendingGets.length === 1) setImmediate(this.flushGetsBound);
-    });
+    }
+    return answer;
+  }
+
+  /** Ends a look-up: later callers start a new one; each caller is counted and answered. */
+  private settle(pending: PendingLookup, user: UserRecord | null): void {
+    if (this.inflight.get(pending.lruKey) === pending) this.inflight.delete(pending.lruKey);
+    (user ? this.count.found : this.count.notFound).add(pending.callers);
+    pending.resolve(user);
+  }
+
+  private fail(pending: PendingLookup, err: unknown): void {
+    if (this.inflight.get(pending.lruKey) === pending) this.inflight.delete(pending.lruKey);
+    this.count.error.add(pending.callers);
+    pending.reject(err);
+  }
+
+  private askBackend(pending: PendingLookup): void {
+    this.fromBackend(pending.kind, pending.key, pending.lruKey, pending.epoch).then(
+      (user) => this.settle(pending, user),
+      (err: unknown) => this.fail(pending, err),
+    );
   }
 
   private async fromBackend(kind: Kind, key: string, lruKey: string, epoch: number): Promise<UserRecord | null> {
-    const user = kind === 'login' ? await this.backend.findLogin(key) : await this.backend.findRecipient(key);
+    const found = kind === 'login' ? await this.backend.findLogin(key) : await this.backend.findRecipient(key);
+    // A copy of the backend's record: the backend may keep and change its own.
+    const user = found ? shared({ ...found, aliases: [...found.aliases] }) : null;
     const ttl = user ? this.cfg.ttlMs : this.cfg.negativeTtlMs;
     // An invalidation while this look-up ran may have made its answer stale: do not keep it.
     if (ttl > 0 && epoch === this.epoch) {
@@ -226,43 +268,47 @@ export class CachingDirectory implements Directory {
     return user;
   }
 
-  private pendingGets: PendingGet[] = [];
+  /** Look-ups waiting for the next MGET. */
+  private pendingGets: PendingLookup[] = [];
 
   private readonly flushGetsBound = () => this.flushGets();
 
   /**
    * Redis GETs asked for in one turn of the event loop go out as one MGET: under load the
    * look-ups of many sessions share a round trip (and a write and a read system call). Each
-   * look-up's answer is settled here, without a promise step of its own in between: a hit is
-   * the cached answer (a record, or null for a cached "no such user"); a miss (not in Redis,
-   * unreadable, or Redis unavailable) is asked of the backend.
+   * look-up is settled here, without a promise step of its own in between: a hit is the cached
+   * answer (a record, or null for a cached "no such user"); a miss (not in Redis, unreadable,
+   * or Redis unavailable) is asked of the backend.
    */
   private flushGets(): void {
     const batch = this.pendingGets;
     this.pendingGets = [];
     const settle = (values: Array<string | null> | null) => {
       for (let i = 0; i < batch.length; i++) {
-        const g = batch[i]!;
+        const pending = batch[i]!;
         try {
-          this.settleGet(g, parseCached(values?.[i] ?? null));
+          this.settleGet(pending, parseCached(values?.[i] ?? null));
         } catch (err) {
-          g.reject(err);
+          this.fail(pending, err);
         }
       }
     };
-    const req = batch.length === 1 ? this.bus!.get(batch[0]!.redisKey).then((v) => [v]) : this.bus!.mget(batch.map((b) => b.redisKey));
+    const req =
+      batch.length === 1
+        ? this.bus!.get(this.redisKey(batch[0]!.kind, batch[0]!.key)).then((v) => [v])
+        : this.bus!.mget(batch.map((b) => this.redisKey(b.kind, b.key)));
     req.then(settle, () => settle(null));
   }
 
-  private settleGet(g: PendingGet, cached: UserRecord | null | undefined): void {
+  private settleGet(pending: PendingLookup, cached: UserRecord | null | undefined): void {
     if (cached === undefined) {
       this.count.redisMiss.inc();
-      this.fromBackend(g.kind, g.key, g.lruKey, g.epoch).then(g.resolve, g.reject);
+      this.askBackend(pending);
       return;
     }
     this.count.redisHit.inc();
-    if (g.epoch === this.epoch) this.lru?.set(g.lruKey, { user: cached }, { ttl: cached ? this.cfg.ttlMs : this.cfg.negativeTtlMs });
-    g.resolve(cached);
+    if (pending.epoch === this.epoch) this.lru?.set(pending.lruKey, { user: cached }, { ttl: cached ? this.cfg.ttlMs : this.cfg.negativeTtlMs });
+    this.settle(pending, cached);
   }
 
   // ---- authentication -------------------------------------------------------------------

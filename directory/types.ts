@@ -21,15 +21,15 @@ export interface PairRecord {
 }
 
 export interface UserRecord {
-  dn: string;
-  uid: string;
+  readonly dn: string;
+  readonly uid: string;
   /** Primary address (`mail`). */
-  mail: string;
+  readonly mail: string;
   /** Further addresses and aliases (`mailLocalAddress`). */
-  aliases: string[];
+  readonly aliases: readonly string[];
   /** Home pair id (`mailHost`). */
-  pair: string;
-  quotaBytes?: number | undefined;
+  readonly pair: string;
+  readonly quotaBytes?: number | undefined;
 }
 
 export interface Route {

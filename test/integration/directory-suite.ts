@@ -60,7 +60,7 @@ export function behaviouralSuite(name: string, ctx: () => SuiteContext): void {
       const d = ctx().directory;
       const byUid = await d.findLogin('alice');
       expect(byUid).toMatchObject({ uid: 'alice', mail: 'alice@example.net', pair: 'pair-01', dn: `uid=alice,ou=people,${BASE}` });
-      expect(byUid!.aliases.sort()).toEqual(['a.example@example.net', 'postmaster@example.net']);
+      expect([...byUid!.aliases].sort()).toEqual(['a.example@example.net', 'postmaster@example.net']);
       expect((await d.findLogin('ALICE@example.NET'))?.uid).toBe('alice');
       expect((await d.findLogin('postmaster@example.net'))?.uid).toBe('alice');
       expect((await d.findLogin('Robert@Example.org'))?.uid).toBe('bob');

@@ -83,7 +83,7 @@ function tableDirectory(list: TestUser[], pairs: PairRecord[]): Directory {
     setUserPair: async (uid, pair) => {
       const u = users.find((x) => x.uid === uid);
       if (!u) throw new NotFoundError(`no user ${uid}`);
-      u.pair = pair;
+      users[users.indexOf(u)] = { ...u, pair };
     },
     invalidate: async () => undefined,
     close: async () => undefined,

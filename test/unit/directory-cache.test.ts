@@ -95,12 +95,14 @@ describe('caching Directory', () => {
     expect((await d.findLogin('carol'))?.pair).toBe('new');
   });
 
-  it('hands out copies: a caller changing its record does not change the cache', async () => {
+  it('hands out read-only records: no caller can change what the cache holds', async () => {
     const { backend } = scripted(async (l) => user(l, 'p1'));
     const d = open(backend);
     const a = (await d.findLogin('dave'))!;
-    a.pair = 'elsewhere';
-    a.aliases.push('x@y');
+    expect(() => {
+      (a as { pair: string }).pair = 'elsewhere';
+    }).toThrow(TypeError);
+    expect(() => (a.aliases as string[]).push('x@y')).toThrow(TypeError);
     expect(await d.findLogin('dave')).toEqual(user('dave', 'p1'));
   });
 
