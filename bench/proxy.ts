@@ -43,7 +43,9 @@
  * --compare-tree DIR[,DIR…] adds a path `pairgate@<folder name>` per folder, the proxy served
  * from another checkout of pairgate (e.g. `git archive HEAD | tar -x -C DIR` with node_modules
  * linked), interleaved with this tree's in the same rounds: an A/B of a change that the
- * machine's load hits alike. --node-relay adds a path `node-relay`: a bare Node relay in its own
+ * machine's load hits alike; `js:DIR` serves it from DIR's compiled bench/proxy.js with plain node
+ * (no tsx: DIR holds tsc's output beside the .ts, path `pairgate@<folder name>-js`). --node-relay
+ * adds a path `node-relay`: a bare Node relay in its own
  * process (plain JavaScript, no TypeScript loader: accept, connect to Dovecot, stream.pipe both
  * ways, no login handling; clients log in with their own password as through HAProxy), the
  * floor of what any proxy written on Node's net/stream API costs per session on this machine.
@@ -465,8 +467,10 @@ async function main(): Promise<void> {
           authLimits: { maxPerIp: 0, maxPerLogin: 0 },
         }),
       );
-      const script = tree ? join(tree, 'bench', 'proxy.ts') : fileURLToPath(import.meta.url);
-      const child = startChild(process.execPath, [...nodeFlags, '--import', 'tsx', script, '--serve-proxy', file], {
+      // A `js:DIR` tree is a compiled copy (tsc emitted .js beside each .ts): served by plain node, no tsx.
+      const compiled = tree?.startsWith('js:') ?? false;
+      const script = tree ? join(tree.replace(/^js:/, ''), 'bench', compiled ? 'proxy.js' : 'proxy.ts') : fileURLToPath(import.meta.url);
+      const child = startChild(process.execPath, [...nodeFlags, ...(compiled ? [] : ['--import', 'tsx']), script, '--serve-proxy', file], {
         ...process.env,
         BENCH_MASTER_SECRET: master.secret,
         BENCH_DIRECTORY_SPEC: dir.spec,
@@ -488,7 +492,7 @@ async function main(): Promise<void> {
     const bases: Array<{ name: string; tree: string; imapPort: number; pop3Port: number }> = [];
     for (const [k, tree] of COMPARE_TREES.entries()) {
       const b = await startPairgate(`bench-base${k}`, [], undefined, undefined, tree);
-      const name = `pairgate@${tree.replace(/\/+$/, '').split('/').pop()}`;
+      const name = `pairgate@${tree.replace(/\/+$/, '').split('/').pop()}${tree.startsWith('js:') ? '-js' : ''}`;
       pids[name] = [b.child.pid!];
       bases.push({ name, tree, imapPort: b.imapPort, pop3Port: b.pop3Port });
     }
