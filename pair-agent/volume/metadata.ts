@@ -204,9 +204,9 @@ export function readMetadata(file: string): VolumeMetadata | null {
 }
 
 /** Atomic replace: the old metadata stays valid until the new one is durable. */
-export function writeMetadata(file: string, m: VolumeMetadata): void {
+export function writeMetadata(file: string, m: VolumeMetadata, encoded: Buffer = encodeMetadata(m)): void {
   const tmp = `${file}.tmp`;
-  writeFileSync(tmp, encodeMetadata(m));
+  writeFileSync(tmp, encoded);
   const fd = openSync(tmp, 'r');
   try {
     fsyncSync(fd);

@@ -31,6 +31,7 @@ import {
   EXTENT_BLOCKS,
   JUST_CREATED,
   NO_UUID,
+  encodeMetadata,
   freshMetadata,
   readMetadata,
   retireBitmapUuid,
@@ -147,6 +148,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   private pingTimer: NodeJS.Timeout | null = null;
   private metaTimer: NodeJS.Timeout | null = null;
   private metaDirty = false;
+  /** The bytes this volume last wrote to its metadata file (null: not yet): an unchanged copy is not written again. */
+  private persistedMeta: Buffer | null = null;
   private closed = false;
   private dataSeq = 0;
   private readonly pending = new Map<number, PendingWrite>();
@@ -603,7 +606,14 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   private persistMeta(): void {
     try {
-      writeMetadata(this.config.metaFile, this.meta);
+      // A secondary replicating normally marks its metadata dirty with every write (clearing bits
+      // that were clear already), so the timer would rewrite an identical file every second: two
+      // fsyncs and a rename, synchronous on this thread, on the disk the replicated writes need.
+      const encoded = encodeMetadata(this.meta);
+      if (!this.persistedMeta?.equals(encoded)) {
+        writeMetadata(this.config.metaFile, this.meta, encoded);
+        this.persistedMeta = encoded;
+      }
       this.metaDirty = false;
     } catch (err) {
       this.diskFailed(err);
