@@ -179,6 +179,31 @@ describe('LMTP', () => {
     expect(await raw.line('QUIT')).toMatch(/^221/);
   });
 
+  it('a connection cut in the middle of DATA stores nothing; the next delivery is whole', async () => {
+    const store = res.store()!;
+    const before = await store.stats();
+    const raw = await Raw.open(ports().lmtp);
+    expect(await raw.line('LHLO test')).toMatch(/^250/);
+    await raw.until((t) => /^250 /m.test(t));
+    raw.take();
+    expect(await raw.line('MAIL FROM:<a@b>')).toMatch(/^250/);
+    expect(await raw.line('RCPT TO:<cutmid@example.net>')).toMatch(/^250/);
+    expect(await raw.line('DATA')).toMatch(/^354/);
+    // Half a message (no final dot), written out before the cut, so that the server has read it.
+    await new Promise<void>((resolve) => raw.sock.write(msg('cut', 'c'.repeat(200_000) + '\r\n'), () => resolve()));
+    await new Promise((r) => setTimeout(r, 100));
+    raw.sock.destroy();
+    await new Promise((r) => setTimeout(r, 100));
+    expect(await store.listMessages('cutmid', 'INBOX').catch(() => [])).toHaveLength(0);
+    expect((await store.stats()).messages).toBe(before.messages);
+    expect((await store.stats()).bytesUsed - before.bytesUsed).toBeLessThan(100_000);
+    const whole = msg('after the cut', 'whole\r\n');
+    await lmtpSend(['cutmid@x'], whole);
+    const list = await store.listMessages('cutmid', 'INBOX');
+    expect(list).toHaveLength(1);
+    expect((await store.readMessage(list[0]!.bodyId)).toString('latin1')).toBe(whole);
+  });
+
   it('is idempotent per X-Pairgate-Delivery-Id, and refuses oversized messages', async () => {
     const m = msg('retry', 'same\r\n', 'X-Pairgate-Delivery-Id: proxy-42\r\n');
     await lmtpSend(['idem@p'], m);
