@@ -19,7 +19,10 @@ export interface BackendChange {
 
 export interface DirectoryBackend {
   readonly kind: 'ldap' | 'ldif';
-  /** `login` is a uid (compared by the backend's rules) or a lower-cased address. */
+  /**
+   * `login` is a uid (compared by the backend's rules) or a lower-cased address. Each answer
+   * is a new record, the caller's to keep (the cache freezes and shares it).
+   */
   findLogin(login: string): Promise<UserRecord | null>;
   findRecipient(address: string): Promise<UserRecord | null>;
   /** Checks the password by binding as `dn`; AuthError when refused. Never an anonymous bind. */

@@ -255,8 +255,7 @@ export class CachingDirectory implements Directory {
 
   private async fromBackend(kind: Kind, key: string, lruKey: string, epoch: number): Promise<UserRecord | null> {
     const found = kind === 'login' ? await this.backend.findLogin(key) : await this.backend.findRecipient(key);
-    // A copy of the backend's record: the backend may keep and change its own.
-    const user = found ? shared({ ...found, aliases: [...found.aliases] }) : null;
+    const user = found ? shared(found) : null;
     const ttl = user ? this.cfg.ttlMs : this.cfg.negativeTtlMs;
     // An invalidation while this look-up ran may have made its answer stale: do not keep it.
     if (ttl > 0 && epoch === this.epoch) {

@@ -11,17 +11,19 @@ import type { DirectoryBackend, NewUserEntry } from './backend.ts';
 import { LDAP_DEFAULTS, type DirectoryConfig } from './config.ts';
 import { escapeDnValue, escapeFilterValue } from './escape.ts';
 import { LdapPool } from './ldap-pool.ts';
-import { ENTRIES_PER_LOOKUP, LookupBatcher, type LookupKind } from './ldap-batch.ts';
+import { attributeName, ENTRIES_PER_LOOKUP, LookupBatcher, type LookupKind } from './ldap-batch.ts';
 import type { DirectoryMetrics } from './metrics.ts';
 import { PAIR_ATTRIBUTES, toPairRecord, toUserRecord, USER_ATTRIBUTES, type AttrMap, type PairParseProblem } from './records.ts';
 import type { PairRecord, UserRecord } from './types.ts';
 
+const text = (v: string | Buffer): string => (Buffer.isBuffer(v) ? v.toString('utf8') : String(v));
+
 function attrMap(entry: Entry): AttrMap {
   const m: AttrMap = new Map();
-  for (const [k, v] of Object.entries(entry)) {
-    if (k === 'dn') continue;
-    const list = (Array.isArray(v) ? v : [v]).map((x) => (Buffer.isBuffer(x) ? x.toString('utf8') : String(x)));
-    m.set(k.split(';')[0]!.toLowerCase(), list);
+  for (const description in entry) {
+    if (description === 'dn') continue;
+    const v = entry[description]!;
+    m.set(attributeName(description), Array.isArray(v) ? v.map(text) : [text(v)]);
   }
   return m;
 }
@@ -95,6 +97,7 @@ export class LdapBackend implements DirectoryBackend {
 
   /** One answer out of several matches: uid first, then mail, then alias; logged once. */
   private pick(entries: Entry[], login: string, how: string): UserRecord | null {
+    if (entries.length <= 1) return entries.length ? toUserRecord(entries[0]!.dn, attrMap(entries[0]!)) : null;
     const users = entries.map((e) => toUserRecord(e.dn, attrMap(e))).filter((u): u is UserRecord => u !== null);
     if (users.length <= 1) return users[0] ?? null;
     const lower = login.toLowerCase();

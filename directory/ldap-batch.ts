@@ -55,7 +55,6 @@ export function lookupAttributes(kind: LookupKind, value: string): readonly stri
 const UID_ONLY = ['uid'] as const;
 const ADDRESS_ATTRS = ['mail', 'mailLocalAddress'] as const;
 const LOGIN_ADDRESS_ATTRS = ['uid', 'mail', 'mailLocalAddress'] as const;
-const MATCHED_ATTRS = ['uid', 'mail', 'maillocaladdress'];
 
 /** One equality assertion per attribute the look-up matches on. */
 function lookupAssertions(kind: LookupKind, value: string): Filter[] {
@@ -73,22 +72,27 @@ export interface Lookup {
   value: string;
 }
 
-/** An entry's values of the matched attributes, lower-cased and trimmed; null when one is not plain ASCII. */
-function matchValues(entry: Entry): Map<string, string[]> | null {
-  const out = new Map<string, string[]>();
-  for (const [key, raw] of Object.entries(entry)) {
-    const attr = key.split(';')[0]!.toLowerCase();
-    if (!MATCHED_ATTRS.includes(attr)) continue;
-    const list = out.get(attr) ?? [];
-    for (const v of Array.isArray(raw) ? raw : [raw]) {
-      const s = Buffer.isBuffer(v) ? v.toString('utf8') : String(v);
-      if (!PLAIN_OR_SPACE.test(s)) return null;
-      list.push(s.trim().toLowerCase());
-    }
-    out.set(attr, list);
+/** Lower-cased names of the attributes each kind of look-up matches on (lookupAttributes' lists). */
+const MATCHED_ON = new Map<readonly string[], ReadonlySet<string>>(
+  [UID_ONLY, ADDRESS_ATTRS, LOGIN_ADDRESS_ATTRS].map((list) => [list, new Set(list.map((a) => a.toLowerCase()))]),
+);
+
+/**
+ * An attribute description's name, lower-cased, without options (`mail;lang-en` → `mail`).
+ * Remembered: a server sends the same few descriptions in every entry, and lower-casing
+ * `mailLocalAddress` makes a new string each time.
+ */
+export function attributeName(description: string): string {
+  let name = ATTRIBUTE_NAMES.get(description);
+  if (name === undefined) {
+    const semi = description.indexOf(';');
+    name = (semi < 0 ? description : description.slice(0, semi)).toLowerCase();
+    if (ATTRIBUTE_NAMES.size >= 1024) ATTRIBUTE_NAMES.clear();
+    ATTRIBUTE_NAMES.set(description, name);
   }
-  return out;
+  return name;
 }
+const ATTRIBUTE_NAMES = new Map<string, string>();
 
 /**
  * Hands each entry of a batch's answer to the look-ups it matches (by index). Null when the
@@ -97,16 +101,35 @@ function matchValues(entry: Entry): Map<string, string[]> | null {
  */
 export function attribute(lookups: readonly Lookup[], entries: readonly Entry[]): Entry[][] | null {
   const out: Entry[][] = lookups.map(() => []);
-  const wanted = lookups.map((l) => ({ attrs: lookupAttributes(l.kind, l.value).map((a) => a.toLowerCase()), value: l.value.toLowerCase() }));
+  // Look-ups by their lower-cased value (batched values are plain ASCII without spaces).
+  const byValue = new Map<string, number[]>();
+  const matchedOn: Array<ReadonlySet<string>> = [];
+  for (let i = 0; i < lookups.length; i++) {
+    const l = lookups[i]!;
+    matchedOn.push(MATCHED_ON.get(lookupAttributes(l.kind, l.value))!);
+    const value = l.value.toLowerCase();
+    const same = byValue.get(value);
+    if (same) same.push(i);
+    else byValue.set(value, [i]);
+  }
   for (const entry of entries) {
-    const values = matchValues(entry);
-    if (!values) return null;
     let used = false;
-    for (let i = 0; i < wanted.length; i++) {
-      const w = wanted[i]!;
-      if (w.attrs.some((a) => values.get(a)?.includes(w.value))) {
-        out[i]!.push(entry);
-        used = true;
+    for (const description in entry) {
+      const attr = attributeName(description);
+      if (attr !== 'uid' && attr !== 'mail' && attr !== 'maillocaladdress') continue;
+      const raw = entry[description];
+      for (const v of Array.isArray(raw) ? raw : [raw]) {
+        const s = Buffer.isBuffer(v) ? v.toString('utf8') : String(v);
+        if (!PLAIN_OR_SPACE.test(s)) return null;
+        const matching = byValue.get(s.trim().toLowerCase());
+        if (!matching) continue;
+        for (const i of matching) {
+          if (!matchedOn[i]!.has(attr)) continue;
+          used = true;
+          // Entries are handed out in order: this one, if already given to look-up i, is its last.
+          const given = out[i]!;
+          if (given[given.length - 1] !== entry) given.push(entry);
+        }
       }
     }
     if (!used) return null;

@@ -25,19 +25,29 @@ export function normalizeAddress(address: string): string {
 }
 
 export function toUserRecord(dn: string, attrs: AttrMap): UserRecord | null {
+  // Names given lower-cased, as the map holds them (one look-up each, no new string).
   const uid = first(attrs, 'uid');
   if (!uid) return null;
   const mail = first(attrs, 'mail');
-  const quota = first(attrs, 'pairgateQuotaBytes');
+  const quota = first(attrs, 'pairgatequotabytes');
   const quotaBytes = quota !== undefined && /^\d+$/.test(quota.trim()) ? Number(quota.trim()) : undefined;
   const primary = mail ? normalizeAddress(mail) : '';
-  const aliases = [...new Set(all(attrs, 'mailLocalAddress').map(normalizeAddress))].filter((a) => a && a !== primary);
+  const values = all(attrs, 'maillocaladdress');
+  // Duplicates dropped: by a scan for the usual few, through a set for a long list.
+  const seen = values.length > 16 ? new Set<string>() : null;
+  const aliases: string[] = [];
+  for (const raw of values) {
+    const a = normalizeAddress(raw);
+    if (!a || a === primary || (seen ? seen.has(a) : aliases.includes(a))) continue;
+    seen?.add(a);
+    aliases.push(a);
+  }
   return {
     dn,
     uid,
     mail: primary,
     aliases,
-    pair: (first(attrs, 'mailHost') ?? '').trim(),
+    pair: (first(attrs, 'mailhost') ?? '').trim(),
     ...(quotaBytes !== undefined ? { quotaBytes } : {}),
   };
 }

@@ -46,6 +46,13 @@ describe('ldap-batch', () => {
     expect(attribute([{ kind: 'login', value: 'shared@example.net' }, { kind: 'login', value: 'a' }], [a, b])).toEqual([[a, b], [a]]);
   });
 
+  it('reads attribute descriptions with options and in any case; an entry matching one look-up twice is given once', () => {
+    const e = { dn: 'uid=c,dc=x', UID: 'c', 'mail;lang-en': 'c@example.net', mailLocalAddress: ['c@example.net'] } as unknown as Entry;
+    expect(attribute([{ kind: 'login', value: 'c@example.net' }, { kind: 'login', value: 'C' }], [e])).toEqual([[e], [e]]);
+    // A value matching only on an attribute the look-up does not use (a recipient on uid) is no match.
+    expect(attribute([{ kind: 'recipient', value: 'c' }], [e])).toBeNull();
+  });
+
   it('refuses an answer it cannot hand back exactly: an entry matching none, or with a value beyond printable ASCII', () => {
     const lookups: Lookup[] = [{ kind: 'login', value: 'alice' }, { kind: 'login', value: 'bob' }];
     expect(attribute(lookups, [entry('alice', 'alice@example.net'), entry('carol', 'carol@example.net')])).toBeNull();

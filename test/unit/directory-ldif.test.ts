@@ -108,6 +108,11 @@ describe('records and placement', () => {
   it('maps entries to records with lower-cased addresses', () => {
     const u = toUserRecord('uid=A,dc=t', attrs({ uid: ['A'], mail: ['A@Example.NET'], mailLocalAddress: ['b@example.net', 'a@example.net'], mailHost: ['pair-01'] }))!;
     expect(u).toEqual({ dn: 'uid=A,dc=t', uid: 'A', mail: 'a@example.net', aliases: ['b@example.net'], pair: 'pair-01' });
+    // Aliases: lower-cased, without the primary address or repeats, in order (a short list and a long one).
+    const short = toUserRecord('uid=A,dc=t', attrs({ uid: ['A'], mail: ['a@x.net'], mailLocalAddress: ['C@x.net', 'b@x.net', 'c@X.net', ' ', 'A@x.net'] }))!;
+    expect(short.aliases).toEqual(['c@x.net', 'b@x.net']);
+    const many = Array.from({ length: 40 }, (_, i) => `u${i % 20}@x.net`);
+    expect(toUserRecord('uid=A,dc=t', attrs({ uid: ['A'], mailLocalAddress: many }))!.aliases).toEqual(many.slice(0, 20));
     const problems: Array<{ dn: string; problem: string }> = [];
     const p = toPairRecord('cn=p,dc=t', attrs({ cn: ['p'], pairgateAddress: ['10.0.0.1'], pairgateState: ['Bogus'], pairgateWeight: ['50'], pairgatePorts: ['imap=1'] }), problems)!;
     expect(p).toMatchObject({ id: 'p', state: 'maintenance', weight: 50, ports: { imap: 1 } });
