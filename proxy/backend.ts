@@ -162,8 +162,9 @@ class MasterDialogue implements BackendInput {
       else this.fail(new UnavailableError('backend closed the connection'));
     };
     this.onGone = () => this.fail(new UnavailableError(this.step === Step.Connecting ? `cannot connect to ${this.ep.host}:${this.ep.port}: closed` : 'backend closed the connection'));
-    const socket = (this.socket = net.connect({ host: ep.host, port: ep.port, onread: this.onread }));
-    socket.setNoDelay(true);
+    // noDelay as an option: Node sets it once, after the connect. (setNoDelay() on the
+    // connecting socket sets it at once and again after the connect: two setsockopt calls.)
+    const socket = (this.socket = net.connect({ host: ep.host, port: ep.port, onread: this.onread, noDelay: true }));
     socket.on('error', ignoreError);
     socket.on('error', this.onError);
     socket.once('end', this.onGone);
