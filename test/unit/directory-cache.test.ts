@@ -1,8 +1,10 @@
 /** The caching Directory over a scripted backend: coalescing, TTLs, invalidation races, copies, log-once. */
 import { describe, expect, it } from 'vitest';
+import { EventEmitter } from 'node:events';
 import { pino } from 'pino';
 import { NotFoundError } from '../../common/errors.ts';
 import { silentLogger } from '../../common/log.ts';
+import { keys, type RedisBus } from '../../common/redis-bus.ts';
 import type { DirectoryBackend } from '../../directory/backend.ts';
 import { cacheSchema } from '../../directory/config.ts';
 import { CachingDirectory } from '../../directory/directory.ts';
@@ -45,8 +47,31 @@ function scripted(answer: (login: string) => Promise<UserRecord | null>) {
   return { backend, calls };
 }
 
-function open(backend: DirectoryBackend, cache: Record<string, unknown> = {}, log = silentLogger) {
-  return new CachingDirectory({ backend, cache: cacheSchema.parse(cache), log, metrics: directoryMetrics() });
+function open(backend: DirectoryBackend, cache: Record<string, unknown> = {}, log = silentLogger, metrics = directoryMetrics(), bus?: RedisBus) {
+  return new CachingDirectory({ backend, cache: cacheSchema.parse(cache), log, metrics, bus });
+}
+
+/** A Redis bus over a Map: GET and MGET read it, or fail (as a command timeout does) when `down`. */
+function mapBus(values: Map<string, string>, state = { down: false }): RedisBus {
+  const read = async (k: string) => {
+    await sleep(1);
+    if (state.down) throw new Error('redis get failed: Command timed out');
+    return values.get(k) ?? null;
+  };
+  const events = new EventEmitter();
+  return Object.assign(events, {
+    connected: true,
+    get: read,
+    mget: (ks: string[]) => Promise.all(ks.map(read)),
+    set: async (k: string, v: string) => void values.set(k, v),
+    del: async () => 0,
+    publish: async () => undefined,
+    onEvent: (h: (e: unknown) => void) => (events.on('event', h), () => events.off('event', h)),
+  }) as unknown as RedisBus;
+}
+
+async function lookupCounts(m: ReturnType<typeof directoryMetrics>): Promise<Record<string, number>> {
+  return Object.fromEntries((await m.lookups.get()).values.map((v) => [v.labels.result, v.value]));
 }
 
 describe('caching Directory', () => {
@@ -61,6 +86,46 @@ describe('caching Directory', () => {
     expect(calls).toEqual(['alice']);
     await d.findLogin('alice');
     expect(calls).toEqual(['alice']);
+  });
+
+  it('a failed look-up fails every caller that joined it, counted once each; the next caller asks again', async () => {
+    let down = true;
+    const { backend, calls } = scripted(async (l) => {
+      await sleep(10);
+      if (down) throw new Error('ldap down');
+      return user(l, 'p1');
+    });
+    const m = directoryMetrics();
+    const d = open(backend, {}, silentLogger, m);
+    const failed = await Promise.allSettled(Array.from({ length: 5 }, () => d.findLogin('alice')));
+    expect(failed.map((r) => r.status)).toEqual(Array(5).fill('rejected'));
+    expect(await lookupCounts(m)).toEqual({ error: 5 });
+    down = false;
+    expect((await Promise.all([d.findLogin('alice'), d.findLogin('alice')])).map((u) => u?.uid)).toEqual(['alice', 'alice']);
+    expect(calls).toEqual(['alice', 'alice']);
+    expect(await lookupCounts(m)).toEqual({ error: 5, found: 2 });
+  });
+
+  it('one MGET answers each caller for its own key (hit, cached "none", unreadable, not there), and a Redis failure falls back to the backend', async () => {
+    const values = new Map<string, string>([
+      [keys.route('hit'), JSON.stringify(user('hit', 'p1'))],
+      [keys.route('none'), '{"none":true}'],
+      [keys.route('junk'), '{not json'],
+      [keys.route('short'), JSON.stringify({ uid: 'short', dn: 'uid=short' })],
+    ]);
+    const state = { down: false };
+    const { backend, calls } = scripted(async (l) => (l === 'none' ? null : user(l, 'p2')));
+    const m = directoryMetrics();
+    const d = open(backend, { redis: true }, silentLogger, m, mapBus(values, state));
+    const logins = ['hit', 'none', 'junk', 'short', 'hit', 'absent', 'none'];
+    const got = await Promise.all(logins.map((l) => d.findLogin(l)));
+    expect(got.map((u) => (u ? `${u.uid}@${u.pair}` : null))).toEqual(['hit@p1', null, 'junk@p2', 'short@p2', 'hit@p1', 'absent@p2', null]);
+    expect(Object.isFrozen(got[0]) && Object.isFrozen(got[0]!.aliases)).toBe(true);
+    expect([...calls].sort()).toEqual(['absent', 'junk', 'short']);
+    expect(await lookupCounts(m)).toEqual({ found: 5, not_found: 2 });
+    state.down = true;
+    const fallback = await Promise.all(['x', 'y', 'x'].map((l) => d.findLogin(l)));
+    expect(fallback.map((u) => u?.uid)).toEqual(['x', 'y', 'x']);
   });
 
   it('expires negative answers after negativeTtlMs, positive ones after ttlMs', async () => {
