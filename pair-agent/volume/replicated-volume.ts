@@ -128,12 +128,6 @@ const RESYNC_RUN_BLOCKS = 64;
 const RESYNC_WINDOW_BYTES = 8 * 1024 * 1024;
 /** The largest write one DATA frame carries (the frame limit, MAX_PAYLOAD, leaves room for the header). */
 const MAX_WRITE_BYTES = 1024 * 1024;
-/**
- * Writes up to this size send their DATA frame before the local write is handed to the I/O threads
- * (see write()). Peer on /dev/shm, queue depth 1: 64 KiB C/local 0.78 against 0.63 local-first; 1 MiB
- * 0.65 against 0.66 (sending first delays the local write by the frame's CRC and socket copy).
- */
-const SEND_FIRST_MAX_BYTES = 64 * 1024;
 const VERIFY_RUN_BLOCKS = 256;
 const META_FLUSH_MS = 1000;
 
@@ -306,21 +300,14 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       }
       this.checkUsable('writes');
     }
-    // Which of the two leaves first. Both the device (so that writes issued together share a
-    // flush) and the link (sendAfterLocalWrites) act at the end of this tick, in the order they
-    // were asked. A large write goes to the I/O threads first and its frame is checksummed and
-    // copied to the socket meanwhile: sent first, that CRC and copy (~0.5 ms of this thread for
-    // 1 MiB) would delay the local write, and the two would add up instead of overlapping. A small
-    // write's frame goes first: it costs this thread little (~0.07 ms for 64 KiB), and the peer's
-    // round trip (the frame, its durable write, the ack) is then the longer path of the two.
-    // Either way the write resolves only when both are done.
+    // The local write goes to the I/O threads first; the frame is checksummed and copied to the
+    // socket meanwhile. The device hands this tick's writes to the I/O threads at the end of the
+    // tick (so that writes issued together share a flush), so the frame is held until then too:
+    // sent at once, its CRC and socket copy (~0.5-1 ms of this thread for 1 MiB) would run before
+    // the local write had even started, and the two would add up instead of overlapping.
+    const local = this.dev.write(offset, data);
+    local.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
     const link = this.replicating() ? this.link : null;
-    const startLocal = () => {
-      const p = this.dev.write(offset, data);
-      p.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
-      return p;
-    };
-    let local = link && length <= SEND_FIRST_MAX_BYTES ? null : startLocal();
     let peerDone: Promise<void> = Promise.resolve();
     if (link) {
       // The DATA frame carries whole blocks: once sent, these blocks are the peer's business; a
@@ -350,7 +337,6 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       this.meta.bitmap.setRange(first, blocks);
       this.metaDirty = true;
     }
-    local ??= startLocal();
     try {
       await local;
     } catch (err) {
@@ -795,10 +781,10 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   }
 
   /**
-   * Sends a frame at the end of this tick, with every other frame held in it. FileBlockDevice.write
-   * also defers to the end of the tick; the two run in the order they were first asked in this tick
-   * (process.nextTick), which is how write() puts a large write's local write before its frame and
-   * a small write's frame first. Frames sent meanwhile queue behind it.
+   * Sends a frame at the end of this tick, after the block device has handed the writes issued
+   * in this tick to the I/O threads (FileBlockDevice.write defers that by one tick; its
+   * process.nextTick was queued before this one, and ticks run in order). Frames sent meanwhile
+   * queue behind it.
    */
   private sendAfterLocalWrites(link: Link, type: FrameType, seq: number, payload: Buffer | Buffer[]): void {
     if (link.closed) return;
