@@ -5,7 +5,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import net from 'node:net';
-import { openSync, writeSync, closeSync, rmSync } from 'node:fs';
+import { openSync, writeSync, closeSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FrameType, authResponse, encodeBlockWrite, encodeFrame, encodeJson, FrameDecoder } from '../../pair-agent/volume/wire.ts';
@@ -69,6 +69,24 @@ describe('replicated volume (two processes)', () => {
     const second = await b.post('/primary');
     expect(second.status).toBe(409);
     expect(JSON.stringify(second.body)).toMatch(/peer is primary/);
+  });
+
+  it('a secondary replicating normally leaves its metadata file alone (nothing in it changes)', async () => {
+    const { a, b } = await pair();
+    await inSync(a, b);
+    expect((await a.post('/primary')).status).toBe(200);
+    await write(a, 1, randomBytes(BS));
+    await sleep(1500); // whatever the promotion and the first write changed is persisted by now (1 s timer)
+    const metaFile = String(b.config.metaFile);
+    const before = statSync(metaFile);
+    // Writes for over two timer periods: each marks the secondary's metadata dirty, none changes it.
+    for (let i = 0; i < 22; i++) {
+      await write(a, 2 + i, randomBytes(BS));
+      await sleep(100);
+    }
+    const after = statSync(metaFile);
+    expect({ ino: after.ino, mtimeMs: after.mtimeMs }).toEqual({ ino: before.ino, mtimeMs: before.mtimeMs });
+    expect(await b.digests()).toEqual(await a.digests());
   });
 
   it('SIGKILL of the primary mid-stream: every acknowledged write is on the secondary; the old primary resyncs on return', async () => {
