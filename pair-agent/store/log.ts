@@ -451,28 +451,24 @@ export class LogWriter {
         // The next group starts on a fresh block, so this group's blocks are never rewritten.
         this.pos.offset = roundUp(this.pos.offset);
         try {
-          // At most MAX_DEVICE_WRITE per call: the replicated volume ships each write as one frame
-          // and would have to join the parts of a larger write into one buffer before cutting it
-          // (a copy of every large body). All chunks of the group go out together, those of every
-          // region too (a group that crosses into a new segment is two regions: the SEG_END at the
-          // old segment's end, the rest at the new one's start; one after the other they cost two
-          // durable round trips, one in seven groups of 1 MiB deliveries), so that the device can
-          // commit them in one group (one fdatasync, one peer round trip) as it would one large
-          // write. Replay checks every record's CRC and the chain of previous CRCs, so a crash that
-          // leaves a later chunk or region durable without an earlier one ends the log at the first
-          // missing record, as a torn large write would; the group's waiters are answered only after
-          // all chunks. Regions never overlap, and never share a block with an earlier group.
-          const chunks: Array<Promise<void>> = [];
           for (const r of regions) {
+            // At most MAX_DEVICE_WRITE per call: the replicated volume ships each write as one frame
+            // and would have to join the parts of a larger write into one buffer before cutting it
+            // (a copy of every large body). The chunks go out together so that the device can commit them
+            // in one group (one fdatasync, one peer round trip) as it would one large write. Replay
+            // checks every record's CRC and the chain of previous CRCs, so a crash that leaves a
+            // later chunk durable without an earlier one ends the log at the first missing record,
+            // as a torn large write would; the group's waiters are answered only after all chunks.
+            const chunks: Array<Promise<void>> = [];
             let off = r.start;
             for (const w of deviceWrites(r)) {
               chunks.push(this.device.write(off, w.data));
               off += w.length;
             }
+            const results = await Promise.allSettled(chunks);
+            const failed = results.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+            if (failed) throw failed.reason;
           }
-          const results = await Promise.allSettled(chunks);
-          const failed = results.find((x): x is PromiseRejectedResult => x.status === 'rejected');
-          if (failed) throw failed.reason;
           for (const w of waiters) w.resolve();
         } catch (err) {
           this.failed = err instanceof Error ? err : new Error(String(err));

@@ -2,16 +2,14 @@
  * The log's device writes from record parts (pair-agent/store/log.ts deviceWrites) and the
  * devices' writes of parts (FileBlockDevice with pwritev): the bytes on disk are those of the
  * parts back to back, zero-padded to the block, in writes of at most MAX_DEVICE_WRITE; large
- * payloads are passed by reference, not copied; a failed group write fails every commit that waits on it;
- * and a group that crosses into a new segment issues the writes of both regions together, while a crash
- * that keeps only the later region ends the log before it.
+ * payloads are passed by reference, not copied; and a failed group write fails every commit that waits on it.
  */
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { DATA_START, LogWriter, MAX_DEVICE_WRITE, RecordType, chooseGeometry, deviceWrites, roundUp, scanLog, segmentStart, type ReadStop } from '../../pair-agent/store/log.ts';
+import { LogWriter, MAX_DEVICE_WRITE, chooseGeometry, deviceWrites, roundUp, segmentStart } from '../../pair-agent/store/log.ts';
 import type { BlockDevice } from '../../pair-agent/volume/block-device.ts';
 import { BLOCK_SIZE, FileBlockDevice, writeLength } from '../../pair-agent/volume/block-device.ts';
 
@@ -103,48 +101,5 @@ describe('store log: device writes from record parts', () => {
     await expect(b).rejects.toThrow(/failed a write/);
     await expect(writer.commit()).rejects.toThrow(/failed a write/);
   });
-
-  it('a group crossing into a new segment writes both regions at once; with only the later one durable, replay ends before it', async () => {
-    const size = DATA_START + 2 * 1024 * 1024;
-    const g = chooseGeometry(size);
-    expect(g.segmentSize).toBe(128 * 1024);
-    const issued: Array<{ offset: number; data: Buffer; done: () => void }> = [];
-    const device = {
-      size,
-      read: async () => Buffer.alloc(0),
-      write: (offset: number, data: Buffer | readonly Buffer[]) => new Promise<void>((resolve) => issued.push({ offset, data: joined(data), done: resolve })),
-      flush: async () => undefined,
-      writable: true,
-    } as unknown as BlockDevice;
-    const writer = new LogWriter(device, g, { offset: segmentStart(g, 0), seq: 1, prevCrc: 0 }, () => 1, () => undefined);
-    const first = randomBytes(100 * 1024);
-    const second = randomBytes(100 * 1024);
-    writer.append(RecordType.BODY, first);
-    writer.append(RecordType.BODY, second); // does not fit in segment 0: SEG_END there, the record in segment 1
-    let committed = false;
-    const commit = writer.commit().then(() => (committed = true));
-    await new Promise((r) => setImmediate(r));
-    // Both regions' writes are on their way before either is durable (one round trip, not two).
-    const inSeg = (seg: number) => issued.filter((w) => w.offset >= segmentStart(g, seg) && w.offset < segmentStart(g, seg + 1));
-    expect(inSeg(0).length).toBeGreaterThan(0);
-    expect(inSeg(1).length).toBeGreaterThan(0);
-    inSeg(1).forEach((w) => w.done());
-    await new Promise((r) => setImmediate(r));
-    expect(committed).toBe(false); // answered only when every chunk is durable
-    inSeg(0).forEach((w) => w.done());
-    await commit;
-
-    const replay = async (writes: typeof issued) => {
-      const image = Buffer.alloc(size);
-      for (const w of writes) w.data.copy(image, w.offset);
-      const disk = { size, read: async (offset: number, length: number) => Buffer.from(image.subarray(offset, offset + length)) } as unknown as BlockDevice;
-      const result: { end: { offset: number; seq: number; prevCrc: number }; stop: ReadStop } = { end: { offset: 0, seq: 0, prevCrc: 0 }, stop: 'end' };
-      const types: number[] = [];
-      for await (const rec of scanLog(disk, g, { offset: segmentStart(g, 0), seq: 1, prevCrc: 0 }, result)) types.push(rec.type);
-      return { types, stop: result.stop };
-    };
-    expect(await replay(issued)).toEqual({ types: [RecordType.BODY, RecordType.SEG_END, RecordType.BODY], stop: 'end' });
-    // A crash with only segment 1's write on disk: nothing of the group is replayed (it was never acknowledged).
-    expect(await replay(inSeg(1))).toEqual({ types: [], stop: 'end' });
-  });
 });
+
