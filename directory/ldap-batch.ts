@@ -199,7 +199,13 @@ export class LookupBatcher {
     const limit = ENTRIES_PER_LOOKUP * batch.length;
     this.opts.search(filter, limit + 1, 'batch').then(
       (entries) => {
-        const per = entries.length > limit ? null : attribute(batch, entries);
+        let per: Entry[][] | null;
+        try {
+          per = entries.length > limit ? null : attribute(batch, entries);
+        } catch {
+          // An entry this code could not read: the searches it replaces will say what it is.
+          per = null;
+        }
         this.opts.onBatch?.(batch.length, per !== null);
         if (!per) {
           for (const p of batch) this.sendAlone(p);

@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import type { Entry } from 'ldapts';
-import { attribute, batchable, lookupAttributes, type Lookup } from '../../directory/ldap-batch.ts';
+import { attribute, batchable, LookupBatcher, lookupAttributes, type Lookup } from '../../directory/ldap-batch.ts';
 
 const entry = (uid: string, mail: string, aliases: string[] = []): Entry => ({ dn: `uid=${uid},ou=people,dc=x`, uid, mail, mailLocalAddress: aliases, mailHost: 'pair-01' }) as Entry;
 
@@ -58,5 +58,23 @@ describe('ldap-batch', () => {
     expect(attribute(lookups, [entry('alice', 'alice@example.net'), entry('carol', 'carol@example.net')])).toBeNull();
     expect(attribute(lookups, [entry('alice', 'alice@example.net'), entry('bob', 'bob@example.net', ['bøb@example.net'])])).toBeNull();
     expect(attribute(lookups, [entry('alice', 'alice@example.net'), entry('bob\u0001', 'bob@example.net')])).toBeNull();
+  });
+
+  it('a batch answer that cannot be read is asked again one look-up at a time, never left unsettled', async () => {
+    const unreadable = { dn: 'uid=x,dc=x', uid: { toString: () => { throw new Error('odd value'); } } } as unknown as Entry;
+    const alice = entry('alice', 'alice@example.net');
+    const bob = entry('bob', 'bob@example.net');
+    const ops: string[] = [];
+    const batcher = new LookupBatcher({
+      maxBatch: 16,
+      search: async (_filter, _limit, op) => {
+        ops.push(op);
+        if (op === 'batch') return [unreadable];
+        return ops.length === 2 ? [alice] : [bob];
+      },
+    });
+    const answers = await Promise.all([batcher.lookup('login', 'alice'), batcher.lookup('login', 'bob')]);
+    expect(ops).toEqual(['batch', 'login', 'login']);
+    expect(answers).toEqual([[alice], [bob]]);
   });
 });
