@@ -107,6 +107,12 @@ describe('directory caches (slapd + redis)', () => {
       return Number(m?.values.find((v) => (v as { metricName?: string }).metricName === 'pairgate_directory_ldap_seconds_count' && v.labels.op === 'search_login')?.value ?? 0);
     };
     expect((await ldapCount(ra)) + (await ldapCount(rb))).toBe(1);
+    // Authentications are counted by result.
+    await b.authenticate('alice', 'alice-pass');
+    await expect(b.authenticate('alice', 'wrong')).rejects.toThrow(/invalid credentials/);
+    await expect(b.authenticate('nobody', 'x')).rejects.toThrow(/invalid credentials/);
+    expect(await counterValue(rb, 'pairgate_directory_auth_total', { result: 'ok' })).toBe(1);
+    expect(await counterValue(rb, 'pairgate_directory_auth_total', { result: 'fail' })).toBe(2);
   });
 
   it('a user move in one instance is seen by another (bus invalidation), for every address of the user', async () => {
