@@ -611,6 +611,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       // fsyncs and a rename, synchronous on this thread, on the disk the replicated writes need.
       const encoded = encodeMetadata(this.meta);
       if (!this.persistedMeta?.equals(encoded)) {
+        // Unknown until this write completes: one that fails after its rename has replaced the file.
+        this.persistedMeta = null;
         writeMetadata(this.config.metaFile, this.meta, encoded);
         this.persistedMeta = encoded;
       }
