@@ -141,6 +141,16 @@ afterAll(async () => {
   dir?.cleanup();
 });
 
+/** A raw LMTP session past LHLO and MAIL FROM, ready for RCPT TO. */
+async function lmtpEnvelope(): Promise<Raw> {
+  const raw = await Raw.open(ports().lmtp);
+  expect(await raw.line('LHLO test')).toMatch(/^250/);
+  await raw.until((t) => /^250 /m.test(t));
+  raw.take();
+  expect(await raw.line('MAIL FROM:<a@b>')).toMatch(/^250/);
+  return raw;
+}
+
 describe('LMTP', () => {
   it('delivers to many recipients at once, storing the body once', async () => {
     const users = Array.from({ length: 10 }, (_, i) => `multi${i}@pair-01`);
@@ -162,11 +172,7 @@ describe('LMTP', () => {
 
   it('answers per recipient: quota refusal 552 5.2.2 next to a success', async () => {
     await lmtpSend(['fullbox@x'], msg('fill', 'f'.repeat(QUOTA - 1000) + '\r\n'));
-    const raw = await Raw.open(ports().lmtp);
-    expect(await raw.line('LHLO test')).toMatch(/^250/);
-    await raw.until((t) => /^250 /m.test(t));
-    raw.take();
-    expect(await raw.line('MAIL FROM:<a@b>')).toMatch(/^250/);
+    const raw = await lmtpEnvelope();
     expect(await raw.line('RCPT TO:<fullbox@example.net>')).toMatch(/^250/);
     expect(await raw.line('RCPT TO:<roomy@example.net>')).toMatch(/^250/);
     expect(await raw.line('DATA')).toMatch(/^354/);
@@ -182,11 +188,7 @@ describe('LMTP', () => {
   it('a connection cut in the middle of DATA stores nothing; the next delivery is whole', async () => {
     const store = res.store()!;
     const before = await store.stats();
-    const raw = await Raw.open(ports().lmtp);
-    expect(await raw.line('LHLO test')).toMatch(/^250/);
-    await raw.until((t) => /^250 /m.test(t));
-    raw.take();
-    expect(await raw.line('MAIL FROM:<a@b>')).toMatch(/^250/);
+    const raw = await lmtpEnvelope();
     expect(await raw.line('RCPT TO:<cutmid@example.net>')).toMatch(/^250/);
     expect(await raw.line('DATA')).toMatch(/^354/);
     // Half a message (no final dot), written out before the cut, so that the server has read it.
