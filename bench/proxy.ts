@@ -45,14 +45,15 @@
  * from another checkout of pairgate (e.g. `git archive HEAD | tar -x -C DIR` with node_modules
  * linked), interleaved with this tree's in the same rounds: an A/B of a change that the
  * machine's load hits alike; `js:DIR` serves it from DIR's compiled bench/proxy.js with plain node
- * (no tsx: DIR holds tsc's output beside the .ts, path `pairgate@<folder name>-js`). --node-relay
+ * (no tsx: DIR holds tsc's output beside the .ts, made with `npx tsc -p . --noEmit false
+ * --allowImportingTsExtensions false --rewriteRelativeImportExtensions`; path `pairgate@<folder name>-js`). --node-relay
  * adds a path `node-relay`: a bare Node relay in its own
  * process (plain JavaScript, no TypeScript loader: accept, connect to Dovecot, stream.pipe both
  * ways, no login handling; clients log in with their own password as through HAProxy), the
  * floor of what any proxy written on Node's net/stream API costs per session on this machine.
  * --instant-pair replaces Dovecot with a pair that answers every command at once (a small Node
  * script: the master login, SELECT, FETCH of a 2 KiB message, LOGOUT, the POP3 equivalents): the
- * proxies' own CPU per session at ~1,000 sessions/s instead of diluted in Dovecot's ~45 ms, for
+ * proxies' own CPU per session at 1,000-2,000 sessions/s instead of diluted in Dovecot's ~45 ms, for
  * A/B of proxy changes in a minute (nginx, Perdition, bulk and idle are left out; never "met").
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';

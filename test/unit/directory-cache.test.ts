@@ -52,7 +52,7 @@ function open(backend: DirectoryBackend, cache: Record<string, unknown> = {}, lo
 }
 
 /** A Redis bus over a Map: GET and MGET read it, or fail (as a command timeout does) when `down`. */
-function mapBus(values: Map<string, string>, state = { down: false }): RedisBus {
+function mapBus(values: Map<string, string>, state = { down: false, gets: 0, mgets: 0 }): RedisBus {
   const read = async (k: string) => {
     await sleep(1);
     if (state.down) throw new Error('redis get failed: Command timed out');
@@ -61,8 +61,8 @@ function mapBus(values: Map<string, string>, state = { down: false }): RedisBus 
   const events = new EventEmitter();
   return Object.assign(events, {
     connected: true,
-    get: read,
-    mget: (ks: string[]) => Promise.all(ks.map(read)),
+    get: (k: string) => (state.gets++, read(k)),
+    mget: (ks: string[]) => (state.mgets++, Promise.all(ks.map(read))),
     set: async (k: string, v: string) => void values.set(k, v),
     del: async () => 0,
     publish: async () => undefined,
@@ -113,7 +113,7 @@ describe('caching Directory', () => {
       [keys.route('junk'), '{not json'],
       [keys.route('short'), JSON.stringify({ uid: 'short', dn: 'uid=short' })],
     ]);
-    const state = { down: false };
+    const state = { down: false, gets: 0, mgets: 0 };
     const { backend, calls } = scripted(async (l) => (l === 'none' ? null : user(l, 'p2')));
     const m = directoryMetrics();
     const d = open(backend, { redis: true }, silentLogger, m, mapBus(values, state));
@@ -123,6 +123,7 @@ describe('caching Directory', () => {
     expect(Object.isFrozen(got[0]) && Object.isFrozen(got[0]!.aliases)).toBe(true);
     expect([...calls].sort()).toEqual(['absent', 'junk', 'short']);
     expect(await lookupCounts(m)).toEqual({ found: 5, not_found: 2 });
+    expect(state).toMatchObject({ gets: 0, mgets: 1 }); // the five distinct keys in one MGET
     state.down = true;
     const fallback = await Promise.all(['x', 'y', 'x'].map((l) => d.findLogin(l)));
     expect(fallback.map((u) => u?.uid)).toEqual(['x', 'y', 'x']);
