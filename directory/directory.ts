@@ -480,16 +480,24 @@ export class CachingDirectory implements Directory {
   private dropLocal(logins: string[]): string[] {
     this.epoch++;
     const normal = new Set(logins.map((l) => normalizeLogin(l, this.uidFold)).filter((l): l is string => l !== null));
+    if (this.lru) this.dropFromLru(normal);
     for (const l of normal) {
-      // Later callers must not join a look-up that started before the change.
+      // Later callers must not join a look-up that started before the change: for every name
+      // given, and every other name of their users that the LRU knew.
       this.inflight.delete(`login:${l}`);
       this.inflight.delete(`rcpt:${l}`);
     }
-    if (!this.lru) return [...normal];
+    return [...normal];
+  }
+
+  /** Drops the LRU's entries for these names and for every name of the users they name, adding those names to `normal`. */
+  private dropFromLru(normal: Set<string>): void {
+    const lru = this.lru!;
     const uids = new Set<string>();
+    // A set visits what is added while it is walked: the names of each user found are looked at too.
     for (const l of normal) {
       for (const kind of ['login', 'rcpt'] as const) {
-        const c = this.lru.peek(`${kind}:${l}`);
+        const c = lru.peek(`${kind}:${l}`);
         if (c?.user) {
           uids.add(c.user.uid);
           normal.add(this.uidFold ? c.user.uid.toLowerCase() : c.user.uid);
@@ -499,13 +507,17 @@ export class CachingDirectory implements Directory {
       }
     }
     for (const l of normal) {
-      this.lru.delete(`login:${l}`);
-      this.lru.delete(`rcpt:${l}`);
+      lru.delete(`login:${l}`);
+      lru.delete(`rcpt:${l}`);
     }
     if (uids.size) {
-      for (const [k, v] of this.lru.entries()) if (v.user && uids.has(v.user.uid)) this.lru.delete(k);
+      for (const [k, v] of lru.entries()) {
+        if (v.user && uids.has(v.user.uid)) {
+          lru.delete(k);
+          normal.add(k.slice(k.indexOf(':') + 1));
+        }
+      }
     }
-    return [...normal];
   }
 
   private dropPairs(): void {

@@ -161,6 +161,29 @@ describe('caching Directory', () => {
     expect((await d.findLogin('carol'))?.pair).toBe('new');
   });
 
+  it('an invalidation also keeps later callers out of look-ups in flight for the user\'s other addresses', async () => {
+    let pair = 'old';
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const { backend, calls } = scripted(async () => {
+      const seen = pair;
+      if (calls.length === 2) await gate;
+      return user('dave', seen);
+    });
+    const d = open(backend);
+    expect((await d.findLogin('dave'))?.pair).toBe('old'); // now in the LRU, with its address
+    const slow = d.findLogin('dave@example.net'); // another key: a look-up of its own, held
+    await sleep(5);
+    pair = 'new';
+    // Names only the uid: the LRU entry tells the address, whose look-up in flight is old.
+    await d.invalidate(['dave']);
+    const again = d.findLogin('dave@example.net');
+    release();
+    expect((await again)?.pair).toBe('new');
+    expect((await slow)?.pair).toBe('old');
+    expect(calls).toEqual(['dave', 'dave@example.net', 'dave@example.net']);
+  });
+
   it('hands out read-only records: no caller can change what the cache holds', async () => {
     const { backend } = scripted(async (l) => user(l, 'p1'));
     const d = open(backend);
