@@ -803,9 +803,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     if (!frames || link.closed) return;
     // DATA frames leaving together: all but the last say MORE, so that the peer writes them as
     // they arrive and makes them durable with one flush after the last (instead of a flush each).
-    let last = -1;
-    frames.forEach((f, i) => f.type === FrameType.Data && (last = i));
-    frames.forEach((f, i) => f.type === FrameType.Data && i < last && (f.flags = FLAG_MORE));
+    const lastData = frames.findLastIndex((f) => f.type === FrameType.Data);
+    for (let i = 0; i < lastData; i++) if (frames[i]!.type === FrameType.Data) frames[i]!.flags = FLAG_MORE;
     try {
       this.writeFrames(link, frames);
     } catch (err) {
