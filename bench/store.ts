@@ -58,12 +58,32 @@ const MASTER = { user: 'bench-master', secret: 'bench-master-secret' };
 const VOLUME_BYTES = 4 * 1024 * 1024 * 1024;
 const USERS = Array.from({ length: 10 }, (_, i) => `bench${i}`);
 
-function message(size: number, n: number): Buffer {
-  const head = `From: Bench <bench@example.net>\r\nTo: bench0@example.net\r\nSubject: bench ${n}\r\nMessage-ID: <bench-${n}-${size}-${process.pid}-${Date.now()}@example.net>\r\n\r\n`;
-  const line = 'Benchmark body line with ordinary text, seventy-odd characters long...\r\n';
-  const body = line.repeat(Math.max(1, Math.ceil((size - head.length) / line.length)));
-  return Buffer.from(head + body).subarray(0, Math.max(size, head.length + 2));
+/**
+ * One bench message of `size` bytes as [head, body]: the head is unique (Message-ID; so no two
+ * bodies are one stored copy), the body is a prefix of one text shared by every message of that
+ * size, dot-stuffed once. Before 2026-12-06 each delivery built and dot-stuffed its whole message
+ * anew (five 1 MiB copies and a regex: ~4-7 ms of client CPU per 1 MiB delivery, on the same two
+ * cores as the servers under test).
+ */
+function message(size: number, n: number): [Buffer, Buffer] {
+  const head = Buffer.from(
+    `From: Bench <bench@example.net>\r\nTo: bench0@example.net\r\nSubject: bench ${n}\r\nMessage-ID: <bench-${n}-${size}-${process.pid}-${Date.now()}@example.net>\r\n\r\n`,
+  );
+  return [head, sharedBody(size).subarray(0, Math.max(2, size - head.length))];
 }
+
+const sharedBodies = new Map<number, Buffer>();
+function sharedBody(size: number): Buffer {
+  let body = sharedBodies.get(size);
+  if (!body) {
+    const line = 'Benchmark body line with ordinary text, seventy-odd characters long...\r\n';
+    body = dotStuff(Buffer.from(line.repeat(Math.ceil(size / line.length) + 1)));
+    sharedBodies.set(size, body);
+  }
+  return body;
+}
+
+const END_OF_DATA = Buffer.from('\r\n.\r\n');
 
 // ---- pairgate server (child process) ------------------------------------------------------
 
@@ -196,6 +216,14 @@ class LineConn {
   write(s: string | Buffer): void {
     this.sock.write(s);
   }
+  /** A message's DATA: head, body and the final dot in one writev, no copy. */
+  writeMessage(head: Buffer, body: Buffer): void {
+    this.sock.cork();
+    this.sock.write(head);
+    this.sock.write(body);
+    this.sock.write(END_OF_DATA);
+    this.sock.uncork();
+  }
 }
 
 function dotStuff(b: Buffer): Buffer {
@@ -211,12 +239,12 @@ async function lmtpRun(port: number, size: number, rcpts: number, seconds: numbe
     c.write('LHLO bench\r\n');
     await c.lines(1);
     while (Date.now() < deadline) {
-      const body = dotStuff(message(size, n++));
+      const [head, body] = message(size, n++);
       const to = USERS.slice(0, rcpts);
       c.write(`MAIL FROM:<bench@example.net>\r\n${to.map((u) => `RCPT TO:<${u}@example.net>\r\n`).join('')}DATA\r\n`);
       const r = await c.lines(2 + to.length);
       if (!r.every((l, i) => (i === r.length - 1 ? l.startsWith('354') : l.startsWith('250')))) throw new Error(`LMTP refused: ${r.join(' | ')}`);
-      c.write(Buffer.concat([body, Buffer.from('\r\n.\r\n')]));
+      c.writeMessage(head, body);
       const replies = await c.lines(to.length);
       if (!replies.every((l) => l.startsWith('250'))) throw new Error(`LMTP delivery failed: ${replies.join(' | ')}`);
       count++;
@@ -237,7 +265,7 @@ async function pop3Run(port: number, lmtpPort: number, user: string): Promise<{ 
   for (let i = 0; i < POP3_MESSAGES; i++) {
     c.write(`MAIL FROM:<b@example.net>\r\nRCPT TO:<${user}@example.net>\r\nDATA\r\n`);
     await c.lines(3);
-    c.write(Buffer.concat([dotStuff(message(50 * 1024, 100_000 + i)), Buffer.from('\r\n.\r\n')]));
+    c.writeMessage(...message(50 * 1024, 100_000 + i));
     await c.lines(1);
   }
   c.sock.end();
