@@ -121,7 +121,19 @@ interface Link {
   closed: boolean;
   handshakeTimer: NodeJS.Timeout | null;
   /** Frames held until the end of this tick (see sendAfterLocalWrites), in link order; null when none. */
-  held: Array<{ type: FrameType; seq: number; payload: Buffer | Buffer[] | undefined; flags?: number }> | null;
+  held: OutFrame[] | null;
+}
+
+/**
+ * A frame to send. `sent`: called once the frame is in the kernel's send buffer, or will never be
+ * sent (the link went away); until then the socket may still read from the payload's buffers.
+ */
+interface OutFrame {
+  type: FrameType;
+  seq: number;
+  payload: Buffer | Buffer[] | undefined;
+  flags?: number;
+  sent?: () => void;
 }
 
 const RESYNC_RUN_BLOCKS = 64;
@@ -314,6 +326,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       // lost link puts them back in the bitmap (pending writes are re-marked on disconnect).
       this.meta.bitmap.clearRange(first, blocks);
       const needsPeer = this.config.protocol === 'A' ? 'none' : this.config.protocol === 'B' ? 'recv' : 'write';
+      // Protocol A, as DRBD's: complete once the local write is done and the frame is in the TCP
+      // send buffer. Not before: until then the socket reads the caller's buffers, which the caller
+      // may reuse as soon as the write resolves (the store's LMTP reads do: ReadArena).
       // A write over config.dataFrameBytes leaves as several DATA frames (one checksum, one
       // sequence number, one pending entry each; sent together, so all but the last say MORE): the
       // peer verifies and writes each piece as it completes while the next is still on the way,
@@ -323,11 +338,12 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       for (let at = 0; at < length; at += pieceBytes) {
         const end = Math.min(length, at + pieceBytes);
         const seq = ++this.dataSeq;
+        let sent: (() => void) | undefined;
         if (needsPeer !== 'none') {
           waits.push(new Promise<void>((resolve) => this.pending.set(seq, { first: first + at / BLOCK_SIZE, blocks: (end - at) / BLOCK_SIZE, needsPeer, done: resolve })));
-        }
+        } else waits.push(new Promise<void>((resolve) => (sent = resolve)));
         const piece = at === 0 && end === length ? data : sliceWriteData(data, at, end);
-        this.sendAfterLocalWrites(link, FrameType.Data, seq, encodeBlockWrite(offset + at, piece));
+        this.sendAfterLocalWrites(link, { type: FrameType.Data, seq, payload: encodeBlockWrite(offset + at, piece), ...(sent ? { sent } : {}) });
       }
       if (waits.length === 1) peerDone = waits[0]!;
       else if (waits.length > 1) peerDone = Promise.all(waits).then(() => undefined);
@@ -788,19 +804,26 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
    * process.nextTick was queued before this one, and ticks run in order). Frames sent meanwhile
    * queue behind it.
    */
-  private sendAfterLocalWrites(link: Link, type: FrameType, seq: number, payload: Buffer | Buffer[]): void {
-    if (link.closed) return;
+  private sendAfterLocalWrites(link: Link, frame: OutFrame): void {
+    if (link.closed) {
+      frame.sent?.();
+      return;
+    }
     if (!link.held) {
       link.held = [];
       process.nextTick(() => this.sendHeld(link));
     }
-    link.held.push({ type, seq, payload });
+    link.held.push(frame);
   }
 
   private sendHeld(link: Link): void {
     const frames = link.held;
     link.held = null;
-    if (!frames || link.closed) return;
+    if (!frames) return;
+    if (link.closed) {
+      for (const f of frames) f.sent?.();
+      return;
+    }
     // DATA frames leaving together: all but the last say MORE, so that the peer writes them as
     // they arrive and makes them durable with one flush after the last (instead of a flush each).
     const lastData = frames.findLastIndex((f) => f.type === FrameType.Data);
@@ -810,12 +833,17 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     } catch (err) {
       // encodeFrame refuses a payload over the limit; write() never builds one, so this is a bug.
       this.dropLink(link, `could not send a frame: ${(err as Error).message}`);
+      for (const f of frames) f.sent?.();
     }
   }
 
-  private writeFrames(link: Link, frames: ReadonlyArray<{ type: FrameType; seq: number; payload: Buffer | Buffer[] | undefined; flags?: number }>): void {
+  private writeFrames(link: Link, frames: readonly OutFrame[]): void {
     link.socket.cork();
-    for (const f of frames) for (const part of encodeFrame(f.type, f.seq, f.payload, f.flags)) link.socket.write(part);
+    for (const f of frames) {
+      const parts = encodeFrame(f.type, f.seq, f.payload, f.flags);
+      // The socket calls back once the last part is in the kernel, or with an error when it is destroyed first.
+      for (let i = 0; i < parts.length; i++) link.socket.write(parts[i]!, i === parts.length - 1 ? f.sent : undefined);
+    }
     link.socket.uncork();
   }
 
