@@ -25,7 +25,8 @@
  * (user + system, from process.cpuUsage), which moves far less with machine load than the rates, and the
  * volume peer's (from /proc/PID/stat, in 10 ms ticks; NaN where there is no /proc).
  * --sizes picks the message sizes (bytes) to run, e.g. `--sizes 1048576` for a quick look at one
- * size. STORE_BENCH_PROF=dir writes CPU profiles of the store children and the volume peer there (on exit).
+ * size. STORE_BENCH_PROF=dir writes CPU profiles of the store children and the volume peer there (on exit);
+ * STORE_BENCH_NODE_FLAGS adds node flags to the store children (e.g. --trace-gc: their output goes to stderr).
  * Targets (issue #5): deliveries on protocol C >= 1.0x Dovecot; recovery < 2 s for 100,000
  * messages. Ends with one JSON line.
  */
@@ -361,7 +362,7 @@ async function main(): Promise<void> {
     });
   const startStore = (device: 'local' | 'replicated', env: NodeJS.ProcessEnv = {}) => {
     const prof = process.env.STORE_BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.STORE_BENCH_PROF] : [];
-    const child: ChildProcess = spawn(process.execPath, [...prof, '--import', 'tsx', self, '--serve', '--device', device], { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, ...env } });
+    const child: ChildProcess = spawn(process.execPath, [...prof, ...(process.env.STORE_BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean), '--import', 'tsx', self, '--serve', '--device', device], { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, ...env } });
     children.push(child);
     cpuReaders.set(child, []);
     return new Promise<{ lmtp: number; pop3: number; device: string; protocol?: string; child: ChildProcess }>((resolve, reject) => {
@@ -370,8 +371,14 @@ async function main(): Promise<void> {
       child.stdout!.on('data', (d: Buffer) => {
         out += d.toString();
         for (let i = out.indexOf('\n'); i >= 0; i = out.indexOf('\n')) {
-          const line = JSON.parse(out.slice(0, i));
+          const text = out.slice(0, i);
           out = out.slice(i + 1);
+          // Anything but the child's JSON lines (e.g. --trace-gc from STORE_BENCH_NODE_FLAGS) goes to stderr.
+          if (!text.startsWith('{')) {
+            process.stderr.write(`store child: ${text}\n`);
+            continue;
+          }
+          const line = JSON.parse(text);
           if (first) {
             first = false;
             resolve({ ...line, child });

@@ -456,10 +456,8 @@ export class LogStore extends EventEmitter implements MailStore {
    */
   private cacheOnWrite(id: string, parts: readonly Buffer[], size: number): void {
     if (size > this.cacheWriteLimit) return;
-    // One exact buffer is kept as it is; parts, or a view into a larger buffer (a socket read that
-    // held more than the body), are copied so that the cache holds what it counts.
-    const one = parts.length === 1 ? parts[0]! : null;
-    this.cache.set(id, one && one.byteOffset === 0 && one.length === one.buffer.byteLength ? one : Buffer.concat(parts, size));
+    // Always a copy: the caller may reuse its buffers once deliver() has resolved (see deliver).
+    this.cache.set(id, Buffer.concat(parts, size));
   }
 
   /** Waits for durability, then emits the changes and maybe starts a checkpoint. */
@@ -696,7 +694,8 @@ export class LogStore extends EventEmitter implements MailStore {
       const hit = this.cache.get(bodyId);
       if (hit) return hit;
       const pending = this.pendingBodies.get(bodyId);
-      if (pending) return pending.length === 1 ? pending[0]! : Buffer.concat(pending);
+      // A copy: a pending body is the deliverer's buffers, which it reuses once deliver() resolves.
+      if (pending) return Buffer.concat(pending);
       const b = this.state.bodies.get(bodyId);
       if (!b) throw new NotFoundError(`no message body ${String(bodyId).slice(0, 80)}`);
       const chunks = [...b.chunks];

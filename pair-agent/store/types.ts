@@ -77,7 +77,10 @@ export interface StoreStats {
 /**
  * A message body as one buffer or as parts in order (e.g. the DATA chunks as they arrived), so
  * that a caller need not join a large body into one buffer first. Parts are kept by reference
- * until the delivery resolves: the caller must not modify them.
+ * until the delivery resolves: the caller must not modify them before. Once deliver() has
+ * resolved, the store holds no reference to them (what it keeps, it copied; the volume has
+ * written them, and under protocol A handed them to the kernel), so the caller may reuse them
+ * (the LMTP server's ReadArena does). After a rejection, writes from them may still be in flight.
  */
 export type BodyData = Buffer | readonly Buffer[];
 

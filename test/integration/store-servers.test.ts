@@ -206,6 +206,64 @@ describe('LMTP', () => {
     expect((await store.readMessage(list[0]!.bodyId)).toString('latin1')).toBe(whole);
   });
 
+  it('one connection, message after message into reused read buffers: every stored body is byte-identical (one sent ahead of its 354)', async () => {
+    // Bodies from 1 byte to past a ReadArena slab (256 KiB), with dot-stuffed lines, each one
+    // different, so that a slab reused while a view of it was still in use would show.
+    let seed = 7;
+    const rnd = (n: number) => ((seed = (seed * 1103515245 + 12345) & 0x7fffffff) % n);
+    const body = (size: number) => {
+      let out = '';
+      while (out.length < size) {
+        const len = rnd(90);
+        out += (rnd(8) === 0 ? '.' : '') + Array.from({ length: len }, () => String.fromCharCode(33 + rnd(94))).join('') + '\r\n';
+      }
+      return out;
+    };
+    const sizes = [1, 100, 65_000, 70_000, 262_100, 262_200, 5_000, 290_000, 200_000, 120_000, 280_000, 3, 150_000, 270_000];
+    const messages = sizes.map((size, i) => msg(`arena ${i}`, body(size)));
+    const raw = await Raw.open(ports().lmtp);
+    expect(await raw.line('LHLO test')).toMatch(/^250/);
+    await raw.until((t) => /^250 /m.test(t));
+    raw.take();
+    const stuffed = (m: string) => Buffer.from(m.replace(/^\./gm, '..') + '.\r\n', 'latin1');
+    const replies = async (n: number) => {
+      const t = await raw.until((x) => x.split('\r\n').length > n, 20_000);
+      raw.take();
+      return t.split('\r\n').filter(Boolean);
+    };
+    const envelopeOf = (i: number) => `MAIL FROM:<a@b>\r\nRCPT TO:<arena${i}@example.net>\r\nDATA\r\n`;
+    for (const [i, m] of messages.entries()) {
+      const envelope = envelopeOf(i);
+      if (i === 5) {
+        // Ahead of the 354: envelope and message in one write, as a client that does not wait.
+        raw.sock.write(Buffer.concat([Buffer.from(envelope), stuffed(m)]));
+        expect(await replies(4)).toEqual([expect.stringMatching(/^250/), expect.stringMatching(/^250/), expect.stringMatching(/^354/), expect.stringMatching(/^250/)]);
+        continue;
+      }
+      if (i === 9) {
+        // The next message's envelope and body right behind this one's final dot: read while this
+        // delivery is still being written, and held until smtp-server's parser resumes.
+        raw.sock.write(envelope);
+        expect((await replies(3))[2]).toMatch(/^354/);
+        raw.sock.write(Buffer.concat([stuffed(m), Buffer.from(envelopeOf(10)), stuffed(messages[10]!)]));
+        expect(await replies(5)).toEqual(['250', '250', '250', '354', '250'].map((c) => expect.stringMatching(new RegExp(`^${c}`))));
+        continue;
+      }
+      if (i === 10) continue;
+      raw.sock.write(envelope);
+      expect((await replies(3))[2]).toMatch(/^354/);
+      raw.sock.write(stuffed(m));
+      expect((await replies(1))[0]).toMatch(/^250/);
+    }
+    expect(await raw.line('QUIT')).toMatch(/^221/);
+    const store = res.store()!;
+    for (const [i, m] of messages.entries()) {
+      const list = await store.listMessages(`arena${i}`, 'INBOX');
+      expect(list).toHaveLength(1);
+      expect((await store.readMessage(list[0]!.bodyId)).toString('latin1'), `message ${i} (${m.length} bytes)`).toBe(m);
+    }
+  });
+
   it('is idempotent per X-Pairgate-Delivery-Id, and refuses oversized messages', async () => {
     const m = msg('retry', 'same\r\n', 'X-Pairgate-Delivery-Id: proxy-42\r\n');
     await lmtpSend(['idem@p'], m);
