@@ -328,6 +328,12 @@ function arenaSocket(accepted: Socket, arenaOfSocket: WeakMap<Socket, ReadArena>
   (accepted as unknown as { _handle: unknown })._handle = null;
   accepted.destroy(); // frees nothing but the server's count of this connection
   const arena = new ReadArena();
+  // The views handed to the socket, each counted once when it reaches the parser's _write. The
+  // parser also calls its own _write with buffers of its making (the bytes after DATA on the same
+  // line, copied; the remainder after the final dot): counting those too made `taken` run ahead
+  // of `handed`, so that recycle() could find them equal while bytes still waited in the
+  // parser's write buffer and pool the slab holding them.
+  const handedViews = new WeakSet<Buffer>();
   const socket: Socket = new net.Socket({
     handle,
     readable: true,
@@ -336,7 +342,11 @@ function arenaSocket(accepted: Socket, arenaOfSocket: WeakMap<Socket, ReadArena>
       buffer: () => arena.next(),
       // What Node does with a read of its own buffer: push it (false = stop reading until the
       // reader wants more).
-      callback: (nread: number) => socket.push(arena.took(nread)),
+      callback: (nread: number) => {
+        const view = arena.took(nread);
+        handedViews.add(view);
+        return socket.push(view);
+      },
     },
   } as net.SocketConstructorOpts);
   const pipe = socket.pipe;
@@ -347,7 +357,7 @@ function arenaSocket(accepted: Socket, arenaOfSocket: WeakMap<Socket, ReadArena>
       counted.add(w);
       const write = w._write;
       w._write = function (this: Writable, chunk: Buffer, encoding: BufferEncoding, next: (err?: Error | null) => void) {
-        arena.consumed(chunk.length);
+        if (handedViews.delete(chunk)) arena.consumed(chunk.length);
         return write.call(this, chunk, encoding, next);
       };
     }

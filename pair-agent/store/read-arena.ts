@@ -29,6 +29,8 @@ export class ReadArena {
   private slab: Buffer | null = null;
   private used = 0;
   private retired: Buffer[] = [];
+  /** A slab abandoned while Node still held its tail for the next read: reads go on into it, but it never goes to the pool. */
+  private keptOut: Buffer | null = null;
   /** Bytes handed out (took) and bytes the reader has taken in (consumed): equal when none wait in between. */
   private handed = 0;
   private taken = 0;
@@ -36,7 +38,8 @@ export class ReadArena {
   /** Node's `onread.buffer`: where the next read goes. */
   next(): Buffer {
     if (!this.slab || this.slab.length - this.used < MIN_READ_BYTES) {
-      if (this.slab) this.retired.push(this.slab);
+      if (this.slab && this.slab !== this.keptOut) this.retired.push(this.slab);
+      this.keptOut = null;
       this.slab = pool.pop() ?? Buffer.allocUnsafeSlow(SLAB_BYTES);
       this.used = 0;
     }
@@ -74,6 +77,9 @@ export class ReadArena {
    */
   abandon(): void {
     this.retired = [];
-    this.slab = null;
+    // Node already holds the rest of the current slab as the next read's buffer (took() is called
+    // for that read): the slab stays current, so that the read is handed out from it, but it is
+    // dropped, not pooled, when it retires.
+    this.keptOut = this.slab;
   }
 }
