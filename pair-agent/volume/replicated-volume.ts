@@ -327,8 +327,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       this.meta.bitmap.clearRange(first, blocks);
       const needsPeer = this.config.protocol === 'A' ? 'none' : this.config.protocol === 'B' ? 'recv' : 'write';
       // Protocol A, as DRBD's: complete once the local write is done and the frame is in the TCP
-      // send buffer. Not before: until then the socket reads the caller's buffers, which the caller
-      // may reuse as soon as the write resolves (the store's LMTP reads do: ReadArena).
+      // send buffer. Not before, under any protocol: until then the socket reads the caller's
+      // buffers, which the caller may reuse as soon as the write resolves (the store's LMTP reads
+      // do: ReadArena).
       // A write over config.dataFrameBytes leaves as several DATA frames (one checksum, one
       // sequence number, one pending entry each; sent together, so all but the last say MORE): the
       // peer verifies and writes each piece as it completes while the next is still on the way,
@@ -338,12 +339,15 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       for (let at = 0; at < length; at += pieceBytes) {
         const end = Math.min(length, at + pieceBytes);
         const seq = ++this.dataSeq;
-        let sent: (() => void) | undefined;
         if (needsPeer !== 'none') {
           waits.push(new Promise<void>((resolve) => this.pending.set(seq, { first: first + at / BLOCK_SIZE, blocks: (end - at) / BLOCK_SIZE, needsPeer, done: resolve })));
-        } else waits.push(new Promise<void>((resolve) => (sent = resolve)));
+        }
+        // Every protocol also waits for the frame to leave the socket: a lost link resolves the
+        // pending writes at once (their blocks go back to the bitmap) while the frame may still be queued.
+        let sent!: () => void;
+        waits.push(new Promise<void>((resolve) => (sent = resolve)));
         const piece = at === 0 && end === length ? data : sliceWriteData(data, at, end);
-        this.sendAfterLocalWrites(link, { type: FrameType.Data, seq, payload: encodeBlockWrite(offset + at, piece), ...(sent ? { sent } : {}) });
+        this.sendAfterLocalWrites(link, { type: FrameType.Data, seq, payload: encodeBlockWrite(offset + at, piece), sent });
       }
       if (waits.length === 1) peerDone = waits[0]!;
       else if (waits.length > 1) peerDone = Promise.all(waits).then(() => undefined);

@@ -98,75 +98,117 @@ describe('frame order on the replication link', () => {
   });
 });
 
-describe('protocol A', () => {
-  it('a write completes only once its frame is in the send buffer: the caller may reuse its buffer at once, and the peer gets what was written', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'pairgate-protocol-a-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    // a dials b through a relay that can stop reading from a, so that a's socket backs up.
-    const listen = { a: 0, b: await freePort() };
-    let relayPaused = true;
-    const fromA: net.Socket[] = [];
-    const relay = net.createServer((client) => {
-      const upstream = net.connect({ host: '127.0.0.1', port: listen.b });
-      for (const s of [client, upstream]) {
-        s.on('error', () => undefined);
-        s.on('close', () => {
-          client.destroy();
-          upstream.destroy();
-        });
-      }
-      fromA.push(client);
-      client.pipe(upstream);
-      upstream.pipe(client);
-    });
-    await new Promise<void>((r) => relay.listen(0, '127.0.0.1', () => r()));
-    const relayPort = (relay.address() as net.AddressInfo).port;
-    cleanups.push(() => new Promise<void>((r) => relay.close(() => r())));
-    for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayPort}`); i++) listen.a = await freePort();
-    const config = (me: 'a' | 'b', peer: string) =>
-      volumeConfigSchema.parse({
-        name: 'proto-a', dataFile: join(dir, `${me}.data`), metaFile: join(dir, `${me}.meta`), sizeBytes: 192 * 1024 * 1024,
-        listen: `127.0.0.1:${listen[me]}`, peer, secret: 'protocol-a-secret-0123', protocol: 'A',
-        // The link must survive the relay's pause below (pings queue behind the data too).
-        pingIntervalMs: 1000, pingTimeoutMs: 10_000,
+/**
+ * Volumes a and b with a's link to b through a relay that can stop reading from a (so that a's
+ * socket backs up); the link survives long pauses (pings queue behind the data too).
+ */
+async function pairThroughPausableRelay(protocol: 'A' | 'B' | 'C') {
+  const dir = mkdtempSync(join(tmpdir(), 'pairgate-link-pause-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const listen = { a: 0, b: await freePort() };
+  const fromA: net.Socket[] = [];
+  const relay = net.createServer((client) => {
+    const upstream = net.connect({ host: '127.0.0.1', port: listen.b });
+    for (const s of [client, upstream]) {
+      s.on('error', () => undefined);
+      s.on('close', () => {
+        client.destroy();
+        upstream.destroy();
       });
-    const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
-    const a = await ReplicatedVolume.open(config('a', `127.0.0.1:${relayPort}`), deps());
-    cleanups.push(() => a.close());
-    const b = await ReplicatedVolume.open(config('b', `127.0.0.1:${await freePort()}`), deps());
-    cleanups.push(() => b.close());
-    await waitFor(() => a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate', 10_000, 'the pair to connect');
-    await a.promote();
+    }
+    fromA.push(client);
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise<void>((r) => relay.listen(0, '127.0.0.1', () => r()));
+  const relayPort = (relay.address() as net.AddressInfo).port;
+  cleanups.push(() => new Promise<void>((r) => relay.close(() => r())));
+  for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayPort}`); i++) listen.a = await freePort();
+  const config = (me: 'a' | 'b', peer: string) =>
+    volumeConfigSchema.parse({
+      name: 'pause', dataFile: join(dir, `${me}.data`), metaFile: join(dir, `${me}.meta`), sizeBytes: 192 * 1024 * 1024,
+      listen: `127.0.0.1:${listen[me]}`, peer, secret: 'link-pause-secret-0123', protocol,
+      pingIntervalMs: 1000, pingTimeoutMs: 10_000,
+    });
+  const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
+  const a = await ReplicatedVolume.open(config('a', `127.0.0.1:${relayPort}`), deps());
+  cleanups.push(() => a.close());
+  const b = await ReplicatedVolume.open(config('b', `127.0.0.1:${await freePort()}`), deps());
+  cleanups.push(() => b.close());
+  await waitFor(() => a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate', 10_000, 'the pair to connect');
+  await a.promote();
+  return {
+    a,
+    b,
+    bData: () => readFileSync(join(dir, 'b.data')),
+    pauseRelay: () => fromA.forEach((s) => s.pause()),
+    resumeRelay: () => fromA.forEach((s) => s.resume()),
+  };
+}
+
+const MiB = 1024 * 1024;
+
+/** Writes 1 MiB at a time from one buffer, refilled with the write's number as soon as the previous write resolved. */
+function reusingWriter(a: ReplicatedVolume, writes: number) {
+  const buf = Buffer.alloc(MiB);
+  const state = { done: 0, finished: null as Promise<void> | null };
+  state.finished = (async () => {
+    for (let i = 0; i < writes; i++) {
+      buf.fill(i + 1);
+      await a.write(i * MiB, buf).catch(() => undefined);
+      state.done++;
+    }
+  })();
+  return state;
+}
+
+describe('the caller\'s buffers after a write resolves', () => {
+  it('protocol A: a write completes only once its frame is in the send buffer; the peer gets what each write carried', async () => {
+    const { a, b, bData, pauseRelay, resumeRelay } = await pairThroughPausableRelay('A');
     // The relay stops reading from a: the kernel's buffers on both ends fill (loopback autotuning
     // lets them grow to tens of MiB), then a's socket queues the frames.
-    for (const s of fromA) s.pause();
-    const MiB = 1024 * 1024;
+    pauseRelay();
     const writes = 160;
-    const buf = Buffer.alloc(MiB);
-    let done = 0;
-    const writer = (async () => {
-      for (let i = 0; i < writes; i++) {
-        buf.fill(i + 1);
-        await a.write(i * MiB, buf);
-        done++;
-      }
-    })();
+    const w = reusingWriter(a, writes);
     await new Promise((r) => setTimeout(r, 500));
     // Not every write can have completed: their frames cannot all be in the kernel's buffers.
-    expect(done).toBeLessThan(writes);
-    relayPaused = false;
-    for (const s of fromA) s.resume();
-    await writer;
-    expect(relayPaused).toBe(false);
+    expect(w.done).toBeLessThan(writes);
+    resumeRelay();
+    await w.finished;
     await waitFor(() => {
-      const data = readFileSync(join(dir, 'b.data'));
+      const data = bData();
       return Array.from({ length: writes }, (_, i) => data[i * MiB] === i + 1 && data[i * MiB + MiB - 1] === i + 1).every(Boolean);
     }, 10_000, 'every write on b');
-    const data = readFileSync(join(dir, 'b.data'));
+    const data = bData();
     for (let i = 0; i < writes; i++) expect(data.subarray(i * MiB, (i + 1) * MiB).equals(Buffer.alloc(MiB, i + 1))).toBe(true);
     // b got every block in DATA frames whose checksums held: the link never dropped, no resync made up for it.
     expect(a.status().connection).toBe('Connected');
     expect(b.status().stats.framesRejected).toBe(0);
     expect(a.status().stats.resyncBytesSent).toBe(0);
+  }, 30_000);
+
+  it('protocol C, link dropped with frames still queued: the writes wait until the frames leave the socket, so none goes out changed', async () => {
+    const { a, b, pauseRelay, resumeRelay } = await pairThroughPausableRelay('C');
+    pauseRelay();
+    // 96 writes at once, each from its own buffer, which its writer overwrites as soon as the write
+    // resolves: more than the kernel's buffers hold, so some frames wait in a's socket.
+    const lanes = 96;
+    let resolved = 0;
+    const writes = Array.from({ length: lanes }, async (_, i) => {
+      const buf = Buffer.alloc(MiB, i + 1);
+      await a.write(i * MiB, buf).catch(() => undefined);
+      resolved++;
+      buf.fill(0xee);
+    });
+    await new Promise((r) => setTimeout(r, 500));
+    expect(resolved).toBe(0);
+    // The link goes: its pending writes are answered (their blocks back in the bitmap), while the
+    // queued frames still flow out once the relay reads again.
+    a.disconnect();
+    resumeRelay();
+    await Promise.all(writes);
+    await new Promise((r) => setTimeout(r, 500));
+    // Every frame b received carried the bytes it was checksummed with.
+    expect(b.status().stats.framesRejected).toBe(0);
   }, 30_000);
 });
