@@ -59,6 +59,20 @@ async function freePort(): Promise<number> {
   });
 }
 
+/** Volumes a (dialling b through the relay at `relayPort`) and b in `dir`, connected, a promoted. */
+async function openPromotedPair(dir: string, listen: { a: number; b: number }, relayPort: number, settings: Record<string, unknown>) {
+  const config = (me: 'a' | 'b', peer: string) =>
+    volumeConfigSchema.parse({ dataFile: join(dir, `${me}.data`), metaFile: join(dir, `${me}.meta`), listen: `127.0.0.1:${listen[me]}`, peer, ...settings });
+  const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
+  const a = await ReplicatedVolume.open(config('a', `127.0.0.1:${relayPort}`), deps());
+  cleanups.push(() => a.close());
+  const b = await ReplicatedVolume.open(config('b', `127.0.0.1:${await freePort()}`), deps());
+  cleanups.push(() => b.close());
+  await waitFor(() => a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate', 10_000, 'the pair to connect');
+  await a.promote();
+  return { a, b };
+}
+
 describe('frame order on the replication link', () => {
   it('a DISCONNECT sent in the same tick as a write leaves after the write\'s DATA frame, and the peer applies the write', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'pairgate-link-order-'));
@@ -70,18 +84,7 @@ describe('frame order on the replication link', () => {
     const relayToB = await recordingRelay(listen.b, fromA);
     for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayToB}`); i++) listen.a = await freePort();
     expect(`127.0.0.1:${listen.a}` < `127.0.0.1:${relayToB}`).toBe(true);
-    const config = (me: 'a' | 'b', peer: string) =>
-      volumeConfigSchema.parse({
-        name: 'order', dataFile: join(dir, `${me}.data`), metaFile: join(dir, `${me}.meta`), sizeBytes: 8 * 1024 * 1024,
-        listen: `127.0.0.1:${listen[me]}`, peer, secret: 'link-order-secret-0123', protocol: 'C',
-      });
-    const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
-    const a = await ReplicatedVolume.open(config('a', `127.0.0.1:${relayToB}`), deps());
-    cleanups.push(() => a.close());
-    const b = await ReplicatedVolume.open(config('b', `127.0.0.1:${await freePort()}`), deps());
-    cleanups.push(() => b.close());
-    await waitFor(() => a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate', 10_000, 'the pair to connect');
-    await a.promote();
+    const { a } = await openPromotedPair(dir, listen, relayToB, { name: 'order', sizeBytes: 8 * 1024 * 1024, secret: 'link-order-secret-0123', protocol: 'C' });
     // A first write to the extent, so that the second needs no activity-log write and sends in this tick.
     await a.write(0, Buffer.alloc(4096, 1));
     const data = Buffer.alloc(8192, 0x5a);
@@ -124,19 +127,10 @@ async function pairThroughPausableRelay(protocol: 'A' | 'B' | 'C') {
   const relayPort = (relay.address() as net.AddressInfo).port;
   cleanups.push(() => new Promise<void>((r) => relay.close(() => r())));
   for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayPort}`); i++) listen.a = await freePort();
-  const config = (me: 'a' | 'b', peer: string) =>
-    volumeConfigSchema.parse({
-      name: 'pause', dataFile: join(dir, `${me}.data`), metaFile: join(dir, `${me}.meta`), sizeBytes: 192 * 1024 * 1024,
-      listen: `127.0.0.1:${listen[me]}`, peer, secret: 'link-pause-secret-0123', protocol,
-      pingIntervalMs: 1000, pingTimeoutMs: 10_000,
-    });
-  const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
-  const a = await ReplicatedVolume.open(config('a', `127.0.0.1:${relayPort}`), deps());
-  cleanups.push(() => a.close());
-  const b = await ReplicatedVolume.open(config('b', `127.0.0.1:${await freePort()}`), deps());
-  cleanups.push(() => b.close());
-  await waitFor(() => a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate', 10_000, 'the pair to connect');
-  await a.promote();
+  // The link must survive the relay's pauses (pings queue behind the data too).
+  const { a, b } = await openPromotedPair(dir, listen, relayPort, {
+    name: 'pause', sizeBytes: 192 * 1024 * 1024, secret: 'link-pause-secret-0123', protocol, pingIntervalMs: 1000, pingTimeoutMs: 10_000,
+  });
   return {
     a,
     b,
