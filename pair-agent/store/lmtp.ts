@@ -250,14 +250,24 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
   // the per-recipient replies after DATA were a write system call each (on loopback ~25 us, the
   // largest item of the store's profile with 10 recipients). Replies written in one tick now go
   // out together: corked at the first write, uncorked on the next tick (end() flushes too).
-  const smtpAccept = server.server.listeners('connection')[0] as (socket: Socket) => void;
-  server.server.removeAllListeners('connection');
+  const accepts = server.server.listeners('connection') as Array<(socket: Socket) => void>;
   const arenaOfSocket = new WeakMap<Socket, ReadArena>();
-  server.server.on('connection', (accepted: Socket) => {
-    const socket = arenaSocket(accepted, arenaOfSocket);
-    coalesceWrites(socket);
-    smtpAccept(socket);
-  });
+  if (accepts.length === 1) {
+    const smtpAccept = accepts[0]!;
+    server.server.removeAllListeners('connection');
+    server.server.on('connection', (accepted: Socket) => {
+      const socket = arenaSocket(accepted, arenaOfSocket);
+      coalesceWrites(socket);
+      smtpAccept(socket);
+    });
+  } else {
+    // Not the one accept handler of the smtp-server this was written for: its own reads, unpaused.
+    log.warn({ handlers: accepts.length }, 'LMTP: smtp-server accepts connections differently than expected; reading without the read arena');
+    server.server.on('connection', (socket: Socket) => {
+      coalesceWrites(socket);
+      socket.resume();
+    });
+  }
   const smtpConnect = server.connect;
   server.connect = function (this: SMTPServer, socket: Socket, socketOptions: { id: string }) {
     const arena = arenaOfSocket.get(socket);
