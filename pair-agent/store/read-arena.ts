@@ -2,8 +2,8 @@
  * Socket reads of an LMTP connection into slabs the process reuses, instead of the fresh 64 KiB
  * buffer Node allocates for every read of a socket. A 1 MiB delivery is 16-32 reads; kept in the
  * delivery's parts until the body is durable, those buffers outlive V8's young generation, and
- * their memory was what set off most of the store's full mark-compacts (one every ~13 deliveries
- * of 1 MiB in bench/store, each 4-10 ms of the event loop that every connection waits on).
+ * their memory was what set off most of the store's full mark-compacts (one every ~16 deliveries
+ * of 1 MiB in bench/store, each a few ms of the event loop that every connection waits on).
  *
  * The bytes a read delivers are a view into the arena's current slab; a full slab is retired.
  * The connection calls `recycle()` at a point where no view of what it read before is held by
@@ -11,9 +11,9 @@
  * line into a string, the previous delivery has been answered after deliver() resolved (so the
  * store holds none of its buffers: see BodyData), and nothing of that DATA is left in
  * smtp-server; and provided every byte read so far has reached smtp-server's parser (`consumed`),
- * none waits in a stream buffer. Retired slabs then go back to the pool; the current slab is kept as it is (the
- * next read's buffer has already been handed to Node). A delivery that failed, or a connection
- * that closed, abandons its slabs instead: its writes may still be in flight.
+ * none waits in a stream buffer. Retired slabs then go back to the pool; the current slab is kept
+ * as it is (the next read's buffer has already been handed to Node). A delivery that failed, or a
+ * connection that closed, abandons its slabs instead: its writes may still be in flight.
  */
 
 /** Slab size: a few reads each. */

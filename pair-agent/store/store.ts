@@ -456,7 +456,7 @@ export class LogStore extends EventEmitter implements MailStore {
    */
   private cacheOnWrite(id: string, parts: readonly Buffer[], size: number): void {
     if (size > this.cacheWriteLimit) return;
-    // Always a copy: the caller may reuse its buffers once deliver() has resolved (see deliver).
+    // Always a copy: the caller may reuse its buffers once deliver() has resolved (see BodyData).
     this.cache.set(id, Buffer.concat(parts, size));
   }
 

@@ -79,8 +79,9 @@ export interface StoreStats {
  * that a caller need not join a large body into one buffer first. Parts are kept by reference
  * until the delivery resolves: the caller must not modify them before. Once deliver() has
  * resolved, the store holds no reference to them (what it keeps, it copied; the volume has
- * written them, and under protocol A handed them to the kernel), so the caller may reuse them
- * (the LMTP server's ReadArena does). After a rejection, writes from them may still be in flight.
+ * written them locally and, under every protocol, handed their DATA frames to the kernel), so the
+ * caller may reuse them (the LMTP server's ReadArena does). After a rejection, writes from them
+ * may still be in flight.
  */
 export type BodyData = Buffer | readonly Buffer[];
 

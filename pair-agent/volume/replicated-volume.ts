@@ -327,9 +327,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       this.meta.bitmap.clearRange(first, blocks);
       const needsPeer = this.config.protocol === 'A' ? 'none' : this.config.protocol === 'B' ? 'recv' : 'write';
       // Protocol A, as DRBD's: complete once the local write is done and the frame is in the TCP
-      // send buffer. Not before, under any protocol: until then the socket reads the caller's
-      // buffers, which the caller may reuse as soon as the write resolves (the store's LMTP reads
-      // do: ReadArena).
+      // send buffer (B and C wait for the peer as well; see `sent` below for why all three wait
+      // for the send buffer).
       // A write over config.dataFrameBytes leaves as several DATA frames (one checksum, one
       // sequence number, one pending entry each; sent together, so all but the last say MORE): the
       // peer verifies and writes each piece as it completes while the next is still on the way,
@@ -342,8 +341,10 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         if (needsPeer !== 'none') {
           waits.push(new Promise<void>((resolve) => this.pending.set(seq, { first: first + at / BLOCK_SIZE, blocks: (end - at) / BLOCK_SIZE, needsPeer, done: resolve })));
         }
-        // Every protocol also waits for the frame to leave the socket: a lost link resolves the
-        // pending writes at once (their blocks go back to the bitmap) while the frame may still be queued.
+        // Every protocol waits for the frame to leave the socket: until then the socket reads the
+        // caller's buffers, which the caller may reuse as soon as the write resolves (the store's
+        // LMTP reads do: ReadArena). For B and C this matters when the link is lost: that resolves
+        // their pending entries at once (blocks back in the bitmap) while the frame may still be queued.
         let sent!: () => void;
         waits.push(new Promise<void>((resolve) => (sent = resolve)));
         const piece = at === 0 && end === length ? data : sliceWriteData(data, at, end);
