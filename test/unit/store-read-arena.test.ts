@@ -59,4 +59,24 @@ describe('ReadArena', () => {
     kept.forEach((v, i) => expect(v.every((b) => b === 0x30 + i)).toBe(true));
     for (const o of others) o.abandon();
   });
+
+  it('after abandon(), the read Node already holds still lands in the current slab, which is dropped, not pooled, when it retires', () => {
+    const arena = new ReadArena();
+    const before = read(arena, 1000, 0x41);
+    const into = arena.next(); // Node holds this buffer for the next read
+    arena.abandon(); // a delivery failed meanwhile
+    into.fill(0x42, 0, 1000);
+    const after = arena.took(1000); // the read completes: threw while abandon() emptied the current slab
+    expect(after.buffer).toBe(before.buffer);
+    // Reads go on until the slab retires; then nothing read before is held and recycle() pools.
+    const more = Array.from({ length: 5 }, (_, i) => read(arena, 60_000, 0x50 + i));
+    expect(more[4]!.buffer).not.toBe(before.buffer);
+    arena.consumed(2000 + 5 * 60_000);
+    arena.recycle();
+    const others = Array.from({ length: 8 }, () => new ReadArena());
+    const fresh = others.map((o) => read(o, 60_000, 0x77));
+    expect(fresh.some((f) => f.buffer === before.buffer)).toBe(false);
+    expect(after.every((b) => b === 0x42)).toBe(true);
+    for (const a of [arena, ...others]) a.abandon();
+  });
 });

@@ -135,6 +135,8 @@ async function pairThroughPausableRelay(protocol: 'A' | 'B' | 'C') {
     a,
     b,
     bData: () => readFileSync(join(dir, 'b.data')),
+    /** Bytes a's link socket has not yet handed to the kernel (0 without a link). */
+    queuedOnA: () => (a as unknown as { link: { socket: net.Socket } | null }).link?.socket.writableLength ?? 0,
     pauseRelay: () => fromA.forEach((s) => s.pause()),
     resumeRelay: () => fromA.forEach((s) => s.resume()),
   };
@@ -182,10 +184,11 @@ describe('the caller\'s buffers after a write resolves', () => {
   }, 30_000);
 
   it('protocol C, link dropped with frames still queued: the writes wait until the frames leave the socket, so none goes out changed', async () => {
-    const { a, b, pauseRelay, resumeRelay } = await pairThroughPausableRelay('C');
+    const { a, b, pauseRelay, resumeRelay, queuedOnA } = await pairThroughPausableRelay('C');
     pauseRelay();
     // 96 writes at once, each from its own buffer, which its writer overwrites as soon as the write
-    // resolves: more than the kernel's buffers hold, so some frames wait in a's socket.
+    // resolves: more than the kernel's buffers hold (a's send buffer and the relay's receive buffer,
+    // ~36 MiB at most here), so frames wait in a's socket.
     const lanes = 96;
     let resolved = 0;
     const writes = Array.from({ length: lanes }, async (_, i) => {
@@ -194,14 +197,17 @@ describe('the caller\'s buffers after a write resolves', () => {
       resolved++;
       buf.fill(0xee);
     });
-    await new Promise((r) => setTimeout(r, 500));
+    // The precondition of the test: frames queued in a's socket, not yet in the kernel.
+    await waitFor(() => queuedOnA() >= 32 * MiB, 10_000, 'frames queued in a\'s socket');
     expect(resolved).toBe(0);
     // The link goes: its pending writes are answered (their blocks back in the bitmap), while the
-    // queued frames still flow out once the relay reads again.
+    // queued frames still flow out once the relay reads again (until the link's socket is
+    // destroyed, 200 ms after the DISCONNECT frame that follows them).
     a.disconnect();
     resumeRelay();
     await Promise.all(writes);
-    await new Promise((r) => setTimeout(r, 500));
+    // b has read all it will: its link ended (the DISCONNECT, a rejected frame or the relay closing).
+    await waitFor(() => b.status().connection !== 'Connected', 10_000, 'b to lose the link');
     // Every frame b received carried the bytes it was checksummed with.
     expect(b.status().stats.framesRejected).toBe(0);
   }, 30_000);
