@@ -11,12 +11,12 @@ import net, { type Socket } from 'node:net';
 import type { AddressList } from '../../common/cidr.ts';
 import { normalizeAddress } from '../../common/cidr.ts';
 import type { Logger } from '../../common/log.ts';
-import { counter, gauge, histogram, type MetricsRegistry } from '../../common/metrics.ts';
+import { counter, gauge, histogram, tallyOf, type MetricsRegistry } from '../../common/metrics.ts';
 import { PairgateError } from '../../common/errors.ts';
 import type { MailStore } from './types.ts';
 import { checkUser } from './names.ts';
 import { installFastDataScan } from './smtp-data.ts';
-import { ReadArena } from './read-arena.ts';
+import { pooledSlabs, ReadArena, type ArenaEvents } from './read-arena.ts';
 
 export interface LmtpServerOptions {
   store: MailStore;
@@ -104,6 +104,11 @@ export function lmtpReplyFor(err: unknown): ReplyError {
   return new ReplyError(451, 'Temporary failure in the mail store, try again later');
 }
 
+/** Label objects of pairgate_lmtp_read_slabs_total, made once. */
+const SLAB_NEW = { outcome: 'new' };
+const SLAB_REUSED = { outcome: 'reused' };
+const SLAB_DROPPED = { outcome: 'dropped' };
+
 export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServer> {
   const log = opts.log.child({ protocol: 'lmtp' });
   if (!installFastDataScan()) log.debug('smtp-server is not the version the fast DATA scan was written for: its own scan is used');
@@ -119,6 +124,16 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
   let open = 0;
   /** Each open connection's ReadArena by smtp-server's connection id (session.id). */
   const arenas = new Map<string, ReadArena>();
+  const slabs = tallyOf(
+    counter(opts.registry, 'lmtp_read_slabs_total', 'LMTP read slabs (256 KiB) by outcome: new, reused (from the pool), dropped (left to the GC: connection closed or delivery failed)', ['outcome']),
+  );
+  gauge(opts.registry, 'lmtp_read_slabs_pooled', 'LMTP read slabs free in the pool (256 KiB each)', [], function () {
+    this.set(pooledSlabs());
+  });
+  const arenaEvents: ArenaEvents = {
+    took: (reused) => slabs.add(reused ? SLAB_REUSED : SLAB_NEW, 1),
+    dropped: (n) => slabs.add(SLAB_DROPPED, n),
+  };
   const recent = new Float64Array(256);
   let recentN = 0;
 
@@ -256,7 +271,7 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
     const smtpAccept = accepts[0]!;
     server.server.removeAllListeners('connection');
     server.server.on('connection', (accepted: Socket) => {
-      const socket = arenaSocket(accepted, arenaOfSocket);
+      const socket = arenaSocket(accepted, arenaOfSocket, arenaEvents);
       coalesceWrites(socket);
       smtpAccept(socket);
     });
@@ -329,7 +344,7 @@ export function coalesceWrites(socket: Socket): void {
  * parser) tells the arena what it has taken in. Where the handle cannot move (not a TCP handle of
  * this Node), the accepted socket itself, resumed: it reads as 'data' events into fresh buffers.
  */
-function arenaSocket(accepted: Socket, arenaOfSocket: WeakMap<Socket, ReadArena>): Socket {
+function arenaSocket(accepted: Socket, arenaOfSocket: WeakMap<Socket, ReadArena>, events: ArenaEvents): Socket {
   const handle = (accepted as unknown as { _handle?: { useUserBuffer?: unknown } | null })._handle;
   if (!handle || typeof handle.useUserBuffer !== 'function') {
     accepted.resume();
@@ -337,7 +352,7 @@ function arenaSocket(accepted: Socket, arenaOfSocket: WeakMap<Socket, ReadArena>
   }
   (accepted as unknown as { _handle: unknown })._handle = null;
   accepted.destroy(); // frees nothing but the server's count of this connection
-  const arena = new ReadArena();
+  const arena = new ReadArena(events);
   // The views handed to the socket, each counted once when it reaches the parser's _write. The
   // parser also calls its own _write with buffers of its making (the bytes after DATA on the same
   // line, copied; the remainder after the final dot): counting those too made `taken` run ahead

@@ -25,6 +25,17 @@ const POOL_KEEP = 64;
 
 const pool: Buffer[] = [];
 
+/** Free slabs in the pool now (for a gauge). */
+export function pooledSlabs(): number {
+  return pool.length;
+}
+
+/** What an arena tells its owner, for metrics: a slab taken (fresh or from the pool), slabs left to the GC. */
+export interface ArenaEvents {
+  took(reused: boolean): void;
+  dropped(slabs: number): void;
+}
+
 export class ReadArena {
   private slab: Buffer | null = null;
   private used = 0;
@@ -35,13 +46,17 @@ export class ReadArena {
   private handed = 0;
   private taken = 0;
 
+  constructor(private readonly events?: ArenaEvents) {}
+
   /** Node's `onread.buffer`: where the next read goes. */
   next(): Buffer {
     if (!this.slab || this.slab.length - this.used < MIN_READ_BYTES) {
       if (this.slab && this.slab !== this.keptOut) this.retired.push(this.slab);
       this.keptOut = null;
-      this.slab = pool.pop() ?? Buffer.allocUnsafeSlow(SLAB_BYTES);
+      const pooled = pool.pop();
+      this.slab = pooled ?? Buffer.allocUnsafeSlow(SLAB_BYTES);
       this.used = 0;
+      this.events?.took(pooled !== undefined);
     }
     return this.slab.subarray(this.used);
   }
@@ -76,6 +91,8 @@ export class ReadArena {
    * flight, or whose client went away after the final dot.
    */
   abandon(): void {
+    const dropped = this.retired.length + (this.slab && this.slab !== this.keptOut ? 1 : 0);
+    if (dropped) this.events?.dropped(dropped);
     this.retired = [];
     // Node already holds the rest of the current slab as the next read's buffer (took() is called
     // for that read): the slab stays current, so that the read is handed out from it, but it is

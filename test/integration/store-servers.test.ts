@@ -262,6 +262,11 @@ describe('LMTP', () => {
       expect(list).toHaveLength(1);
       expect((await store.readMessage(list[0]!.bodyId)).toString('latin1'), `message ${i} (${m.length} bytes)`).toBe(m);
     }
+    // The slabs were reused, and the metrics say so.
+    const text = await registry.metrics();
+    expect(Number(/pairgate_lmtp_read_slabs_total\{outcome="reused"\} (\d+)/.exec(text)?.[1] ?? 0)).toBeGreaterThan(0);
+    expect(text).toMatch(/pairgate_lmtp_read_slabs_total\{outcome="new"\} [1-9]/);
+    expect(text).toMatch(/pairgate_lmtp_read_slabs_pooled \d+/);
   });
 
   it('is idempotent per X-Pairgate-Delivery-Id, and refuses oversized messages', async () => {
