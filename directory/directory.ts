@@ -247,15 +247,20 @@ export class CachingDirectory implements Directory {
 
   /** Ends a look-up: later callers start a new one; each caller is counted and answered. */
   private settle(pending: PendingLookup, user: UserRecord | null): void {
-    if (this.inflight.get(pending.lruKey) === pending) this.inflight.delete(pending.lruKey);
+    this.forget(pending);
     (user ? this.count.found : this.count.notFound).add(pending.callers);
     pending.resolve(user);
   }
 
   private fail(pending: PendingLookup, err: unknown): void {
-    if (this.inflight.get(pending.lruKey) === pending) this.inflight.delete(pending.lruKey);
+    this.forget(pending);
     this.count.error.add(pending.callers);
     pending.reject(err);
+  }
+
+  /** Takes a finished look-up out of `inflight`, unless an invalidation already replaced it there. */
+  private forget(pending: PendingLookup): void {
+    if (this.inflight.get(pending.lruKey) === pending) this.inflight.delete(pending.lruKey);
   }
 
   private askBackend(pending: PendingLookup): void {

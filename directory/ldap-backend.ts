@@ -11,19 +11,17 @@ import type { DirectoryBackend, NewUserEntry } from './backend.ts';
 import { LDAP_DEFAULTS, type DirectoryConfig } from './config.ts';
 import { escapeDnValue, escapeFilterValue } from './escape.ts';
 import { LdapPool } from './ldap-pool.ts';
-import { attributeName, ENTRIES_PER_LOOKUP, LookupBatcher, type LookupKind } from './ldap-batch.ts';
+import { attributeName, attributeText, ENTRIES_PER_LOOKUP, LookupBatcher, type LookupKind } from './ldap-batch.ts';
 import type { DirectoryMetrics } from './metrics.ts';
 import { PAIR_ATTRIBUTES, toPairRecord, toUserRecord, USER_ATTRIBUTES, type AttrMap, type PairParseProblem } from './records.ts';
 import type { PairRecord, UserRecord } from './types.ts';
-
-const text = (v: string | Buffer): string => (Buffer.isBuffer(v) ? v.toString('utf8') : String(v));
 
 function attrMap(entry: Entry): AttrMap {
   const m: AttrMap = new Map();
   for (const description in entry) {
     if (description === 'dn') continue;
     const v = entry[description]!;
-    m.set(attributeName(description), Array.isArray(v) ? v.map(text) : [text(v)]);
+    m.set(attributeName(description), Array.isArray(v) ? v.map(attributeText) : [attributeText(v)]);
   }
   return m;
 }

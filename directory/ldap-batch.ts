@@ -94,6 +94,11 @@ export function attributeName(description: string): string {
 }
 const ATTRIBUTE_NAMES = new Map<string, string>();
 
+/** An attribute value as text (ldapts gives a Buffer for values it does not decode). */
+export function attributeText(v: string | Buffer): string {
+  return Buffer.isBuffer(v) ? v.toString('utf8') : String(v);
+}
+
 /**
  * Hands each entry of a batch's answer to the look-ups it matches (by index). Null when the
  * answer cannot be used: an entry with a value this matching does not model, or an entry that
@@ -119,7 +124,7 @@ export function attribute(lookups: readonly Lookup[], entries: readonly Entry[])
       if (attr !== 'uid' && attr !== 'mail' && attr !== 'maillocaladdress') continue;
       const raw = entry[description];
       for (const v of Array.isArray(raw) ? raw : [raw]) {
-        const s = Buffer.isBuffer(v) ? v.toString('utf8') : String(v);
+        const s = attributeText(v);
         if (!PLAIN_OR_SPACE.test(s)) return null;
         const matching = byValue.get(s.trim().toLowerCase());
         if (!matching) continue;
