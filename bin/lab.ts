@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node
 import { dirname, join, resolve } from 'node:path';
 import { makeTestCert } from '../test/helpers/tls.ts';
 import type { Command } from 'commander';
-import { REPO_ROOT, Supervisor, pidAlive, stopFromState, type LabState } from './lab/supervisor.ts';
+import { REPO_ROOT, Supervisor, pidAlive, stopFromState, type LabProcess, type LabState } from './lab/supervisor.ts';
 import { MAX_INSTANCE, labLdif, lbPorts, loadPlan, makePlan, portBusy, savePlan, type LabPlan } from './lab/plan.ts';
 import { writeRoleConfigs, clusterFile, haveReplicatedVolume, prometheusTargets } from './lab/role-configs.ts';
 import { waitUntil } from './lab/wait.ts';
@@ -57,8 +57,7 @@ async function startDependencies(sup: Supervisor, plan: LabPlan): Promise<void> 
   makeTestCert(dirname(plan.tls.certFile), 'lab');
   if (plan.directory.mode === 'slapd') {
     const { prepareSlapdDir } = await import('../test/helpers/slapd.ts');
-    const { freePort } = await import('./lab/plan.ts');
-    const port = await freePort();
+    const port = plan.directory.slapdPort;
     const slapdDir = join(plan.dir, 'slapd');
     const url = `ldap://127.0.0.1:${port}`;
     const { args } = prepareSlapdDir(slapdDir, { ldif: [plan.directory.ldifFile], urls: [`${url}/`] });
@@ -70,8 +69,7 @@ async function startDependencies(sup: Supervisor, plan: LabPlan): Promise<void> 
     say(`directory: slapd is not installed, so the embedded LDIF directory ${plan.directory.ldifFile} is used`);
   }
   if (plan.redis.mode === 'redis') {
-    const { freePort } = await import('./lab/plan.ts');
-    const port = await freePort();
+    const port = plan.redis.port;
     mkdirSync(join(plan.dir, 'redis'), { recursive: true });
     sup.start('redis', ['--bind', '127.0.0.1', '--port', String(port), '--save', '', '--appendonly', 'no', '--dir', join(plan.dir, 'redis')], {
       cmd: 'redis-server',
@@ -88,6 +86,23 @@ async function portOpen(port: number): Promise<boolean> {
   return portBusy('127.0.0.1', port);
 }
 
+/** The last lines of a role's log, for an error that says why it did not start. */
+function logTail(file: string, lines = 12): string {
+  try {
+    return readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).map((l) => `    ${l}`).join('\n');
+  } catch {
+    return '    (no log)';
+  }
+}
+
+/** Waits for a role's /health; a process that exits meanwhile fails the wait at once. */
+async function waitHealthy(proc: LabProcess, url: string, timeoutMs: number): Promise<void> {
+  const answered = await waitUntil(async () => !proc.alive() || (await httpOk(url)), timeoutMs, 200);
+  if (answered && proc.alive()) return;
+  const why = proc.alive() ? `did not become healthy within ${timeoutMs / 1000} s (${url})` : `exited while starting (code ${await proc.exited})`;
+  throw new Error(`${proc.name} ${why}; the end of ${proc.logFile}:\n${logTail(proc.logFile)}`);
+}
+
 /** Starts every pair-agent, proxy and the balancer, waiting for each tier to report healthy. */
 async function startRoles(sup: Supervisor, plan: LabPlan): Promise<void> {
   const configs = writeRoleConfigs(plan);
@@ -101,18 +116,17 @@ async function startRoles(sup: Supervisor, plan: LabPlan): Promise<void> {
   }
   for (const pair of plan.pairs) {
     const url = `http://${pair.address}:${pair.ports.admin}/health`;
-    if (!(await waitUntil(() => httpOk(url), 30_000, 200))) throw new Error(`${pair.id} did not start serving (${url}): see logs/${pair.id}-a.log and -b.log`);
+    if (!(await waitUntil(() => httpOk(url), 30_000, 200))) {
+      const ends = pair.nodes.map((n) => join(plan.dir, 'logs', `${pair.id}-${n.node}.log`)).map((f) => `the end of ${f}:\n${logTail(f)}`);
+      throw new Error(`${pair.id} did not start serving within 30 s (${url}); ${ends.join('\n')}`);
+    }
     say(`${pair.id}: serving at ${pair.address} (imap ${pair.ports.imap}, pop3 ${pair.ports.pop3}, lmtp ${pair.ports.lmtp})`);
   }
-  for (const proxy of plan.proxies) sup.start(proxy.name, ['proxy', '--config', configs.proxies[proxy.name]!]);
-  for (const proxy of plan.proxies) {
-    const url = `http://${proxy.host}:${proxy.adminPort}/health`;
-    if (!(await waitUntil(() => httpOk(url), 20_000, 200))) throw new Error(`${proxy.name} did not become healthy: see logs/${proxy.name}.log`);
-  }
+  const proxies = plan.proxies.map((proxy) => ({ proxy, proc: sup.start(proxy.name, ['proxy', '--config', configs.proxies[proxy.name]!]) }));
+  for (const { proxy, proc } of proxies) await waitHealthy(proc, `http://${proxy.host}:${proxy.adminPort}/health`, 30_000);
   say(`proxies: ${plan.proxies.map((p) => p.name).join(', ')} up`);
-  sup.start('loadbalancer', ['lb', '--config', configs.loadbalancer]);
-  const lbHealth = `http://${plan.loadbalancer.host}:${plan.loadbalancer.adminPort}/health`;
-  if (!(await waitUntil(() => httpOk(lbHealth), 20_000, 200))) throw new Error('the load balancer did not become healthy: see logs/loadbalancer.log');
+  const lb = sup.start('loadbalancer', ['lb', '--config', configs.loadbalancer]);
+  await waitHealthy(lb, `http://${plan.loadbalancer.host}:${plan.loadbalancer.adminPort}/health`, 30_000);
   writeFileSync(join(plan.dir, 'cluster.json'), JSON.stringify(clusterFile(plan), null, 2), { mode: 0o600 });
   writeFileSync(join(plan.dir, 'prometheus-targets.json'), JSON.stringify(prometheusTargets(plan), null, 2));
 }

@@ -2,7 +2,7 @@
  * The lab's topology: every address, port, secret and user of a whole cluster on loopback,
  * decided once at `lab up` and saved to `<lab>/plan.json`, so that `lab tour`, `lab down` and
  * the day-two commands find the same cluster. Client-facing ports are fixed and memorable;
- * internal ones are taken free from the kernel.
+ * internal ones come from a block of the instance's own (see LabPortBlock).
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
@@ -52,8 +52,8 @@ export interface LabPlan {
   dir: string;
   instance: number;
   createdAt: string;
-  directory: { mode: 'slapd' | 'ldif'; ldifFile: string; url?: string; bindDn: string; bindPassword: string; baseDn: string };
-  redis: { mode: 'redis' | 'none'; url?: string };
+  directory: { mode: 'slapd' | 'ldif'; ldifFile: string; url?: string; bindDn: string; bindPassword: string; baseDn: string; slapdPort: number };
+  redis: { mode: 'redis' | 'none'; url?: string; port: number };
   domain: string;
   masterUser: string;
   masterSecret: string;
@@ -74,15 +74,32 @@ export const LAB_LB_PORTS = { smtpPort: 2525, submissionPort: 2587, imapPort: 21
 export const LAB_PAIR_PORTS = { imap: 10143, pop3: 10110, lmtp: 10024, admin: 10025 } as const;
 export const LAB_BASE_DN = 'dc=pairgate,dc=test';
 
-export async function freePort(host = '127.0.0.1'): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, host, () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
+/**
+ * Internal ports of a lab: the block LAB_PORT_BASE + instance * LAB_PORT_BLOCK, below Linux's
+ * ephemeral range (32768-60999). A port the kernel hands out for `listen(0)` would be free
+ * when planned and could be another program's by the time its role binds it half a minute later
+ * (the pairs start first); the kernel never hands these out, so only a service configured on
+ * them could hold one, and `next()` steps over those.
+ */
+export const LAB_PORT_BASE = 20_000;
+export const LAB_PORT_BLOCK = 50;
+
+export class LabPortBlock {
+  private cursor: number;
+  private readonly end: number;
+
+  constructor(instance: number) {
+    this.cursor = LAB_PORT_BASE + instance * LAB_PORT_BLOCK;
+    this.end = this.cursor + LAB_PORT_BLOCK;
+  }
+
+  async next(host = '127.0.0.1'): Promise<number> {
+    while (this.cursor < this.end) {
+      const port = this.cursor++;
+      if (!(await portBusy(host, port))) return port;
+    }
+    throw new Error(`no free port left in 127.0.0.1:${this.end - LAB_PORT_BLOCK}-${this.end - 1}: another program uses them (\`--instance N\` takes another block)`);
+  }
 }
 
 /** True when something already listens at host:port (a lab still running, or another service). */
@@ -133,14 +150,15 @@ export async function makePlan(opts: {
   redis: LabPlan['redis']['mode'];
 }): Promise<LabPlan> {
   const domain = 'lab.pairgate.test';
+  const ports = new LabPortBlock(opts.instance);
   const pairs: LabPairPlan[] = [];
   for (let i = 1; i <= opts.pairs; i++) {
     const id = `pair-${String(i).padStart(2, '0')}`;
     const node = async (n: NodeId): Promise<LabNodePlan> => ({
       node: n,
-      adminPort: await freePort(),
-      heartbeatPort: await freePort(),
-      replicationPort: await freePort(),
+      adminPort: await ports.next(),
+      heartbeatPort: await ports.next(),
+      replicationPort: await ports.next(),
       dir: join(opts.dir, id, n),
     });
     pairs.push({ id, address: `127.${opts.instance}.${i}.1`, ports: { ...LAB_PAIR_PORTS }, nodes: [await node('a'), await node('b')], weight: 100 });
@@ -150,11 +168,11 @@ export async function makePlan(opts: {
     proxies.push({
       name: `proxy-${i}`,
       host: '127.0.0.1',
-      adminPort: await freePort(),
-      imapPort: await freePort(),
-      pop3Port: await freePort(),
-      smtpPort: await freePort(),
-      submissionPort: await freePort(),
+      adminPort: await ports.next(),
+      imapPort: await ports.next(),
+      pop3Port: await ports.next(),
+      smtpPort: await ports.next(),
+      submissionPort: await ports.next(),
     });
   }
   return {
@@ -167,8 +185,9 @@ export async function makePlan(opts: {
       baseDn: LAB_BASE_DN,
       bindDn: `cn=pairgate,ou=services,${LAB_BASE_DN}`,
       bindPassword: secret(),
+      slapdPort: await ports.next(),
     },
-    redis: { mode: opts.redis },
+    redis: { mode: opts.redis, port: await ports.next() },
     domain,
     masterUser: 'pairgate-master',
     masterSecret: secret(),
@@ -178,7 +197,7 @@ export async function makePlan(opts: {
     tls: { certFile: join(opts.dir, 'tls', 'lab.crt'), keyFile: join(opts.dir, 'tls', 'lab.key') },
     pairs,
     proxies,
-    loadbalancer: { host: '127.0.0.1', adminPort: await freePort(), ...lbPorts(opts.instance) },
+    loadbalancer: { host: '127.0.0.1', adminPort: await ports.next(), ...lbPorts(opts.instance) },
     users: labUsers(opts.users, pairs.map((p) => p.id), domain),
   };
 }
