@@ -113,13 +113,13 @@ export async function startSmtpListener(lc: SmtpListenerConfig, deps: ListenerDe
     } else if (prefix.length) {
       raw.unshift(prefix);
     }
-    perIp.set(client.address, n + 1);
-    socket.once('close', () => {
+    // Counted now, not from `n`: other connections from the address came and went during the handshake.
+    perIp.set(client.address, (perIp.get(client.address) ?? 0) + 1);
+    deps.frontEnd.handle(socket, client, implicit, () => {
       const left = (perIp.get(client.address) ?? 1) - 1;
       if (left <= 0) perIp.delete(client.address);
       else perIp.set(client.address, left);
     });
-    deps.frontEnd.handle(socket, client, implicit);
   };
 
   const server = net.createServer((socket) => {

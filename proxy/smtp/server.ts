@@ -24,7 +24,12 @@ const ENHANCED_AT_START = /^[245]\.\d{1,3}\.\d{1,3} /;
 export interface FrontEnd {
   kind: SmtpListenerConfig['kind'];
   server: SMTPServer;
-  handle(socket: net.Socket, client: ClientAddress, secure: boolean): void;
+  /**
+   * Serves one accepted connection; `onEnd` runs once when it has closed. (A listener on the
+   * socket's own 'close' is not enough: smtp-server removes every listener from the socket when
+   * STARTTLS upgrades it.)
+   */
+  handle(socket: net.Socket, client: ClientAddress, secure: boolean, onEnd?: () => void): void;
   sessions(): number;
   close(graceMs: number): Promise<void>;
 }
@@ -39,6 +44,8 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
   const sessionLabels = { protocol: 'smtp', pair: '', role: 'proxy' };
 
   const reject = (r: SmtpReply): SmtpReply => rejectWith(ctx, r);
+  /** What to do when a session ends, by smtp-server's connection id (= session.id). */
+  const endings = new Map<string, (session: PgSession) => void>();
 
   const server = new SMTPServer({
     name: cfg.hostname,
@@ -61,6 +68,12 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
     maxCommandLength: cfg.limits.maxLineBytes,
     disableReverseLookup: true,
     logger: protoLog as never,
+
+    onClose(session) {
+      const end = endings.get(session.id);
+      endings.delete(session.id);
+      end?.(session as PgSession);
+    },
 
     onConnect(session, cb) {
       if (ctx.stopping) return cb(reject(REPLIES.stopping()));
@@ -154,14 +167,18 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
   return {
     kind,
     server,
-    handle(socket, client, _secure) {
+    handle(socket, client, _secure, onEnd) {
       const before = server.connections.size;
       server.connect(socket, { remoteAddress: client.address, remotePort: client.port } as never);
       // The connection just made is the last one in the set: wrap its `send` so that a reply
       // whose text starts with an enhanced status code (ours) is not given a second, generic one.
-      let conn: { send: (code: number, data?: unknown, context?: unknown) => void; close: () => void; session: PgSession } | undefined;
+      let conn: { id: string; send: (code: number, data?: unknown, context?: unknown) => void; close: () => void } | undefined;
       if (server.connections.size > before) for (const c of server.connections) conn = c as never;
-      if (!conn) return;
+      if (!conn) {
+        // Turned away by smtp-server itself (maxClients): no session, and the socket keeps its listeners.
+        if (onEnd) socket.once('close', onEnd);
+        return;
+      }
       const c = conn;
       const origSend = c.send.bind(c);
       c.send = (code, data, context) => (typeof data === 'string' && ENHANCED_AT_START.test(data) ? origSend(code, data, false) : origSend(code, data, context));
@@ -176,8 +193,7 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
       }, limit) : null;
       timer?.unref();
       const started = Date.now();
-      socket.once('close', () => {
-        const ses = c.session;
+      endings.set(c.id, (ses) => {
         log.info(
           { cid: ses.id, client: client.address, user: ses.pgUser?.uid, messages: ses.pgMessages ?? 0, bytesIn: ses.pgBytes ?? 0, durationMs: Date.now() - started, tls: Boolean(ses.secure) },
           'SMTP session ended',
@@ -185,6 +201,7 @@ export function createFrontEnd(ctx: FrontEndContext, kind: SmtpListenerConfig['k
         if (timer) clearTimeout(timer);
         open--;
         ctx.metrics.sessions.dec(sessionLabels);
+        onEnd?.();
       });
     },
     sessions: () => open,

@@ -700,6 +700,46 @@ describe('proxy SMTP front ends: MX and submission over LMTP to two Dovecot pair
     expect(after[0]).not.toBe(before[0]);
   });
 
+  it('a session that used STARTTLS or implicit TLS frees its per-address slot and the open-session gauge when it ends', async () => {
+    // smtp-server strips the socket's listeners when STARTTLS upgrades it; the front end must
+    // still see the end. With 2 slots per address, sessions 3 to 6 are only served if each
+    // ended one was counted out.
+    const limitedRegistry = createRegistry({}, false);
+    const limited = await startSmtpFrontEnds(
+      {
+        tls: { cert: cert.certFile, key: cert.keyFile },
+        smtp: {
+          hostname: 'limited.test',
+          localDomains: ['example.net'],
+          listeners: [
+            { kind: 'mx', host: '127.0.0.1', port: 0, tls: 'starttls' },
+            { kind: 'submission', host: '127.0.0.1', port: 0, tls: 'implicit' },
+          ],
+          limits: { maxConnectionsPerIp: 2 },
+        },
+      },
+      { directory, pairHealth: health, log: silentLogger, registry: limitedRegistry },
+    );
+    try {
+      const open = async () => (await limitedRegistry.getSingleMetric('pairgate_sessions')!.get()).values.find((v) => v.labels.protocol === 'smtp')?.value ?? 0;
+      for (let i = 0; i < 6; i++) {
+        const implicit = i % 2 === 1;
+        const c = await SmtpClient.connect(limited.address(implicit ? 'submission' : 'mx', implicit ? 'implicit' : 'starttls')!.port, { tls: implicit });
+        expect(await c.reply(), `session ${i}`).toMatch(/^220 /);
+        if (!implicit) {
+          expect(await c.cmd('EHLO client.test')).toContain('STARTTLS');
+          expect(await c.cmd('STARTTLS')).toMatch(/^220 /);
+          await c.starttls();
+        }
+        expect(await c.cmd('EHLO client.test')).toMatch(/^250/);
+        expect(await c.cmd('QUIT')).toMatch(/^221 /);
+        await waitFor(async () => (await open()) === 0, 5000, `session ${i} counted out`);
+      }
+    } finally {
+      await limited.close(500);
+    }
+  });
+
   it('counts sessions and deliveries in the metrics', async () => {
     await sleep(50);
     const deliveries = await registry.getSingleMetric('pairgate_deliveries_total')!.get();
