@@ -142,6 +142,8 @@ const RESYNC_WINDOW_BYTES = 8 * 1024 * 1024;
 const MAX_WRITE_BYTES = 1024 * 1024;
 const VERIFY_RUN_BLOCKS = 256;
 const META_FLUSH_MS = 1000;
+/** The reason a primary gives when it refuses its peer's promotion (a stable string: the asker turns it into its own error). */
+const PEER_IS_PRIMARY = 'this node is primary';
 
 function sha(data: Buffer): Buffer {
   return createHash('sha256').update(data).digest();
@@ -429,8 +431,12 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     // A handshake in progress is let finish first: the UUID comparison must see the role and
     // the UUIDs that both sides exchanged, not a generation started in between.
     await this.waitLinkSettled();
-    this.checkPromotable(opts);
     const link = this.link?.decided && !this.link.closed ? this.link : null;
+    // With a link, the peer's role as last reported is not checked here: it may be a few
+    // milliseconds behind the peer's demotion (the pair agent hears of a release over the
+    // heartbeat first, and promotes at once). The peer answers the request itself, refusing while
+    // it is primary, and its answer comes after any state it sent before it (one TCP stream).
+    this.checkPromotable(opts, { peerRole: link === null });
     if (link) {
       this.promoting = 'asking';
       let answer: { granted: boolean; reason: string };
@@ -441,6 +447,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       }
       if (!answer.granted) {
         this.promoting = 'none';
+        if (answer.reason === PEER_IS_PRIMARY) throw new ConflictError(`volume ${this.config.name}: the peer is primary; two primaries are never allowed`);
         throw new ConflictError(`volume ${this.config.name}: the peer refused the promotion: ${answer.reason}`);
       }
       // Granted (or the link is gone, and this node is alone now): nothing awaited from here on.
@@ -474,9 +481,9 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   }
 
   /** Why this node may not become primary now (throws), given what it knows locally. */
-  private checkPromotable(opts: { force?: boolean }): void {
+  private checkPromotable(opts: { force?: boolean }, check = { peerRole: true }): void {
     if (this.closed) throw new UnavailableError('volume is closed');
-    const peer = this.link?.decided && !this.link.closed ? this.link.peerState : null;
+    const peer = check.peerRole && this.link?.decided && !this.link.closed ? this.link.peerState : null;
     if (peer?.role === 'primary') throw new ConflictError(`volume ${this.config.name}: the peer is primary; two primaries are never allowed`);
     if (this.meta.disk === 'Failed') throw new ConflictError(`volume ${this.config.name}: disk failed; cannot promote`);
     if (this.meta.disk !== 'UpToDate') {
@@ -524,7 +531,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
   /** The peer asks to become primary: refused while this node is or is becoming primary. */
   private onPromoteRequest(link: Link): void {
     let refuse: string | null = null;
-    if (this.role === 'primary') refuse = 'this node is primary';
+    if (this.role === 'primary') refuse = PEER_IS_PRIMARY;
     else if (this.promoting === 'granted') refuse = 'this node is being promoted';
     else if (this.promoting === 'asking' && this.nodeName < (link.peerHello?.node ?? '')) refuse = 'both nodes asked at once; the lower node name wins';
     if (refuse) this.log.info({ volume: this.config.name, reason: refuse }, 'volume: refused the peer\'s promotion');

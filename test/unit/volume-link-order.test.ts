@@ -212,3 +212,26 @@ describe('the caller\'s buffers after a write resolves', () => {
     expect(b.status().stats.framesRejected).toBe(0);
   }, 30_000);
 });
+
+describe('promotion right after the peer\'s demotion', () => {
+  it('the peer\'s last reported role may lag: the peer\'s own answer decides, after the state it sent first', async () => {
+    const { a, b, pauseRelay, resumeRelay } = await pairThroughPausableRelay('C');
+    // a's frames stop short of b: b still has a as primary when a has already demoted (as when
+    // the pair agent hears of the release over the heartbeat before the volume link carries it).
+    await waitFor(() => b.status().peer?.role === 'primary', 5000, 'b to hear that a is primary');
+    pauseRelay();
+    await a.demote();
+    expect(b.status().peer?.role).toBe('primary');
+    const promoted = b.promote();
+    let settled = false;
+    void promoted.then(() => (settled = true), () => (settled = true));
+    await new Promise((r) => setTimeout(r, 300));
+    // b asked a rather than refusing on stale news, and waits for a's answer.
+    expect(settled).toBe(false);
+    resumeRelay();
+    expect((await promoted).role).toBe('primary');
+    expect(b.status().peer?.role).toBe('secondary');
+    // A primary still refuses a second one, now that b's state has reached a.
+    await expect(a.promote()).rejects.toThrow(/the peer is primary; two primaries are never allowed/);
+  }, 30_000);
+});
