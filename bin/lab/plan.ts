@@ -75,13 +75,14 @@ export const LAB_PAIR_PORTS = { imap: 10143, pop3: 10110, lmtp: 10024, admin: 10
 export const LAB_BASE_DN = 'dc=pairgate,dc=test';
 
 /**
- * Internal ports of a lab: the block LAB_PORT_BASE + instance * LAB_PORT_BLOCK, below Linux's
- * ephemeral range (32768-60999). A port the kernel hands out for `listen(0)` would be free
- * when planned and could be another program's by the time its role binds it half a minute later
- * (the pairs start first); the kernel never hands these out, so only a service configured on
- * them could hold one, and `next()` steps over those.
+ * Internal ports of a lab: the block LAB_PORT_BASE + instance * LAB_PORT_BLOCK (12000-13549),
+ * below Linux's ephemeral range (32768-60999) and below the 20000-32767 the test suite's
+ * servers pick from. A port the kernel hands out for `listen(0)` would be free when planned and
+ * could be another program's by the time its role binds it half a minute later (the pairs start
+ * first); nothing picks these at random, so only a service configured on one could hold it, and
+ * `next()` steps over those.
  */
-export const LAB_PORT_BASE = 20_000;
+export const LAB_PORT_BASE = 12_000;
 export const LAB_PORT_BLOCK = 50;
 
 export class LabPortBlock {

@@ -39,6 +39,6 @@ describe('lab port block', () => {
     expect(ports[0]).toBe(start);
     expect(ports[1]).toBe(start + 2);
     expect(new Set(ports).size).toBe(LAB_PORT_BLOCK - 1);
-    await expect(block.next()).rejects.toThrow(/no free port left in 127\.0\.0\.1:21500-21549.*--instance N/);
+    await expect(block.next()).rejects.toThrow(/no free port left in 127\.0\.0\.1:13500-13549.*--instance N/);
   });
 });
