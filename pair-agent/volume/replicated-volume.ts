@@ -458,6 +458,21 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         throw err;
       }
     }
+    if (this.applyQueued > 0) {
+      // The old primary's last writes reached this node before its demotion and its grant (one
+      // stream), but may still be queued for the local disk (protocols A and B complete a write
+      // before the peer has it on disk). They land first: a primary serving before then would read
+      // data without them, and a queued write landing later would overwrite its own. The peer's
+      // promotion is refused meanwhile ('granted': this node is being promoted).
+      this.promoting = 'granted';
+      await this.applyChain;
+      try {
+        this.checkPromotable(opts);
+      } catch (err) {
+        this.promoting = 'none';
+        throw err;
+      }
+    }
     if (this.meta.disk !== 'UpToDate') {
       this.log.warn({ volume: this.config.name, disk: this.meta.disk, uuid: this.meta.uuids.current }, 'volume: forced promotion of data that is not UpToDate');
       this.meta.disk = 'UpToDate';
