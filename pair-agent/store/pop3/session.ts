@@ -470,6 +470,12 @@ export class Pop3Session {
       this.log[temp ? 'warn' : 'error']({ command: name, err: err instanceof Error ? err.message : String(err) }, 'command failed');
       reply = ERR(temp ? '[SYS/TEMP] Temporary failure, try again later' : '[SYS/PERM] Internal error');
     }
+    if (this.state.name === 'closed') {
+      // The connection ended while the command ran (a login reading the maildrop): its state is
+      // not applied, and a lock the command took after closed() ran is given back here.
+      this.releaseLock();
+      return;
+    }
     this.ctx.commandsTotal?.inc({ command: name, result: reply.ok ? 'ok' : 'no' });
     if (reply.ok) this.badCommands = 0;
     if (reply.next) {
