@@ -164,12 +164,19 @@ export async function startLmtpServer(opts: LmtpServerOptions): Promise<LmtpServ
         (session as SMTPServerSession & { pgTrusted?: string }).pgTrusted = addr;
       }
       open++;
+      (session as SMTPServerSession & { pgCounted?: boolean }).pgCounted = true;
       sessionsGauge.inc({ protocol: 'lmtp' });
       sessionsTotal.inc({ protocol: 'lmtp' });
       cb();
     },
     onClose(session) {
-      const addr = (session as SMTPServerSession & { pgTrusted?: string }).pgTrusted;
+      // smtp-server calls onClose for every connection, also for one that closed before its
+      // onConnect (the greeting waits 100 ms for early talkers: a TCP check) or that it refused
+      // at maxClients: only a session counted in onConnect is counted out.
+      const s = session as SMTPServerSession & { pgTrusted?: string; pgCounted?: boolean };
+      if (!s.pgCounted) return;
+      s.pgCounted = false;
+      const addr = s.pgTrusted;
       if (addr) {
         const n = (trustedCount.get(addr) ?? 1) - 1;
         if (n <= 0) {

@@ -11,6 +11,7 @@ import { createRegistry } from '../../common/metrics.ts';
 import { silentLogger } from '../../common/log.ts';
 import type { MailStore } from '../../pair-agent/store/types.ts';
 import { startPop3Server } from '../../pair-agent/store/pop3/server.ts';
+import { startLmtpServer } from '../../pair-agent/store/lmtp.ts';
 import { startHarness, MASTER, type Harness } from './imap-harness.ts';
 import { waitFor } from '../helpers/net.ts';
 
@@ -112,6 +113,42 @@ describe('store servers: per-connection accounting on abrupt ends', () => {
       await waitFor(() => second.closed || undefined, 5000, 'QUIT closed');
     } finally {
       await pop3.close(0);
+    }
+  });
+
+  it('LMTP: connections that close before the greeting, or are refused at maxClients, leave the session count and gauge at zero', async () => {
+    const registry = createRegistry({}, false);
+    const lmtp = await startLmtpServer({ store: harness.store, host: '127.0.0.1', port: 0, log: silentLogger, registry, trusted: new AddressList(['127.0.0.0/8']), maxClients: 1 });
+    const gaugeNow = async () => (await registry.getSingleMetric('pairgate_sessions')!.get()).values.find((v) => v.labels.protocol === 'lmtp')?.value ?? 0;
+    try {
+      // A TCP check: connect, close at once (before smtp-server's greeting delay has run).
+      for (let i = 0; i < 3; i++) {
+        const c = await Lines.open(lmtp.port);
+        c.socket.destroy();
+      }
+      await new Promise((r) => setTimeout(r, 300));
+      expect(lmtp.sessions()).toBe(0);
+      expect(await gaugeNow()).toBe(0);
+
+      // One session open; a second connection is refused at maxClients (421) and closes.
+      const held = await Lines.open(lmtp.port);
+      await held.until(/^220 /);
+      expect(lmtp.sessions()).toBe(1);
+      const refused = await Lines.open(lmtp.port);
+      await refused.until(/^421 /);
+      await waitFor(() => refused.closed || undefined, 5000, 'the refused connection closed');
+      await new Promise((r) => setTimeout(r, 200));
+      expect(lmtp.sessions()).toBe(1);
+      expect(await gaugeNow()).toBe(1);
+
+      held.socket.write('QUIT\r\n');
+      await waitFor(() => held.closed || undefined, 5000, 'QUIT closed');
+      await waitFor(() => lmtp.sessions() === 0 || undefined, 5000, 'the held session counted out');
+      await new Promise((r) => setTimeout(r, 100));
+      expect(lmtp.sessions()).toBe(0);
+      expect(await gaugeNow()).toBe(0);
+    } finally {
+      await lmtp.close();
     }
   });
 });
