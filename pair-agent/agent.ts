@@ -228,7 +228,9 @@ class Agent implements PairAgent {
     // both nodes compare the same disks and exactly one takes over.
     const linkDisk = this.optional.volumePeerDisk?.();
     const view = s.view && linkDisk ? { ...s.view, disk: linkDisk } : s.view;
-    return { alive: s.alive && !stopped, everSeen: s.everSeen, view };
+    // Without the link, the peer's disk is its own word (see handOverReason): no hand-over to it.
+    const linked = this.optional.volumePeerDisk ? linkDisk !== null && linkDisk !== undefined : true;
+    return { alive: s.alive && !stopped, everSeen: s.everSeen, view, linked };
   }
 
   private facts(): Facts {

@@ -39,6 +39,12 @@ export interface Facts {
     everSeen: boolean;
     /** The peer's last view (null when never heard). */
     view: SelfView | null;
+    /**
+     * false: a replicated volume whose link to the peer's is not connected, so the peer's disk
+     * state is only the peer's own word (its metadata), stale when this node wrote alone
+     * meanwhile. true (or absent): connected, or no replicated volume.
+     */
+    linked?: boolean;
   };
   /** The peer's death in the current episode has been confirmed by a successful fence. */
   peerFenced: boolean;
@@ -96,6 +102,11 @@ export function electWinner(node: NodeId, self: Candidate, peer: Candidate, pref
 export function handOverReason(f: Facts): string | null {
   const peer = f.peer.view;
   if (!peer) return null;
+  // Never to a peer whose volume has not met this one's: a node back from a crash says UpToDate
+  // (its metadata) before its volume has connected and learnt that it is behind; given the
+  // resources, it would promote its old data alone (the writes made here meanwhile missing there,
+  // the two volumes in split brain once connected). The hand-over waits for the link.
+  if (f.peer.linked === false) return null;
   if (!diskUsable(peer.disk) && diskUsable(f.self.disk)) return null;
   if (f.self.request === 'standby') return 'operator standby';
   if (peer.request === 'takeover' && f.self.request !== 'takeover') return 'operator takeover on the peer';
