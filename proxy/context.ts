@@ -55,31 +55,56 @@ export function inList(list: AddressList, address: string): boolean {
 export class SessionRegistry {
   private readonly all = new Set<SessionHandle>();
   private readonly perUser = new Map<string, number>();
+  /**
+   * The sessions counted in `perUser`, with the user each is counted for. A session is counted
+   * out once, by whichever comes first: its end (remove) or a failed login (unbindUser). A login
+   * runs on after its client left (directory bind, held backend login): checked against this
+   * map, neither a bind after the end nor an unbind after it changes the count.
+   */
+  private readonly bound = new Map<SessionHandle, string>();
 
   /** A new session; it calls remove() when it ends. */
   add(s: SessionHandle): void {
     this.all.add(s);
   }
 
-  remove(s: SessionHandle): void {
-    if (!this.all.delete(s)) return;
-    if (s.uid) this.decUser(s.uid);
+  /** Whether the session is still open (added and not yet removed). */
+  has(s: SessionHandle): boolean {
+    return this.all.has(s);
   }
 
-  /** Marks a session logged in; returns false (and changes nothing) when the user's cap is reached. */
+  remove(s: SessionHandle): void {
+    if (!this.all.delete(s)) return;
+    this.countOut(s);
+  }
+
+  /**
+   * Marks a session logged in; returns false (and changes nothing) when the user's cap is
+   * reached or the session has already ended.
+   */
   bindUser(s: SessionHandle, uid: string, cap: number): boolean {
+    if (!this.all.has(s)) return false;
+    if (this.bound.get(s) === uid) return true;
+    this.countOut(s);
     const n = this.perUser.get(uid) ?? 0;
     if (cap > 0 && n >= cap) return false;
     this.perUser.set(uid, n + 1);
+    this.bound.set(s, uid);
     s.uid = uid;
     return true;
   }
 
   /** Undoes bindUser (a login that failed after the cap check). */
   unbindUser(s: SessionHandle): void {
-    if (!s.uid) return;
-    this.decUser(s.uid);
+    this.countOut(s);
     s.uid = null;
+  }
+
+  private countOut(s: SessionHandle): void {
+    const uid = this.bound.get(s);
+    if (uid === undefined) return;
+    this.bound.delete(s);
+    this.decUser(uid);
   }
 
   private decUser(uid: string): void {

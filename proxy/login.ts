@@ -137,6 +137,8 @@ export async function proxyLogin(
     log.with({ user: user.uid, pair: pair.id }).error({ address: pair.address }, 'pair address is outside backend.trustedNetworks: master login refused');
     return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'pair not trusted' });
   }
+  // The client may have left during the directory bind or the route lookup: nothing to log in for.
+  if (!ctx.sessions.has(req.session)) return { ok: false, kind: 'temp', message: 'client went away' };
   if (!ctx.sessions.bindUser(req.session, user.uid, ctx.config.limits.maxSessionsPerUser)) {
     log.with({ user: user.uid, pair: pair.id }).warn({ cap: ctx.config.limits.maxSessionsPerUser }, 'login refused: too many sessions for this user');
     return done(ctx, protocol, started, { ok: false, kind: 'limit', message: 'too many sessions' });
@@ -189,6 +191,12 @@ export async function proxyLogin(
         plog.warn({ err: (err as Error).message, attempt }, 'login failed: cannot reach the pair');
         ctx.sessions.unbindUser(req.session);
         return done(ctx, protocol, started, { ok: false, kind: 'temp', message: 'pair unreachable' });
+      }
+      if (!ctx.sessions.has(req.session)) {
+        // The client left while the login was held: no more attempts for it.
+        plog.info({ err: (err as Error).message, attempt }, 'login abandoned: the client went away while it was held');
+        ctx.sessions.unbindUser(req.session);
+        return { ok: false, kind: 'temp', message: 'client went away' };
       }
       plog.info({ err: (err as Error).message, attempt }, 'backend connect failed; retrying within the hold bound');
       if (!held) {
