@@ -74,6 +74,8 @@ class Agent implements PairAgent {
   private resourcesFailed = false;
   private startFailures = 0;
   private peerHeldOnce = false;
+  /** The peer's operator request as last heard (to see it change). */
+  private peerRequest: OperatorRequest = 'none';
   private peerFenced = false;
   private readonly startedAt = Date.now();
   private evaluating = false;
@@ -179,6 +181,14 @@ class Agent implements PairAgent {
     this.heartbeat.on('peer-dead', () => this.changed('peer dead'));
     this.heartbeat.on('peer-view', (view: NodeView) => {
       if (view.holds) this.peerHeldOnce = true;
+      // An operator standby on the peer, given after one on this node, supersedes it: the operator
+      // now wants the resources here. Kept, this node's old request would lose it the election
+      // against a peer asking the same, and the preferred node (or a) would take them back.
+      if (view.request === 'standby' && this.peerRequest !== 'standby' && this.request === 'standby') {
+        this.request = 'none';
+        this.log.info('operator standby on the peer: this node\'s earlier standby request is dropped');
+      }
+      this.peerRequest = view.request;
       // A peer that said (signed, fresh) it stopped after releasing everything needs no fence.
       if (view.state === 'stopped' && !view.holds && !this.peerFenced) {
         this.peerFenced = true;
