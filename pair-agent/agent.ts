@@ -74,6 +74,8 @@ class Agent implements PairAgent {
   private resourcesFailed = false;
   private startFailures = 0;
   private peerHeldOnce = false;
+  /** Times this node took the resources back under an operator standby because its peer's start had failed. */
+  private standbyRetakes = 0;
   /** The peer's operator request as last heard (to see it change). */
   private peerRequest: OperatorRequest = 'none';
   private peerFenced = false;
@@ -334,10 +336,22 @@ class Agent implements PairAgent {
         this.holds = true;
         // the first placement at cluster start is not a failover
         if (from === 'fencing' || this.peerHeldOnce) this.m.failovers.inc({ kind: this.peerFacts().alive ? 'handover' : 'peer-down' });
+        // Elected back under an operator standby because the peer's start failed (it released a
+        // moment ago and the hand-over went wrong, maybe for a passing cause): the standby stands,
+        // and the hand-over is tried again once the peer's backoff is over (a few times at most).
+        const peerNow = this.peerFacts();
+        const peerFailedHandover = this.request === 'standby' && peerNow.alive && !!peerNow.view?.failed;
         void this.manager.startAll().then(
           () => {
             if (!still()) return;
-            if (this.request !== 'none') this.request = 'none';
+            if (peerFailedHandover && this.request === 'standby' && this.standbyRetakes < MAX_STANDBY_RETAKES) {
+              this.standbyRetakes += 1;
+              this.log.warn({ attempt: this.standbyRetakes }, 'took the resources back: the peer failed to start them; the operator standby stands, the hand-over is tried again after the peer\'s backoff');
+            } else if (this.request !== 'none') {
+              if (peerFailedHandover) this.log.warn({ attempts: this.standbyRetakes + 1 }, 'the peer failed to take the resources over again: the operator standby is dropped');
+              this.request = 'none';
+              this.standbyRetakes = 0;
+            }
             this.startFailures = 0;
             this.commit({ to: 'primary', reason: 'resources started', kind: 'soft' });
           },
@@ -519,6 +533,7 @@ class Agent implements PairAgent {
     if (this.maintenanceOn) throw new PairgateError('CONFLICT', 'the node is in maintenance: switch maintenance off first', false);
     if (this.holds && !this.peerFacts().alive) throw new PairgateError('CONFLICT', 'the peer is not up: nobody to hand the resources to', false);
     this.request = 'standby';
+    this.standbyRetakes = 0;
     this.log.info('operator: standby');
     this.changed('operator standby');
     return this.status();
@@ -595,6 +610,9 @@ class Agent implements PairAgent {
     await this.bus?.close();
   }
 }
+
+/** Hand-overs tried again under one operator standby after the peer failed to start the resources. */
+const MAX_STANDBY_RETAKES = 3;
 
 function readPid(file: string): number | null {
   try {

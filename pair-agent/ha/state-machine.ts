@@ -108,7 +108,9 @@ export function handOverReason(f: Facts): string | null {
   // the two volumes in split brain once connected). The hand-over waits for the link.
   if (f.peer.linked === false) return null;
   if (!diskUsable(peer.disk) && diskUsable(f.self.disk)) return null;
-  if (f.self.request === 'standby') return 'operator standby';
+  // Not to a peer whose start just failed (it would lose the election at once and this node take
+  // the resources back): the standby waits for the peer's backoff to end.
+  if (f.self.request === 'standby' && !peer.failed) return 'operator standby';
   if (peer.request === 'takeover' && f.self.request !== 'takeover') return 'operator takeover on the peer';
   const me = fitness(f.self);
   const them = fitness(peer);
