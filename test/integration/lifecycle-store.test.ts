@@ -116,6 +116,56 @@ describe('store servers: per-connection accounting on abrupt ends', () => {
     }
   });
 
+  it('POP3 at maxSessions: a refused connection whose client never closes is closed within a bound, and close() does not wait for it', async () => {
+    const pop3 = await startPop3Server({
+      store: harness.store,
+      host: '127.0.0.1',
+      port: 0,
+      masterUser: MASTER.user,
+      masterSecret: MASTER.secret,
+      trusted: new AddressList(['127.0.0.0/8']),
+      log: silentLogger,
+      registry: createRegistry({}, false),
+      maxSessions: 1,
+    });
+    let closing: Promise<void> | null = null;
+    const clients: Lines[] = [];
+    try {
+      const held = await Lines.open(pop3.port);
+      await held.until(/^\+OK/);
+      // Refused; the client reads the -ERR and keeps its side open.
+      const lingering = new Lines(net.connect({ host: '127.0.0.1', port: pop3.port, allowHalfOpen: true }));
+      clients.push(lingering);
+      await lingering.until(/^-ERR \[SYS\/TEMP\] Too many connections/);
+      // The server side is gone once a byte sent on this side is answered with a reset.
+      await waitFor(
+        () => {
+          if (!lingering.closed) lingering.socket.write('NOOP\r\n');
+          return lingering.closed || undefined;
+        },
+        6000,
+        'the refused connection closed by the server',
+        200,
+      );
+      held.socket.write('QUIT\r\n');
+      await waitFor(() => held.closed || undefined, 5000, 'QUIT closed');
+      // A second refused one still open when the server stops.
+      const held2 = await Lines.open(pop3.port);
+      await held2.until(/^\+OK/);
+      const lingering2 = new Lines(net.connect({ host: '127.0.0.1', port: pop3.port, allowHalfOpen: true }));
+      clients.push(lingering2);
+      await lingering2.until(/^-ERR/);
+      closing = pop3.close(0);
+      let stopped = false;
+      void closing.then(() => (stopped = true));
+      await waitFor(() => stopped || undefined, 8000, 'close() resolved');
+    } finally {
+      // Without the bound the server never finishes closing while a refused client stays.
+      for (const c of clients) c.socket.destroy();
+      await Promise.race([closing ?? pop3.close(0), new Promise((r) => setTimeout(r, 3000))]);
+    }
+  });
+
   it('LMTP: connections that close before the greeting, or are refused at maxClients, leave the session count and gauge at zero', async () => {
     const registry = createRegistry({}, false);
     const lmtp = await startLmtpServer({ store: harness.store, host: '127.0.0.1', port: 0, log: silentLogger, registry, trusted: new AddressList(['127.0.0.0/8']), maxClients: 1 });

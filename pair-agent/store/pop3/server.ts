@@ -84,7 +84,11 @@ export async function startPop3Server(opts: Pop3ServerOptions): Promise<Pop3Serv
   };
   const accept = (socket: net.Socket, secure: boolean) => {
     if (sessions.size >= (opts.maxSessions ?? 1000)) {
+      // Not a session: nothing else would ever close it. A client that keeps its side open
+      // would keep the socket (and close(), which waits for every connection) forever.
+      socket.on('error', () => undefined);
       socket.end('-ERR [SYS/TEMP] Too many connections\r\n');
+      setTimeout(() => socket.destroy(), 2000).unref();
       return;
     }
     socket.setNoDelay(true);
