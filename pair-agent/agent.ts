@@ -183,12 +183,13 @@ class Agent implements PairAgent {
     this.heartbeat.on('peer-dead', () => this.changed('peer dead'));
     this.heartbeat.on('peer-view', (view: NodeView) => {
       if (view.holds) this.peerHeldOnce = true;
-      // An operator standby on the peer, given after one on this node, supersedes it: the operator
-      // now wants the resources here. Kept, this node's old request would lose it the election
-      // against a peer asking the same, and the preferred node (or a) would take them back.
-      if (view.request === 'standby' && this.peerRequest !== 'standby' && this.request === 'standby') {
+      // An operator request on the peer given after the same one on this node supersedes it (a
+      // standby there: the operator now wants the resources here; a takeover there: there). Kept,
+      // the two equal requests cancel out in the election, the preferred node (or a) wins it, and
+      // this node's old request then moves the resources once more.
+      if (view.request !== 'none' && view.request !== this.peerRequest && this.request === view.request) {
+        this.log.info({ request: this.request }, 'the same operator request on the peer, given later: this node\'s is dropped');
         this.request = 'none';
-        this.log.info('operator standby on the peer: this node\'s earlier standby request is dropped');
       }
       this.peerRequest = view.request;
       // A peer that said (signed, fresh) it stopped after releasing everything needs no fence.

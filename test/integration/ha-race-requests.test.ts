@@ -1,10 +1,13 @@
 /**
- * Operator requests: a standby request is given effect once the peer holds the resources; it must
- * not linger and decide a later election. Standby on a, then on b, then on a again: each time the
- * other node takes the resources.
+ * Operator requests: an earlier request must not linger and decide a later election. Standby on
+ * a, then on b, then on a again: each time the other node takes the resources. Takeover on b, and
+ * on a while a is still releasing: the last one wins, with no extra move.
  */
+import { chmodSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { waitFor } from '../helpers/net.ts';
+import { sleep, waitFor } from '../helpers/net.ts';
+import { tempDir } from '../helpers/proc.ts';
 import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
 
 let pair: TestPair | null = null;
@@ -27,4 +30,36 @@ describe('operator standby, one node after the other', () => {
       primary = other;
     }
   });
+
+  it('takeover on b, then on a while a is still releasing: a keeps the resources, b\'s request does not move them again', async () => {
+    // A command resource whose stop takes 1.5 s: a is releasing for that long.
+    const script = join(pairDir(), 'slow-stop.sh');
+    writeFileSync(script, '#!/bin/sh\ncase "$1" in\n  stop) sleep 1.5; exit 0 ;;\n  monitor) exit 0 ;;\nesac\nexit 0\n');
+    chmodSync(script, 0o755);
+    const res = { resources: [{ type: 'command', name: 'slow', command: script, timeoutMs: 5000 }] };
+    pair = await startPair({ a: res, b: res });
+    expect(await pair.waitPrimary()).toBe('a');
+    await waitFor(async () => (await pair!.b.status())?.state === 'standby', 10_000, 'b standby');
+    expect((await pair.b.post('/takeover', {})).status).toBe(200);
+    await waitFor(async () => (await pair!.a.status())?.state === 'releasing', 5000, 'a releasing');
+    expect((await pair.a.post('/takeover', {})).status).toBe(200);
+    await waitFor(async () => (await pair!.a.status())?.state === 'primary', 15_000, 'a primary again');
+    // b's earlier request must not take the resources off a once more.
+    const since = (await pair.a.status())?.lastTransition?.at;
+    await sleep(4000);
+    const a = await pair.a.status();
+    expect(a?.state, pair.logs(4000)).toBe('primary');
+    expect(a?.lastTransition?.at).toBe(since);
+  });
 });
+
+let dirs: Array<{ path: string; cleanup(): void }> = [];
+afterEach(() => {
+  for (const d of dirs) d.cleanup();
+  dirs = [];
+});
+function pairDir(): string {
+  const d = tempDir('pairgate-requests-');
+  dirs.push(d);
+  return d.path;
+}
