@@ -246,7 +246,10 @@ export abstract class ClientSession implements SessionHandle {
     this.socket.pause();
     this.stopIdle();
     const result = await proxyLogin(this.ctx, { protocol: this.protocol, login: loginName, password, client: this.conn.remote, session: this, log: this.log });
-    if ((this.phase as Phase) === 'closed' || this.socket.destroyed) {
+    // Gone, or told to go while the login ran (kick: stop, user moved, idle; closeBy set): a
+    // backend session made meanwhile is dropped, never spliced. (The sweep destroys a client
+    // that was told to go and keeps its side open; its end counts the session out.)
+    if ((this.phase as Phase) === 'closed' || this.socket.destroyed || this.closeBy !== 0) {
       if (result.ok) result.backend.socket.destroy();
       return result;
     }

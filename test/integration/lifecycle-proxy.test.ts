@@ -153,3 +153,60 @@ describe('proxy: per-user session count when the client leaves during its login'
     expect((await first.send('NOOP')).tagged).toMatch(/ OK /);
   });
 });
+
+describe('proxy: a session told to go while its login runs', () => {
+  it('is not spliced to the pair when the login completes after the kick (graceful stop)', async () => {
+    const harness = await startHarness({ users: {} });
+    const admin = await pairAdmin('pair-01');
+    const pair = { id: 'pair-01', dn: 'cn=pair-01,ou=pairs,dc=pairgate,dc=test', address: '127.0.0.1', ports: { imap: harness.port, admin: admin.port }, state: 'active' as const, weight: 100 };
+    const table = tableDirectory([{ uid: 'alice', password: 'alice-pass', pair: 'pair-01' }], [pair]);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let entered!: () => void;
+    const bindRunning = new Promise<void>((r) => (entered = r));
+    const directory: Directory = {
+      ...table,
+      authenticate: async (login, password) => {
+        entered();
+        await gate;
+        return table.authenticate(login, password);
+      },
+    };
+    const proxy = await startProxy(
+      proxyConfigSchema.parse({
+        directory: {},
+        listeners: [{ protocol: 'imap', host: '127.0.0.1', port: 0, tls: 'none' }],
+        backend: { masterUser: MASTER.user, masterSecret: MASTER.secret, trustedNetworks: ['127.0.0.0/8'] },
+        health: { pollIntervalMs: 200 },
+      }),
+      { log: silentLogger, registry: createRegistry({}, false), directory },
+    );
+    // A client that keeps its side open after the proxy's FIN (as it may: the BYE is a request).
+    const sock = net.connect({ host: '127.0.0.1', port: proxy.address('imap')!.port, allowHalfOpen: true });
+    let buf = '';
+    sock.setEncoding('latin1');
+    sock.on('data', (d: string) => (buf += d));
+    sock.on('error', () => undefined);
+    try {
+      await waitFor(() => /^\* OK/.test(buf) || undefined, 5000, 'greeting');
+      sock.write('a LOGIN alice alice-pass\r\n');
+      await bindRunning;
+      const stopping = proxy.stop(50);
+      await waitFor(() => /\* BYE/.test(buf) || undefined, 5000, 'BYE at the stop');
+      release();
+      await new Promise((r) => setTimeout(r, 300));
+      sock.write('b NOOP\r\n');
+      await new Promise((r) => setTimeout(r, 500));
+      // Told to go: nothing of the pair's reaches it (no login OK, no NOOP answer).
+      expect(buf).not.toMatch(/^(a|b) OK/m);
+      const noops = (await harness.registry.getSingleMetric('pairgate_imap_commands_total')!.get()).values.filter((v) => v.labels.command === 'NOOP');
+      expect(noops.reduce((n, v) => n + v.value, 0), 'NOOPs the pair answered').toBe(0);
+      await stopping;
+    } finally {
+      sock.destroy();
+      await proxy.stop(50);
+      await harness.close();
+      await admin.close();
+    }
+  });
+});
