@@ -1,0 +1,211 @@
+/**
+ * The proxy listener's per-connection accounting (per-address slots, the open-connection gauge,
+ * the session registry) when a connection ends in the ways that skip the usual path: implicit TLS
+ * behind a load balancer whose PROXY header arrived with the ClientHello (TLS over the prefix
+ * replay), STARTTLS/STLS upgrades, and clients that reset instead of closing.
+ */
+import net from 'node:net';
+import tls from 'node:tls';
+import { Duplex } from 'node:stream';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startProxy, proxyConfigSchema, type Proxy } from '../../proxy/index.ts';
+import { createRegistry, type MetricsRegistry } from '../../common/metrics.ts';
+import { silentLogger } from '../../common/log.ts';
+import { buildProxyHeader } from '../../loadbalancer/proxy-header.ts';
+import { tableDirectory } from './proxy-harness.ts';
+import { makeTestCert } from '../helpers/tls.ts';
+import { tempDir } from '../helpers/proc.ts';
+import { waitFor } from '../helpers/net.ts';
+
+type End = 'close' | 'reset' | 'server';
+
+class Client {
+  buf = '';
+  closed = false;
+  constructor(
+    readonly raw: net.Socket,
+    public sock: net.Socket,
+  ) {
+    this.listen(sock);
+    raw.on('error', () => undefined);
+    raw.on('close', () => (this.closed = true));
+  }
+  listen(s: net.Socket): void {
+    s.setEncoding('utf8');
+    s.on('data', (d: string) => (this.buf += d));
+    s.on('error', () => undefined);
+  }
+  async until(re: RegExp, timeoutMs = 5000): Promise<void> {
+    await waitFor(() => re.test(this.buf) || undefined, timeoutMs, `${re} in ${JSON.stringify(this.buf)}`, 5);
+  }
+  async starttls(): Promise<void> {
+    this.raw.removeAllListeners('data');
+    const s = tls.connect({ socket: this.raw, rejectUnauthorized: false });
+    await new Promise<void>((resolve, reject) => {
+      s.once('secureConnect', resolve);
+      s.once('error', reject);
+    });
+    this.sock = s;
+    this.buf = '';
+    this.listen(s);
+  }
+  async end(how: End, quit: string): Promise<void> {
+    if (how === 'reset') this.raw.resetAndDestroy();
+    else if (how === 'close') this.sock.end();
+    else this.sock.write(quit);
+    await waitFor(() => this.closed || undefined, 5000, 'client socket closed');
+  }
+}
+
+async function connectRaw(port: number): Promise<net.Socket> {
+  const s = net.connect({ host: '127.0.0.1', port });
+  await new Promise<void>((resolve, reject) => {
+    s.once('connect', resolve);
+    s.once('error', reject);
+  });
+  return s;
+}
+
+/** TLS to an implicit-TLS port behind a "load balancer": the PROXY header and the ClientHello in one write. */
+async function implicitViaLb(port: number): Promise<Client> {
+  const raw = await connectRaw(port);
+  const header = buildProxyHeader('v2', { address: '192.0.2.7', port: 40000 }, { address: '127.0.0.1', port });
+  let first = true;
+  const d = new Duplex({
+    read() {
+      raw.resume();
+    },
+    write(chunk: Buffer, _enc, cb) {
+      if (first) {
+        first = false;
+        raw.write(Buffer.concat([header, chunk]), cb);
+      } else raw.write(chunk, cb);
+    },
+    final(cb) {
+      raw.end();
+      cb();
+    },
+    destroy(err, cb) {
+      raw.destroy();
+      cb(err);
+    },
+  });
+  raw.on('data', (c: Buffer) => {
+    if (!d.push(c)) raw.pause();
+  });
+  raw.on('end', () => d.push(null));
+  const s = tls.connect({ socket: d as unknown as net.Socket, rejectUnauthorized: false });
+  await new Promise<void>((resolve, reject) => {
+    s.once('secureConnect', resolve);
+    s.once('error', reject);
+  });
+  return new Client(raw, s);
+}
+
+describe('proxy listener: per-connection accounting on every way a connection ends', () => {
+  const tmp = tempDir('pairgate-lifecycle-');
+  const cert = makeTestCert(tmp.path);
+  let proxy: Proxy;
+  let lbProxy: Proxy;
+  let registry: MetricsRegistry;
+  let lbRegistry: MetricsRegistry;
+
+  const config = (loadBalancers: string[]) =>
+    proxyConfigSchema.parse({
+      directory: {},
+      tls: { cert: cert.certFile, key: cert.keyFile },
+      loadBalancers,
+      listeners: [
+        { protocol: 'imap', host: '127.0.0.1', port: 0, tls: 'implicit' },
+        { protocol: 'imap', host: '127.0.0.1', port: 0, tls: 'starttls' },
+        { protocol: 'pop3', host: '127.0.0.1', port: 0, tls: 'starttls' },
+      ],
+      backend: { masterUser: 'm', masterSecret: 'master-secret-123', trustedNetworks: ['127.0.0.0/8'] },
+      limits: { maxConnectionsPerIp: 2 },
+    });
+
+  const gauge = async (r: MetricsRegistry) => (await r.getSingleMetric('pairgate_proxy_connections')!.get()).values.reduce((n, v) => n + v.value, 0);
+
+  beforeAll(async () => {
+    const directory = tableDirectory([], []);
+    registry = createRegistry({}, false);
+    lbRegistry = createRegistry({}, false);
+    proxy = await startProxy(config([]), { log: silentLogger, registry, directory });
+    lbProxy = await startProxy(config(['127.0.0.1']), { log: silentLogger, registry: lbRegistry, directory });
+  });
+  afterAll(async () => {
+    await proxy?.stop(100);
+    await lbProxy?.stop(100);
+    tmp.cleanup();
+  });
+
+  for (const how of ['server', 'close', 'reset'] as const) {
+    it(`implicit TLS behind a load balancer, header and ClientHello in one segment, client end: ${how}`, async () => {
+      const port = lbProxy.address('imap', 'implicit')!.port;
+      for (let i = 0; i < 4; i++) {
+        const c = await implicitViaLb(port);
+        await c.until(/^\* OK/);
+        await c.end(how, 'a LOGOUT\r\n');
+        await waitFor(() => lbProxy.sessions.size === 0 || undefined, 5000, `session ${i} removed`);
+      }
+      expect(await gauge(lbRegistry)).toBe(0);
+    });
+  }
+
+  for (const how of ['server', 'close', 'reset'] as const) {
+    it(`IMAP STARTTLS, client end: ${how}`, async () => {
+      const port = proxy.address('imap', 'starttls')!.port;
+      for (let i = 0; i < 4; i++) {
+        const raw = await connectRaw(port);
+        const c = new Client(raw, raw);
+        await c.until(/^\* OK/);
+        raw.write('s STARTTLS\r\n');
+        await c.until(/s OK/);
+        await c.starttls();
+        c.sock.write('n NOOP\r\n');
+        await c.until(/n OK/);
+        await c.end(how, 'a LOGOUT\r\n');
+        await waitFor(() => proxy.sessions.size === 0 || undefined, 5000, `session ${i} removed`);
+      }
+      expect(await gauge(registry)).toBe(0);
+    });
+
+    it(`POP3 STLS, client end: ${how}`, async () => {
+      const port = proxy.address('pop3', 'starttls')!.port;
+      for (let i = 0; i < 4; i++) {
+        const raw = await connectRaw(port);
+        const c = new Client(raw, raw);
+        await c.until(/^\+OK/);
+        raw.write('STLS\r\n');
+        await c.until(/\r\n\+OK/);
+        await c.starttls();
+        c.sock.write('CAPA\r\n');
+        await c.until(/\r\n\.\r\n/);
+        await c.end(how, 'QUIT\r\n');
+        await waitFor(() => proxy.sessions.size === 0 || undefined, 5000, `session ${i} removed`);
+      }
+      expect(await gauge(registry)).toBe(0);
+    });
+  }
+
+  it('a STARTTLS handshake that fails (client sends garbage, then resets) frees the slot', async () => {
+    const port = proxy.address('imap', 'starttls')!.port;
+    for (let i = 0; i < 4; i++) {
+      const raw = await connectRaw(port);
+      const c = new Client(raw, raw);
+      await c.until(/^\* OK/);
+      raw.write('s STARTTLS\r\n');
+      await c.until(/s OK/);
+      raw.write('this is not a ClientHello\r\n');
+      await new Promise((r) => setTimeout(r, 50));
+      raw.resetAndDestroy();
+      await waitFor(() => proxy.sessions.size === 0 || undefined, 5000, `session ${i} removed`);
+    }
+    const raw = await connectRaw(port);
+    const c = new Client(raw, raw);
+    await c.until(/^\* OK/);
+    raw.destroy();
+    await waitFor(() => proxy.sessions.size === 0 || undefined, 5000, 'last session removed');
+    expect(await gauge(registry)).toBe(0);
+  });
+});

@@ -1,0 +1,242 @@
+/**
+ * The SMTP front ends' per-connection accounting (per-address slots, the open-session gauge) on
+ * the ways a connection ends besides QUIT: STARTTLS handshakes that fail or are cut, resets
+ * after STARTTLS, implicit TLS behind a load balancer whose PROXY header came with the
+ * ClientHello, and connections smtp-server itself turns away (maxClients).
+ */
+import net from 'node:net';
+import tls from 'node:tls';
+import { Duplex } from 'node:stream';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startSmtpFrontEnds, type SmtpFrontEnds } from '../../proxy/smtp/index.ts';
+import { createRegistry, type MetricsRegistry } from '../../common/metrics.ts';
+import { silentLogger } from '../../common/log.ts';
+import { buildProxyHeader } from '../../loadbalancer/proxy-header.ts';
+import { tableDirectory } from './proxy-harness.ts';
+import { makeTestCert } from '../helpers/tls.ts';
+import { tempDir } from '../helpers/proc.ts';
+import { waitFor } from '../helpers/net.ts';
+
+class Client {
+  buf = '';
+  closed = false;
+  constructor(
+    readonly raw: net.Socket,
+    public sock: net.Socket,
+  ) {
+    this.listen(sock);
+    raw.on('error', () => undefined);
+    raw.on('close', () => (this.closed = true));
+  }
+  listen(s: net.Socket): void {
+    s.setEncoding('latin1');
+    s.on('data', (d: string) => (this.buf += d));
+    s.on('error', () => undefined);
+  }
+  async until(re: RegExp, timeoutMs = 5000): Promise<void> {
+    await waitFor(() => re.test(this.buf) || undefined, timeoutMs, `${re} in ${JSON.stringify(this.buf)}`, 5);
+  }
+  async starttls(): Promise<void> {
+    this.raw.removeAllListeners('data');
+    const s = tls.connect({ socket: this.raw, rejectUnauthorized: false });
+    await new Promise<void>((resolve, reject) => {
+      s.once('secureConnect', resolve);
+      s.once('error', reject);
+    });
+    this.sock = s;
+    this.buf = '';
+    this.listen(s);
+  }
+}
+
+async function connectRaw(port: number): Promise<Client> {
+  const s = net.connect({ host: '127.0.0.1', port });
+  await new Promise<void>((resolve, reject) => {
+    s.once('connect', resolve);
+    s.once('error', reject);
+  });
+  return new Client(s, s);
+}
+
+async function implicitViaLb(port: number): Promise<Client> {
+  const raw = net.connect({ host: '127.0.0.1', port });
+  await new Promise<void>((resolve, reject) => {
+    raw.once('connect', resolve);
+    raw.once('error', reject);
+  });
+  const header = buildProxyHeader('v2', { address: '192.0.2.9', port: 40000 }, { address: '127.0.0.1', port });
+  let first = true;
+  const d = new Duplex({
+    read() {
+      raw.resume();
+    },
+    write(chunk: Buffer, _enc, cb) {
+      raw.write(first ? Buffer.concat([header, chunk]) : chunk, cb);
+      first = false;
+    },
+    final(cb) {
+      raw.end();
+      cb();
+    },
+    destroy(err, cb) {
+      raw.destroy();
+      cb(err);
+    },
+  });
+  raw.on('data', (c: Buffer) => {
+    if (!d.push(c)) raw.pause();
+  });
+  raw.on('end', () => d.push(null));
+  const s = tls.connect({ socket: d as unknown as net.Socket, rejectUnauthorized: false });
+  await new Promise<void>((resolve, reject) => {
+    s.once('secureConnect', resolve);
+    s.once('error', reject);
+  });
+  return new Client(raw, s);
+}
+
+describe('SMTP front ends: per-connection accounting on every way a connection ends', () => {
+  const tmp = tempDir('pairgate-lifecycle-smtp-');
+  const cert = makeTestCert(tmp.path);
+  let fe: SmtpFrontEnds;
+  let lbFe: SmtpFrontEnds;
+  let registry: MetricsRegistry;
+  let lbRegistry: MetricsRegistry;
+  const health = { awaitServable: async () => undefined };
+
+  const open = async (r: MetricsRegistry) => (await r.getSingleMetric('pairgate_sessions')!.get()).values.find((v) => v.labels.protocol === 'smtp')?.value ?? 0;
+
+  beforeAll(async () => {
+    const directory = tableDirectory([], []);
+    registry = createRegistry({}, false);
+    lbRegistry = createRegistry({}, false);
+    const smtp = (maxConnections: number) => ({
+      hostname: 'lifecycle.test',
+      localDomains: ['example.net'],
+      listeners: [
+        { kind: 'mx', host: '127.0.0.1', port: 0, tls: 'starttls' },
+        { kind: 'submission', host: '127.0.0.1', port: 0, tls: 'implicit' },
+      ],
+      limits: { maxConnectionsPerIp: 2, maxConnections },
+    });
+    fe = await startSmtpFrontEnds({ tls: { cert: cert.certFile, key: cert.keyFile }, smtp: smtp(3), timeouts: { proxyHeaderMs: 2000, tlsHandshakeMs: 1500 } }, { directory, pairHealth: health, log: silentLogger, registry });
+    lbFe = await startSmtpFrontEnds(
+      { tls: { cert: cert.certFile, key: cert.keyFile }, smtp: smtp(0), loadBalancers: ['127.0.0.1'], timeouts: { proxyHeaderMs: 2000, tlsHandshakeMs: 1500 } },
+      { directory, pairHealth: health, log: silentLogger, registry: lbRegistry },
+    );
+  });
+  afterAll(async () => {
+    await fe?.close(100);
+    await lbFe?.close(100);
+    tmp.cleanup();
+  });
+
+  const rounds = async (f: SmtpFrontEnds, r: MetricsRegistry, one: (i: number) => Promise<void>) => {
+    for (let i = 0; i < 4; i++) {
+      await one(i);
+      await waitFor(async () => (f.sessions() === 0 && (await open(r))) === 0 || undefined, 5000, `session ${i} counted out`);
+    }
+    // Both of the address's slots are free again.
+    const a = await connectRaw(f.address('mx')!.port);
+    const b = await connectRaw(f.address('mx')!.port);
+    await a.until(/^220 /);
+    await b.until(/^220 /);
+    a.raw.destroy();
+    b.raw.destroy();
+    await waitFor(async () => (f.sessions() === 0 && (await open(r))) === 0 || undefined, 5000, 'counted out');
+  };
+
+  it('STARTTLS handshake refused (garbage instead of a ClientHello)', async () => {
+    await rounds(fe, registry, async () => {
+      const c = await connectRaw(fe.address('mx')!.port);
+      await c.until(/^220 /);
+      c.raw.write('EHLO x\r\n');
+      await c.until(/250 /);
+      c.raw.write('STARTTLS\r\n');
+      await c.until(/\r\n220 /);
+      c.raw.write('GARBAGE GARBAGE GARBAGE\r\n');
+      await waitFor(() => c.closed || undefined, 5000, 'closed by the server');
+    });
+  });
+
+  it('STARTTLS handshake cut: the client resets after the 220', async () => {
+    await rounds(fe, registry, async () => {
+      const c = await connectRaw(fe.address('mx')!.port);
+      await c.until(/^220 /);
+      c.raw.write('EHLO x\r\nSTARTTLS\r\n');
+      await c.until(/\r\n220 /);
+      c.raw.resetAndDestroy();
+    });
+  });
+
+  it('STARTTLS handshake never started: the handshake bound closes it', async () => {
+    await rounds(fe, registry, async () => {
+      const c = await connectRaw(fe.address('mx')!.port);
+      await c.until(/^220 /);
+      c.raw.write('EHLO x\r\nSTARTTLS\r\n');
+      await c.until(/\r\n220 /);
+      c.raw.end();
+      await waitFor(() => c.closed || undefined, 5000, 'closed');
+    });
+  });
+
+  it('reset after STARTTLS, and in the middle of a message', async () => {
+    await rounds(fe, registry, async (i) => {
+      const c = await connectRaw(fe.address('mx')!.port);
+      await c.until(/^220 /);
+      c.raw.write('EHLO x\r\nSTARTTLS\r\n');
+      await c.until(/\r\n220 /);
+      await c.starttls();
+      c.sock.write('EHLO x\r\n');
+      await c.until(/250 /);
+      if (i % 2) {
+        c.sock.write('MAIL FROM:<a@example.org>\r\n');
+        await c.until(/250 /);
+      }
+      c.raw.resetAndDestroy();
+    });
+  });
+
+  it('turned away by smtp-server at maxClients (421), with and without STARTTLS sessions open', async () => {
+    const port = fe.address('mx')!.port;
+    // Three sessions (maxConnections 3) from three source addresses (per-address limit 2).
+    const held: Client[] = [];
+    for (const local of ['127.0.0.2', '127.0.0.3', '127.0.0.4']) {
+      const s = net.connect({ host: '127.0.0.1', port, localAddress: local });
+      await new Promise<void>((resolve, reject) => {
+        s.once('connect', resolve);
+        s.once('error', reject);
+      });
+      const c = new Client(s, s);
+      await c.until(/^220 /);
+      c.raw.write('EHLO x\r\nSTARTTLS\r\n');
+      await c.until(/\r\n220 /);
+      await c.starttls();
+      held.push(c);
+    }
+    for (let i = 0; i < 3; i++) {
+      const c = await connectRaw(port);
+      await c.until(/^421 /);
+      await waitFor(() => c.closed || undefined, 5000, 'refused connection closed');
+    }
+    for (const c of held) c.raw.destroy();
+    await waitFor(async () => (fe.sessions() === 0 && (await open(registry))) === 0 || undefined, 5000, 'counted out');
+    await rounds(fe, registry, async () => undefined);
+  });
+
+  for (const how of ['quit', 'reset'] as const) {
+    it(`implicit TLS behind a load balancer (header with the ClientHello), end: ${how}`, async () => {
+      const port = lbFe.address('submission')!.port;
+      for (let i = 0; i < 4; i++) {
+        const c = await implicitViaLb(port);
+        await c.until(/^220 /);
+        if (how === 'quit') {
+          c.sock.write('QUIT\r\n');
+          await waitFor(() => c.closed || undefined, 5000, 'closed');
+        } else c.raw.resetAndDestroy();
+        await waitFor(async () => (lbFe.sessions() === 0 && (await open(lbRegistry))) === 0 || undefined, 5000, `session ${i} counted out`);
+      }
+      expect(await open(lbRegistry)).toBe(0);
+    });
+  }
+});
