@@ -147,6 +147,11 @@ export function decide(state: NodeState, f: Facts): Decision | null {
     case 'standby': {
       if (f.peer.alive && peer) {
         if (peerHolds(f) || peer.state === 'fencing') return null;
+        // Replicated volumes not yet connected: each disk state is its own metadata's word, and
+        // after both nodes restart, both say UpToDate though only one may have the newer data (the
+        // other would promote its old data alone: split brain). The link's handshake tells (the
+        // older side turns sync target): the election waits for it, until initdead is over.
+        if (f.peer.linked === false && !f.initdeadOver) return null;
         const { winner, reason } = electWinner(f.node, f.self, peer, f.preferred);
         if (winner !== f.node) return null;
         if (!diskUsable(f.self.disk)) return null;

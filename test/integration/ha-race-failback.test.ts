@@ -60,57 +60,27 @@ const addr = (port: number) => `127.0.0.1:${port}`;
 
 describe('failback with a replicated volume', () => {
   it('the returning preferred node is not handed the resources before its volume has met the primary\'s and resynced', async () => {
-    // The node with the lower address dials: a, through the relay (b never dials a).
-    const repl = { b: await freePort(), a: 0 };
-    const relay = await tcpRelay(repl.b);
-    for (let i = 0; i < 200 && !(repl.a && addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)); i++) repl.a = await freePort();
-    expect(addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)).toBe(true);
-    const admin = { a: await freePort(), b: await freePort() };
-    const volume = (id: NodeId) => (dir: string) => ({
-      autoFailback: true,
-      volume: {
-        name: 'pair-t-mail',
-        dataFile: join(dir, `${id}.volume`),
-        metaFile: join(dir, `${id}.volume-meta`),
-        sizeBytes: 8 * 1024 * 1024,
-        listen: addr(repl[id]),
-        peer: id === 'a' ? addr(relay.port) : addr(repl.a),
-        secret: 'pair-agent-volume-secret-0123',
-        pingIntervalMs: 100,
-        pingTimeoutMs: 500,
-        reconnectMs: 100,
-        admin: { host: '127.0.0.1', port: admin[id] },
-      },
-    });
-    const url = (id: NodeId) => `http://127.0.0.1:${admin[id]}`;
-    const vstatus = async (id: NodeId): Promise<VolumeStatus | null> => {
-      try {
-        return (await adminCall(url(id), 'GET', '/status', undefined, { timeoutMs: 500 })).body as VolumeStatus;
-      } catch {
-        return null;
-      }
-    };
-    pair = await startPair({ a: volume('a'), b: volume('b') });
+    const { relay, url, vstatus } = await volumePairThroughRelay({ autoFailback: true });
     // Preferred a with auto-failback: a ends up primary whichever node won the first election.
     await waitFor(async () => (await vstatus('a'))?.role === 'primary' && (await vstatus('b'))?.connection === 'Connected', 20_000, 'a primary volume, b connected');
-    pair.a.proc!.kill('SIGKILL');
-    await pair.a.proc!.exited;
+    pair!.a.proc!.kill('SIGKILL');
+    await pair!.a.proc!.exited;
     await waitFor(async () => (await pair!.b.status())?.state === 'primary' && (await vstatus('b'))?.role === 'primary', 15_000, 'b primary after a died');
     // Written on b alone: a's volume does not have it.
     expect((await adminCall(url('b'), 'POST', '/write', { offset: 100 * BS, data: block(100).toString('base64') })).status).toBe(200);
     relay.refusing = true;
-    await pair.a.start();
+    await pair!.a.start();
     await waitFor(async () => (await pair!.a.status())?.state === 'standby', 15_000, 'a back as standby');
     // a's heartbeat says disk UpToDate (its own metadata); its volume has not met b's.
     const seen: string[] = [];
     const until = Date.now() + 4000;
     while (Date.now() < until) {
-      const [sa, pb] = [await vstatus('a'), await pair.b.status()];
+      const [sa, pb] = [await vstatus('a'), await pair!.b.status()];
       if (sa?.role === 'primary') seen.push(`a's volume primary (connection ${sa.connection})`);
       if (pb && pb.state !== 'primary') seen.push(`b ${pb.state}`);
       await sleep(50);
     }
-    expect([...new Set(seen)], pair.logs()).toEqual([]);
+    expect([...new Set(seen)], pair!.logs()).toEqual([]);
     // The link comes back: a resyncs from b, and only then does b hand back.
     relay.refusing = false;
     await waitFor(async () => (await pair!.a.status())?.state === 'primary' && (await vstatus('a'))?.role === 'primary', 30_000, 'a primary again after its resync').catch((err: Error) => {
@@ -121,4 +91,69 @@ describe('failback with a replicated volume', () => {
     const digests = ((await adminCall(url('a'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { blockDigests: string[] }).blockDigests;
     expect(digests[100]).toBe(createHash('sha256').update(block(100)).digest('hex').slice(0, 32));
   });
+
+  it('both nodes restarted, the link slower than the heartbeat: the election waits for the link, and the node with the newer data serves', async () => {
+    const { relay, url, vstatus } = await volumePairThroughRelay({});
+    await waitFor(async () => (await vstatus('a'))?.role === 'primary' && (await vstatus('b'))?.connection === 'Connected', 20_000, 'a primary volume, b connected');
+    pair!.a.proc!.kill('SIGKILL');
+    await pair!.a.proc!.exited;
+    await waitFor(async () => (await pair!.b.status())?.state === 'primary' && (await vstatus('b'))?.role === 'primary', 15_000, 'b primary after a died');
+    expect((await adminCall(url('b'), 'POST', '/write', { offset: 100 * BS, data: block(100).toString('base64') })).status).toBe(200);
+    // Then b goes down too (cleanly), and both come back: each one's metadata says UpToDate, but
+    // only b's volume has the newer data. The heartbeat finds the peer before the link is up.
+    await pair!.b.proc!.stop(3000);
+    relay.refusing = true;
+    await Promise.all([pair!.a.start(), pair!.b.start()]);
+    await sleep(1500);
+    relay.refusing = false;
+    await waitFor(
+      async () => {
+        const [sa, sb, pb] = [await vstatus('a'), await vstatus('b'), await pair!.b.status()];
+        return pb?.state === 'primary' && sb?.role === 'primary' && sa?.role === 'secondary' && sa.disk === 'UpToDate' && sa.connection === 'Connected';
+      },
+      20_000,
+      'b primary, a its UpToDate secondary',
+    ).catch((err: Error) => {
+      throw new Error(`${err.message}\n${pair!.logs()}`);
+    });
+    expect((await vstatus('a'))?.splitBrain).toBe(false);
+    const digests = ((await adminCall(url('a'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { blockDigests: string[] }).blockDigests;
+    expect(digests[100]).toBe(createHash('sha256').update(block(100)).digest('hex').slice(0, 32));
+  });
 });
+
+/** A pair with replicated volumes, a's link to b through a relay that can refuse connections (b never dials a). */
+async function volumePairThroughRelay(extra: Record<string, unknown>) {
+  // The node with the lower address dials: a, through the relay (b never dials a).
+  const repl = { b: await freePort(), a: 0 };
+  const relay = await tcpRelay(repl.b);
+  for (let i = 0; i < 200 && !(repl.a && addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)); i++) repl.a = await freePort();
+  expect(addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)).toBe(true);
+  const admin = { a: await freePort(), b: await freePort() };
+  const volume = (id: NodeId) => (dir: string) => ({
+    ...extra,
+    volume: {
+      name: 'pair-t-mail',
+      dataFile: join(dir, `${id}.volume`),
+      metaFile: join(dir, `${id}.volume-meta`),
+      sizeBytes: 8 * 1024 * 1024,
+      listen: addr(repl[id]),
+      peer: id === 'a' ? addr(relay.port) : addr(repl.a),
+      secret: 'pair-agent-volume-secret-0123',
+      pingIntervalMs: 100,
+      pingTimeoutMs: 500,
+      reconnectMs: 100,
+      admin: { host: '127.0.0.1', port: admin[id] },
+    },
+  });
+  const url = (id: NodeId) => `http://127.0.0.1:${admin[id]}`;
+  const vstatus = async (id: NodeId): Promise<VolumeStatus | null> => {
+    try {
+      return (await adminCall(url(id), 'GET', '/status', undefined, { timeoutMs: 500 })).body as VolumeStatus;
+    } catch {
+      return null;
+    }
+  };
+  pair = await startPair({ a: volume('a'), b: volume('b') });
+  return { relay, url, vstatus };
+}

@@ -39,4 +39,17 @@ describe('hand-over and the replication link', () => {
     const f = primaryB({ peer: { view: peerView({ state: 'primary', holds: true }), linked: false } });
     expect(decide('primary', f)?.to).toBe('releasing');
   });
+  it('an election between two standbys waits for the link until initdead is over', () => {
+    const standbyA = (linked: boolean | undefined, initdeadOver: boolean): Facts => ({
+      ...primaryB(),
+      node: 'a',
+      initdeadOver,
+      self: { holds: false, disk: 'UpToDate', ping: true, request: 'none', failed: false, maintenance: false },
+      peer: { alive: true, everSeen: true, view: peerView(), linked },
+    });
+    expect(decide('standby', standbyA(false, false))).toBeNull();
+    expect(decide('standby', standbyA(false, true))?.to).toBe('taking-over');
+    expect(decide('standby', standbyA(true, false))?.to).toBe('taking-over');
+    expect(decide('standby', standbyA(undefined, false))?.to).toBe('taking-over');
+  });
 });
