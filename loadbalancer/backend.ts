@@ -48,6 +48,8 @@ export class Backend implements Candidate {
   private lastResult: CheckResult | null = null;
   private lastChange = Date.now();
   private timer: NodeJS.Timeout | null = null;
+  /** Which check loop is current (startChecks/stopChecks move it on; an older loop stops at its next turn). */
+  private checkLoop = 0;
   private checking = false;
   /** Called when this backend may take a queued client again. */
   onCapacity: () => void = () => {};
@@ -132,25 +134,24 @@ export class Backend implements Candidate {
   startChecks(): void {
     if (!this.poolConfig.check.enabled || this.timer) return;
     const every = this.poolConfig.check.intervalMs;
-    // Spread the first checks of many backends over one interval.
-    const first = Math.floor(Math.random() * Math.min(every, 500));
-    const run = () => {
+    // The loop this call starts: a check that was running when the checks were stopped (or
+    // restarted by a reload) ends its own loop rather than going on beside the new one.
+    const loop = ++this.checkLoop;
+    const next = (delay: number) => {
       this.timer = setTimeout(() => {
         void this.checkOnce().finally(() => {
-          if (this.timer) run();
+          if (this.timer && loop === this.checkLoop) next(every);
         });
-      }, every);
+      }, delay);
     };
-    this.timer = setTimeout(() => {
-      void this.checkOnce().finally(() => {
-        if (this.timer) run();
-      });
-    }, first);
+    // Spread the first checks of many backends over one interval.
+    next(Math.floor(Math.random() * Math.min(every, 500)));
   }
 
   stopChecks(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
+    this.checkLoop++;
   }
 
   async checkOnce(): Promise<CheckResult> {
