@@ -79,16 +79,43 @@ class Accepted implements AcceptedConnection {
   }
 }
 
-/** Open connections of one listener, in total and per client address. */
+/**
+ * Open connections of one listener, in total and per client address. A connection holds its
+ * slots from accept (the total) and from the moment its client address is known (per address:
+ * at accept, or after the PROXY header), through its PROXY header and TLS handshake, until its
+ * session ends: connections still handshaking count against both limits.
+ */
 class Slots implements ConnectionSlots {
   readonly perIp = new Map<string, number>();
   open = 0;
 
-  release(address: string): void {
+  /** Gives back the total slot and, when given, the address's. */
+  release(address: string | null): void {
     this.open--;
+    if (address === null) return;
     const left = (this.perIp.get(address) ?? 1) - 1;
     if (left <= 0) this.perIp.delete(address);
     else this.perIp.set(address, left);
+  }
+}
+
+/** The slots a connection holds between accept and its session (which then gives them back at its end). */
+class HeldSlots {
+  private held = true;
+
+  constructor(
+    private readonly slots: Slots,
+    public address: string | null,
+  ) {}
+
+  giveBack(): void {
+    if (!this.held) return;
+    this.held = false;
+    this.slots.release(this.address);
+  }
+
+  handOver(): void {
+    this.held = false;
   }
 }
 
@@ -106,25 +133,34 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
     t.unref();
   };
 
-  /** The per-address limit, then the session. */
-  const admit = (raw: net.Socket, socket: net.Socket, remote: ClientAddress, viaLb: boolean) => {
-    const n = slots.perIp.get(remote.address) ?? 0;
+  /** Counts a connection against its address's limit; false when the address is at it. */
+  const takeAddressSlot = (address: string): boolean => {
+    const n = slots.perIp.get(address) ?? 0;
     if (limits.maxConnectionsPerIp > 0 && n >= limits.maxConnectionsPerIp) {
-      log.warn({ client: remote.address, open: n }, 'per-address connection limit reached');
-      return reject(socket, 'max-per-ip', 'Too many connections from your address.');
+      log.warn({ client: address, open: n }, 'per-address connection limit reached');
+      return false;
     }
-    slots.perIp.set(remote.address, n + 1);
-    slots.open++;
+    slots.perIp.set(address, n + 1);
+    return true;
+  };
+
+  /** The session; from here on its end gives the slots back (ClientSession.finish). */
+  const admit = (raw: net.Socket, socket: net.Socket, remote: ClientAddress, viaLb: boolean) => {
     const conn = new Accepted(socket, remote, raw, lc.tls === 'implicit', lc, viaLb, slots);
     const session: ClientSession = lc.protocol === 'imap' ? new ImapSession(ctx, conn) : new Pop3Session(ctx, conn);
     session.start();
   };
 
-  /** Connections from load balancers (PROXY header first) and on implicit-TLS ports: what takes waiting. */
-  const acceptSlow = async (raw: net.Socket, peer: string, viaLb: boolean) => {
+  /**
+   * Connections from load balancers (PROXY header first) and on implicit-TLS ports: what takes
+   * waiting. `held` is what this connection holds until its session takes it over: the total
+   * slot and, once known, its address's; its `giveBack()` runs at most once.
+   */
+  const acceptSlow = async (raw: net.Socket, peer: string, viaLb: boolean, held: HeldSlots) => {
     let remote: ClientAddress = { address: peer, port: raw.remotePort ?? 0 };
     let socket: net.Socket = raw;
     let prefix: Buffer = Buffer.alloc(0);
+    const giveBack = () => held.giveBack();
     if (viaLb) {
       try {
         const { header, rest } = await readProxyHeader(raw, ctx.config.timeouts.proxyHeaderMs);
@@ -132,23 +168,34 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
         prefix = rest;
       } catch (err) {
         log.warn({ peer, err: (err as Error).message }, 'connection from a load balancer without a valid PROXY header: closed');
+        giveBack();
         return reject(raw, 'proxy-header', null);
       }
+      if (!takeAddressSlot(remote.address)) {
+        giveBack();
+        return reject(raw, 'max-per-ip', lc.tls === 'implicit' ? null : 'Too many connections from your address.');
+      }
+      held.address = remote.address;
     }
     if (lc.tls === 'implicit') {
-      if (!ctx.tls) return reject(raw, 'no-tls', null);
+      if (!ctx.tls) {
+        giveBack();
+        return reject(raw, 'no-tls', null);
+      }
       try {
         const under = prefix.length ? (withPrefix(raw, prefix) as unknown as net.Socket) : raw;
         socket = await upgradeToTls(under, ctx.tls, ctx.config.timeouts.tlsHandshakeMs);
       } catch (err) {
         log.debug({ peer, err: (err as Error).message }, 'TLS handshake failed');
         ctx.metrics.rejected.inc({ protocol: lc.protocol, reason: 'tls-handshake' });
+        giveBack();
         raw.destroy();
         return;
       }
     } else if (prefix.length) {
       raw.unshift(prefix);
     }
+    held.handOver();
     admit(raw, socket, remote, viaLb);
   };
 
@@ -162,9 +209,14 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
       return reject(raw, 'max-connections', lc.tls === 'implicit' ? null : 'Too many connections.');
     }
     const viaLb = inList(ctx.loadBalancers, peer);
+    // A direct client's address is known now: its slot is taken before any handshake.
+    if (!viaLb && !takeAddressSlot(peer)) return reject(raw, 'max-per-ip', lc.tls === 'implicit' ? null : 'Too many connections from your address.');
+    slots.open++;
     if (viaLb || lc.tls === 'implicit') {
-      acceptSlow(raw, peer, viaLb).catch((err) => {
+      const held = new HeldSlots(slots, viaLb ? null : peer);
+      acceptSlow(raw, peer, viaLb, held).catch((err) => {
         log.error({ err }, 'accepting a connection failed');
+        held.giveBack();
         raw.destroy();
       });
       return;

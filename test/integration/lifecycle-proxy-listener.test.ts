@@ -208,4 +208,28 @@ describe('proxy listener: per-connection accounting on every way a connection en
     await waitFor(() => proxy.sessions.size === 0 || undefined, 5000, 'last session removed');
     expect(await gauge(registry)).toBe(0);
   });
+
+  it('TLS handshakes in flight hold their address slots; a failed handshake gives its slot back', async () => {
+    const port = proxy.address('imap', 'implicit')!.port;
+    // Two connections that never send a ClientHello hold both of this address's slots.
+    const stalled = [await connectRaw(port), await connectRaw(port)];
+    for (const s of stalled) s.on('error', () => undefined);
+    const third = await connectRaw(port);
+    third.on('error', () => undefined);
+    await waitFor(() => third.destroyed || third.readableEnded || undefined, 5000, 'the third connection refused');
+    // One stalled connection sends garbage instead: its handshake fails and its slot comes back.
+    stalled[0]!.write('not a ClientHello at all\r\n\r\n');
+    await waitFor(() => stalled[0]!.readableEnded || stalled[0]!.destroyed || undefined, 5000, 'the failed handshake closed');
+    const c = await new Promise<Client>((resolve, reject) => {
+      const raw = net.connect({ host: '127.0.0.1', port });
+      const s = tls.connect({ socket: raw, rejectUnauthorized: false });
+      s.once('secureConnect', () => resolve(new Client(raw, s)));
+      s.once('error', reject);
+    });
+    await c.until(/^\* OK/);
+    await c.end('server', 'a LOGOUT\r\n');
+    stalled[1]!.destroy();
+    await waitFor(() => proxy.sessions.size === 0 || undefined, 5000, 'sessions removed');
+    expect(await gauge(registry)).toBe(0);
+  });
 });
