@@ -98,28 +98,36 @@ export async function startSmtpListener(lc: SmtpListenerConfig, deps: ListenerDe
       log.warn({ client: client.address, open: n }, 'per-address connection limit reached');
       return refuse(raw, 'max-per-ip', implicit ? null : '421 4.7.0 Too many connections from your address\r\n');
     }
+    // Counted from here, through the TLS handshake, until the session ends: a handshake in flight holds its slot.
+    perIp.set(client.address, n + 1);
+    let held = true;
+    const giveBack = () => {
+      if (!held) return;
+      held = false;
+      const left = (perIp.get(client.address) ?? 1) - 1;
+      if (left <= 0) perIp.delete(client.address);
+      else perIp.set(client.address, left);
+    };
     let socket: net.Socket = raw;
     if (implicit) {
-      if (!deps.tls) return refuse(raw, 'no-tls', null);
+      if (!deps.tls) {
+        giveBack();
+        return refuse(raw, 'no-tls', null);
+      }
       try {
         const under = prefix.length ? (withPrefix(raw, prefix) as unknown as net.Socket) : raw;
         socket = await upgradeToTls(under, deps.tls, deps.tlsHandshakeTimeoutMs);
       } catch (err) {
         log.debug({ client: client.address, err: (err as Error).message }, 'TLS handshake failed');
         deps.metrics.rejectedConnections.inc({ protocol: 'smtp', reason: 'tls-handshake' });
+        giveBack();
         raw.destroy();
         return;
       }
     } else if (prefix.length) {
       raw.unshift(prefix);
     }
-    // Counted now, not from `n`: other connections from the address came and went during the handshake.
-    perIp.set(client.address, (perIp.get(client.address) ?? 0) + 1);
-    deps.frontEnd.handle(socket, client, implicit, () => {
-      const left = (perIp.get(client.address) ?? 1) - 1;
-      if (left <= 0) perIp.delete(client.address);
-      else perIp.set(client.address, left);
-    });
+    deps.frontEnd.handle(socket, client, implicit, giveBack);
   };
 
   const server = net.createServer((socket) => {

@@ -214,9 +214,14 @@ describe('proxy listener: per-connection accounting on every way a connection en
     // Two connections that never send a ClientHello hold both of this address's slots.
     const stalled = [await connectRaw(port), await connectRaw(port)];
     for (const s of stalled) s.on('error', () => undefined);
+    const refusedMaxPerIp = async () =>
+      (await registry.getSingleMetric('pairgate_proxy_connections_rejected_total')!.get()).values.find((v) => v.labels.reason === 'max-per-ip')?.value ?? 0;
+    const before = await refusedMaxPerIp();
     const third = await connectRaw(port);
     third.on('error', () => undefined);
-    await waitFor(() => third.destroyed || third.readableEnded || undefined, 5000, 'the third connection refused');
+    // Refused for the address's limit (not closed later by the handshake bound).
+    await waitFor(async () => (await refusedMaxPerIp()) === before + 1 || undefined, 5000, 'the third connection refused at the limit');
+    await waitFor(() => third.destroyed || third.readableEnded || undefined, 5000, 'the third connection closed');
     // One stalled connection sends garbage instead: its handshake fails and its slot comes back.
     stalled[0]!.write('not a ClientHello at all\r\n\r\n');
     await waitFor(() => stalled[0]!.readableEnded || stalled[0]!.destroyed || undefined, 5000, 'the failed handshake closed');

@@ -239,4 +239,29 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
       expect(await open(lbRegistry)).toBe(0);
     });
   }
+
+  it('implicit TLS: handshakes in flight hold their address slots; a failed handshake gives its slot back', async () => {
+    const port = fe.address('submission', 'implicit')!.port;
+    const stalled = [await connectRaw(port), await connectRaw(port)];
+    const refusedMaxPerIp = async () => (await registry.getSingleMetric('pairgate_smtp_rejects_total')!.get()).values.find((v) => v.labels.reason === 'max-per-ip')?.value ?? 0;
+    const before = await refusedMaxPerIp();
+    const third = await connectRaw(port);
+    // Refused for the address's limit (not closed later by the handshake bound).
+    await waitFor(async () => (await refusedMaxPerIp()) === before + 1 || undefined, 5000, 'the third connection refused at the limit');
+    await waitFor(() => third.closed || undefined, 5000, 'the third connection closed');
+    stalled[0]!.raw.write('not a ClientHello at all\r\n\r\n');
+    await waitFor(() => stalled[0]!.closed || undefined, 5000, 'the failed handshake closed');
+    const raw = net.connect({ host: '127.0.0.1', port });
+    const s = tls.connect({ socket: raw, rejectUnauthorized: false });
+    await new Promise<void>((resolve, reject) => {
+      s.once('secureConnect', resolve);
+      s.once('error', reject);
+    });
+    const c = new Client(raw, s);
+    await c.until(/^220 /);
+    s.write('QUIT\r\n');
+    await waitFor(() => c.closed || undefined, 5000, 'QUIT closed');
+    stalled[1]!.raw.destroy();
+    await waitFor(async () => (fe.sessions() === 0 && (await open(registry))) === 0 || undefined, 5000, 'counted out');
+  });
 });
