@@ -18,9 +18,11 @@ afterEach(async () => {
 
 describe('operator standby, one node after the other', () => {
   it('each standby hands the resources to the other node, whatever requests came before', async () => {
-    pair = await startPair();
+    // A release takes a while, as with a store and a volume to stop (here a command whose stop
+    // takes 200 ms): the peer's news of its own request reaches the releasing node meanwhile.
+    pair = await startPair({ a: slowStop(0.2), b: slowStop(0.2) });
     let primary: NodeId = await pair.waitPrimary();
-    for (let round = 1; round <= 3; round++) {
+    for (let round = 1; round <= 4; round++) {
       const other: NodeId = primary === 'a' ? 'b' : 'a';
       await waitFor(async () => (await pair!.node(other).status())?.state === 'standby', 10_000, `${other} standby`);
       expect((await pair.node(primary).post('/standby', {})).status).toBe(200);
@@ -33,11 +35,7 @@ describe('operator standby, one node after the other', () => {
 
   it('takeover on b, then on a while a is still releasing: a keeps the resources, b\'s request does not move them again', async () => {
     // A command resource whose stop takes 1.5 s: a is releasing for that long.
-    const script = join(pairDir(), 'slow-stop.sh');
-    writeFileSync(script, '#!/bin/sh\ncase "$1" in\n  stop) sleep 1.5; exit 0 ;;\n  monitor) exit 0 ;;\nesac\nexit 0\n');
-    chmodSync(script, 0o755);
-    const res = { resources: [{ type: 'command', name: 'slow', command: script, timeoutMs: 5000 }] };
-    pair = await startPair({ a: res, b: res });
+    pair = await startPair({ a: slowStop(1.5), b: slowStop(1.5) });
     expect(await pair.waitPrimary()).toBe('a');
     await waitFor(async () => (await pair!.b.status())?.state === 'standby', 10_000, 'b standby');
     expect((await pair.b.post('/takeover', {})).status).toBe(200);
@@ -62,4 +60,12 @@ function pairDir(): string {
   const d = tempDir('pairgate-requests-');
   dirs.push(d);
   return d.path;
+}
+
+/** Pair-agent config: a command resource whose stop takes `seconds`. */
+function slowStop(seconds: number): Record<string, unknown> {
+  const script = join(pairDir(), 'slow-stop.sh');
+  writeFileSync(script, `#!/bin/sh\ncase "$1" in\n  stop) sleep ${seconds}; exit 0 ;;\n  monitor) exit 0 ;;\nesac\nexit 0\n`);
+  chmodSync(script, 0o755);
+  return { resources: [{ type: 'command', name: 'slow', command: script, timeoutMs: 5000 }] };
 }
