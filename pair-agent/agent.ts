@@ -533,6 +533,11 @@ class Agent implements PairAgent {
   async standby(): Promise<PairAgentStatus> {
     if (this.maintenanceOn) throw new PairgateError('CONFLICT', 'the node is in maintenance: switch maintenance off first', false);
     if (this.holds && !this.peerFacts().alive) throw new PairgateError('CONFLICT', 'the peer is not up: nobody to hand the resources to', false);
+    // No hand-over goes to a peer whose volume has not met this one's (handOverReason): say so
+    // now, rather than accept a request that would wait unseen.
+    if (this.holds && this.peerFacts().linked === false) {
+      throw new PairgateError('CONFLICT', "the peer's replicated volume is not connected to this node's, so it may lack the latest writes: no hand-over until replication is Connected (pairgate pair status)", false);
+    }
     this.request = 'standby';
     this.standbyRetakes = 0;
     this.log.info('operator: standby');

@@ -81,6 +81,10 @@ describe('failback with a replicated volume', () => {
       await sleep(50);
     }
     expect([...new Set(seen)], pair!.logs()).toEqual([]);
+    // An operator's standby on b is refused with the reason, not accepted to wait unseen.
+    const standby = await pair!.b.post('/standby');
+    expect(standby.status).toBe(409);
+    expect(JSON.stringify(standby.body)).toMatch(/replicated volume is not connected/);
     // The link comes back: a resyncs from b, and only then does b hand back.
     relay.refusing = false;
     await waitFor(async () => (await pair!.a.status())?.state === 'primary' && (await vstatus('a'))?.role === 'primary', 30_000, 'a primary again after its resync').catch((err: Error) => {
