@@ -22,7 +22,7 @@ import { createFenceDevice, Fencer } from './fencing/index.ts';
 import { processState } from './fencing/process.ts';
 import { Heartbeat, splitHostPort, type PeerStatus } from './ha/heartbeat.ts';
 import type { NodeView } from './ha/heartbeat-codec.ts';
-import { checkTransition, decide, NODE_STATES, other, roleOf, type Decision, type Facts, type NodeId, type NodeState, type OperatorRequest } from './ha/state-machine.ts';
+import { checkTransition, decide, NODE_STATES, other, roleOf, STANDBY_HAND_OVER, type Decision, type Facts, type NodeId, type NodeState, type OperatorRequest } from './ha/state-machine.ts';
 import { CommandResource } from './resources/command.ts';
 import { FloatingIpResource } from './resources/floating-ip.ts';
 import { HealthEndpointResource } from './resources/health-endpoint.ts';
@@ -76,6 +76,8 @@ class Agent implements PairAgent {
   private peerHeldOnce = false;
   /** Times this node took the resources back under an operator standby because its peer's start had failed. */
   private standbyRetakes = 0;
+  /** This node released the resources on its operator standby, and the peer has not served them yet. */
+  private standbyHandOverPending = false;
   /** The peer's operator request as last heard (to see it change). */
   private peerRequest: OperatorRequest = 'none';
   private peerFenced = false;
@@ -183,6 +185,7 @@ class Agent implements PairAgent {
     this.heartbeat.on('peer-dead', () => this.changed('peer dead'));
     this.heartbeat.on('peer-view', (view: NodeView) => {
       if (view.holds) this.peerHeldOnce = true;
+      if (view.state === 'primary') this.standbyHandOverPending = false;
       // An operator request on the peer given after the same one on this node supersedes it (a
       // standby there: the operator now wants the resources here; a takeover there: there). Kept,
       // the two equal requests cancel out in the election, the preferred node (or a) wins it, and
@@ -301,6 +304,7 @@ class Agent implements PairAgent {
     }
     this.current = d.to;
     this.epoch += 1;
+    if (d.to === 'releasing') this.standbyHandOverPending = d.reason === STANDBY_HAND_OVER;
     this.lastTransition = { at: Date.now(), from, to: d.to, reason: d.reason };
     this.m.transitions.inc({ from, to: d.to });
     this.setStateGauge();
@@ -341,7 +345,9 @@ class Agent implements PairAgent {
         // moment ago and the hand-over went wrong, maybe for a passing cause): the standby stands,
         // and the hand-over is tried again once the peer's backoff is over (a few times at most).
         const peerNow = this.peerFacts();
-        const peerFailedHandover = this.request === 'standby' && peerNow.alive && !!peerNow.view?.failed;
+        // Only while that hand-over is pending: a peer that served and failed later (its monitor)
+        // is failed over from as always, the standby then dropped, not handed the resources back.
+        const peerFailedHandover = this.standbyHandOverPending && this.request === 'standby' && peerNow.alive && !!peerNow.view?.failed;
         void this.manager.startAll().then(
           () => {
             if (!still()) return;

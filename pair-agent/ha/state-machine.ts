@@ -98,6 +98,9 @@ export function electWinner(node: NodeId, self: Candidate, peer: Candidate, pref
   return { winner: w, reason: preferred ? 'preferred node' : 'no preferred node: a breaks the tie' };
 }
 
+/** handOverReason's answer for a hand-over on this node's operator standby. */
+export const STANDBY_HAND_OVER = 'operator standby';
+
 /** Why a primary should hand its resources to a live standby peer, or null to keep them. */
 export function handOverReason(f: Facts): string | null {
   const peer = f.peer.view;
@@ -110,7 +113,7 @@ export function handOverReason(f: Facts): string | null {
   if (!diskUsable(peer.disk) && diskUsable(f.self.disk)) return null;
   // Not to a peer whose start just failed (it would lose the election at once and this node take
   // the resources back): the standby waits for the peer's backoff to end.
-  if (f.self.request === 'standby' && !peer.failed) return 'operator standby';
+  if (f.self.request === 'standby' && !peer.failed) return STANDBY_HAND_OVER;
   if (peer.request === 'takeover' && f.self.request !== 'takeover') return 'operator takeover on the peer';
   const me = fitness(f.self);
   const them = fitness(peer);

@@ -54,14 +54,35 @@ describe('operator standby and a transient start failure on the peer', () => {
     expect(after?.state).toBe('primary');
     expect(after?.lastTransition?.at).toBe(before);
   });
+
+  it('a peer that served after the hand-over and failed later (its monitor) is failed over from, not handed the resources back', async () => {
+    // The monitor gives up at the first failure: b's resources fail past the threshold at once.
+    const dir = await pairWithFlakyService({ intervalMs: 200, maxRestarts: 0 });
+    expect((await pair!.a.post('/standby', {})).status).toBe(200);
+    await waitFor(async () => (await pair!.floatingHealth())?.body.primary === 'b' && (await pair!.b.status())?.state === 'primary', 15_000, 'b primary after the standby on a');
+    // b's service breaks while it serves: b hands over to a, which takes the resources.
+    writeFileSync(join(dir, 'broken-b'), '');
+    await waitFor(async () => (await pair!.a.status())?.state === 'primary', 15_000, 'a primary after b failed').catch((err: Error) => {
+      throw new Error(`${err.message}\n${pair!.logs(4000)}`);
+    });
+    // The hand-over a's standby asked for happened long ago: the standby is dropped, and a keeps
+    // the resources once b's start backoff (1 s) is over, rather than hand them back to b.
+    const before = (await pair!.a.status())?.lastTransition?.at;
+    await sleep(4000);
+    const after = await pair!.a.status();
+    expect(after?.state, pair!.logs(4000)).toBe('primary');
+    expect(after?.lastTransition?.at).toBe(before);
+    expect((after as unknown as { request: string }).request).toBe('none');
+  });
 });
 
-/** A pair with a command resource whose start fails on a node as its marker files say; a primary, b standby. */
-async function pairWithFlakyService(): Promise<string> {
+/** A pair with a command resource whose start (or monitor) fails on a node as its marker files say; a primary, b standby. */
+async function pairWithFlakyService(monitor?: { intervalMs: number; maxRestarts: number }): Promise<string> {
   work = tempDir('pairgate-transient-');
   const dir = work.path;
   const script = join(dir, 'svc.sh');
-  // start fails on a node while its fail-always file exists, and once (a passing cause) when its fail-once file does.
+  // start fails on a node while its fail-always file exists, and once (a passing cause) when its
+  // fail-once file does; its monitor fails while its broken file exists.
   writeFileSync(
     script,
     `#!/bin/sh
@@ -69,13 +90,13 @@ n="$OCF_RESKEY_node"
 case "$1" in
   start) if [ -e "${dir}/fail-always-$n" ]; then exit 1; fi; if [ -e "${dir}/fail-once-$n" ]; then rm -f "${dir}/fail-once-$n"; exit 1; fi; touch "${dir}/running-$n"; exit 0 ;;
   stop) rm -f "${dir}/running-$n"; exit 0 ;;
-  monitor) if [ -e "${dir}/running-$n" ]; then exit 0; else exit 7; fi ;;
+  monitor) if [ -e "${dir}/broken-$n" ]; then exit 1; fi; if [ -e "${dir}/running-$n" ]; then exit 0; else exit 7; fi ;;
 esac
 exit 3
 `,
   );
   chmodSync(script, 0o755);
-  const res = (node: string) => ({ resources: [{ type: 'command', name: 'svc', command: script, params: { node }, timeoutMs: 5000 }] });
+  const res = (node: string) => ({ ...(monitor ? { monitor } : {}), resources: [{ type: 'command', name: 'svc', command: script, params: { node }, timeoutMs: 5000 }] });
   pair = await startPair({ a: res('a'), b: res('b') });
   expect(await pair.waitPrimary()).toBe('a');
   await waitFor(async () => (await pair!.b.status())?.state === 'standby' && (await pair!.b.status())?.peer.alive, 10_000, 'b standby, a seen');
