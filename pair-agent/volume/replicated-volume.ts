@@ -450,7 +450,8 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
         if (answer.reason === PEER_IS_PRIMARY) throw new ConflictError(`volume ${this.config.name}: the peer is primary; two primaries are never allowed`);
         throw new ConflictError(`volume ${this.config.name}: the peer refused the promotion: ${answer.reason}`);
       }
-      // Granted (or the link is gone, and this node is alone now): nothing awaited from here on.
+      // Granted (or the link is gone, and this node is alone now): from here on only the peer
+      // writes already queued for the local disk are awaited (below), the peer refused meanwhile.
       try {
         this.checkPromotable(opts);
       } catch (err) {
