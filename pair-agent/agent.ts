@@ -554,6 +554,13 @@ class Agent implements PairAgent {
   async takeover(): Promise<PairAgentStatus> {
     if (this.maintenanceOn) throw new PairgateError('CONFLICT', 'the node is in maintenance: switch maintenance off first', false);
     if (this.diskState() !== 'UpToDate' && this.diskState() !== 'none') throw new PairgateError('CONFLICT', `local disk is ${this.diskState()}: refusing to take over`, false);
+    // The peer hands over to no node whose volume has not met its own (handOverReason), as for
+    // standby: say so now, rather than keep a request that would move the resources whenever the
+    // link comes back.
+    const peer = this.peerFacts();
+    if (!this.holds && peer.alive && peer.view?.holds && peer.linked === false) {
+      throw new PairgateError('CONFLICT', "this node's replicated volume is not connected to the peer's, so it may lack the latest writes: no takeover until replication is Connected (pairgate pair status)", false);
+    }
     this.request = this.current === 'primary' ? 'none' : 'takeover';
     this.resourcesFailed = false;
     this.log.info('operator: takeover');

@@ -85,6 +85,11 @@ describe('failback with a replicated volume', () => {
     const standby = await pair!.b.post('/standby');
     expect(standby.status).toBe(409);
     expect(JSON.stringify(standby.body)).toMatch(/replicated volume is not connected/);
+    // Likewise a takeover on a: it would wait unseen, and move the resources whenever the link came back.
+    const takeover = await pair!.a.post('/takeover');
+    expect(takeover.status).toBe(409);
+    expect(JSON.stringify(takeover.body)).toMatch(/replicated volume is not connected/);
+    expect(((await pair!.a.status()) as unknown as { request: string }).request).toBe('none');
     // The link comes back: a resyncs from b, and only then does b hand back.
     relay.refusing = false;
     await waitFor(async () => (await pair!.a.status())?.state === 'primary' && (await vstatus('a'))?.role === 'primary', 30_000, 'a primary again after its resync').catch((err: Error) => {
