@@ -8,12 +8,10 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { silentLogger } from '../../common/log.ts';
-import { createRegistry } from '../../common/metrics.ts';
-import { volumeConfigSchema } from '../../pair-agent/volume/config.ts';
 import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
 import { FrameDecoder, FrameType } from '../../pair-agent/volume/wire.ts';
 import { waitFor } from '../helpers/net.ts';
+import { anyFreePort, openPromotedPair, pairThroughPausableRelay } from '../helpers/volume-pair.ts';
 
 let cleanups: Array<() => Promise<void> | void> = [];
 afterEach(async () => {
@@ -49,30 +47,6 @@ async function recordingRelay(targetPort: number, seen: FrameType[]): Promise<nu
   return (server.address() as net.AddressInfo).port;
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-/** Volumes a (dialling b through the relay at `relayPort`) and b in `dir`, connected, a promoted. */
-async function openPromotedPair(dir: string, listen: { a: number; b: number }, relayPort: number, settings: Record<string, unknown>) {
-  const config = (me: 'a' | 'b', peer: string) =>
-    volumeConfigSchema.parse({ dataFile: join(dir, `${me}.data`), metaFile: join(dir, `${me}.meta`), listen: `127.0.0.1:${listen[me]}`, peer, ...settings });
-  const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
-  const a = await ReplicatedVolume.open(config('a', `127.0.0.1:${relayPort}`), deps());
-  cleanups.push(() => a.close());
-  const b = await ReplicatedVolume.open(config('b', `127.0.0.1:${await freePort()}`), deps());
-  cleanups.push(() => b.close());
-  await waitFor(() => a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate', 10_000, 'the pair to connect');
-  await a.promote();
-  return { a, b };
-}
-
 describe('frame order on the replication link', () => {
   it('a DISCONNECT sent in the same tick as a write leaves after the write\'s DATA frame, and the peer applies the write', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'pairgate-link-order-'));
@@ -80,11 +54,11 @@ describe('frame order on the replication link', () => {
     // The node whose address sorts lower dials: a, through the relay (b's peer address is a port
     // nobody listens on, in case b sorts lower than it).
     const fromA: FrameType[] = [];
-    const listen = { a: 0, b: await freePort() };
+    const listen = { a: 0, b: await anyFreePort() };
     const relayToB = await recordingRelay(listen.b, fromA);
-    for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayToB}`); i++) listen.a = await freePort();
+    for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayToB}`); i++) listen.a = await anyFreePort();
     expect(`127.0.0.1:${listen.a}` < `127.0.0.1:${relayToB}`).toBe(true);
-    const { a } = await openPromotedPair(dir, listen, relayToB, { name: 'order', sizeBytes: 8 * 1024 * 1024, secret: 'link-order-secret-0123', protocol: 'C' });
+    const { a } = await openPromotedPair(cleanups, dir, listen, relayToB, { name: 'order', sizeBytes: 8 * 1024 * 1024, secret: 'link-order-secret-0123', protocol: 'C' });
     // A first write to the extent, so that the second needs no activity-log write and sends in this tick.
     await a.write(0, Buffer.alloc(4096, 1));
     const data = Buffer.alloc(8192, 0x5a);
@@ -101,46 +75,9 @@ describe('frame order on the replication link', () => {
   });
 });
 
-/**
- * Volumes a and b with a's link to b through a relay that can stop reading from a (so that a's
- * socket backs up); the link survives long pauses (pings queue behind the data too).
- */
-async function pairThroughPausableRelay(protocol: 'A' | 'B' | 'C') {
-  const dir = mkdtempSync(join(tmpdir(), 'pairgate-link-pause-'));
-  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-  const listen = { a: 0, b: await freePort() };
-  const fromA: net.Socket[] = [];
-  const relay = net.createServer((client) => {
-    const upstream = net.connect({ host: '127.0.0.1', port: listen.b });
-    for (const s of [client, upstream]) {
-      s.on('error', () => undefined);
-      s.on('close', () => {
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    fromA.push(client);
-    client.pipe(upstream);
-    upstream.pipe(client);
-  });
-  await new Promise<void>((r) => relay.listen(0, '127.0.0.1', () => r()));
-  const relayPort = (relay.address() as net.AddressInfo).port;
-  cleanups.push(() => new Promise<void>((r) => relay.close(() => r())));
-  for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayPort}`); i++) listen.a = await freePort();
-  // The link must survive the relay's pauses (pings queue behind the data too).
-  const { a, b } = await openPromotedPair(dir, listen, relayPort, {
-    name: 'pause', sizeBytes: 192 * 1024 * 1024, secret: 'link-pause-secret-0123', protocol, pingIntervalMs: 1000, pingTimeoutMs: 10_000,
-  });
-  return {
-    a,
-    b,
-    bData: () => readFileSync(join(dir, 'b.data')),
-    /** Bytes a's link socket has not yet handed to the kernel (0 without a link). */
-    queuedOnA: () => (a as unknown as { link: { socket: net.Socket } | null }).link?.socket.writableLength ?? 0,
-    pauseRelay: () => fromA.forEach((s) => s.pause()),
-    resumeRelay: () => fromA.forEach((s) => s.resume()),
-  };
-}
+/** The pair through a pausable relay, with settings that keep 160 MiB of writes in its volume. */
+const pausablePair = (protocol: 'A' | 'B' | 'C') =>
+  pairThroughPausableRelay(cleanups, { name: 'pause', sizeBytes: 192 * 1024 * 1024, secret: 'link-pause-secret-0123', protocol });
 
 const MiB = 1024 * 1024;
 
@@ -160,7 +97,7 @@ function reusingWriter(a: ReplicatedVolume, writes: number) {
 
 describe('the caller\'s buffers after a write resolves', () => {
   it('protocol A: a write completes only once its frame is in the send buffer; the peer gets what each write carried', async () => {
-    const { a, b, bData, pauseRelay, resumeRelay } = await pairThroughPausableRelay('A');
+    const { a, b, bData, pauseRelay, resumeRelay } = await pausablePair('A');
     // The relay stops reading from a: the kernel's buffers on both ends fill (loopback autotuning
     // lets them grow to tens of MiB), then a's socket queues the frames.
     pauseRelay();
@@ -184,7 +121,7 @@ describe('the caller\'s buffers after a write resolves', () => {
   }, 30_000);
 
   it('protocol C, link dropped with frames still queued: the writes wait until the frames leave the socket, so none goes out changed', async () => {
-    const { a, b, pauseRelay, resumeRelay, queuedOnA } = await pairThroughPausableRelay('C');
+    const { a, b, pauseRelay, resumeRelay, queuedOnA } = await pausablePair('C');
     pauseRelay();
     // 96 writes at once, each from its own buffer, which its writer overwrites as soon as the write
     // resolves: more than the kernel's buffers hold (a's send buffer and the relay's receive buffer,
@@ -215,7 +152,7 @@ describe('the caller\'s buffers after a write resolves', () => {
 
 describe('promotion right after the peer\'s demotion', () => {
   it('the peer\'s last reported role may lag: the peer\'s own answer decides, after the state it sent first', async () => {
-    const { a, b, pauseRelay, resumeRelay } = await pairThroughPausableRelay('C');
+    const { a, b, pauseRelay, resumeRelay } = await pausablePair('C');
     // a's frames stop short of b: b still has a as primary when a has already demoted (as when
     // the pair agent hears of the release over the heartbeat before the volume link carries it).
     await waitFor(() => b.status().peer?.role === 'primary', 5000, 'b to hear that a is primary');

@@ -5,16 +5,8 @@
  * new primary must not serve (nor write) before they have landed: its store would read a log
  * without them, and a queued write landing later would overwrite the new primary's own.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
-import net from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { silentLogger } from '../../common/log.ts';
-import { createRegistry } from '../../common/metrics.ts';
-import { volumeConfigSchema } from '../../pair-agent/volume/config.ts';
-import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
-import { waitFor } from '../helpers/net.ts';
+import { pairThroughPausableRelay } from '../helpers/volume-pair.ts';
 
 let cleanups: Array<() => Promise<void> | void> = [];
 afterEach(async () => {
@@ -22,59 +14,11 @@ afterEach(async () => {
   cleanups = [];
 });
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-/** Volumes a and b, a dialling b through a relay that can stop reading from a; connected, a promoted. */
-async function pairThroughPausableRelay(protocol: 'A' | 'B' | 'C') {
-  const dir = mkdtempSync(join(tmpdir(), 'pairgate-promote-apply-'));
-  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-  const listen = { a: 0, b: await freePort() };
-  const fromA: net.Socket[] = [];
-  const relay = net.createServer((client) => {
-    const upstream = net.connect({ host: '127.0.0.1', port: listen.b });
-    for (const s of [client, upstream]) {
-      s.on('error', () => undefined);
-      s.on('close', () => {
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    fromA.push(client);
-    client.pipe(upstream);
-    upstream.pipe(client);
-  });
-  await new Promise<void>((r) => relay.listen(0, '127.0.0.1', () => r()));
-  const relayPort = (relay.address() as net.AddressInfo).port;
-  cleanups.push(() => new Promise<void>((r) => relay.close(() => r())));
-  // The node whose address sorts lower dials: a, through the relay.
-  for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayPort}`); i++) listen.a = await freePort();
-  const settings = { name: 'promote-apply', sizeBytes: 64 * 1024 * 1024, secret: 'promote-apply-secret-0123', protocol, pingIntervalMs: 1000, pingTimeoutMs: 10_000 };
-  const config = (me: 'a' | 'b', peer: string) =>
-    volumeConfigSchema.parse({ dataFile: join(dir, `${me}.data`), metaFile: join(dir, `${me}.meta`), listen: `127.0.0.1:${listen[me]}`, peer, ...settings });
-  const deps = () => ({ log: silentLogger, registry: createRegistry({}, false) });
-  const a = await ReplicatedVolume.open(config('a', `127.0.0.1:${relayPort}`), deps());
-  cleanups.push(() => a.close());
-  const b = await ReplicatedVolume.open(config('b', `127.0.0.1:${await freePort()}`), deps());
-  cleanups.push(() => b.close());
-  await waitFor(() => a.status().connection === 'Connected' && b.status().connection === 'Connected' && a.status().disk === 'UpToDate', 10_000, 'the pair to connect');
-  await a.promote();
-  await waitFor(() => b.status().peer?.role === 'primary', 5000, 'b to hear that a is primary');
-  return { a, b, pauseRelay: () => fromA.forEach((s) => s.pause()), resumeRelay: () => fromA.forEach((s) => s.resume()) };
-}
-
 const PIECE = 256 * 1024;
 
 describe('promotion with the old primary\'s writes still queued for the local disk', () => {
   it('protocol A: the new primary reads every write the old one completed, and its own later write is not overwritten by them', async () => {
-    const { a, b, pauseRelay, resumeRelay } = await pairThroughPausableRelay('A');
+    const { a, b, pauseRelay, resumeRelay } = await pairThroughPausableRelay(cleanups, { name: 'promote-apply', sizeBytes: 64 * 1024 * 1024, secret: 'promote-apply-secret-0123', protocol: 'A' });
     // a's frames wait in the kernel's buffers (protocol A completes a write once its frame is
     // there): b then receives the writes, the demotion and the grant in one burst.
     pauseRelay();
