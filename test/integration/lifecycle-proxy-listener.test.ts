@@ -6,101 +6,15 @@
  */
 import net from 'node:net';
 import tls from 'node:tls';
-import { Duplex } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startProxy, proxyConfigSchema, type Proxy } from '../../proxy/index.ts';
 import { createRegistry, type MetricsRegistry } from '../../common/metrics.ts';
 import { silentLogger } from '../../common/log.ts';
-import { buildProxyHeader } from '../../loadbalancer/proxy-header.ts';
 import { tableDirectory } from './proxy-harness.ts';
 import { makeTestCert } from '../helpers/tls.ts';
 import { tempDir } from '../helpers/proc.ts';
 import { waitFor } from '../helpers/net.ts';
-
-type End = 'close' | 'reset' | 'server';
-
-class Client {
-  buf = '';
-  closed = false;
-  constructor(
-    readonly raw: net.Socket,
-    public sock: net.Socket,
-  ) {
-    this.listen(sock);
-    raw.on('error', () => undefined);
-    raw.on('close', () => (this.closed = true));
-  }
-  listen(s: net.Socket): void {
-    s.setEncoding('utf8');
-    s.on('data', (d: string) => (this.buf += d));
-    s.on('error', () => undefined);
-  }
-  async until(re: RegExp, timeoutMs = 5000): Promise<void> {
-    await waitFor(() => re.test(this.buf) || undefined, timeoutMs, `${re} in ${JSON.stringify(this.buf)}`, 5);
-  }
-  async starttls(): Promise<void> {
-    this.raw.removeAllListeners('data');
-    const s = tls.connect({ socket: this.raw, rejectUnauthorized: false });
-    await new Promise<void>((resolve, reject) => {
-      s.once('secureConnect', resolve);
-      s.once('error', reject);
-    });
-    this.sock = s;
-    this.buf = '';
-    this.listen(s);
-  }
-  async end(how: End, quit: string): Promise<void> {
-    if (how === 'reset') this.raw.resetAndDestroy();
-    else if (how === 'close') this.sock.end();
-    else this.sock.write(quit);
-    await waitFor(() => this.closed || undefined, 5000, 'client socket closed');
-  }
-}
-
-async function connectRaw(port: number): Promise<net.Socket> {
-  const s = net.connect({ host: '127.0.0.1', port });
-  await new Promise<void>((resolve, reject) => {
-    s.once('connect', resolve);
-    s.once('error', reject);
-  });
-  return s;
-}
-
-/** TLS to an implicit-TLS port behind a "load balancer": the PROXY header and the ClientHello in one write. */
-async function implicitViaLb(port: number): Promise<Client> {
-  const raw = await connectRaw(port);
-  const header = buildProxyHeader('v2', { address: '192.0.2.7', port: 40000 }, { address: '127.0.0.1', port });
-  let first = true;
-  const d = new Duplex({
-    read() {
-      raw.resume();
-    },
-    write(chunk: Buffer, _enc, cb) {
-      if (first) {
-        first = false;
-        raw.write(Buffer.concat([header, chunk]), cb);
-      } else raw.write(chunk, cb);
-    },
-    final(cb) {
-      raw.end();
-      cb();
-    },
-    destroy(err, cb) {
-      raw.destroy();
-      cb(err);
-    },
-  });
-  raw.on('data', (c: Buffer) => {
-    if (!d.push(c)) raw.pause();
-  });
-  raw.on('end', () => d.push(null));
-  const s = tls.connect({ socket: d as unknown as net.Socket, rejectUnauthorized: false });
-  await new Promise<void>((resolve, reject) => {
-    s.once('secureConnect', resolve);
-    s.once('error', reject);
-  });
-  return new Client(raw, s);
-}
+import { LineClient, connectSocket, implicitTlsViaLb } from '../helpers/line-client.ts';
 
 describe('proxy listener: per-connection accounting on every way a connection ends', () => {
   const tmp = tempDir('pairgate-lifecycle-');
@@ -143,7 +57,7 @@ describe('proxy listener: per-connection accounting on every way a connection en
     it(`implicit TLS behind a load balancer, header and ClientHello in one segment, client end: ${how}`, async () => {
       const port = lbProxy.address('imap', 'implicit')!.port;
       for (let i = 0; i < 4; i++) {
-        const c = await implicitViaLb(port);
+        const c = await implicitTlsViaLb(port, { address: '192.0.2.7', port: 40000 });
         await c.until(/^\* OK/);
         await c.end(how, 'a LOGOUT\r\n');
         await waitFor(() => lbProxy.sessions.size === 0 || undefined, 5000, `session ${i} removed`);
@@ -156,8 +70,8 @@ describe('proxy listener: per-connection accounting on every way a connection en
     it(`IMAP STARTTLS, client end: ${how}`, async () => {
       const port = proxy.address('imap', 'starttls')!.port;
       for (let i = 0; i < 4; i++) {
-        const raw = await connectRaw(port);
-        const c = new Client(raw, raw);
+        const raw = await connectSocket(port);
+        const c = new LineClient(raw, raw);
         await c.until(/^\* OK/);
         raw.write('s STARTTLS\r\n');
         await c.until(/s OK/);
@@ -173,8 +87,8 @@ describe('proxy listener: per-connection accounting on every way a connection en
     it(`POP3 STLS, client end: ${how}`, async () => {
       const port = proxy.address('pop3', 'starttls')!.port;
       for (let i = 0; i < 4; i++) {
-        const raw = await connectRaw(port);
-        const c = new Client(raw, raw);
+        const raw = await connectSocket(port);
+        const c = new LineClient(raw, raw);
         await c.until(/^\+OK/);
         raw.write('STLS\r\n');
         await c.until(/\r\n\+OK/);
@@ -191,8 +105,8 @@ describe('proxy listener: per-connection accounting on every way a connection en
   it('a STARTTLS handshake that fails (client sends garbage, then resets) frees the slot', async () => {
     const port = proxy.address('imap', 'starttls')!.port;
     for (let i = 0; i < 4; i++) {
-      const raw = await connectRaw(port);
-      const c = new Client(raw, raw);
+      const raw = await connectSocket(port);
+      const c = new LineClient(raw, raw);
       await c.until(/^\* OK/);
       raw.write('s STARTTLS\r\n');
       await c.until(/s OK/);
@@ -201,8 +115,8 @@ describe('proxy listener: per-connection accounting on every way a connection en
       raw.resetAndDestroy();
       await waitFor(() => proxy.sessions.size === 0 || undefined, 5000, `session ${i} removed`);
     }
-    const raw = await connectRaw(port);
-    const c = new Client(raw, raw);
+    const raw = await connectSocket(port);
+    const c = new LineClient(raw, raw);
     await c.until(/^\* OK/);
     raw.destroy();
     await waitFor(() => proxy.sessions.size === 0 || undefined, 5000, 'last session removed');
@@ -212,12 +126,12 @@ describe('proxy listener: per-connection accounting on every way a connection en
   it('TLS handshakes in flight hold their address slots; a failed handshake gives its slot back', async () => {
     const port = proxy.address('imap', 'implicit')!.port;
     // Two connections that never send a ClientHello hold both of this address's slots.
-    const stalled = [await connectRaw(port), await connectRaw(port)];
+    const stalled = [await connectSocket(port), await connectSocket(port)];
     for (const s of stalled) s.on('error', () => undefined);
     const refusedMaxPerIp = async () =>
       (await registry.getSingleMetric('pairgate_proxy_connections_rejected_total')!.get()).values.find((v) => v.labels.reason === 'max-per-ip')?.value ?? 0;
     const before = await refusedMaxPerIp();
-    const third = await connectRaw(port);
+    const third = await connectSocket(port);
     third.on('error', () => undefined);
     // Refused for the address's limit (not closed later by the handshake bound).
     await waitFor(async () => (await refusedMaxPerIp()) === before + 1 || undefined, 5000, 'the third connection refused at the limit');
@@ -225,10 +139,10 @@ describe('proxy listener: per-connection accounting on every way a connection en
     // One stalled connection sends garbage instead: its handshake fails and its slot comes back.
     stalled[0]!.write('not a ClientHello at all\r\n\r\n');
     await waitFor(() => stalled[0]!.readableEnded || stalled[0]!.destroyed || undefined, 5000, 'the failed handshake closed');
-    const c = await new Promise<Client>((resolve, reject) => {
+    const c = await new Promise<LineClient>((resolve, reject) => {
       const raw = net.connect({ host: '127.0.0.1', port });
       const s = tls.connect({ socket: raw, rejectUnauthorized: false });
-      s.once('secureConnect', () => resolve(new Client(raw, s)));
+      s.once('secureConnect', () => resolve(new LineClient(raw, s)));
       s.once('error', reject);
     });
     await c.until(/^\* OK/);

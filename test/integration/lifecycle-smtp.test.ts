@@ -6,94 +6,15 @@
  */
 import net from 'node:net';
 import tls from 'node:tls';
-import { Duplex } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startSmtpFrontEnds, type SmtpFrontEnds } from '../../proxy/smtp/index.ts';
 import { createRegistry, type MetricsRegistry } from '../../common/metrics.ts';
 import { silentLogger } from '../../common/log.ts';
-import { buildProxyHeader } from '../../loadbalancer/proxy-header.ts';
 import { tableDirectory } from './proxy-harness.ts';
 import { makeTestCert } from '../helpers/tls.ts';
 import { tempDir } from '../helpers/proc.ts';
 import { waitFor } from '../helpers/net.ts';
-
-class Client {
-  buf = '';
-  closed = false;
-  constructor(
-    readonly raw: net.Socket,
-    public sock: net.Socket,
-  ) {
-    this.listen(sock);
-    raw.on('error', () => undefined);
-    raw.on('close', () => (this.closed = true));
-  }
-  listen(s: net.Socket): void {
-    s.setEncoding('latin1');
-    s.on('data', (d: string) => (this.buf += d));
-    s.on('error', () => undefined);
-  }
-  async until(re: RegExp, timeoutMs = 5000): Promise<void> {
-    await waitFor(() => re.test(this.buf) || undefined, timeoutMs, `${re} in ${JSON.stringify(this.buf)}`, 5);
-  }
-  async starttls(): Promise<void> {
-    this.raw.removeAllListeners('data');
-    const s = tls.connect({ socket: this.raw, rejectUnauthorized: false });
-    await new Promise<void>((resolve, reject) => {
-      s.once('secureConnect', resolve);
-      s.once('error', reject);
-    });
-    this.sock = s;
-    this.buf = '';
-    this.listen(s);
-  }
-}
-
-async function connectRaw(port: number): Promise<Client> {
-  const s = net.connect({ host: '127.0.0.1', port });
-  await new Promise<void>((resolve, reject) => {
-    s.once('connect', resolve);
-    s.once('error', reject);
-  });
-  return new Client(s, s);
-}
-
-async function implicitViaLb(port: number): Promise<Client> {
-  const raw = net.connect({ host: '127.0.0.1', port });
-  await new Promise<void>((resolve, reject) => {
-    raw.once('connect', resolve);
-    raw.once('error', reject);
-  });
-  const header = buildProxyHeader('v2', { address: '192.0.2.9', port: 40000 }, { address: '127.0.0.1', port });
-  let first = true;
-  const d = new Duplex({
-    read() {
-      raw.resume();
-    },
-    write(chunk: Buffer, _enc, cb) {
-      raw.write(first ? Buffer.concat([header, chunk]) : chunk, cb);
-      first = false;
-    },
-    final(cb) {
-      raw.end();
-      cb();
-    },
-    destroy(err, cb) {
-      raw.destroy();
-      cb(err);
-    },
-  });
-  raw.on('data', (c: Buffer) => {
-    if (!d.push(c)) raw.pause();
-  });
-  raw.on('end', () => d.push(null));
-  const s = tls.connect({ socket: d as unknown as net.Socket, rejectUnauthorized: false });
-  await new Promise<void>((resolve, reject) => {
-    s.once('secureConnect', resolve);
-    s.once('error', reject);
-  });
-  return new Client(raw, s);
-}
+import { LineClient, connectLine, implicitTlsViaLb } from '../helpers/line-client.ts';
 
 describe('SMTP front ends: per-connection accounting on every way a connection ends', () => {
   const tmp = tempDir('pairgate-lifecycle-smtp-');
@@ -137,8 +58,8 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
       await waitFor(async () => (f.sessions() === 0 && (await open(r))) === 0 || undefined, 5000, `session ${i} counted out`);
     }
     // Both of the address's slots are free again.
-    const a = await connectRaw(f.address('mx')!.port);
-    const b = await connectRaw(f.address('mx')!.port);
+    const a = await connectLine(f.address('mx')!.port);
+    const b = await connectLine(f.address('mx')!.port);
     await a.until(/^220 /);
     await b.until(/^220 /);
     a.raw.destroy();
@@ -148,7 +69,7 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
 
   it('STARTTLS handshake refused (garbage instead of a ClientHello)', async () => {
     await rounds(fe, registry, async () => {
-      const c = await connectRaw(fe.address('mx')!.port);
+      const c = await connectLine(fe.address('mx')!.port);
       await c.until(/^220 /);
       c.raw.write('EHLO x\r\n');
       await c.until(/250 /);
@@ -161,7 +82,7 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
 
   it('STARTTLS handshake cut: the client resets after the 220', async () => {
     await rounds(fe, registry, async () => {
-      const c = await connectRaw(fe.address('mx')!.port);
+      const c = await connectLine(fe.address('mx')!.port);
       await c.until(/^220 /);
       c.raw.write('EHLO x\r\nSTARTTLS\r\n');
       await c.until(/\r\n220 /);
@@ -171,7 +92,7 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
 
   it('STARTTLS handshake never started: the handshake bound closes it', async () => {
     await rounds(fe, registry, async () => {
-      const c = await connectRaw(fe.address('mx')!.port);
+      const c = await connectLine(fe.address('mx')!.port);
       await c.until(/^220 /);
       c.raw.write('EHLO x\r\nSTARTTLS\r\n');
       await c.until(/\r\n220 /);
@@ -182,7 +103,7 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
 
   it('reset after STARTTLS, and in the middle of a message', async () => {
     await rounds(fe, registry, async (i) => {
-      const c = await connectRaw(fe.address('mx')!.port);
+      const c = await connectLine(fe.address('mx')!.port);
       await c.until(/^220 /);
       c.raw.write('EHLO x\r\nSTARTTLS\r\n');
       await c.until(/\r\n220 /);
@@ -200,14 +121,14 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
   it('turned away by smtp-server at maxClients (421), with and without STARTTLS sessions open', async () => {
     const port = fe.address('mx')!.port;
     // Three sessions (maxConnections 3) from three source addresses (per-address limit 2).
-    const held: Client[] = [];
+    const held: LineClient[] = [];
     for (const local of ['127.0.0.2', '127.0.0.3', '127.0.0.4']) {
       const s = net.connect({ host: '127.0.0.1', port, localAddress: local });
       await new Promise<void>((resolve, reject) => {
         s.once('connect', resolve);
         s.once('error', reject);
       });
-      const c = new Client(s, s);
+      const c = new LineClient(s, s);
       await c.until(/^220 /);
       c.raw.write('EHLO x\r\nSTARTTLS\r\n');
       await c.until(/\r\n220 /);
@@ -215,7 +136,7 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
       held.push(c);
     }
     for (let i = 0; i < 3; i++) {
-      const c = await connectRaw(port);
+      const c = await connectLine(port);
       await c.until(/^421 /);
       await waitFor(() => c.closed || undefined, 5000, 'refused connection closed');
     }
@@ -228,7 +149,7 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
     it(`implicit TLS behind a load balancer (header with the ClientHello), end: ${how}`, async () => {
       const port = lbFe.address('submission')!.port;
       for (let i = 0; i < 4; i++) {
-        const c = await implicitViaLb(port);
+        const c = await implicitTlsViaLb(port, { address: '192.0.2.9', port: 40000 });
         await c.until(/^220 /);
         if (how === 'quit') {
           c.sock.write('QUIT\r\n');
@@ -242,10 +163,10 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
 
   it('implicit TLS: handshakes in flight hold their address slots; a failed handshake gives its slot back', async () => {
     const port = fe.address('submission', 'implicit')!.port;
-    const stalled = [await connectRaw(port), await connectRaw(port)];
+    const stalled = [await connectLine(port), await connectLine(port)];
     const refusedMaxPerIp = async () => (await registry.getSingleMetric('pairgate_smtp_rejects_total')!.get()).values.find((v) => v.labels.reason === 'max-per-ip')?.value ?? 0;
     const before = await refusedMaxPerIp();
-    const third = await connectRaw(port);
+    const third = await connectLine(port);
     // Refused for the address's limit (not closed later by the handshake bound).
     await waitFor(async () => (await refusedMaxPerIp()) === before + 1 || undefined, 5000, 'the third connection refused at the limit');
     await waitFor(() => third.closed || undefined, 5000, 'the third connection closed');
@@ -257,7 +178,7 @@ describe('SMTP front ends: per-connection accounting on every way a connection e
       s.once('secureConnect', resolve);
       s.once('error', reject);
     });
-    const c = new Client(raw, s);
+    const c = new LineClient(raw, s);
     await c.until(/^220 /);
     s.write('QUIT\r\n');
     await waitFor(() => c.closed || undefined, 5000, 'QUIT closed');
