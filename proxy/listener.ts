@@ -13,6 +13,7 @@ import { upgradeToTls } from './tls.ts';
 import { normalizeAddress } from '../common/cidr.ts';
 import type { AcceptedConnection, ClientSession, ConnectionSlots } from './session.ts';
 import type { ClientAddress } from './backend.ts';
+import { AddressSlots } from './address-slots.ts';
 import { ImapSession } from './imap.ts';
 import { Pop3Session } from './pop3.ts';
 
@@ -86,16 +87,14 @@ class Accepted implements AcceptedConnection {
  * session ends: connections still handshaking count against both limits.
  */
 class Slots implements ConnectionSlots {
-  readonly perIp = new Map<string, number>();
   open = 0;
+
+  constructor(readonly addresses: AddressSlots) {}
 
   /** Gives back the total slot and, when given, the address's. */
   release(address: string | null): void {
     this.open--;
-    if (address === null) return;
-    const left = (this.perIp.get(address) ?? 1) - 1;
-    if (left <= 0) this.perIp.delete(address);
-    else this.perIp.set(address, left);
+    if (address !== null) this.addresses.give(address);
   }
 }
 
@@ -122,8 +121,8 @@ class HeldSlots {
 export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Promise<Listener> {
   const name = lc.name ?? `${lc.protocol}-${lc.port}`;
   const log = ctx.log.child({ listener: name });
-  const slots = new Slots();
   const limits = ctx.config.limits;
+  const slots = new Slots(new AddressSlots(limits.maxConnectionsPerIp));
 
   const reject = (socket: net.Socket, reason: string, text: string | null) => {
     ctx.metrics.rejected.inc({ protocol: lc.protocol, reason });
@@ -135,13 +134,9 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
 
   /** Counts a connection against its address's limit; false when the address is at it. */
   const takeAddressSlot = (address: string): boolean => {
-    const n = slots.perIp.get(address) ?? 0;
-    if (limits.maxConnectionsPerIp > 0 && n >= limits.maxConnectionsPerIp) {
-      log.warn({ client: address, open: n }, 'per-address connection limit reached');
-      return false;
-    }
-    slots.perIp.set(address, n + 1);
-    return true;
+    if (slots.addresses.take(address) !== null) return true;
+    log.warn({ client: address, open: slots.addresses.count(address) }, 'per-address connection limit reached');
+    return false;
   };
 
   /** The session; from here on its end gives the slots back (ClientSession.finish). */

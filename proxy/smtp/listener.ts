@@ -14,6 +14,7 @@ import type { SmtpListenerConfig } from './config.ts';
 import type { FrontEnd } from './server.ts';
 import type { SmtpMetrics } from './metrics.ts';
 import { upgradeToTls, type TlsStore } from '../tls.ts';
+import { AddressSlots } from '../address-slots.ts';
 
 export interface SmtpListener {
   name: string;
@@ -65,7 +66,7 @@ function withPrefix(socket: net.Socket, prefix: Buffer): Duplex {
 export async function startSmtpListener(lc: SmtpListenerConfig, deps: ListenerDeps): Promise<SmtpListener> {
   const name = lc.name ?? `${lc.kind}-${lc.port}`;
   const log = deps.log.child({ listener: name });
-  const perIp = new Map<string, number>();
+  const addresses = new AddressSlots(deps.maxConnectionsPerIp);
   const implicit = lc.tls === 'implicit';
 
   const refuse = (socket: net.Socket, reason: string, line: string | null) => {
@@ -93,20 +94,16 @@ export async function startSmtpListener(lc: SmtpListenerConfig, deps: ListenerDe
         return refuse(raw, 'proxy-header', null);
       }
     }
-    const n = perIp.get(client.address) ?? 0;
-    if (deps.maxConnectionsPerIp > 0 && n >= deps.maxConnectionsPerIp) {
-      log.warn({ client: client.address, open: n }, 'per-address connection limit reached');
+    // Counted from here, through the TLS handshake, until the session ends: a handshake in flight holds its slot.
+    if (addresses.take(client.address) === null) {
+      log.warn({ client: client.address, open: addresses.count(client.address) }, 'per-address connection limit reached');
       return refuse(raw, 'max-per-ip', implicit ? null : '421 4.7.0 Too many connections from your address\r\n');
     }
-    // Counted from here, through the TLS handshake, until the session ends: a handshake in flight holds its slot.
-    perIp.set(client.address, n + 1);
     let held = true;
     const giveBack = () => {
       if (!held) return;
       held = false;
-      const left = (perIp.get(client.address) ?? 1) - 1;
-      if (left <= 0) perIp.delete(client.address);
-      else perIp.set(client.address, left);
+      addresses.give(client.address);
     };
     let socket: net.Socket = raw;
     if (implicit) {

@@ -18,6 +18,7 @@ import { LazyLog } from '../../proxy/lazy-log.ts';
 import { AuthError, ProtocolError, TimeoutError, UnavailableError } from '../../common/errors.ts';
 import net from 'node:net';
 import { connectAndLogin } from '../../proxy/backend.ts';
+import { AddressSlots } from '../../proxy/address-slots.ts';
 import { startRedis, type RedisServer } from '../helpers/redis.ts';
 import { waitFor } from '../helpers/net.ts';
 
@@ -379,5 +380,23 @@ describe('connectAndLogin (the master-login dialogue: a state machine fed from t
     gone.server.close();
     await new Promise((r) => setTimeout(r, 20));
     await expect(connectAndLogin('imap', { host: '127.0.0.1', port: gone.port }, 2000, login)).rejects.toThrow(/cannot connect/);
+  });
+});
+
+describe('AddressSlots (per-address connection limit)', () => {
+  it('counts up to the limit, refuses at it, frees on give; 0 means no limit', () => {
+    const two = new AddressSlots(2);
+    expect(two.take('192.0.2.1')).toBe(1);
+    expect(two.take('192.0.2.1')).toBe(2);
+    expect(two.take('192.0.2.1')).toBeNull();
+    expect(two.take('192.0.2.2')).toBe(1);
+    two.give('192.0.2.1');
+    expect(two.count('192.0.2.1')).toBe(1);
+    expect(two.take('192.0.2.1')).toBe(2);
+    two.give('192.0.2.2');
+    two.give('192.0.2.2'); // one too many: stays at zero, never negative
+    expect(two.count('192.0.2.2')).toBe(0);
+    const unlimited = new AddressSlots(0);
+    for (let i = 1; i <= 100; i++) expect(unlimited.take('192.0.2.3')).toBe(i);
   });
 });
