@@ -409,6 +409,12 @@ class Agent implements PairAgent {
     setTimeout(() => {
       if (this.current === 'stopped') return;
       this.resourcesFailed = false;
+      // Still holding the resources the monitor gave up on: nobody took them (a lone primary, or a
+      // peer that cannot), so try them here again rather than serve with them down and say ok.
+      if (this.current === 'primary' && this.manager.failed) {
+        this.log.warn({ failures: this.startFailures }, 'resources failed here and nobody took them over: restarting them here');
+        void this.manager.retry();
+      }
       this.changed('start backoff over');
     }, backoff).unref();
   }
@@ -466,7 +472,7 @@ class Agent implements PairAgent {
     if (this.current === 'maintenance' || (pf.alive && peerView?.state === 'maintenance')) state = 'maintenance';
     else if (fencingFailed && !iAmPrimary && !peerPrimary) state = 'down';
     else if (transitional(this.current) || (pf.alive && transitional(peerView?.state))) state = 'failing-over';
-    else if (iAmPrimary || peerPrimary) state = pf.alive && !fencingFailed && !this.resourcesFailed && !notRedundant ? 'ok' : 'degraded';
+    else if (iAmPrimary || peerPrimary) state = pf.alive && !fencingFailed && !this.resourcesFailed && !(iAmPrimary && this.manager.failed) && !notRedundant ? 'ok' : 'degraded';
     else state = 'down';
     const heartbeatWord = pf.alive ? 'up' : hb.everSeen ? 'down' : 'unknown';
     const nodes = {

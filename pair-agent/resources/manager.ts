@@ -2,7 +2,8 @@
  * The resource manager: starts the resources in order, stops them in reverse, and monitors them
  * while they run. A monitor failure restarts the resource here (stop, start); past `maxRestarts`
  * failures within `failureWindowMs` the manager gives up and reports `failed`, and the state
- * machine hands the resources to a healthy peer.
+ * machine hands the resources to a healthy peer; with none, the agent has it `retry()` after a
+ * growing backoff.
  */
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../../common/log.ts';
@@ -117,6 +118,35 @@ export class ResourceManager extends EventEmitter {
           await this.act(r, 'start');
         } catch {
           // counted; the next pass sees it again
+        }
+      }
+    } finally {
+      this.monitoring = false;
+    }
+  }
+
+  /**
+   * After giving up (`failed`) with nobody to hand the resources to: forget the failures, restart
+   * here what is not running, and monitor on. A restart that fails reports `failed` again (the
+   * agent retries after a longer backoff).
+   */
+  async retry(): Promise<void> {
+    if (!this.failed || this.monitoring) return;
+    this.failed = false;
+    this.failures = [];
+    this.monitoring = true;
+    try {
+      this.opts.log.info('restarting what is not running, then monitoring again');
+      for (const r of this.started) {
+        const state = await r.monitor().catch(() => 'failed');
+        if (state === 'running') continue;
+        try {
+          await this.act(r, 'stop');
+          await this.act(r, 'start');
+        } catch {
+          this.failed = true;
+          this.emit('failed', r.name);
+          return;
         }
       }
     } finally {

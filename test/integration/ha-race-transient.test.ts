@@ -4,7 +4,7 @@
  * stands: once the peer's start backoff is over, the hand-over is tried again and happens (a few
  * times at most: a peer that keeps failing leaves the resources here, the standby dropped).
  */
-import { chmodSync, existsSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { sleep, waitFor } from '../helpers/net.ts';
@@ -73,6 +73,27 @@ describe('operator standby and a transient start failure on the peer', () => {
     expect(after?.state, pair!.logs(4000)).toBe('primary');
     expect(after?.lastTransition?.at).toBe(before);
     expect((after as unknown as { request: string }).request).toBe('none');
+  });
+
+  it('a lone primary whose monitor gave up restarts its resources after the backoff instead of leaving them down', async () => {
+    const dir = await pairWithFlakyService({ intervalMs: 200, maxRestarts: 0 });
+    // b goes away: a is alone, nobody can take the resources from it.
+    await pair!.b.proc!.stop(3000);
+    await waitFor(async () => (await pair!.a.status())?.peer.alive === false, 10_000, 'a alone');
+    // a's service dies and cannot start for a while: the monitor gives up at once (maxRestarts 0).
+    writeFileSync(join(dir, 'fail-always-a'), '');
+    rmSync(join(dir, 'running-a'));
+    await sleep(1500);
+    expect(existsSync(join(dir, 'running-a'))).toBe(false);
+    // The cause passes: after its backoff a restarts the service here (it stayed primary throughout).
+    rmSync(join(dir, 'fail-always-a'));
+    await waitFor(() => existsSync(join(dir, 'running-a')) || undefined, 15_000, 'the service restarted on a').catch((err: Error) => {
+      throw new Error(`${err.message}\n${pair!.logs(4000)}`);
+    });
+    expect((await pair!.a.status())?.state).toBe('primary');
+    // and it is monitored again: the next death is noticed and repaired.
+    rmSync(join(dir, 'running-a'));
+    await waitFor(() => existsSync(join(dir, 'running-a')) || undefined, 15_000, 'the service restarted on a once more');
   });
 });
 
