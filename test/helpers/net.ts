@@ -90,3 +90,56 @@ export async function waitFor<T>(check: () => T | Promise<T>, timeoutMs = 10_000
   }
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
 }
+
+export interface TcpRelay {
+  port: number;
+  /** The accepted (client-side) sockets, to pause or resume their reads. */
+  clients: net.Socket[];
+  close(): Promise<void>;
+}
+
+/**
+ * A TCP relay on loopback to `targetPort`, both ways: while `refuse()` says so it closes new
+ * connections at once; `onClientData` sees every chunk from the client before it is forwarded.
+ */
+export async function startTcpRelay(targetPort: number, opts: { refuse?: () => boolean; onClientData?: (chunk: Buffer) => void } = {}): Promise<TcpRelay> {
+  const sockets = new Set<net.Socket>();
+  const clients: net.Socket[] = [];
+  const server = net.createServer((client) => {
+    if (opts.refuse?.()) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect({ host: '127.0.0.1', port: targetPort });
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('error', () => undefined);
+      s.on('close', () => {
+        client.destroy();
+        upstream.destroy();
+      });
+    }
+    clients.push(client);
+    const watch = opts.onClientData;
+    if (watch) {
+      client.on('data', (chunk: Buffer) => {
+        watch(chunk);
+        upstream.write(chunk);
+      });
+      upstream.on('data', (chunk: Buffer) => client.write(chunk));
+    } else {
+      client.pipe(upstream);
+      upstream.pipe(client);
+    }
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    clients,
+    close: () =>
+      new Promise<void>((r) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => r());
+      }),
+  };
+}

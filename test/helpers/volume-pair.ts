@@ -12,7 +12,7 @@ import { silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { volumeConfigSchema } from '../../pair-agent/volume/config.ts';
 import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
-import { waitFor } from './net.ts';
+import { startTcpRelay, waitFor } from './net.ts';
 
 export type Cleanups = Array<() => Promise<void> | void>;
 
@@ -51,23 +51,9 @@ export async function pairThroughPausableRelay(cleanups: Cleanups, settings: Rec
   const dir = mkdtempSync(join(tmpdir(), 'pairgate-link-pause-'));
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
   const listen = { a: 0, b: await anyFreePort() };
-  const fromA: net.Socket[] = [];
-  const relay = net.createServer((client) => {
-    const upstream = net.connect({ host: '127.0.0.1', port: listen.b });
-    for (const s of [client, upstream]) {
-      s.on('error', () => undefined);
-      s.on('close', () => {
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    fromA.push(client);
-    client.pipe(upstream);
-    upstream.pipe(client);
-  });
-  await new Promise<void>((r) => relay.listen(0, '127.0.0.1', () => r()));
-  const relayPort = (relay.address() as net.AddressInfo).port;
-  cleanups.push(() => new Promise<void>((r) => relay.close(() => r())));
+  const relay = await startTcpRelay(listen.b);
+  cleanups.push(() => relay.close());
+  const relayPort = relay.port;
   // The node whose address sorts lower dials: a, through the relay.
   for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayPort}`); i++) listen.a = await anyFreePort();
   const { a, b } = await openPromotedPair(cleanups, dir, listen, relayPort, { pingIntervalMs: 1000, pingTimeoutMs: 10_000, ...settings });
@@ -77,7 +63,7 @@ export async function pairThroughPausableRelay(cleanups: Cleanups, settings: Rec
     bData: () => readFileSync(join(dir, 'b.data')),
     /** Bytes a's link socket has not yet handed to the kernel (0 without a link). */
     queuedOnA: () => (a as unknown as { link: { socket: net.Socket } | null }).link?.socket.writableLength ?? 0,
-    pauseRelay: () => fromA.forEach((s) => s.pause()),
-    resumeRelay: () => fromA.forEach((s) => s.resume()),
+    pauseRelay: () => relay.clients.forEach((s) => s.pause()),
+    resumeRelay: () => relay.clients.forEach((s) => s.resume()),
   };
 }

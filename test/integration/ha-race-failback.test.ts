@@ -8,12 +8,11 @@
  * refuses connections while a is away and for a while after it returns.
  */
 import { createHash } from 'node:crypto';
-import net from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { adminCall } from '../../common/admin-http.ts';
 import type { VolumeStatus } from '../../pair-agent/volume/index.ts';
-import { freePort, sleep, waitFor } from '../helpers/net.ts';
+import { freePort, sleep, startTcpRelay, waitFor } from '../helpers/net.ts';
 import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
 import { block } from './volume-harness.ts';
 
@@ -27,31 +26,10 @@ afterEach(async () => {
 
 /** A TCP relay to `port` that refuses (closes at once) every new connection while `refusing`. */
 async function tcpRelay(port: number): Promise<{ port: number; refusing: boolean }> {
-  const sockets = new Set<net.Socket>();
   const state = { port: 0, refusing: false };
-  const server = net.createServer((client) => {
-    if (state.refusing) {
-      client.destroy();
-      return;
-    }
-    const upstream = net.connect({ host: '127.0.0.1', port });
-    for (const s of [client, upstream]) {
-      sockets.add(s);
-      s.on('error', () => undefined);
-      s.on('close', () => {
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    client.pipe(upstream);
-    upstream.pipe(client);
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  state.port = (server.address() as net.AddressInfo).port;
-  cleanups.push(() => new Promise<void>((r) => {
-    for (const s of sockets) s.destroy();
-    server.close(() => r());
-  }));
+  const relay = await startTcpRelay(port, { refuse: () => state.refusing });
+  cleanups.push(() => relay.close());
+  state.port = relay.port;
   return state;
 }
 

@@ -4,13 +4,12 @@
  * their link through a relay that records the order of the frames it carries.
  */
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
 import { FrameDecoder, FrameType } from '../../pair-agent/volume/wire.ts';
-import { waitFor } from '../helpers/net.ts';
+import { startTcpRelay, waitFor } from '../helpers/net.ts';
 import { anyFreePort, openPromotedPair, pairThroughPausableRelay } from '../helpers/volume-pair.ts';
 
 let cleanups: Array<() => Promise<void> | void> = [];
@@ -19,32 +18,12 @@ afterEach(async () => {
   cleanups = [];
 });
 
-/** A TCP relay to `targetPort` that forwards bytes as they are and records every frame's type, per direction. */
+/** A relay to `targetPort` that forwards bytes as they are and records the type of every frame from the client. */
 async function recordingRelay(targetPort: number, seen: FrameType[]): Promise<number> {
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer((client) => {
-    const upstream = net.connect({ host: '127.0.0.1', port: targetPort });
-    for (const s of [client, upstream]) {
-      sockets.add(s);
-      s.on('error', () => undefined);
-      s.on('close', () => {
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    const dec = new FrameDecoder();
-    client.on('data', (chunk: Buffer) => {
-      for (const f of dec.push(chunk)) seen.push(f.type);
-      upstream.write(chunk);
-    });
-    upstream.on('data', (chunk: Buffer) => client.write(chunk));
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  cleanups.push(() => new Promise<void>((r) => {
-    for (const s of sockets) s.destroy();
-    server.close(() => r());
-  }));
-  return (server.address() as net.AddressInfo).port;
+  const dec = new FrameDecoder();
+  const relay = await startTcpRelay(targetPort, { onClientData: (chunk) => seen.push(...dec.push(chunk).map((f) => f.type)) });
+  cleanups.push(() => relay.close());
+  return relay.port;
 }
 
 describe('frame order on the replication link', () => {
