@@ -44,6 +44,8 @@ describe('frame order on the replication link', () => {
     const written = a.write(4096, data);
     a.disconnect();
     await written;
+    // The write resolves once its frames have left a's socket; the relay reads them a moment later.
+    await waitFor(() => fromA.includes(FrameType.Disconnect) || undefined, 5000, 'the DISCONNECT at the relay');
     const dataAt = fromA.lastIndexOf(FrameType.Data);
     const disconnectAt = fromA.indexOf(FrameType.Disconnect);
     expect(disconnectAt).toBeGreaterThan(-1);
