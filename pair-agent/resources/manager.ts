@@ -44,6 +44,11 @@ export class ResourceManager extends EventEmitter {
     }
   }
 
+  private async restart(r: Resource): Promise<void> {
+    await this.act(r, 'stop');
+    await this.act(r, 'start');
+  }
+
   /** Starts every resource in order; on a failure stops the ones already started (reverse) and throws. */
   async startAll(): Promise<void> {
     for (const r of this.resources) {
@@ -114,8 +119,7 @@ export class ResourceManager extends EventEmitter {
         }
         this.opts.log.warn({ resource: r.name, result, restart: this.failures.length }, 'resource monitor failed: restarting it here');
         try {
-          await this.act(r, 'stop');
-          await this.act(r, 'start');
+          await this.restart(r);
         } catch {
           // counted; the next pass sees it again
         }
@@ -141,8 +145,7 @@ export class ResourceManager extends EventEmitter {
         const state = await r.monitor().catch(() => 'failed');
         if (state === 'running') continue;
         try {
-          await this.act(r, 'stop');
-          await this.act(r, 'start');
+          await this.restart(r);
         } catch {
           this.failed = true;
           this.emit('failed', r.name);
