@@ -48,6 +48,8 @@ export interface BackendInput {
    * and ends the client when the socket ends. Bytes read since the login finished are written first.
    */
   startRelay(socket: net.Socket, client: net.Socket): void;
+  /** Takes what the pair sent after its login answer and was read since (to be written to the client first). */
+  takeEarly(): Buffer[];
 }
 
 export interface BackendSession {
@@ -225,6 +227,12 @@ class MasterDialogue implements BackendInput {
     const resolve = this.resolve!;
     this.resolve = this.reject = null;
     resolve({ socket: this.socket, capabilities: this.protocol === 'imap' ? this.caps : null, okLine, leftover, input: this });
+  }
+
+  takeEarly(): Buffer[] {
+    const early = this.early ?? [];
+    this.early = null;
+    return early;
   }
 
   startRelay(socket: net.Socket, client: net.Socket): void {

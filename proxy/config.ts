@@ -114,6 +114,12 @@ export const proxyConfigSchema = z
       })
       .strict()
       .default({}),
+    /**
+     * Who moves a logged-in session's bytes when client and pair are plain TCP: `native`, the
+     * relay thread of common/native (built by `npm ci`; JavaScript when it is not built, said in the
+     * start-up log), or `javascript`, the event loop. TLS client sessions are always relayed in JavaScript.
+     */
+    relay: z.enum(['native', 'javascript']).default('native'),
     /** Graceful stop: time sessions get to finish before they are closed. */
     stopGraceMs: durationMs.default(10_000),
     /** SMTP front ends (MX, submission), served by proxy/smtp; validated there. */

@@ -24,6 +24,7 @@ import { TlsStore } from './tls.ts';
 import { SessionRegistry, type ProxyContext } from './context.ts';
 import { startListener, type Listener } from './listener.ts';
 import { startSmtpFrontEnds } from './smtp/index.ts';
+import { nativeRelayStatus } from '../common/native-relay.ts';
 
 export { proxyConfigSchema, type ProxyConfig } from './config.ts';
 export { PairHealth, type PairHealthChange, type EffectiveState } from './pair-health.ts';
@@ -165,7 +166,13 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
       },
     });
     cleanup.push(() => admin.close());
-    log.info({ listeners: listeners.map((l) => `${l.name}@${l.address.address}:${l.address.port}`), admin: admin.url }, 'proxy started');
+    // Which relay moves logged-in plain-TCP sessions (the native one when built and configured).
+    const native = config.relay === 'native' ? nativeRelayStatus() : { available: false, reason: 'relay: javascript in the config' };
+    if (config.relay === 'native' && !native.available) log.warn({ reason: native.reason }, 'native relay unavailable: logged-in sessions are relayed in JavaScript');
+    log.info(
+      { listeners: listeners.map((l) => `${l.name}@${l.address.address}:${l.address.port}`), admin: admin.url, relay: native.available ? 'native' : 'javascript' },
+      'proxy started',
+    );
 
     const proxy: Proxy = {
       listeners,

@@ -21,6 +21,7 @@ import type { BackendInput, BackendSession, ClientAddress } from './backend.ts';
 import { looksLikeProxyHeader } from './proxy-protocol.ts';
 import { upgradeToTls } from './tls.ts';
 import { proxyLogin, type LoginResult } from './login.ts';
+import { lendToNativeRelay, type LentSession, type NativeRelayEnd } from '../common/native-relay.ts';
 
 /** What the listener counts per connection (per client address); told once when the session ends. */
 export interface ConnectionSlots {
@@ -109,7 +110,11 @@ export abstract class ClientSession implements SessionHandle {
   private sessionLabels: { protocol: Protocol; pair: string; role: string } | null = null;
   /** The pair socket's reads, once spliced (bytes out are counted there). */
   private input: BackendInput | null = null;
-  private leftoverOut = 0;
+  /** Bytes passed on while the relay was set up (what either side had sent past the login). */
+  private preIn = 0;
+  private preOut = 0;
+  /** The session while the native relay moves its bytes (null otherwise). */
+  private lent: LentSession | null = null;
   private readonly onDataBound: (chunk: Buffer) => void;
   /** Spliced: the idle bound, and the byte count and time the sweep last saw it move. */
   private proxiedIdleMs = 0;
@@ -274,8 +279,37 @@ export abstract class ClientSession implements SessionHandle {
     this.ctx.tallies.sessions.add(labels, 1);
     this.ctx.tallies.sessionsTotal.add(labels, 1);
     this.sessionLabels = labels;
-    this.log.info('session proxied');
     c.off('data', this.onDataBound);
+    this.proxiedIdleMs = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
+    // What either side sent past the login, read already: passed on before anything else.
+    for (const early of [backend.leftover, ...backend.input.takeEarly()]) {
+      if (!early.length) continue;
+      this.bytesOut += early.length;
+      this.preOut += early.length;
+      c.write(early);
+    }
+    if (clientLeftover.length) {
+      this.bytesIn += clientLeftover.length;
+      this.preIn += clientLeftover.length;
+      b.write(clientLeftover);
+    }
+    if (this.ctx.config.relay === 'native' && !this.secure) {
+      // Past the login the session is a byte relay: on the native relay's thread it costs the
+      // event loop nothing until it ends. Null when the relay is not built or a socket still
+      // holds bytes in Node's buffers (then JavaScript relays, below).
+      this.lent = lendToNativeRelay(c, b, { idleMs: this.proxiedIdleMs, graceMs: CLOSE_GRACE_MS }, (end) => this.nativeEnded(end));
+      if (this.lent) {
+        this.log.info({ relay: 'native' }, 'session proxied');
+        return;
+      }
+    }
+    this.log.info({ relay: 'javascript' }, 'session proxied');
+    this.relayInJavaScript(backend);
+  }
+
+  private relayInJavaScript(backend: BackendSession): void {
+    const c = this.socket;
+    const b = backend.socket;
     // The relay, both ways; bytes are counted in plain fields (added to the byte metric by the
     // proxy's periodic flush and at the end, so the hot path does no label hashing).
     // Client to pair: each chunk counted and written on; a full write buffer pauses the client
@@ -292,15 +326,9 @@ export abstract class ClientSession implements SessionHandle {
     });
     // Pair to client (the bulk direction: FETCH, RETR): through the relay's ReadPump the pair
     // socket was made with (reused read buffers, its own backpressure).
-    if (backend.leftover.length) {
-      this.bytesOut += backend.leftover.length;
-      this.leftoverOut = backend.leftover.length;
-      c.write(backend.leftover);
-    }
     this.input = backend.input;
     backend.input.startRelay(b, c);
     // The idle timeout (no bytes either way) is the registry's sweep's: see sweep().
-    this.proxiedIdleMs = this.protocol === 'imap' ? this.ctx.config.timeouts.imapIdleMs : this.ctx.config.timeouts.pop3IdleMs;
     this.seenActiveAt = Date.now();
     b.on('error', (err) => {
       this.endReason = `backend error: ${(err as NodeJS.ErrnoException).code ?? err.message}`;
@@ -321,13 +349,66 @@ export abstract class ClientSession implements SessionHandle {
         this.endClient();
       }
     });
-    if (clientLeftover.length) b.write(clientLeftover);
     c.resume();
+  }
+
+  /** The native relay gave the session back: it ended, failed, idled out or outstayed its grace. */
+  private nativeEnded(end: NativeRelayEnd): void {
+    this.lent = null;
+    this.bytesIn = this.preIn + end.bytesIn;
+    this.bytesOut = this.preOut + end.bytesOut;
+    if (this.phase === 'closed') return;
+    if (end.reason === 'idle') {
+      this.socket.resume(); // Node reads the client again, to see it close after the goodbye
+      this.log.info({ idleMs: this.proxiedIdleMs }, 'session idle timeout');
+      this.kick('idle timeout');
+      return;
+    }
+    if (end.reason === 'error' && end.firstClosed !== 'backend') {
+      this.endReason = `${end.side} error: ${end.code ?? 'unknown'}`;
+      if (end.side === 'backend') {
+        // As in JavaScript: the client hears the goodbye, then the session closes.
+        this.backend?.destroy();
+        const line = this.goodbye('backend lost');
+        if (line && !this.socket.writableEnded) this.socket.write(line);
+        this.socket.resume();
+        this.endClient();
+        return;
+      }
+    } else this.endReason = end.firstClosed === 'backend' ? 'backend closed' : 'client closed';
+    // Both FINs passed on (or the client's grace ran out, or it failed): nothing left to send.
+    this.backend?.destroy();
+    this.socket.destroy();
+  }
+
+  /** Takes a lent session back from the native relay (before its sockets are written or closed here). */
+  private takeBack(): void {
+    const lent = this.lent;
+    if (!lent) return;
+    this.lent = null;
+    const r = lent.detach();
+    if (r) {
+      this.bytesIn = this.preIn + r.bytesIn;
+      this.bytesOut = this.preOut + r.bytesOut;
+      if (r.unsent && !this.socket.destroyed && !this.socket.writableEnded) {
+        this.bytesOut += r.unsent.length;
+        this.socket.write(r.unsent);
+      }
+    }
+    // Node reads the client again, to see it close after the goodbye.
+    if (!this.socket.destroyed) this.socket.resume();
   }
 
   /** Adds the bytes relayed since the last call to the byte metric (the proxy calls it every few seconds). */
   flushBytes(): void {
-    if (this.input) this.bytesOut = this.leftoverOut + this.input.relayed;
+    if (this.input) this.bytesOut = this.preOut + this.input.relayed;
+    else if (this.lent) {
+      const moved = this.lent.counters();
+      if (moved) {
+        this.bytesIn = this.preIn + moved.bytesIn;
+        this.bytesOut = this.preOut + moved.bytesOut;
+      }
+    }
     if (this.bytesIn === this.flushedIn && this.bytesOut === this.flushedOut) return;
     const bytes = this.ctx.metrics.bytes;
     if (this.bytesIn > this.flushedIn) bytes.inc({ direction: 'in', protocol: this.protocol }, this.bytesIn - this.flushedIn);
@@ -353,7 +434,8 @@ export abstract class ClientSession implements SessionHandle {
       if (now - this.idleFrom >= this.idleMs) this.onIdle();
       return;
     }
-    if (this.phase !== 'proxying' || this.proxiedIdleMs <= 0) return;
+    // A session on the native relay: its idle bound is the relay's.
+    if (this.phase !== 'proxying' || this.proxiedIdleMs <= 0 || this.lent) return;
     const activity = this.bytesIn + (this.input ? this.input.relayed : 0);
     if (activity !== this.seenActivity) {
       this.seenActivity = activity;
@@ -377,6 +459,7 @@ export abstract class ClientSession implements SessionHandle {
     if (this.phase === 'closed') return;
     this.endReason = reason;
     this.log.info({ reason }, 'closing session');
+    this.takeBack();
     // Destroyed, the backend relays nothing more either way.
     this.backend?.destroy();
     const line = this.goodbye(reason);
@@ -387,12 +470,14 @@ export abstract class ClientSession implements SessionHandle {
   protected close(reason: string): void {
     this.endReason = reason;
     if (this.phase === 'closed') return;
+    this.takeBack();
     this.endClient();
   }
 
   private finish(reason: string): void {
     if (this.phase === 'closed') return;
     const wasProxying = this.phase === 'proxying';
+    this.takeBack();
     this.phase = 'closed';
     this.stopIdle();
     this.backend?.destroy();

@@ -1,0 +1,162 @@
+/**
+ * The native relay (common/native/relay.c, built by `npm ci` or `npm run build:native`) seen from
+ * TypeScript: lend a logged-in session's two plain-TCP sockets to its thread, which moves their
+ * bytes until the session ends, and hear how it ended.
+ *
+ * ```ts
+ * const lent = lendToNativeRelay(client, backend, { idleMs: 1_800_000, graceMs: 5000 }, (end) => {
+ *   // the fds are JavaScript's again: end.reason says why ('closed', 'error', 'idle', 'grace')
+ * });
+ * if (!lent) relayInJavaScript();          // not built, TLS, or bytes still buffered in Node
+ * lent.detach();                           // take the session back now (kick); returns what it moved
+ * ```
+ *
+ * The sockets stay Node's (listeners, destroy()), but while lent Node must not read or write
+ * them: lending stops Node's reads, and the caller writes nothing until the end callback or
+ * detach(). Only then may the caller close them: the relay thread uses the fds until it gives
+ * them back, and a closed fd's number is soon another connection's.
+ */
+import { createRequire } from 'node:module';
+import net from 'node:net';
+import { constants } from 'node:os';
+import tls from 'node:tls';
+
+interface Binding {
+  start(onDone: (id: number, end: string, side: string, errno: number, bytesIn: number, bytesOut: number, firstClosed: string | null) => void): void;
+  attach(clientFd: number, backendFd: number, idleMs: number, graceMs: number): number;
+  detach(id: number): [number, number, Buffer | null] | null;
+  counters(id: number): [number, number, null] | null;
+  live(): number;
+}
+
+export interface NativeRelayEnd {
+  /**
+   * closed: both sides sent their FIN (who first: `firstClosed`); error: a read or write failed
+   * (`side`, `code`); idle: nothing moved for idleMs (sockets untouched: send the goodbye);
+   * grace: the backend closed and the client did not within graceMs.
+   */
+  reason: 'closed' | 'error' | 'idle' | 'grace';
+  side: 'client' | 'backend';
+  /** errno name for 'error' (ECONNRESET, EPIPE…). */
+  code: string | null;
+  firstClosed: 'client' | 'backend' | null;
+  /** Bytes written to the backend / to the client by the relay. */
+  bytesIn: number;
+  bytesOut: number;
+}
+
+export interface LentSession {
+  /** Bytes moved so far (client to backend, backend to client); null once the session has ended. */
+  counters(): { bytesIn: number; bytesOut: number } | null;
+  /**
+   * Takes the session back at once (its end callback is then never called). Returns the bytes
+   * moved and what the backend sent that the client had no room for yet (the caller writes it).
+   * Null when the session had just ended on the relay thread: the fds are the caller's all the
+   * same, and the end callback, on its way, is dropped.
+   */
+  detach(): { bytesIn: number; bytesOut: number; unsent: Buffer | null } | null;
+}
+
+export interface NativeRelayOptions {
+  /** End the session when no byte moved either way for this long (0 = never). */
+  idleMs: number;
+  /** After the backend closed, how long the client has to close before the session is ended. */
+  graceMs: number;
+}
+
+const ERRNO_NAMES = new Map<number, string>(Object.entries(constants.errno).map(([name, n]) => [n, name]));
+
+let binding: Binding | null = null;
+let unavailable: string | null = null;
+const ends = new Map<number, (end: NativeRelayEnd) => void>();
+
+function onDone(id: number, reason: string, side: string, errno: number, bytesIn: number, bytesOut: number, firstClosed: string | null): void {
+  const cb = ends.get(id);
+  if (!cb) return;
+  ends.delete(id);
+  cb({
+    reason: reason as NativeRelayEnd['reason'],
+    side: side as NativeRelayEnd['side'],
+    code: errno ? (ERRNO_NAMES.get(errno) ?? `errno ${errno}`) : null,
+    firstClosed: firstClosed as NativeRelayEnd['firstClosed'],
+    bytesIn,
+    bytesOut,
+  });
+}
+
+function load(): Binding | null {
+  if (binding || unavailable) return binding;
+  if (process.platform !== 'linux') {
+    unavailable = `not on ${process.platform} (Linux only)`;
+    return null;
+  }
+  try {
+    const b = createRequire(import.meta.url)('./native/build/Release/pairgate_relay.node') as Binding;
+    b.start(onDone);
+    binding = b;
+  } catch (err) {
+    unavailable = `not built (${(err as Error).message.split('\n')[0]}); run \`npm run build:native\``;
+  }
+  return binding;
+}
+
+/** Whether the native relay can be used here, and if not, why (for the start-up log). */
+export function nativeRelayStatus(): { available: boolean; reason: string | null } {
+  const b = load();
+  return { available: b !== null, reason: b ? null : unavailable };
+}
+
+/** Sessions lent now. */
+export function nativeRelayLive(): number {
+  return binding ? binding.live() : 0;
+}
+
+interface TcpHandle {
+  fd?: number;
+  reading?: boolean;
+  readStop?: () => number;
+}
+
+/** The socket's TCP handle when it is a plain, open, idle TCP socket whose fd can be lent. */
+function lendableHandle(s: net.Socket): TcpHandle | null {
+  if (s instanceof tls.TLSSocket || s.destroyed || s.connecting || s.readableEnded || s.writableEnded) return null;
+  // Bytes Node has read but nobody took, or has been given to write and not yet written: the
+  // relay thread would not see them, so the session stays in JavaScript.
+  if (s.readableLength > 0 || s.writableLength > 0) return null;
+  const h = (s as unknown as { _handle?: TcpHandle })._handle;
+  if (!h || typeof h.fd !== 'number' || h.fd < 0 || typeof h.readStop !== 'function') return null;
+  return h;
+}
+
+/**
+ * Lends both sockets to the relay thread. Returns null (and changes nothing) when the relay is
+ * not available or either socket cannot be lent; the caller then relays in JavaScript.
+ */
+export function lendToNativeRelay(client: net.Socket, backend: net.Socket, opts: NativeRelayOptions, onEnd: (end: NativeRelayEnd) => void): LentSession | null {
+  const b = load();
+  if (!b) return null;
+  const ch = lendableHandle(client);
+  const bh = lendableHandle(backend);
+  if (!ch || !bh) return null;
+  // Node must not read these fds any more: stop its reads (and mark them stopped, so that a later
+  // resume() starts them again, for the caller's own close handling once the session is back).
+  for (const [s, h] of [[client, ch], [backend, bh]] as const) {
+    s.pause();
+    h.readStop!();
+    h.reading = false;
+  }
+  const id = b.attach(ch.fd!, bh.fd!, Math.max(0, Math.floor(opts.idleMs)), Math.max(0, Math.floor(opts.graceMs)));
+  ends.set(id, onEnd);
+  return {
+    counters: () => {
+      const c = b.counters(id);
+      return c ? { bytesIn: c[0], bytesOut: c[1] } : null;
+    },
+    detach: () => {
+      const r = b.detach(id);
+      ends.delete(id);
+      if (!r) return null;
+      return { bytesIn: r[0], bytesOut: r[1], unsent: r[2] };
+    },
+  };
+}
