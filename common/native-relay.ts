@@ -9,6 +9,7 @@
  * });
  * if (!lent) relayInJavaScript();          // not built, TLS, or bytes still buffered in Node
  * lent.detach();                           // take the session back now (kick); returns what it moved
+ * readAgain(client);                        // then Node reads it again (to see it close)
  * ```
  *
  * The sockets stay Node's (listeners, destroy()), but while lent Node must not read or write
@@ -115,6 +116,23 @@ interface TcpHandle {
   fd?: number;
   reading?: boolean;
   readStop?: () => number;
+  readStart?: () => number;
+}
+
+/**
+ * Has Node read a socket again after the relay gave it back (to see the peer close, or to take
+ * its bytes). Lending stopped the handle's reads behind the stream's back; the stream still
+ * waits for the read it asked for, so resume() alone would not start them again.
+ */
+export function readAgain(s: net.Socket): void {
+  const h = (s as unknown as { _handle?: TcpHandle })._handle;
+  if (s.destroyed || !h || typeof h.readStart !== 'function') return;
+  if (!h.reading) {
+    h.reading = true;
+    const err = h.readStart();
+    if (err) s.destroy(new Error(`read restart failed (${ERRNO_NAMES.get(-err) ?? err})`));
+  }
+  s.resume();
 }
 
 /** The socket's TCP handle when it is a plain, open, idle TCP socket whose fd can be lent. */
@@ -138,8 +156,7 @@ export function lendToNativeRelay(client: net.Socket, backend: net.Socket, opts:
   const ch = lendableHandle(client);
   const bh = lendableHandle(backend);
   if (!ch || !bh) return null;
-  // Node must not read these fds any more: stop its reads (and mark them stopped, so that a later
-  // resume() starts them again, for the caller's own close handling once the session is back).
+  // Node must not read these fds any more: stop its reads (readAgain() starts them again).
   for (const [s, h] of [[client, ch], [backend, bh]] as const) {
     s.pause();
     h.readStop!();

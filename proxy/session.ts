@@ -21,7 +21,7 @@ import type { BackendInput, BackendSession, ClientAddress } from './backend.ts';
 import { looksLikeProxyHeader } from './proxy-protocol.ts';
 import { upgradeToTls } from './tls.ts';
 import { proxyLogin, type LoginResult } from './login.ts';
-import { lendToNativeRelay, type LentSession, type NativeRelayEnd } from '../common/native-relay.ts';
+import { lendToNativeRelay, readAgain, type LentSession, type NativeRelayEnd } from '../common/native-relay.ts';
 
 /** What the listener counts per connection (per client address); told once when the session ends. */
 export interface ConnectionSlots {
@@ -359,7 +359,7 @@ export abstract class ClientSession implements SessionHandle {
     this.bytesOut = this.preOut + end.bytesOut;
     if (this.phase === 'closed') return;
     if (end.reason === 'idle') {
-      this.socket.resume(); // Node reads the client again, to see it close after the goodbye
+      readAgain(this.socket); // to see the client close after the goodbye
       this.log.info({ idleMs: this.proxiedIdleMs }, 'session idle timeout');
       this.kick('idle timeout');
       return;
@@ -371,7 +371,7 @@ export abstract class ClientSession implements SessionHandle {
         this.backend?.destroy();
         const line = this.goodbye('backend lost');
         if (line && !this.socket.writableEnded) this.socket.write(line);
-        this.socket.resume();
+        readAgain(this.socket);
         this.endClient();
         return;
       }
@@ -396,7 +396,7 @@ export abstract class ClientSession implements SessionHandle {
       }
     }
     // Node reads the client again, to see it close after the goodbye.
-    if (!this.socket.destroyed) this.socket.resume();
+    readAgain(this.socket);
   }
 
   /** Adds the bytes relayed since the last call to the byte metric (the proxy calls it every few seconds). */
