@@ -174,6 +174,104 @@ async function pop3Login(port: number, user: string, pass: string, opts: { local
   return { p, answer };
 }
 
+/** Who moves a logged-in plain session's bytes (proxy config `relay`); the spliced-phase tests run under both. */
+const RELAYS = ['native', 'javascript'] as const;
+type Relay = (typeof RELAYS)[number];
+
+const parsed = (lines: string[], from = 0) => lines.slice(from).map((l) => JSON.parse(l) as Record<string, unknown>);
+
+/**
+ * Asserts that the sessions of `user` logged (in `lines`, from index `from`) were spliced by
+ * `relay` and by no other: the proxy says which relay took a session in its 'session proxied'
+ * line, so a test cannot pass on the wrong path.
+ */
+async function expectRelay(lines: string[], from: number, user: string, relay: Relay): Promise<void> {
+  const proxied = () => parsed(lines, from).filter((l) => l.msg === 'session proxied' && l.user === user);
+  await waitFor(() => proxied().length > 0, 5000, `a 'session proxied' line for ${user}`);
+  expect(
+    proxied().map((l) => l.relay),
+    `relay of ${user}'s sessions`,
+  ).toEqual(proxied().map(() => relay));
+}
+
+/** The 'session ended' line of the session from `client` (its own loopback address) logged from index `from`. */
+const sessionEnded = (lines: string[], from: number, client: string, timeoutMs = 8000) =>
+  waitFor(() => parsed(lines, from).find((l) => l.msg === 'session ended' && l.client === client), timeoutMs, `'session ended' line for ${client}`);
+
+/** The pid of the Dovecot mail process serving the last login of `user` (Dovecot logs it as mpid=). */
+async function lastMailPid(d: Dovecot, protocol: 'imap' | 'pop3', user: string, after = 0): Promise<number> {
+  const re = new RegExp(`${protocol}-login: Info: Login: user=<${user}>.*?mpid=(\\d+)`, 'g');
+  const m = await waitFor(() => [...d.log().slice(after).matchAll(re)].pop(), 5000, `${protocol} login of ${user} in the Dovecot log`);
+  return Number(m[1]);
+}
+
+/** A base64 message body of about `bytes` bytes (76-column lines). */
+function bigMessage(bytes: number, subject: string): string {
+  const b64 = randomBytes(Math.ceil((bytes * 3) / 4)).toString('base64');
+  const lines: string[] = [];
+  for (let i = 0; i < b64.length; i += 76) lines.push(b64.slice(i, i + 76));
+  return `From: big@example.net\r\nSubject: ${subject}\r\n\r\n${lines.join('\r\n')}\r\n`;
+}
+
+/** A raw IMAP client over a plain socket: every byte sent and received is kept and counted. */
+class RawImap {
+  sent = 0;
+  error: Error | null = null;
+  readonly closed: Promise<void>;
+  private from = 0;
+  private chunks: Buffer[] = [];
+  /** Everything received so far. */
+  get all(): Buffer {
+    if (this.chunks.length > 1) this.chunks = [Buffer.concat(this.chunks)];
+    return this.chunks[0] ?? Buffer.alloc(0);
+  }
+
+  private constructor(readonly socket: net.Socket) {
+    socket.on('data', (d: Buffer) => this.chunks.push(d));
+    socket.on('error', (err) => (this.error = err));
+    this.closed = new Promise((r) => socket.once('close', () => r()));
+  }
+
+  static async connect(port: number, localAddress?: string): Promise<RawImap> {
+    const s = await new Promise<net.Socket>((resolve, reject) => {
+      const x = net.connect({ host: '127.0.0.1', port, ...(localAddress ? { localAddress } : {}) });
+      x.once('connect', () => resolve(x));
+      x.once('error', reject);
+    });
+    const c = new RawImap(s);
+    await c.until(/^\* OK/m);
+    return c;
+  }
+
+  write(data: string | Buffer): void {
+    this.sent += Buffer.byteLength(data);
+    this.socket.write(data);
+  }
+
+  /** Waits for a line matching `re` in what arrived since the last call; returns that text (latin1) and moves past it. */
+  async until(re: RegExp, timeoutMs = 20_000): Promise<string> {
+    const end = await waitFor(
+      () => {
+        const text = this.all.subarray(this.from).toString('latin1');
+        const m = re.exec(text);
+        if (!m) return null;
+        const eol = text.indexOf('\r\n', m.index);
+        return eol < 0 ? null : this.from + eol + 2;
+      },
+      timeoutMs,
+      `${re}`,
+    );
+    const text = this.all.subarray(this.from, end).toString('latin1');
+    this.from = end;
+    return text;
+  }
+
+  /** Where the next reply starts (bytes received so far that until() has moved past). */
+  get consumed(): number {
+    return this.from;
+  }
+}
+
 describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' : 'in-test table'})`, () => {
   let redis: RedisServer;
   let dovA: Dovecot;
@@ -185,6 +283,10 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
   let directory: Directory;
   let proxy: Proxy;
   let proxy2: Proxy;
+  /** The same configuration with relay: 'javascript' (`proxy` has relay: 'native'). */
+  let proxyJs: Proxy;
+  /** What each of the two proxies logged (info level). */
+  const logs: Record<Relay, string[]> = { native: [], javascript: [] };
   const registry = createRegistry({}, false);
 
   const baseConfig = (extra: Record<string, unknown> = {}) =>
@@ -244,19 +346,28 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     directory = haveDirectory
       ? await openDirectory({ ldif: join(dir.path, 'directory.ldif') }, { log: silentLogger })
       : tableDirectory(USERS, [pairRecord('pair-a', dovA, adminA.port), pairRecord('pair-b', dovB, adminB.port)]);
-    proxy = await startProxy(baseConfig(), { log: silentLogger, registry, directory });
+    const nativeLog = capturedLogger('info');
+    logs.native = nativeLog.lines;
+    proxy = await startProxy(baseConfig({ relay: 'native' }), { log: nativeLog.log, registry, directory });
+    const jsLog = capturedLogger('info');
+    logs.javascript = jsLog.lines;
+    proxyJs = await startProxy(baseConfig({ id: 'proxy-test-js', relay: 'javascript' }), { log: jsLog.log, registry: createRegistry({}, false), directory });
     proxy2 = await startProxy(baseConfig({ id: 'proxy-test-2' }), { log: silentLogger, registry: createRegistry({}, false), directory });
   });
 
   afterAll(async () => {
     await proxy?.stop(500);
     await proxy2?.stop(500);
+    await proxyJs?.stop(500);
     await directory?.close();
     await Promise.all([dovA?.close(), dovB?.close(), redis?.close(), adminA?.close(), adminB?.close()]);
     dir?.cleanup();
   });
 
   const port = (name: string) => proxy.listeners.find((l) => l.name === name)!.address.port;
+  /** The proxy with the given relay, and its listeners' ports. */
+  const via = (relay: Relay) => (relay === 'native' ? proxy : proxyJs);
+  const portOn = (relay: Relay, name: string) => via(relay).listeners.find((l) => l.name === name)!.address.port;
 
   it('routes IMAP logins to the home pair (imapflow, plain and implicit TLS)', async () => {
     for (const [user, secure, backend] of [
@@ -326,12 +437,13 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     await p.closed;
   });
 
-  it('bulk both ways through the splice: a 3 MiB APPEND and its FETCH arrive intact, also with a client that stops reading for a while', async () => {
+  it.each(RELAYS)('bulk both ways through the splice (%s relay): a 3 MiB APPEND and its FETCH arrive intact, also with a client that stops reading for a while', async (relay) => {
+    const logFrom = logs[relay].length;
     const line = () => randomBytes(57).toString('base64') + '\r\n';
     let body = 'From: bulk@example.net\r\nSubject: bulk\r\n\r\n';
     while (body.length < 3 * 1024 * 1024) body += line();
     const want = createHash('sha256').update(body).digest('hex');
-    const s = net.connect({ host: '127.0.0.1', port: port('imap-plain') });
+    const s = net.connect({ host: '127.0.0.1', port: portOn(relay, 'imap-plain') });
     let got = Buffer.alloc(0);
     s.on('data', (d: Buffer) => (got = Buffer.concat([got, d])));
     const until = async (tag: string) => {
@@ -370,6 +482,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     s.write(`b5 CLOSE\r\nb6 DELETE ${box}\r\nb7 LOGOUT\r\n`);
     expect((await until('b7')).toString()).toMatch(/b6 OK[^]*b7 OK/);
     s.destroy();
+    await expectRelay(logs[relay], logFrom, 'alice', relay);
   });
 
   it('garbage and over-long lines before login: protocol errors, then BYE; the proxy keeps serving', async () => {
@@ -636,11 +749,15 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     }
   });
 
-  it('pair down: open sessions closed with BYE, new logins NO [UNAVAILABLE] / -ERR [SYS/TEMP]', async () => {
+  it.each(RELAYS)('pair down (%s relay): open sessions closed with BYE, new logins NO [UNAVAILABLE] / -ERR [SYS/TEMP]', async (relay) => {
+    const port = (name: string) => portOn(relay, name);
+    const logFrom = logs[relay].length;
     const { c, answer } = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
     expect(answer).toMatch(/^a1 OK/);
     const { p: open, answer: openAnswer } = await pop3Login(port('pop3-plain'), 'carol', 'carol-pass');
     expect(openAnswer).toMatch(/^\+OK/);
+    await expectRelay(logs[relay], logFrom, 'alice', relay);
+    await expectRelay(logs[relay], logFrom, 'carol', relay);
     adminA.set('down');
     try {
       expect(await c.until(/^\* BYE/, 5000)).toMatch(/UNAVAILABLE/);
@@ -660,7 +777,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     } finally {
       adminA.set('ok');
     }
-    await waitFor(() => proxy.pairHealth.state('pair-a') === 'ok', 5000, 'pair-a ok');
+    await waitFor(() => proxy.pairHealth.state('pair-a') === 'ok' && proxyJs.pairHealth.state('pair-a') === 'ok', 5000, 'pair-a ok');
   });
 
   it('maintenance: new logins get the temporary failure at once (not held); open sessions go on', async () => {
@@ -704,11 +821,15 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(metrics).toMatch(/pairgate_held_logins_total\{pair="pair-b"\} [1-9]/);
   });
 
-  it('backend killed mid-session: the client is closed cleanly, without a reset', async () => {
+  it.each(RELAYS)('backend killed mid-session (%s relay): the client is closed cleanly, without a reset', async (relay) => {
+    const port = (name: string) => portOn(relay, name);
+    const logFrom = logs[relay].length;
     const { c, answer } = await imapLogin(port('imap-plain'), 'dave', 'dave-pass');
     expect(answer).toMatch(/^a1 OK/);
     const { p, answer: popAnswer } = await pop3Login(port('pop3-plain'), 'bob', 'bob-pass');
     expect(popAnswer).toMatch(/^\+OK/);
+    await expectRelay(logs[relay], logFrom, 'dave', relay);
+    await expectRelay(logs[relay], logFrom, 'bob', relay);
     // The mail processes serving these two sessions (Dovecot logs their pid as mpid=).
     const mpid = (re: RegExp) => {
       const all = [...dovB.log().matchAll(re)];
@@ -904,52 +1025,68 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     }
   });
 
-  it('slow clients: a line trickled byte by byte is cut at the pre-login timeout; idle proxied sessions are closed', async () => {
-    const p5 = await startProxy(baseConfig({ id: 'proxy-test-5', timeouts: { preLoginMs: 700, imapIdleMs: 900, pop3IdleMs: 900 } }), {
-      log: silentLogger,
+  it.each(RELAYS)('slow clients (%s relay): a line trickled byte by byte is cut at the pre-login timeout; idle proxied sessions are closed', async (relay) => {
+    const { log, lines: logLines } = capturedLogger('info');
+    const p5 = await startProxy(baseConfig({ id: 'proxy-test-5', relay, timeouts: { preLoginMs: 700, imapIdleMs: 900, pop3IdleMs: 900 } }), {
+      log,
       registry: createRegistry({}, false),
       directory,
     });
     const p5port = (name: string) => p5.listeners.find((l) => l.name === name)!.address.port;
     try {
-      // A complete command resets the pre-login timer; bytes of an unfinished one do not.
-      const slow = await LineClient.connect(p5port('imap-plain'));
-      await slow.until(/^\* OK/);
-      const text = 'a1 LOGIN alice alice-pass';
-      for (let i = 0; i < 40 && !slow.ended; i++) {
-        slow.socket.write(text[i % text.length]!);
-        await sleep(100);
+      // A complete command resets the pre-login timer; bytes of an unfinished one do not. (Before
+      // the login the relay plays no part: checked once.)
+      if (relay === 'native') {
+        const slow = await LineClient.connect(p5port('imap-plain'));
+        await slow.until(/^\* OK/);
+        const text = 'a1 LOGIN alice alice-pass';
+        for (let i = 0; i < 40 && !slow.ended; i++) {
+          slow.socket.write(text[i % text.length]!);
+          await sleep(100);
+        }
+        expect(slow.ended).toBe(true);
+        expect(await slow.line(100)).toMatch(/^\* BYE/);
       }
-      expect(slow.ended).toBe(true);
-      expect(await slow.line(100)).toMatch(/^\* BYE/);
 
       // After login, no traffic either way for the idle time: IMAP gets BYE, POP3 is closed.
       const { c, answer } = await imapLogin(p5port('imap-plain'), 'bob', 'bob-pass');
       expect(answer).toMatch(/^a1 OK/);
+      await expectRelay(logLines, 0, 'bob', relay);
       expect(await c.until(/^\* BYE/, 5000)).toMatch(/BYE/);
       await c.closed;
       const { p, answer: popAnswer } = await pop3Login(p5port('pop3-plain'), 'dave', 'dave-pass');
       expect(popAnswer).toMatch(/^\+OK/);
+      await expectRelay(logLines, 0, 'dave', relay);
       await Promise.race([p.closed, sleep(5000).then(() => Promise.reject(new Error('idle POP3 session still open')))]);
+      for (const user of ['bob', 'dave']) {
+        const ended = await waitFor(() => parsed(logLines).find((l) => l.msg === 'session ended' && l.user === user), 5000, `${user}'s session end line`);
+        expect(ended.reason, `${user}'s session end`).toBe('idle timeout');
+      }
     } finally {
       await p5.stop(200);
     }
   });
 
-  it('graceful stop: stops accepting, closes sessions left after the grace time with BYE', async () => {
-    const p3 = await startProxy(baseConfig({ id: 'proxy-test-3' }), { log: silentLogger, registry: createRegistry({}, false), directory });
+  it.each(RELAYS)('graceful stop (%s relay): stops accepting, closes sessions left after the grace time with BYE', async (relay) => {
+    const { log, lines: logLines } = capturedLogger('info');
+    const p3 = await startProxy(baseConfig({ id: 'proxy-test-3', relay }), { log, registry: createRegistry({}, false), directory });
     const p3port = p3.listeners.find((l) => l.name === 'imap-plain')!.address.port;
     const { c, answer } = await imapLogin(p3port, 'bob', 'bob-pass');
     expect(answer).toMatch(/^a1 OK/);
     const finisher = await imapLogin(p3port, 'alice', 'alice-pass');
     expect(finisher.answer).toMatch(/^a1 OK/);
+    await expectRelay(logLines, 0, 'bob', relay);
+    await expectRelay(logLines, 0, 'alice', relay);
     // A client that never closes its side: once told to go, it is destroyed after the close
-    // grace (5 s) even when that ends after stop() returned.
+    // grace (5 s) even when that ends after stop() returned. (It never logs in, so the relay plays
+    // no part: checked once, the 5 s spared under the other relay.)
+    const withStubborn = relay === 'native';
     const stubborn = net.connect({ port: p3port, allowHalfOpen: true });
     let stubbornClosed = false;
     stubborn.on('error', () => undefined);
     stubborn.on('close', () => (stubbornClosed = true));
     await new Promise((r) => stubborn.once('data', r));
+    if (!withStubborn) stubborn.destroy();
     const stopping = p3.stop(3000); // long enough for the finishing session on a loaded machine
     await expect(LineClient.connect(p3port)).rejects.toThrow();
     // Within the grace time a session goes on: its commands reach the pair and it logs out itself.
@@ -962,6 +1099,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(await c.until(/^\* BYE/, 10_000)).toMatch(/shutting down/);
     await c.closed;
     await stopping;
+    if (!withStubborn) return;
     // Destroyed by the proxy (its close grace ran out): what the client writes now is reset.
     await waitFor(
       async () => {
@@ -974,10 +1112,10 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     );
   });
 
-  it('one log line per session at its end (user, pair, client, bytes, duration); login and byte metrics', async () => {
+  it.each(RELAYS)('one log line per session at its end (user, pair, client, bytes, duration); login and byte metrics (%s relay)', async (relay) => {
     const { log, lines: logLines } = capturedLogger('info');
     const reg = createRegistry({}, false);
-    const p6 = await startProxy(baseConfig({ id: 'proxy-test-6' }), { log, registry: reg, directory });
+    const p6 = await startProxy(baseConfig({ id: 'proxy-test-6', relay }), { log, registry: reg, directory });
     const p6port = (name: string) => p6.listeners.find((l) => l.name === name)!.address.port;
     try {
       const { c, answer } = await imapLogin(p6port('imap-plain'), 'dave', 'dave-pass', { localAddress: '127.0.0.12' });
@@ -986,6 +1124,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
       await c.until(/^a2 OK/);
       c.send('a3 LOGOUT');
       await c.closed;
+      await expectRelay(logLines, 0, 'dave', relay);
       const ended = await waitFor(() => logLines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'session ended' && l.user === 'dave'), 5000, 'session end log line');
       expect(ended).toMatchObject({ user: 'dave', pair: 'pair-b', client: '127.0.0.12' });
       expect(typeof ended.cid).toBe('string');
@@ -1003,6 +1142,143 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     } finally {
       await p6.stop(200);
     }
+  });
+
+  // Faults in the spliced phase, under both relays (each from its own loopback address, so that
+  // its 'session ended' line is unambiguous).
+  const faultAddress = (relay: Relay, n: number) => `127.0.0.${relay === 'native' ? 20 + n : 30 + n}`;
+
+  it.each(RELAYS)('client reset mid-session (%s relay): the session ends with a client error and the pair connection is closed', async (relay) => {
+    const logFrom = logs[relay].length;
+    const dovFrom = dovA.log().length;
+    const client = faultAddress(relay, 1);
+    const { c, answer } = await imapLogin(portOn(relay, 'imap-plain'), 'carol', 'carol-pass', { localAddress: client });
+    expect(answer).toMatch(/^a1 OK/);
+    c.send('a2 SELECT INBOX');
+    expect(await c.until(/^a2 /)).toMatch(/^a2 OK/);
+    await expectRelay(logs[relay], logFrom, 'carol', relay);
+    const mpid = await lastMailPid(dovA, 'imap', 'carol', dovFrom);
+    c.socket.resetAndDestroy();
+    const ended = await sessionEnded(logs[relay], logFrom, client);
+    expect(ended.reason as string).toMatch(/^client error/);
+    // Nothing left open on the proxy, and the pair's end of the session is gone: Dovecot's mail
+    // process for it logged its disconnect and exited.
+    await waitFor(async () => ((await (await fetch(`${via(relay).admin.url}/sessions`)).json()) as { total: number }).total === 0, 5000, 'no sessions open on the proxy');
+    await waitFor(() => new RegExp(`imap\\(carol\\)<${mpid}><[^>]*>: Info: Disconnected`).test(dovA.log().slice(dovFrom)), 5000, `Dovecot's imap process ${mpid} disconnected`);
+    await waitFor(
+      () => {
+        try {
+          process.kill(mpid, 0);
+          return false;
+        } catch {
+          return true;
+        }
+      },
+      5000,
+      `Dovecot's imap process ${mpid} gone`,
+    );
+  });
+
+  it.each(RELAYS)('client reset mid-FETCH of a large message, the reply backed up (%s relay): client error, the pair connection closed', async (relay) => {
+    const logFrom = logs[relay].length;
+    const client = faultAddress(relay, 4);
+    const body = bigMessage(8 * 1024 * 1024, 'reset mid-fetch');
+    const box = `reset-${randomBytes(4).toString('hex')}`;
+    const dovFrom = dovA.log().length;
+    const c = await RawImap.connect(portOn(relay, 'imap-plain'), client);
+    c.write('r1 LOGIN carol "carol-pass"\r\n');
+    expect(await c.until(/^r1 /m)).toMatch(/r1 OK/);
+    await expectRelay(logs[relay], logFrom, 'carol', relay);
+    const mpid = await lastMailPid(dovA, 'imap', 'carol', dovFrom);
+    c.write(`r2 CREATE ${box}\r\nr3 APPEND ${box} {${body.length}+}\r\n`);
+    c.write(body);
+    c.write(`\r\nr4 SELECT ${box}\r\n`);
+    expect(await c.until(/^r4 /m, 30_000)).toMatch(/r3 OK[^]*r4 OK/);
+    // Not read: the reply backs up to the pair; then the client resets.
+    c.socket.pause();
+    c.write('r5 FETCH 1 BODY.PEEK[]\r\n');
+    await sleep(300);
+    c.socket.resetAndDestroy();
+    const ended = await sessionEnded(logs[relay], logFrom, client);
+    expect(ended.reason as string).toMatch(/^client error/);
+    await waitFor(async () => ((await (await fetch(`${via(relay).admin.url}/sessions`)).json()) as { total: number }).total === 0, 5000, 'no sessions open on the proxy');
+    await waitFor(() => new RegExp(`imap\\(carol\\)<${mpid}><[^>]*>: Info: Disconnected`).test(dovA.log().slice(dovFrom)), 5000, `Dovecot's imap process ${mpid} disconnected`);
+    const again = await imapLogin(portOn(relay, 'imap-plain'), 'carol', 'carol-pass');
+    expect(again.answer).toMatch(/^a1 OK/);
+    again.c.send(`a2 DELETE ${box}`);
+    expect(await again.c.until(/^a2 /, 20_000)).toMatch(/^a2 OK/);
+    again.c.close();
+  });
+
+  it.each(RELAYS)('backend killed mid-FETCH of a large message (%s relay): the client gets what was relayed and a clean close, no reset', async (relay) => {
+    const logFrom = logs[relay].length;
+    const client = faultAddress(relay, 2);
+    const body = bigMessage(24 * 1024 * 1024, 'killed mid-fetch');
+    const box = `kill-${randomBytes(4).toString('hex')}`;
+    const dovFrom = dovB.log().length;
+    const c = await RawImap.connect(portOn(relay, 'imap-plain'), client);
+    c.write('k1 LOGIN dave "dave-pass"\r\n');
+    expect(await c.until(/^k1 /m)).toMatch(/k1 OK/);
+    await expectRelay(logs[relay], logFrom, 'dave', relay);
+    const mpid = await lastMailPid(dovB, 'imap', 'dave', dovFrom);
+    c.write(`k2 CREATE ${box}\r\nk3 APPEND ${box} {${body.length}+}\r\n`);
+    c.write(body);
+    c.write(`\r\nk4 SELECT ${box}\r\n`);
+    expect(await c.until(/^k4 /m, 30_000)).toMatch(/k3 OK[^]*k4 OK/);
+    const fetchFrom = c.consumed;
+    // The client stops reading before it asks (its receive window stays small: loopback windows
+    // grow to tens of MiB while read at speed): the reply fills the buffers on the way, the pair
+    // stops writing, and its mail process is killed in the middle of the literal.
+    c.socket.pause();
+    c.write('k5 FETCH 1 BODY.PEEK[]\r\n');
+    await sleep(500);
+    process.kill(mpid, 'SIGKILL');
+    await sleep(200);
+    c.socket.resume();
+    await Promise.race([c.closed, sleep(10_000).then(() => Promise.reject(new Error('client still open after the backend was killed')))]);
+    expect(c.error?.message ?? null, 'the client socket saw no error (no reset)').toBeNull();
+    const reply = c.all.subarray(fetchFrom);
+    const m = /BODY\[\] \{(\d+)\}\r\n/.exec(reply.subarray(0, 200).toString('latin1'));
+    expect(m, 'literal header').not.toBeNull();
+    const literalStart = reply.indexOf(m![0]) + m![0].length;
+    // Mid-FETCH indeed: the literal was cut short.
+    expect(reply.length - literalStart).toBeLessThan(Number(m![1]));
+    const ended = await sessionEnded(logs[relay], logFrom, client);
+    expect(ended.reason as string).toMatch(/^backend/);
+    // Clean up the mailbox.
+    const again = await imapLogin(portOn(relay, 'imap-plain'), 'dave', 'dave-pass');
+    expect(again.answer).toMatch(/^a1 OK/);
+    again.c.send(`a2 DELETE ${box}`);
+    expect(await again.c.until(/^a2 /, 20_000)).toMatch(/^a2 OK/);
+    again.c.close();
+  });
+
+  it.each(RELAYS)('the bytes in the session end line are what the client sent and received past the login (1 MiB APPEND and FETCH, %s relay)', async (relay) => {
+    const logFrom = logs[relay].length;
+    const client = faultAddress(relay, 3);
+    const body = bigMessage(1024 * 1024, 'counted');
+    const box = `count-${randomBytes(4).toString('hex')}`;
+    const c = await RawImap.connect(portOn(relay, 'imap-plain'), client);
+    const login = 'n1 LOGIN carol "carol-pass"\r\n';
+    c.write(login);
+    expect(await c.until(/^n1 /m)).toMatch(/n1 OK/);
+    // The proxy counts from the splice: after the LOGIN command and its OK line.
+    const sentAtSplice = c.sent;
+    const receivedAtSplice = c.consumed;
+    expect(c.all.length).toBe(receivedAtSplice);
+    c.write(`n2 CREATE ${box}\r\nn3 APPEND ${box} {${body.length}+}\r\n`);
+    c.write(body);
+    c.write(`\r\nn4 SELECT ${box}\r\nn5 FETCH 1 BODY.PEEK[]\r\n`);
+    const fetched = await c.until(/^n5 /m, 30_000);
+    expect(fetched).toMatch(/n3 OK[^]*n4 OK[^]*n5 OK/);
+    expect(fetched.length).toBeGreaterThan(body.length);
+    c.write(`n6 CLOSE\r\nn7 DELETE ${box}\r\nn8 LOGOUT\r\n`);
+    await Promise.race([c.closed, sleep(10_000).then(() => Promise.reject(new Error('still open after LOGOUT')))]);
+    expect(c.error).toBeNull();
+    expect(c.all.subarray(receivedAtSplice).toString('latin1')).toMatch(/n7 OK[^]*n8 OK/);
+    await expectRelay(logs[relay], logFrom, 'carol', relay);
+    const ended = await sessionEnded(logs[relay], logFrom, client);
+    expect({ bytesIn: ended.bytesIn, bytesOut: ended.bytesOut }).toEqual({ bytesIn: c.sent - sentAtSplice, bytesOut: c.all.length - receivedAtSplice });
   });
 
   it('admin HTTP: /health, /sessions, /metrics', async () => {
