@@ -50,10 +50,9 @@ export interface LentSession {
   /** Bytes moved so far (client to backend, backend to client); null once the session has ended. */
   counters(): { bytesIn: number; bytesOut: number } | null;
   /**
-   * Takes the session back at once (its end callback is then never called). Returns the bytes
-   * moved and what the backend sent that the client had no room for yet (the caller writes it).
-   * Null when the session had just ended on the relay thread: the fds are the caller's all the
-   * same, and the end callback, on its way, is dropped.
+   * Takes the session back at once (its end callback is then never called, even when the relay
+   * had just finished it). Returns the bytes moved and what the backend sent that the client had
+   * no room for yet (the caller writes it); null when it was given back already.
    */
   detach(): { bytesIn: number; bytesOut: number; unsent: Buffer | null } | null;
 }

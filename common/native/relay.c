@@ -322,40 +322,52 @@ static void *relay_main(void *arg) {
 
 static const char *END_NAMES[] = {"none", "closed", "error", "idle", "grace"};
 
-/* Runs on the JavaScript thread: hands every finished session to the on_done callback. */
+/* Takes one queued completion (any: their order does not matter). Caller holds the lock. */
+static int pop_done(relay_t *r, completion_t *out) {
+  if (r->ndone == 0) return 0;
+  *out = r->done[--r->ndone];
+  return 1;
+}
+
+/* Takes the queued completion of session `id`, if it is queued. Caller holds the lock. */
+static int take_done(relay_t *r, uint32_t id, completion_t *out) {
+  for (uint32_t i = 0; i < r->ndone; i++) {
+    if (r->done[i].id != id) continue;
+    *out = r->done[i];
+    r->done[i] = r->done[--r->ndone];
+    return 1;
+  }
+  return 0;
+}
+
+/* Runs on the JavaScript thread: hands every finished session to the on_done callback. One at a
+ * time from the shared queue, so that a callback that detaches another session finished in the
+ * same batch finds it there (and gets its counts) instead of racing its delivery. */
 static void deliver(napi_env env, napi_value js_cb, void *context, void *data) {
   (void)js_cb;
   (void)data;
   relay_t *r = context;
   if (!env) return;
-  pthread_mutex_lock(&r->lock);
-  uint32_t n = r->ndone;
-  completion_t *batch = NULL;
-  if (n) {
-    batch = malloc(n * sizeof *batch);
-    if (batch) memcpy(batch, r->done, n * sizeof *batch);
-    else n = 0;
-  }
-  r->ndone = 0;
-  r->notify_pending = 0;
-  pthread_mutex_unlock(&r->lock);
-  if (!n) return;
   napi_value cb, global;
-  if (napi_get_reference_value(env, r->on_done, &cb) != napi_ok || napi_get_global(env, &global) != napi_ok) {
-    free(batch);
-    return;
-  }
-  for (uint32_t i = 0; i < n; i++) {
-    completion_t *c = &batch[i];
+  if (napi_get_reference_value(env, r->on_done, &cb) != napi_ok || napi_get_global(env, &global) != napi_ok) return;
+  for (;;) {
+    completion_t c;
+    pthread_mutex_lock(&r->lock);
+    int got = pop_done(r, &c);
+    if (!got) r->notify_pending = 0;
+    pthread_mutex_unlock(&r->lock);
+    if (!got) return;
+    napi_handle_scope scope;
+    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
     napi_value argv[7];
-    napi_create_uint32(env, c->id, &argv[0]);
-    napi_create_string_utf8(env, END_NAMES[c->end], NAPI_AUTO_LENGTH, &argv[1]);
-    napi_create_string_utf8(env, c->side == CLIENT ? "client" : "backend", NAPI_AUTO_LENGTH, &argv[2]);
-    napi_create_int32(env, c->err, &argv[3]);
-    napi_create_double(env, c->bytes_in, &argv[4]);
-    napi_create_double(env, c->bytes_out, &argv[5]);
-    if (c->first_closed < 0) napi_get_null(env, &argv[6]);
-    else napi_create_string_utf8(env, c->first_closed == CLIENT ? "client" : "backend", NAPI_AUTO_LENGTH, &argv[6]);
+    napi_create_uint32(env, c.id, &argv[0]);
+    napi_create_string_utf8(env, END_NAMES[c.end], NAPI_AUTO_LENGTH, &argv[1]);
+    napi_create_string_utf8(env, c.side == CLIENT ? "client" : "backend", NAPI_AUTO_LENGTH, &argv[2]);
+    napi_create_int32(env, c.err, &argv[3]);
+    napi_create_double(env, c.bytes_in, &argv[4]);
+    napi_create_double(env, c.bytes_out, &argv[5]);
+    if (c.first_closed < 0) napi_get_null(env, &argv[6]);
+    else napi_create_string_utf8(env, c.first_closed == CLIENT ? "client" : "backend", NAPI_AUTO_LENGTH, &argv[6]);
     if (r->refs > 0 && --r->refs == 0) napi_unref_threadsafe_function(env, r->tsfn);
     napi_value result;
     napi_status st = napi_call_function(env, global, cb, 7, argv, &result);
@@ -365,8 +377,8 @@ static void deliver(napi_env env, napi_value js_cb, void *context, void *data) {
       napi_get_and_clear_last_exception(env, &exc);
       napi_fatal_exception(env, exc);
     }
+    napi_close_handle_scope(env, scope);
   }
-  free(batch);
 }
 
 /* Stops the thread; registered after the thread-safe function, so it runs before that is torn down. */
@@ -535,27 +547,7 @@ static napi_value js_attach(napi_env env, napi_callback_info info) {
   return out;
 }
 
-/* Fills [bytesIn, bytesOut] of a live session, or returns null. */
-static napi_value counters_of(napi_env env, relay_t *r, uint32_t id, int take) {
-  pthread_mutex_lock(&r->lock);
-  session_t *s = lookup(r, id);
-  if (!s) {
-    pthread_mutex_unlock(&r->lock);
-    napi_value nul;
-    napi_get_null(env, &nul);
-    return nul;
-  }
-  double in = s->dir[CLIENT].bytes, out = s->dir[BACKEND].bytes;
-  napi_value unsent;
-  napi_get_null(env, &unsent);
-  if (take) {
-    /* What the backend sent that the client's socket had no room for yet: JavaScript writes it. */
-    direction_t *down = &s->dir[BACKEND];
-    if (down->pending) napi_create_buffer_copy(env, down->pending_len - down->pending_off, down->pending + down->pending_off, NULL, &unsent);
-    release(r, s, id & SLOT_MASK);
-  }
-  pthread_mutex_unlock(&r->lock);
-  if (take && r->refs > 0 && --r->refs == 0) napi_unref_threadsafe_function(env, r->tsfn);
+static napi_value counts_array(napi_env env, double in, double out, napi_value unsent) {
   napi_value arr, v;
   napi_create_array_with_length(env, 3, &arr);
   napi_create_double(env, in, &v);
@@ -564,6 +556,33 @@ static napi_value counters_of(napi_env env, relay_t *r, uint32_t id, int take) {
   napi_set_element(env, arr, 1, v);
   napi_set_element(env, arr, 2, unsent);
   return arr;
+}
+
+/* [bytesIn, bytesOut, unsent] of a session; with `take`, the session is given back (detach). Null if unknown. */
+static napi_value counters_of(napi_env env, relay_t *r, uint32_t id, int take) {
+  pthread_mutex_lock(&r->lock);
+  session_t *s = lookup(r, id);
+  napi_value unsent;
+  napi_get_null(env, &unsent);
+  if (!s) {
+    /* Finished on the relay thread, its completion not yet delivered: detach takes that instead. */
+    completion_t c;
+    int queued = take && take_done(r, id, &c);
+    pthread_mutex_unlock(&r->lock);
+    if (!queued) return unsent;
+    if (r->refs > 0 && --r->refs == 0) napi_unref_threadsafe_function(env, r->tsfn);
+    return counts_array(env, c.bytes_in, c.bytes_out, unsent);
+  }
+  double in = s->dir[CLIENT].bytes, out = s->dir[BACKEND].bytes;
+  if (take) {
+    /* What the backend sent that the client's socket had no room for yet: JavaScript writes it. */
+    direction_t *down = &s->dir[BACKEND];
+    if (down->pending) napi_create_buffer_copy(env, down->pending_len - down->pending_off, down->pending + down->pending_off, NULL, &unsent);
+    release(r, s, id & SLOT_MASK);
+  }
+  pthread_mutex_unlock(&r->lock);
+  if (take && r->refs > 0 && --r->refs == 0) napi_unref_threadsafe_function(env, r->tsfn);
+  return counts_array(env, in, out, unsent);
 }
 
 static napi_value id_call(napi_env env, napi_callback_info info, int take) {
@@ -579,7 +598,8 @@ static napi_value id_call(napi_env env, napi_callback_info info, int take) {
   return counters_of(env, r, id, take);
 }
 
-/* detach(id) -> [bytesIn, bytesOut, unsentToClient: Buffer | null] | null: the fds are JavaScript's again at once. */
+/* detach(id) -> [bytesIn, bytesOut, unsentToClient: Buffer | null] | null: the fds are JavaScript's again at once;
+ * a session that had just finished is detached too (its completion dropped). Null: not lent (any more). */
 static napi_value js_detach(napi_env env, napi_callback_info info) { return id_call(env, info, 1); }
 /* counters(id) -> [bytesIn, bytesOut, null] | null */
 static napi_value js_counters(napi_env env, napi_callback_info info) { return id_call(env, info, 0); }

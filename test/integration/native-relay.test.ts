@@ -194,6 +194,22 @@ describe('native relay', () => {
     expect(nativeRelayLive()).toBe(0);
   });
 
+  it('detach just after the relay finished the session, its end not yet delivered: the counts, and the end never reported', async () => {
+    const { client, backend, lent, ended } = await lend();
+    let reported = false;
+    void ended.then(() => (reported = true));
+    client.far.end('abc');
+    backend.far.end('defgh');
+    await new Promise((r) => setImmediate(r)); // the FINs leave in this loop turn's poll phase
+    // Keep the event loop from delivering while the relay thread sees both FINs and finishes.
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 300);
+    expect(nativeRelayLive()).toBe(0);
+    expect(lent.detach()).toMatchObject({ bytesIn: 3, bytesOut: 5 });
+    expect(lent.detach()).toBeNull();
+    await new Promise((r) => setTimeout(r, 100));
+    expect(reported).toBe(false);
+  });
+
   it('refuses what it cannot relay: a TLS socket, and a socket with bytes still in Node\'s buffer', async () => {
     const backend = await link({ nearIsConnector: true });
     const plain = await link();
