@@ -68,6 +68,8 @@ typedef struct {
   uint32_t gen;
   int fd[2];            /* CLIENT, BACKEND */
   uint32_t interest[2]; /* epoll events registered per fd */
+  uint8_t hup[2];       /* the fd reported EPOLLHUP (both FINs, or a reset): it does so on every epoll_wait */
+  uint8_t off[2];       /* ... so, while nothing is wanted from it, it is off epoll (set_interest) */
   direction_t dir[2];   /* dir[CLIENT]: client -> backend; dir[BACKEND]: backend -> client */
   int64_t idle_ms, grace_ms;
   int64_t last_moved;   /* ms, monotonic */
@@ -120,16 +122,28 @@ static session_t *lookup(relay_t *r, uint32_t id) {
 }
 
 static void set_interest(relay_t *r, session_t *s, uint32_t slot, int side, uint32_t ev) {
-  if (s->interest[side] == ev) return;
+  /* epoll reports HUP whatever it is asked for: a hung-up fd nothing is wanted from (its bytes
+   * wait for the other side to drain, and nothing is left to write to it) would wake this thread
+   * on every epoll_wait, a spin. It leaves epoll until something is wanted from it again. */
+  if (ev == 0 && s->hup[side]) {
+    if (!s->off[side]) {
+      epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->fd[side], NULL);
+      s->off[side] = 1;
+    }
+    s->interest[side] = 0;
+    return;
+  }
+  if (!s->off[side] && s->interest[side] == ev) return;
   struct epoll_event e = {.events = ev, .data = {.u64 = ((uint64_t)slot << 1) | (uint64_t)side}};
-  epoll_ctl(r->epfd, EPOLL_CTL_MOD, s->fd[side], &e);
+  epoll_ctl(r->epfd, s->off[side] ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, s->fd[side], &e);
+  s->off[side] = 0;
   s->interest[side] = ev;
 }
 
 /* Takes the session off epoll and out of the table; frees what it holds. Caller holds the lock. */
 static void release(relay_t *r, session_t *s, uint32_t slot) {
   for (int side = 0; side < 2; side++) {
-    epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->fd[side], NULL);
+    if (!s->off[side]) epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->fd[side], NULL);
     free(s->dir[side].pending);
     s->dir[side].pending = NULL;
   }
@@ -249,6 +263,7 @@ static void service(relay_t *r, uint32_t slot, int woke, uint32_t events, int64_
     complete(r, s, slot, END_ERROR, woke, err);
     return;
   }
+  if (events & EPOLLHUP) s->hup[woke] = 1;
   direction_t *up = &s->dir[CLIENT], *down = &s->dir[BACKEND];
   if (up->shut && down->shut) {
     complete(r, s, slot, END_CLOSED, s->first_closed < 0 ? CLIENT : s->first_closed, 0);

@@ -149,6 +149,39 @@ describe('native relay', () => {
     expect((used.user + used.system) / 1000).toBeLessThan(250);
   });
 
+  it('a client that half-closed and stopped reading while the pair sends its last bytes and closes: no spinning on the pair\'s hang-up', async () => {
+    const { client, backend, lent, ended } = await lend();
+    client.far.pause();
+    client.far.end(); // passed on: the pair's socket is shut for writing
+    await new Promise((r) => {
+      backend.far.once('end', r);
+      backend.far.resume();
+    });
+    // The pair writes until the client path is full (the relay then holds bytes for the client),
+    // then closes: its socket hangs up (both FINs) while the relay still has bytes to deliver.
+    const sent: Buffer[] = [];
+    let lastOut = -1;
+    for (;;) {
+      const chunk = randomBytes(64 * 1024);
+      sent.push(chunk);
+      backend.far.write(chunk);
+      await new Promise((r) => setTimeout(r, 30));
+      const out = lent.counters()!.bytesOut;
+      if (out === lastOut) break;
+      lastOut = out;
+    }
+    backend.far.end();
+    await new Promise((r) => setTimeout(r, 300));
+    const cpuBefore = process.cpuUsage();
+    await new Promise((r) => setTimeout(r, 600));
+    const used = process.cpuUsage(cpuBefore);
+    const got = readAll(client.far);
+    expect(sha(await got)).toBe(sha(Buffer.concat(sent)));
+    expect((await ended).reason).toBe('closed');
+    // The relay thread is in this process: a spin would show as ~600 ms of CPU in 600 ms.
+    expect((used.user + used.system) / 1000).toBeLessThan(200);
+  });
+
   it('idle: nothing moved for idleMs ends the session with both sockets open (the caller sends the goodbye)', async () => {
     const { client, backend, ended } = await lend(300);
     const t0 = Date.now();
