@@ -28,6 +28,7 @@ interface Binding {
   detach(id: number): [number, number, Buffer | null] | null;
   counters(id: number): [number, number, null] | null;
   live(): number;
+  testHold(ms: number): void;
 }
 
 export interface NativeRelayEnd {
@@ -109,6 +110,11 @@ export function nativeRelayStatus(): { available: boolean; reason: string | null
 /** Sessions lent now. */
 export function nativeRelayLive(): number {
   return binding ? binding.live() : 0;
+}
+
+/** Tests only: the relay thread waits `ms` between an epoll_wait that returned events and acting on them. */
+export function nativeRelayTestHold(ms: number): void {
+  binding?.testHold(ms);
 }
 
 interface TcpHandle {

@@ -99,6 +99,7 @@ typedef struct {
   napi_threadsafe_function tsfn;
   napi_ref on_done;
   uint32_t refs; /* sessions attached (the JS thread's count: the tsfn is ref'd while > 0) */
+  int test_hold_ms; /* tests only: the thread waits this long between epoll_wait and the lock */
   char buf[READ_BYTES];
 } relay_t;
 
@@ -112,6 +113,13 @@ static int64_t now_ms(void) {
 #define SLOT_BITS 20
 #define SLOT_MASK ((1u << SLOT_BITS) - 1)
 static uint32_t make_id(uint32_t slot, uint32_t gen) { return (gen << SLOT_BITS) | slot; }
+
+/* epoll's key for a session's fd: its generation too, so that an event the thread took before a
+ * detach (taken out of epoll, but already returned by epoll_wait) is not applied to the next
+ * session given the same slot. */
+static uint64_t epoll_key(uint32_t slot, uint32_t gen, int side) {
+  return ((uint64_t)gen << 32) | ((uint64_t)slot << 1) | (uint64_t)side;
+}
 
 static session_t *lookup(relay_t *r, uint32_t id) {
   uint32_t slot = id & SLOT_MASK;
@@ -134,7 +142,7 @@ static void set_interest(relay_t *r, session_t *s, uint32_t slot, int side, uint
     return;
   }
   if (!s->off[side] && s->interest[side] == ev) return;
-  struct epoll_event e = {.events = ev, .data = {.u64 = ((uint64_t)slot << 1) | (uint64_t)side}};
+  struct epoll_event e = {.events = ev, .data = {.u64 = epoll_key(slot, s->gen, side)}};
   epoll_ctl(r->epfd, s->off[side] ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, s->fd[side], &e);
   s->off[side] = 0;
   s->interest[side] = ev;
@@ -296,6 +304,11 @@ static void *relay_main(void *arg) {
   int64_t last_sweep = now_ms();
   for (;;) {
     int n = epoll_wait(r->epfd, events, MAX_EVENTS, 1000);
+    int hold = __atomic_load_n(&r->test_hold_ms, __ATOMIC_RELAXED);
+    if (hold > 0 && n > 0) {
+      struct timespec ts = {.tv_sec = hold / 1000, .tv_nsec = (long)(hold % 1000) * 1000000L};
+      nanosleep(&ts, NULL);
+    }
     int64_t now = now_ms();
     pthread_mutex_lock(&r->lock);
     if (r->stopping) {
@@ -310,8 +323,9 @@ static void *relay_main(void *arg) {
         (void)rd;
         continue;
       }
-      uint32_t slot = (uint32_t)(key >> 1);
-      if (slot >= r->nslots || !r->slots[slot].in_use) continue; /* finished earlier in this batch */
+      uint32_t slot = (uint32_t)(key & 0xffffffffu) >> 1;
+      /* Finished earlier in this batch, or detached (and the slot perhaps reused) since epoll_wait. */
+      if (slot >= r->nslots || !r->slots[slot].in_use || r->slots[slot].gen != (uint32_t)(key >> 32)) continue;
       service(r, slot, (int)(key & 1), events[i].events, now);
     }
     if (now - last_sweep >= 1000) {
@@ -536,7 +550,7 @@ static napi_value js_attach(napi_env env, napi_callback_info info) {
   s->first_closed = -1;
   int ok = 1;
   for (int side = 0; side < 2 && ok; side++) {
-    struct epoll_event e = {.events = EPOLLIN, .data = {.u64 = ((uint64_t)slot << 1) | (uint64_t)side}};
+    struct epoll_event e = {.events = EPOLLIN, .data = {.u64 = epoll_key(slot, s->gen, side)}};
     if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, s->fd[side], &e) != 0) {
       ok = 0;
       if (side == 1) epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->fd[0], NULL);
@@ -634,6 +648,22 @@ static napi_value js_live(napi_env env, napi_callback_info info) {
   return out;
 }
 
+/* testHold(ms): tests only; the relay thread waits ms between an epoll_wait that returned events and
+ * taking the lock (the window in which JavaScript can detach and attach meanwhile). */
+static napi_value js_test_hold(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  relay_t *r = get_relay(env);
+  int32_t ms = 0;
+  if (!r || argc < 1 || napi_get_value_int32(env, argv[0], &ms) != napi_ok) {
+    napi_throw_type_error(env, NULL, "testHold(ms) of a started relay");
+    return NULL;
+  }
+  __atomic_store_n(&r->test_hold_ms, ms < 0 ? 0 : ms, __ATOMIC_RELAXED);
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"start", NULL, js_start, NULL, NULL, NULL, napi_default, NULL},
@@ -641,6 +671,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"detach", NULL, js_detach, NULL, NULL, NULL, napi_default, NULL},
       {"counters", NULL, js_counters, NULL, NULL, NULL, napi_default, NULL},
       {"live", NULL, js_live, NULL, NULL, NULL, napi_default, NULL},
+      {"testHold", NULL, js_test_hold, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

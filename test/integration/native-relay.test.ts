@@ -9,7 +9,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import net from 'node:net';
 import tls from 'node:tls';
 import { afterEach, describe, expect, it } from 'vitest';
-import { lendToNativeRelay, nativeRelayLive, nativeRelayStatus, readAgain, type NativeRelayEnd } from '../../common/native-relay.ts';
+import { lendToNativeRelay, nativeRelayLive, nativeRelayStatus, nativeRelayTestHold, readAgain, type NativeRelayEnd } from '../../common/native-relay.ts';
 
 interface Link {
   /** The proxy's socket (lent) and the far end (the test's client or pair). */
@@ -241,6 +241,28 @@ describe('native relay', () => {
     expect(lent.detach()).toBeNull();
     await new Promise((r) => setTimeout(r, 100));
     expect(reported).toBe(false);
+  });
+
+  it('an event the thread took for a session detached meanwhile is not applied to a new session given its slot', async () => {
+    const a = await lend();
+    try {
+      // The thread wakes for A's reset and, held, acts on it only after A was detached and B attached.
+      nativeRelayTestHold(400);
+      a.client.far.resetAndDestroy();
+      await new Promise((r) => setTimeout(r, 100));
+      expect(a.lent.detach()).not.toBeNull();
+      const b = await lend(); // the slot A freed is the next one given out
+      nativeRelayTestHold(0);
+      let reported: NativeRelayEnd | null = null;
+      void b.ended.then((e) => (reported = e));
+      await new Promise((r) => setTimeout(r, 600));
+      expect(reported).toBeNull();
+      b.client.far.write('still here');
+      expect((await nextData(b.backend.far, 10)).toString()).toBe('still here');
+      expect(b.lent.detach()).not.toBeNull();
+    } finally {
+      nativeRelayTestHold(0);
+    }
   });
 
   it('refuses what it cannot relay: a TLS socket, and a socket with bytes still in Node\'s buffer', async () => {
