@@ -161,13 +161,20 @@ export function lendToNativeRelay(client: net.Socket, backend: net.Socket, opts:
   const ch = lendableHandle(client);
   const bh = lendableHandle(backend);
   if (!ch || !bh) return null;
-  // Node must not read these fds any more: stop its reads (readAgain() starts them again).
+  let id: number;
+  try {
+    id = b.attach(ch.fd!, bh.fd!, Math.max(0, Math.floor(opts.idleMs)), Math.max(0, Math.floor(opts.graceMs)));
+  } catch {
+    // Refused (epoll_ctl failed, too many sessions): nothing changed, JavaScript relays.
+    return null;
+  }
+  // Node must not read these fds any more: stop its reads (readAgain() starts them again). Done
+  // after the attach, in the same turn: Node reads only from its event loop, which waits for us.
   for (const [s, h] of [[client, ch], [backend, bh]] as const) {
     s.pause();
     h.readStop!();
     h.reading = false;
   }
-  const id = b.attach(ch.fd!, bh.fd!, Math.max(0, Math.floor(opts.idleMs)), Math.max(0, Math.floor(opts.graceMs)));
   ends.set(id, onEnd);
   return {
     counters: () => {

@@ -282,6 +282,22 @@ describe('native relay', () => {
     wrapped.destroy();
   });
 
+  it('an attach the relay refuses (here: a fd it relays already) changes nothing: null, and Node still reads the sockets', async () => {
+    const a = await lend();
+    const other = await link({ nearIsConnector: true });
+    let r: unknown;
+    expect(() => (r = lendToNativeRelay(a.client.near, other.near, { idleMs: 0, graceMs: 1000 }, () => undefined))).not.toThrow();
+    expect(r).toBeNull();
+    const got = nextData(other.near, 2);
+    other.far.write('hi');
+    expect((await got).toString()).toBe('hi');
+    // And the session already lent goes on.
+    a.client.far.write('abc');
+    expect((await nextData(a.backend.far, 3)).toString()).toBe('abc');
+    expect(nativeRelayLive()).toBe(1);
+    a.lent.detach();
+  });
+
   it('200 sessions at once, each echoing through its pair, all end and leave nothing lent', async () => {
     const sessions = await Promise.all(Array.from({ length: 200 }, () => lend()));
     await Promise.all(
