@@ -377,17 +377,25 @@ static void deliver(napi_env env, napi_value js_cb, void *context, void *data) {
   (void)data;
   relay_t *r = context;
   if (!env) return;
-  napi_value cb, global;
-  if (napi_get_reference_value(env, r->on_done, &cb) != napi_ok || napi_get_global(env, &global) != napi_ok) return;
   for (;;) {
+    /* The scope first: a completion is taken off the queue only when it can be delivered. */
+    napi_handle_scope scope;
+    napi_value cb, global;
+    int usable = napi_open_handle_scope(env, &scope) == napi_ok;
+    if (usable && (napi_get_reference_value(env, r->on_done, &cb) != napi_ok || napi_get_global(env, &global) != napi_ok)) {
+      napi_close_handle_scope(env, scope);
+      usable = 0;
+    }
     completion_t c;
     pthread_mutex_lock(&r->lock);
-    int got = pop_done(r, &c);
+    int got = usable && pop_done(r, &c);
+    /* Nothing left, or (at teardown) no way to call JavaScript: the next completion notifies anew. */
     if (!got) r->notify_pending = 0;
     pthread_mutex_unlock(&r->lock);
-    if (!got) return;
-    napi_handle_scope scope;
-    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+    if (!got) {
+      if (usable) napi_close_handle_scope(env, scope);
+      return;
+    }
     napi_value argv[7];
     napi_create_uint32(env, c.id, &argv[0]);
     napi_create_string_utf8(env, END_NAMES[c.end], NAPI_AUTO_LENGTH, &argv[1]);
