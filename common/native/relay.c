@@ -26,9 +26,9 @@
  *   - no byte moved either way for idle_ms ("idle"; the sockets are left open, for JavaScript to
  *     send the protocol's goodbye).
  *
- * Locking: one mutex guards the session table; the thread holds it while it handles events, and
- * the JavaScript thread while it attaches, detaches or reads counters. The thread never calls into
- * JavaScript with it held.
+ * Locking: one mutex guards the session table; the thread holds it while it handles one session's
+ * event, and the JavaScript thread while it attaches, detaches or reads counters. The thread never
+ * calls into JavaScript with it held.
  */
 #define _GNU_SOURCE
 #define NAPI_VERSION 8
@@ -310,11 +310,8 @@ static void *relay_main(void *arg) {
       nanosleep(&ts, NULL);
     }
     int64_t now = now_ms();
-    pthread_mutex_lock(&r->lock);
-    if (r->stopping) {
-      pthread_mutex_unlock(&r->lock);
-      return NULL;
-    }
+    /* The lock is taken per event, not per batch: JavaScript's attach, detach and counters wait
+     * for one session's system calls at most, not for a whole batch's. */
     for (int i = 0; i < n; i++) {
       uint64_t key = events[i].data.u64;
       if (key == UINT64_MAX) {
@@ -324,9 +321,15 @@ static void *relay_main(void *arg) {
         continue;
       }
       uint32_t slot = (uint32_t)(key & 0xffffffffu) >> 1;
+      pthread_mutex_lock(&r->lock);
       /* Finished earlier in this batch, or detached (and the slot perhaps reused) since epoll_wait. */
-      if (slot >= r->nslots || !r->slots[slot].in_use || r->slots[slot].gen != (uint32_t)(key >> 32)) continue;
-      service(r, slot, (int)(key & 1), events[i].events, now);
+      if (slot < r->nslots && r->slots[slot].in_use && r->slots[slot].gen == (uint32_t)(key >> 32)) service(r, slot, (int)(key & 1), events[i].events, now);
+      pthread_mutex_unlock(&r->lock);
+    }
+    pthread_mutex_lock(&r->lock);
+    if (r->stopping) {
+      pthread_mutex_unlock(&r->lock);
+      return NULL;
     }
     if (now - last_sweep >= 1000) {
       last_sweep = now;
