@@ -3,6 +3,7 @@
  * uses the same objects through `proxyMetrics(registry)`, so labels stay the same everywhere.
  */
 import { counter, createRegistry, gauge, histogram, tallyOf, type MetricsRegistry } from '../common/metrics.ts';
+import { nativeRelayLive } from '../common/native-relay.ts';
 
 /** The proxy process's metrics registry (common/metrics.ts's, default process metrics included). */
 export function proxyRegistry(defaultLabels: Record<string, string>): MetricsRegistry {
@@ -24,6 +25,10 @@ export function proxyMetrics(registry: MetricsRegistry) {
     throttled: counter(registry, 'proxy_auth_throttled_total', 'Logins refused or delayed by failed-login limits', ['scope']),
     closed: counter(registry, 'proxy_sessions_closed_total', 'Proxied sessions ended, by reason', ['protocol', 'reason']),
     tlsReloads: counter(registry, 'proxy_tls_reloads_total', 'Certificate reloads by outcome', ['result']),
+    // Read when scraped: the relay thread's own count (0 when it is not built or not used).
+    nativeRelaySessions: gauge(registry, 'proxy_native_relay_sessions', 'Proxied sessions whose bytes the native relay moves now (the rest: JavaScript)', [], function () {
+      this.set(nativeRelayLive());
+    }),
   };
 }
 

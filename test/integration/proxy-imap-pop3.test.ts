@@ -1292,5 +1292,15 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(m).toMatch(/pairgate_logins_total\{protocol="imap",result="ok"\}/);
     expect(m).toMatch(/pairgate_proxy_bytes_total\{direction="out",protocol="imap"\}/);
     expect(m).toMatch(/pairgate_sessions_total\{protocol="imap",pair="pair-a",role="proxy"\}/);
+    // Sessions on the native relay (process-wide: both test proxies share the relay thread).
+    const onNative = async () => Number(/^pairgate_proxy_native_relay_sessions (\d+)$/m.exec(await (await fetch(`${proxy.admin.url}/metrics`)).text())?.[1] ?? -1);
+    const { c, answer } = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
+    expect(answer).toMatch(/^a1 OK/);
+    expect(await onNative()).toBeGreaterThanOrEqual(1);
+    c.send('a2 LOGOUT');
+    await c.until(/^a2 OK/);
+    c.close();
+    let last = -1;
+    await waitFor(async () => (last = await onNative()) === 0, 8000, `no session left on the native relay (last: ${last})`);
   });
 });
