@@ -3,7 +3,7 @@
  *
  *   npm run bench -- proxy [--seconds 4] [--rounds 3] [--warmup 3] [--concurrency 32] [--big-mib 10] [--idle 5000]
  *                          [--idle-backend store|dovecot] [--paths direct,pairgate,...] [--compare-tree DIR] [--node-relay]
- *                          [--instant-pair]
+ *                          [--instant-pair] [--relay native|javascript] [--idle-noop-seconds 5]
  *
  * Paths measured, all to the same Dovecot (the pair's backend) on this machine:
  *   - direct: clients log in to Dovecot themselves;
@@ -19,7 +19,11 @@
  *   nginx and Perdition are skipped with a note when not installed.
  * Figures: IMAP sessions/s (connect, LOGIN, SELECT, FETCH 1 BODY[], LOGOUT) and POP3
  * sessions/s (connect, USER/PASS, STAT, RETR 1, QUIT) at --concurrency; bulk FETCH of a
- * --big-mib message (MiB/s); proxy RSS per idle proxied IMAP session (--idle sessions open).
+ * --big-mib message (MiB/s); proxy RSS per idle proxied IMAP session (--idle sessions open), then
+ * the proxy's CPU per 1,000 keep-alive NOOPs over 1,000 open sessions (in a proxy without the idle
+ * run's forced GCs; --idle-noop-seconds at 1,000 a second: what a proxy holding many IDLE clients
+ * mostly does). --relay sets `relay` in this tree's
+ * proxies' config (native or javascript; default: the config's, native), for an A/B of the two.
  * The idle sessions end at pairgate's own store IMAP server (one process, in this bench's
  * process) by default: each Dovecot session costs an imap process, which caps what the
  * machine holds far below 5,000; `--idle-backend dovecot` measures against Dovecot instead.
@@ -89,6 +93,8 @@ const { values: args } = parseArgs({
     'compare-tree': { type: 'string' },
     'node-relay': { type: 'boolean', default: false },
     'instant-pair': { type: 'boolean', default: false },
+    relay: { type: 'string' },
+    'idle-noop-seconds': { type: 'string', default: '5' },
   },
 });
 if (args.help) {
@@ -106,6 +112,13 @@ const ONLY_PATHS = args.paths ? new Set(args.paths.split(',').map((s) => s.trim(
 const COMPARE_TREES = args['compare-tree'] ? args['compare-tree'].split(',').filter(Boolean) : [];
 const NODE_RELAY = args['node-relay'];
 const INSTANT_PAIR = args['instant-pair'];
+/** proxy.relay for this tree's proxies (other trees keep their default); unset = the config default. */
+const RELAY = args.relay === 'native' || args.relay === 'javascript' ? args.relay : undefined;
+if (args.relay !== undefined && !RELAY) throw new Error(`--relay must be native or javascript, not ${args.relay}`);
+const IDLE_NOOP_SECONDS = Math.max(0, Number(args['idle-noop-seconds']));
+/** Keep-alive rate of the open idle sessions in the NOOP phase (NOOPs a second, all sessions together). */
+const IDLE_NOOP_RATE = 1000;
+const IDLE_NOOP_SESSIONS = 1000;
 
 /**
  * The --instant-pair backend: `node -e INSTANT_PAIR_SCRIPT IMAP_PORT POP3_PORT`, a pair that answers
@@ -380,41 +393,82 @@ function cpuMs(roots: number[], part: 'all' | 'user' | 'system' = 'all'): number
   return (procs.filter((p) => inTree.has(p.pid)).reduce((a, p) => a + p.ticks, 0) * 1000) / CLK_TCK;
 }
 
-/**
- * Opens `IDLE` logged-in IMAP sessions through the proxy (20 at a time, bounded to 180 s) and
- * returns the proxy's RSS growth per open session, measured after the sessions settle.
- */
-async function idleCost(port: number, pid: number): Promise<{ perSessionKiB: number; sessions: number; beforeKiB: number; afterKiB: number; failed: number }> {
+/** Opens up to `n` logged-in IMAP sessions through the proxy (20 at a time, bounded to 180 s). */
+async function openIdleSessions(port: number, n: number): Promise<{ conns: Conn[]; opened: number; failed: number }> {
   const conns: Conn[] = [];
-  for (let w = 0; w < 20; w++) await imapSession(port, w % USERS);
-  await new Promise((r) => setTimeout(r, 1000));
-  const before = rssKiB(pid);
   const deadline = Date.now() + 180_000;
   let failed = 0;
   let opened = 0;
+  for (let k = 0; k < n && Date.now() < deadline && failed < 100; k += 20) {
+    await Promise.all(
+      Array.from({ length: Math.min(20, n - k) }, async (_x, j) => {
+        try {
+          const c = await Conn.open(port);
+          conns.push(c);
+          await c.wait(lineEnd);
+          const r = await c.cmd(`a LOGIN ${user((k + j) % USERS)} ${pass((k + j) % USERS)}`, tagged('a'));
+          if (!/\ba OK/.test(r.toString())) throw new Error(r.toString().slice(0, 200));
+          opened++;
+        } catch (err) {
+          if (failed++ === 0) process.stderr.write(`idle session failed: ${(err as Error).message}\n`);
+        }
+      }),
+    );
+  }
+  return { conns, opened, failed };
+}
+
+/**
+ * Opens `IDLE` logged-in IMAP sessions through the proxy and returns the proxy's RSS growth per
+ * open session, measured after the sessions settle.
+ */
+async function idleCost(port: number, pid: number): Promise<{ perSessionKiB: number; sessions: number; beforeKiB: number; afterKiB: number; failed: number }> {
+  for (let w = 0; w < 20; w++) await imapSession(port, w % USERS);
+  await new Promise((r) => setTimeout(r, 1000));
+  const before = rssKiB(pid);
+  const { conns, opened, failed } = await openIdleSessions(port, IDLE);
   try {
-    for (let k = 0; k < IDLE && Date.now() < deadline && failed < 100; k += 20) {
-      await Promise.all(
-        Array.from({ length: Math.min(20, IDLE - k) }, async (_x, j) => {
-          try {
-            const c = await Conn.open(port);
-            conns.push(c);
-            await c.wait(lineEnd);
-            const r = await c.cmd(`a LOGIN ${user((k + j) % USERS)} ${pass((k + j) % USERS)}`, tagged('a'));
-            if (!/\ba OK/.test(r.toString())) throw new Error(r.toString().slice(0, 200));
-            opened++;
-          } catch (err) {
-            if (failed++ === 0) process.stderr.write(`idle session failed: ${(err as Error).message}\n`);
-          }
-        }),
-      );
-    }
     await new Promise((r) => setTimeout(r, 3000));
     const after = rssKiB(pid);
     return { perSessionKiB: (after - before) / Math.max(1, opened), sessions: opened, beforeKiB: before, afterKiB: after, failed };
   } finally {
     for (const c of conns) c.close();
   }
+}
+
+/**
+ * Keep-alives over open idle sessions (what a proxy holding many IDLE clients mostly does): opens
+ * IDLE_NOOP_SESSIONS sessions, then sends NOOPs at IDLE_NOOP_RATE a second over all of them for
+ * IDLE_NOOP_SECONDS; returns the proxy's CPU per 1,000 NOOP round trips. Each session has one NOOP
+ * in flight at most.
+ */
+async function keepAlives(port: number, pid: number): Promise<{ sessions: number; noops: number; cpuMsPer1000: number }> {
+  const { conns, opened } = await openIdleSessions(port, Math.min(IDLE, IDLE_NOOP_SESSIONS));
+  try {
+    await new Promise((r) => setTimeout(r, 1000));
+    const { noops, cpuMsPer1000 } = await noopRounds(conns.filter((c) => !c.socket.destroyed), pid);
+    return { sessions: opened, noops, cpuMsPer1000 };
+  } finally {
+    for (const c of conns) c.close();
+  }
+}
+
+async function noopRounds(conns: Conn[], pid: number): Promise<{ noops: number; cpuMsPer1000: number }> {
+  if (conns.length === 0) return { noops: 0, cpuMsPer1000: 0 };
+  const batch = 50;
+  const cpu0 = cpuMs([pid]);
+  const t0 = Date.now();
+  let noops = 0;
+  let next = 0;
+  while (Date.now() - t0 < IDLE_NOOP_SECONDS * 1000) {
+    const slice = Array.from({ length: Math.min(batch, conns.length) }, () => conns[next++ % conns.length]!);
+    await Promise.all(slice.map((c) => c.cmd('n NOOP', tagged('n'))));
+    noops += slice.length;
+    const ahead = t0 + (noops / IDLE_NOOP_RATE) * 1000 - Date.now();
+    if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
+  }
+  const cpu = cpuMs([pid]) - cpu0;
+  return { noops, cpuMsPer1000: (cpu / noops) * 1000 };
 }
 
 function ssha(password: string): string {
@@ -535,6 +589,7 @@ async function main(): Promise<void> {
           backend: { masterUser: master.user, masterSecret: '${BENCH_MASTER_SECRET}', trustedNetworks: ['127.0.0.0/8'] },
           limits: { maxConnectionsPerIp: 0, maxSessionsPerUser: 0, maxConnections: 0 },
           authLimits: { maxPerIp: 0, maxPerLogin: 0 },
+          ...(RELAY && !tree ? { relay: RELAY } : {}),
         }),
       );
       // A `js:DIR` tree is a compiled copy (tsc emitted .js beside each .ts): served by plain node, no tsx.
@@ -742,6 +797,7 @@ async function main(): Promise<void> {
     paths.forEach((p, k) => (results[p.name]!.bulk = bulkFigures.best[k]!));
     // Idle cost in a fresh proxy process, so that heap growth from the rate rounds does not blur it.
     let idle: Awaited<ReturnType<typeof idleCost>> | null = null;
+    let keepAlive: Awaited<ReturnType<typeof keepAlives>> | null = null;
     let idleBackendNote = '';
     if (IDLE > 0 && !INSTANT_PAIR) {
       main.child.kill('SIGTERM');
@@ -763,6 +819,13 @@ async function main(): Promise<void> {
       // garbage from the logins that V8 has not collected yet.
       const idleProxy = await startPairgate('bench-idle', ['--gc-global', '--gc-interval=20000'], dir, master);
       idle = await idleCost(idleProxy.imapPort, idleProxy.child.pid!);
+      idleProxy.child.kill('SIGTERM');
+      // Keep-alives in a proxy of their own, without the forced GCs (they would be most of its CPU).
+      if (IDLE_NOOP_SECONDS > 0) {
+        const kaProxy = await startPairgate('bench-keepalive', [], dir, master);
+        keepAlive = await keepAlives(kaProxy.imapPort, kaProxy.child.pid!);
+        kaProxy.child.kill('SIGTERM');
+      }
     }
     const perSessionKiB = idle?.perSessionKiB ?? 0;
 
@@ -814,6 +877,11 @@ async function main(): Promise<void> {
       ...(idle
         ? [
             `pairgate RSS per idle proxied IMAP session: ${perSessionKiB.toFixed(1)} KiB (${idle.sessions} sessions open, ${idle.failed} failed; proxy RSS ${idle.beforeKiB} -> ${idle.afterKiB} KiB; backend: ${idleBackendNote})`,
+            ...(keepAlive?.noops
+              ? [
+                  `pairgate CPU per 1,000 keep-alive NOOPs over ${keepAlive.sessions} open sessions (${keepAlive.noops} at ~${IDLE_NOOP_RATE}/s, relay: ${RELAY ?? 'config default'}): ${keepAlive.cpuMsPer1000.toFixed(1)} ms`,
+                ]
+              : []),
           ]
         : []),
       `load average (1/5/15 min): ${loadBefore} before the rate rounds, ${load()} at the end`,
@@ -858,6 +926,11 @@ async function main(): Promise<void> {
       if (!Number.isNaN(v)) figures[`${p.name}_bulk_proxy_cpu_ms_per_mib`] = Number(v.toFixed(3));
     });
     if (idle) figures.idle_sessions_open = idle.sessions;
+    if (keepAlive?.noops) {
+      figures.keepalive_noops = keepAlive.noops;
+      figures.keepalive_proxy_cpu_ms_per_1000 = Number(keepAlive.cpuMsPer1000.toFixed(1));
+    }
+    if (RELAY) figures.relay_native = RELAY === 'native' ? 1 : 0;
     figures.warmup_seconds = WARMUP;
     process.stdout.write(JSON.stringify({ bench: 'proxy', figures, targets, met }) + '\n');
   } finally {
