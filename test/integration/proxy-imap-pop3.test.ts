@@ -267,6 +267,14 @@ class RawImap {
   }
 
   /** Where the next reply starts (bytes received so far that until() has moved past). */
+  /** Creates mailbox `box`, appends `body` to it and selects it (tags `${t}2`–`${t}4`). */
+  async selectNewMailbox(t: string, box: string, body: string | Buffer): Promise<void> {
+    this.write(`${t}2 CREATE ${box}\r\n${t}3 APPEND ${box} {${body.length}+}\r\n`);
+    this.write(body);
+    this.write(`\r\n${t}4 SELECT ${box}\r\n`);
+    expect(await this.until(new RegExp(`^${t}4 `, 'm'), 30_000)).toMatch(new RegExp(`${t}3 OK[^]*${t}4 OK`));
+  }
+
   get consumed(): number {
     return this.from;
   }
@@ -1190,10 +1198,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(await c.until(/^r1 /m)).toMatch(/r1 OK/);
     await expectRelay(logs[relay], logFrom, 'carol', relay);
     const mpid = await lastMailPid(dovA, 'imap', 'carol', dovFrom);
-    c.write(`r2 CREATE ${box}\r\nr3 APPEND ${box} {${body.length}+}\r\n`);
-    c.write(body);
-    c.write(`\r\nr4 SELECT ${box}\r\n`);
-    expect(await c.until(/^r4 /m, 30_000)).toMatch(/r3 OK[^]*r4 OK/);
+    await c.selectNewMailbox('r', box, body);
     // Not read: the reply backs up to the pair; then the client resets.
     c.socket.pause();
     c.write('r5 FETCH 1 BODY.PEEK[]\r\n');
@@ -1221,10 +1226,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(await c.until(/^k1 /m)).toMatch(/k1 OK/);
     await expectRelay(logs[relay], logFrom, 'dave', relay);
     const mpid = await lastMailPid(dovB, 'imap', 'dave', dovFrom);
-    c.write(`k2 CREATE ${box}\r\nk3 APPEND ${box} {${body.length}+}\r\n`);
-    c.write(body);
-    c.write(`\r\nk4 SELECT ${box}\r\n`);
-    expect(await c.until(/^k4 /m, 30_000)).toMatch(/k3 OK[^]*k4 OK/);
+    await c.selectNewMailbox('k', box, body);
     const fetchFrom = c.consumed;
     // The client stops reading before it asks (its receive window stays small: loopback windows
     // grow to tens of MiB while read at speed): the reply fills the buffers on the way, the pair
