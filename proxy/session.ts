@@ -5,6 +5,12 @@
  * timeout, a clean client close when the backend goes away, and one log line at the end with
  * user, pair, client address, bytes and duration.
  *
+ * The splice is done by one of two relays: a plain-TCP session is lent to the native relay
+ * (common/native-relay.ts: a thread moves its bytes and gives the sockets back when it ends, or
+ * at once when the session is kicked: `takeBack`), anything else is relayed here in JavaScript
+ * (`relayInJavaScript`). Whatever either side sent past the login and Node already read is
+ * passed on before either starts.
+ *
  * Per-session costs are kept few, because at a few hundred sessions a second they are most of
  * the proxy's CPU: no timer per socket once spliced (the registry's once-a-second sweep
  * (`sweep`) sees a session idle when its byte counters stop moving, and bounds the wait for a
