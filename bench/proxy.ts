@@ -402,14 +402,17 @@ async function openIdleSessions(port: number, n: number): Promise<{ conns: Conn[
   for (let k = 0; k < n && Date.now() < deadline && failed < 100; k += 20) {
     await Promise.all(
       Array.from({ length: Math.min(20, n - k) }, async (_x, j) => {
+        let c: Conn | null = null;
         try {
-          const c = await Conn.open(port);
-          conns.push(c);
+          c = await Conn.open(port);
           await c.wait(lineEnd);
           const r = await c.cmd(`a LOGIN ${user((k + j) % USERS)} ${pass((k + j) % USERS)}`, tagged('a'));
           if (!/\ba OK/.test(r.toString())) throw new Error(r.toString().slice(0, 200));
+          conns.push(c);
           opened++;
         } catch (err) {
+          // Closed, not kept: only logged-in sessions are counted, held and sent keep-alives.
+          c?.close();
           if (failed++ === 0) process.stderr.write(`idle session failed: ${(err as Error).message}\n`);
         }
       }),
@@ -442,17 +445,31 @@ async function idleCost(port: number, pid: number): Promise<{ perSessionKiB: num
  * IDLE_NOOP_SECONDS; returns the proxy's CPU per 1,000 NOOP round trips. Each session has one NOOP
  * in flight at most.
  */
-async function keepAlives(port: number, pid: number): Promise<{ sessions: number; noops: number; cpuMsPer1000: number }> {
+async function keepAlives(port: number, pid: number, adminPort: number): Promise<{ sessions: number; onNative: number | null; noops: number; cpuMsPer1000: number }> {
   const { conns, opened } = await openIdleSessions(port, Math.min(IDLE, IDLE_NOOP_SESSIONS));
   try {
     await new Promise((r) => setTimeout(r, 1000));
+    // Which relay really moves them (--relay native with the addon not built relays in JavaScript).
+    const onNative = await nativeRelaySessions(adminPort);
     const { noops, cpuMsPer1000 } = await noopRounds(conns.filter((c) => !c.socket.destroyed), pid);
-    return { sessions: opened, noops, cpuMsPer1000 };
+    return { sessions: opened, onNative, noops, cpuMsPer1000 };
   } finally {
     for (const c of conns) c.close();
   }
 }
 
+/** The proxy's pairgate_proxy_native_relay_sessions (null when its admin listener does not answer). */
+async function nativeRelaySessions(adminPort: number): Promise<number | null> {
+  try {
+    const text = await (await fetch(`http://127.0.0.1:${adminPort}/metrics`)).text();
+    const m = /^pairgate_proxy_native_relay_sessions(?:\{[^}]*\})? (\d+)$/m.exec(text);
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** NOOPs in bursts of 50 (one per session, round robin), one burst every 50 ms for IDLE_NOOP_RATE = 1,000 a second. */
 async function noopRounds(conns: Conn[], pid: number): Promise<{ noops: number; cpuMsPer1000: number }> {
   if (conns.length === 0) return { noops: 0, cpuMsPer1000: 0 };
   const batch = 50;
@@ -602,7 +619,7 @@ async function main(): Promise<void> {
       });
       children.push(child);
       await waitForPort('127.0.0.1', imapPort, 20_000);
-      return { child, imapPort, pop3Port };
+      return { child, imapPort, pop3Port, adminPort: adminPortP };
     };
     // PROXY_BENCH_PROF=DIR: a V8 CPU profile of the measured proxy process, written to DIR at its exit.
     // PROXY_BENCH_NODE_FLAGS: extra node flags for it (e.g. --perf-basic-prof for `perf record -p`, its pid is printed).
@@ -823,7 +840,7 @@ async function main(): Promise<void> {
       // Keep-alives in a proxy of their own, without the forced GCs (they would be most of its CPU).
       if (IDLE_NOOP_SECONDS > 0) {
         const kaProxy = await startPairgate('bench-keepalive', [], dir, master);
-        keepAlive = await keepAlives(kaProxy.imapPort, kaProxy.child.pid!);
+        keepAlive = await keepAlives(kaProxy.imapPort, kaProxy.child.pid!, kaProxy.adminPort);
         kaProxy.child.kill('SIGTERM');
       }
     }
@@ -879,7 +896,7 @@ async function main(): Promise<void> {
             `pairgate RSS per idle proxied IMAP session: ${perSessionKiB.toFixed(1)} KiB (${idle.sessions} sessions open, ${idle.failed} failed; proxy RSS ${idle.beforeKiB} -> ${idle.afterKiB} KiB; backend: ${idleBackendNote})`,
             ...(keepAlive?.noops
               ? [
-                  `pairgate CPU per 1,000 keep-alive NOOPs over ${keepAlive.sessions} open sessions (${keepAlive.noops} at ~${IDLE_NOOP_RATE}/s, relay: ${RELAY ?? 'config default'}): ${keepAlive.cpuMsPer1000.toFixed(1)} ms`,
+                  `pairgate CPU per 1,000 keep-alive NOOPs over ${keepAlive.sessions} open sessions (${keepAlive.noops} at ~${IDLE_NOOP_RATE}/s, relay: ${RELAY ?? 'config default'}, ${keepAlive.onNative ?? '?'} of the sessions on the native relay): ${keepAlive.cpuMsPer1000.toFixed(1)} ms`,
                 ]
               : []),
           ]
@@ -929,6 +946,7 @@ async function main(): Promise<void> {
     if (keepAlive?.noops) {
       figures.keepalive_noops = keepAlive.noops;
       figures.keepalive_proxy_cpu_ms_per_1000 = Number(keepAlive.cpuMsPer1000.toFixed(1));
+      if (keepAlive.onNative !== null) figures.keepalive_sessions_on_native_relay = keepAlive.onNative;
     }
     if (RELAY) figures.relay_native = RELAY === 'native' ? 1 : 0;
     figures.warmup_seconds = WARMUP;
