@@ -91,7 +91,7 @@ export const DASHBOARDS: Dashboard[] = [
       {
         title: 'Proxy sessions on the native relay',
         exprs: [['sum(pairgate_proxy_native_relay_sessions)', 'native relay'], ['sum(pairgate_sessions{role="proxy"})', 'all proxied']],
-        description: 'Logged-in plain-TCP sessions are moved by the native relay; TLS sessions, and every session of a proxy whose relay is not built (its start-up log says so), are relayed in JavaScript.',
+        description: 'Logged-in plain-TCP sessions are moved by the native relay; TLS sessions, sessions with bytes in flight when the login ended, and every session of a proxy with relay: javascript or whose relay is not built (its start-up log says so), are relayed in JavaScript.',
       },
       { title: 'Logins by result', exprs: [['sum by (result) (rate(pairgate_logins_total[5m]))', '{{result}}']], unit: 'ops', stack: true },
       { title: 'Login latency p50 / p99', exprs: [['histogram_quantile(0.5, sum by (le) (rate(pairgate_login_seconds_bucket[5m])))', 'p50'], ['histogram_quantile(0.99, sum by (le) (rate(pairgate_login_seconds_bucket[5m])))', 'p99']], unit: 's' },

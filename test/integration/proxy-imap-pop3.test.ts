@@ -266,7 +266,6 @@ class RawImap {
     return text;
   }
 
-  /** Where the next reply starts (bytes received so far that until() has moved past). */
   /** Creates mailbox `box`, appends `body` to it and selects it (tags `${t}2`–`${t}4`). */
   async selectNewMailbox(t: string, box: string, body: string | Buffer): Promise<void> {
     this.write(`${t}2 CREATE ${box}\r\n${t}3 APPEND ${box} {${body.length}+}\r\n`);
@@ -275,6 +274,7 @@ class RawImap {
     expect(await this.until(new RegExp(`^${t}4 `, 'm'), 30_000)).toMatch(new RegExp(`${t}3 OK[^]*${t}4 OK`));
   }
 
+  /** Where the next reply starts (bytes received so far that until() has moved past). */
   get consumed(): number {
     return this.from;
   }
