@@ -22,8 +22,8 @@
  * --big-mib message (MiB/s); proxy RSS per idle proxied IMAP session (--idle sessions open), then
  * the proxy's CPU per 1,000 keep-alive NOOPs over 1,000 open sessions (in a proxy without the idle
  * run's forced GCs; --idle-noop-seconds at 1,000 a second: what a proxy holding many IDLE clients
- * mostly does). --relay sets `relay` in this tree's
- * proxies' config (native or javascript; default: the config's, native), for an A/B of the two.
+ * mostly does). --relay sets `relay` in this tree's proxies' config (native or javascript; default:
+ * the config's, native), for an A/B of the two.
  * The idle sessions end at pairgate's own store IMAP server (one process, in this bench's
  * process) by default: each Dovecot session costs an imap process, which caps what the
  * machine holds far below 5,000; `--idle-backend dovecot` measures against Dovecot instead.
