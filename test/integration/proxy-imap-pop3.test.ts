@@ -992,6 +992,29 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(await fingerprint()).toBe(after);
   });
 
+  it('reload switches the relay for new sessions; a session already on the native relay goes on', async () => {
+    const from = logs.native.length;
+    const first = await imapLogin(port('imap-plain'), 'alice', 'alice-pass');
+    expect(first.answer).toMatch(/^a1 OK/);
+    await expectRelay(logs.native, from, 'alice', 'native');
+    await proxy.reload(baseConfig({ relay: 'javascript' }));
+    try {
+      const from2 = logs.native.length;
+      const second = await imapLogin(port('imap-plain'), 'carol', 'carol-pass');
+      expect(second.answer).toMatch(/^a1 OK/);
+      await expectRelay(logs.native, from2, 'carol', 'javascript');
+      for (const c of [first.c, second.c]) {
+        c.send('b1 NOOP');
+        expect(await c.until(/^b1 /)).toMatch(/^b1 OK/);
+        c.send('b2 LOGOUT');
+        expect(await c.until(/^b2 /)).toMatch(/^b2 OK/);
+        c.close();
+      }
+    } finally {
+      await proxy.reload(baseConfig({ relay: 'native' }));
+    }
+  });
+
   it('limits: connections per address, sessions per user; SASL LOGIN and a cancelled AUTHENTICATE', async () => {
     const p4 = await startProxy(baseConfig({ id: 'proxy-test-4', limits: { maxConnectionsPerIp: 3, maxSessionsPerUser: 1 } }), {
       log: silentLogger,
