@@ -170,22 +170,34 @@ export function lendToNativeRelay(client: net.Socket, backend: net.Socket, opts:
   }
   // Node must not read these fds any more: stop its reads (readAgain() starts them again). Done
   // after the attach, in the same turn: Node reads only from its event loop, which waits for us.
-  for (const [s, h] of [[client, ch], [backend, bh]] as const) {
-    s.pause();
-    h.readStop!();
-    h.reading = false;
-  }
+  stopReads(client, ch);
+  stopReads(backend, bh);
   ends.set(id, onEnd);
-  return {
-    counters: () => {
-      const c = b.counters(id);
-      return c ? { bytesIn: c[0], bytesOut: c[1] } : null;
-    },
-    detach: () => {
-      const r = b.detach(id);
-      ends.delete(id);
-      if (!r) return null;
-      return { bytesIn: r[0], bytesOut: r[1], unsent: r[2] };
-    },
-  };
+  return new Lent(b, id);
+}
+
+function stopReads(s: net.Socket, h: TcpHandle): void {
+  s.pause();
+  h.readStop!();
+  h.reading = false;
+}
+
+/** A lent session's handle (a class: no closures made per session). */
+class Lent implements LentSession {
+  constructor(
+    private readonly b: Binding,
+    private readonly id: number,
+  ) {}
+
+  counters(): { bytesIn: number; bytesOut: number } | null {
+    const c = this.b.counters(this.id);
+    return c ? { bytesIn: c[0], bytesOut: c[1] } : null;
+  }
+
+  detach(): { bytesIn: number; bytesOut: number; unsent: Buffer | null } | null {
+    const r = this.b.detach(this.id);
+    ends.delete(this.id);
+    if (!r) return null;
+    return { bytesIn: r[0], bytesOut: r[1], unsent: r[2] };
+  }
 }

@@ -155,7 +155,6 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
     let remote: ClientAddress = { address: peer, port: raw.remotePort ?? 0 };
     let socket: net.Socket = raw;
     let prefix: Buffer = Buffer.alloc(0);
-    const giveBack = () => held.giveBack();
     if (viaLb) {
       try {
         const { header, rest } = await readProxyHeader(raw, ctx.config.timeouts.proxyHeaderMs);
@@ -163,18 +162,18 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
         prefix = rest;
       } catch (err) {
         log.warn({ peer, err: (err as Error).message }, 'connection from a load balancer without a valid PROXY header: closed');
-        giveBack();
+        held.giveBack();
         return reject(raw, 'proxy-header', null);
       }
       if (!takeAddressSlot(remote.address)) {
-        giveBack();
+        held.giveBack();
         return reject(raw, 'max-per-ip', lc.tls === 'implicit' ? null : 'Too many connections from your address.');
       }
       held.address = remote.address;
     }
     if (lc.tls === 'implicit') {
       if (!ctx.tls) {
-        giveBack();
+        held.giveBack();
         return reject(raw, 'no-tls', null);
       }
       try {
@@ -183,7 +182,7 @@ export async function startListener(ctx: ProxyContext, lc: ListenerConfig): Prom
       } catch (err) {
         log.debug({ peer, err: (err as Error).message }, 'TLS handshake failed');
         ctx.metrics.rejected.inc({ protocol: lc.protocol, reason: 'tls-handshake' });
-        giveBack();
+        held.giveBack();
         raw.destroy();
         return;
       }
