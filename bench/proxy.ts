@@ -54,7 +54,11 @@
  * adds a path `node-relay`: a bare Node relay in its own
  * process (plain JavaScript, no TypeScript loader: accept, connect to Dovecot, stream.pipe both
  * ways, no login handling; clients log in with their own password as through HAProxy), the
- * floor of what any proxy written on Node's net/stream API costs per session on this machine.
+ * floor of what any proxy written on Node's net/stream API costs per session on this machine;
+ * and, when the native relay is built, a path `node-native-relay`: the same accept and connect,
+ * then both sockets lent to pairgate's native relay (common/native/relay.c) at once, so that the
+ * event loop wakes for a session's accept, connect and end only: the floor of a Node proxy that
+ * hands its sessions to that relay, with no login work at all.
  * --instant-pair replaces Dovecot with a pair that answers every command at once (a small Node
  * script: the master login, SELECT, FETCH of a 2 KiB message, LOGOUT, the POP3 equivalents): the
  * proxies' own CPU per session at 1,000-2,000 sessions/s instead of diluted in Dovecot's ~45 ms, for
@@ -188,6 +192,43 @@ for (let i = 0; i < ports.length; i += 2) {
 }
 process.on('SIGTERM', () => process.exit(0));
 `;
+/**
+ * The native-relay floor: `node -e NATIVE_RELAY_FLOOR_SCRIPT ADDON LISTEN_PORT TARGET_PORT ...`.
+ * Accept, connect, lend both fds to the relay (Node's reads stopped, as common/native-relay.ts
+ * does), close both when the relay gives them back.
+ */
+const NATIVE_RELAY_FLOOR_SCRIPT = `
+const net = require('node:net');
+const [addonPath, ...rest] = process.argv.slice(1);
+const relay = require(addonPath);
+const ports = rest.map(Number);
+const lent = new Map();
+relay.start((id) => {
+  const pair = lent.get(id);
+  lent.delete(id);
+  if (pair) for (const s of pair) s.destroy();
+});
+const stopReads = (s) => { s.pause(); s._handle.readStop(); s._handle.reading = false; };
+for (let i = 0; i < ports.length; i += 2) {
+  const target = ports[i + 1];
+  net.createServer((c) => {
+    c.setNoDelay(true);
+    c.on('error', () => undefined);
+    const b = net.connect({ host: '127.0.0.1', port: target, noDelay: true });
+    b.pause();
+    b.on('error', () => c.destroy());
+    b.once('connect', () => {
+      if (c.destroyed || c.readableLength > 0) { c.destroy(); b.destroy(); return; }
+      const id = relay.attach(c._handle.fd, b._handle.fd, 0, 5000);
+      stopReads(c);
+      stopReads(b);
+      lent.set(id, [c, b]);
+    });
+  }).listen(ports[i], '127.0.0.1');
+}
+process.on('SIGTERM', () => process.exit(0));
+`;
+const NATIVE_RELAY_ADDON = join(dirname(fileURLToPath(import.meta.url)), '..', 'common', 'native', 'build', 'Release', 'pairgate_relay.node');
 const USERS = 40;
 const MASTER = 'pgmaster';
 const MASTER_SECRET = randomBytes(8).toString('hex');
@@ -666,6 +707,16 @@ async function main(): Promise<void> {
       await waitForPort('127.0.0.1', nrPop, 10_000);
       nodeRelayPorts = { imap: nrImap, pop3: nrPop };
     }
+    let nativeFloorPorts: { imap: number; pop3: number } | null = null;
+    if (NODE_RELAY && existsSync(NATIVE_RELAY_ADDON)) {
+      const [nfImap, nfPop] = await Promise.all([freePort(), freePort()]);
+      const nf = startChild(process.execPath, ['-e', NATIVE_RELAY_FLOOR_SCRIPT, NATIVE_RELAY_ADDON, String(nfImap), String(dovecot.imapPort), String(nfPop), String(dovecot.pop3Port)]);
+      children.push(nf);
+      pids['node-native-relay'] = [nf.pid!];
+      await waitForPort('127.0.0.1', nfImap, 10_000);
+      await waitForPort('127.0.0.1', nfPop, 10_000);
+      nativeFloorPorts = { imap: nfImap, pop3: nfPop };
+    }
     const notes: string[] = [haveDirectory ? 'directory: LDIF backend (directory/index.ts)' : 'directory: in-test table (directory/index.ts not in the tree yet)'];
     if (!haproxyBin) notes.push('haproxy not installed: no L4 baseline');
     // nginx's mail proxy, with an auth_http endpoint answering from the same directory.
@@ -754,7 +805,8 @@ async function main(): Promise<void> {
       ...(perditionPorts ? [{ name: 'perdition', imap: perditionPorts.imap, pop3: perditionPorts.pop3 }] : []),
       ...(haproxyBin ? [{ name: 'haproxy', imap: hImap, pop3: hPop }] : []),
       ...(nodeRelayPorts ? [{ name: 'node-relay', imap: nodeRelayPorts.imap, pop3: nodeRelayPorts.pop3 }] : []),
-    ].filter((p) => !ONLY_PATHS || ONLY_PATHS.has(p.name) || p.name.startsWith('pairgate@') || p.name === 'node-relay');
+      ...(nativeFloorPorts ? [{ name: 'node-native-relay', imap: nativeFloorPorts.imap, pop3: nativeFloorPorts.pop3 }] : []),
+    ].filter((p) => !ONLY_PATHS || ONLY_PATHS.has(p.name) || p.name.startsWith('pairgate@') || p.name.startsWith('node-'));
     for (const b of bases) notes.push(`${b.name}: the proxy served from ${b.tree}`);
     // Warm up every path (Dovecot login processes, the proxy's JIT and caches): --warmup seconds
     // of each protocol at the rounds' concurrency, or one session of each with --warmup 0.
