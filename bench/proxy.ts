@@ -219,7 +219,14 @@ for (let i = 0; i < ports.length; i += 2) {
     b.on('error', () => c.destroy());
     b.once('connect', () => {
       if (c.destroyed || c.readableLength > 0) { c.destroy(); b.destroy(); return; }
-      const id = relay.attach(c._handle.fd, b._handle.fd, 0, 5000);
+      let id;
+      try {
+        id = relay.attach(c._handle.fd, b._handle.fd, 0, 5000);
+      } catch {
+        c.destroy();
+        b.destroy();
+        return;
+      }
       stopReads(c);
       stopReads(b);
       lent.set(id, [c, b]);
