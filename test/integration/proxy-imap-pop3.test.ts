@@ -1179,6 +1179,39 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
   // its 'session ended' line is unambiguous).
   const faultAddress = (relay: Relay, n: number) => `127.0.0.${relay === 'native' ? 20 + n : 30 + n}`;
 
+  /**
+   * A raw IMAP session of `user` (on `dov`) through `relay`'s proxy, from fault address `n`, logged
+   * in with tag `t1` and with a new mailbox `<boxPrefix>-<random>` holding `body` selected (tags `t2`-`t4`).
+   */
+  const sessionWithMessage = async (relay: Relay, n: number, user: 'carol' | 'dave', dov: Dovecot, t: string, boxPrefix: string, body: string) => {
+    const logFrom = logs[relay].length;
+    const client = faultAddress(relay, n);
+    const box = `${boxPrefix}-${randomBytes(4).toString('hex')}`;
+    const dovFrom = dov.log().length;
+    const c = await RawImap.connect(portOn(relay, 'imap-plain'), client);
+    c.write(`${t}1 LOGIN ${user} "${user}-pass"\r\n`);
+    expect(await c.until(new RegExp(`^${t}1 `, 'm'))).toMatch(new RegExp(`${t}1 OK`));
+    await expectRelay(logs[relay], logFrom, user, relay);
+    const mpid = await lastMailPid(dov, 'imap', user, dovFrom);
+    await c.selectNewMailbox(t, box, body);
+    return { c, logFrom, client, box, mpid };
+  };
+
+  /** Logs `user` in afresh and deletes the test's mailbox. */
+  const deleteMailbox = async (relay: Relay, user: 'carol' | 'dave', box: string) => {
+    const again = await imapLogin(portOn(relay, 'imap-plain'), user, `${user}-pass`);
+    expect(again.answer).toMatch(/^a1 OK/);
+    again.c.send(`a2 DELETE ${box}`);
+    expect(await again.c.until(/^a2 /, 20_000)).toMatch(/^a2 OK/);
+    again.c.close();
+  };
+
+  /** Nothing left open on the proxy, and Dovecot's mail process `mpid` for carol logged its disconnect. */
+  const expectSessionGoneBothSides = async (relay: Relay, mpid: number, dovFrom: number) => {
+    await waitFor(async () => ((await (await fetch(`${via(relay).admin.url}/sessions`)).json()) as { total: number }).total === 0, 5000, 'no sessions open on the proxy');
+    await waitFor(() => new RegExp(`imap\\(carol\\)<${mpid}><[^>]*>: Info: Disconnected`).test(dovA.log().slice(dovFrom)), 5000, `Dovecot's imap process ${mpid} disconnected`);
+  };
+
   it.each(RELAYS)('client reset mid-session (%s relay): the session ends with a client error and the pair connection is closed', async (relay) => {
     const logFrom = logs[relay].length;
     const dovFrom = dovA.log().length;
@@ -1194,8 +1227,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(ended.reason as string).toMatch(/^client error/);
     // Nothing left open on the proxy, and the pair's end of the session is gone: Dovecot's mail
     // process for it logged its disconnect and exited.
-    await waitFor(async () => ((await (await fetch(`${via(relay).admin.url}/sessions`)).json()) as { total: number }).total === 0, 5000, 'no sessions open on the proxy');
-    await waitFor(() => new RegExp(`imap\\(carol\\)<${mpid}><[^>]*>: Info: Disconnected`).test(dovA.log().slice(dovFrom)), 5000, `Dovecot's imap process ${mpid} disconnected`);
+    await expectSessionGoneBothSides(relay, mpid, dovFrom);
     await waitFor(
       () => {
         try {
@@ -1211,17 +1243,8 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
   });
 
   it.each(RELAYS)('client reset mid-FETCH of a large message, the reply backed up (%s relay): client error, the pair connection closed', async (relay) => {
-    const logFrom = logs[relay].length;
-    const client = faultAddress(relay, 4);
-    const body = bigMessage(8 * 1024 * 1024, 'reset mid-fetch');
-    const box = `reset-${randomBytes(4).toString('hex')}`;
     const dovFrom = dovA.log().length;
-    const c = await RawImap.connect(portOn(relay, 'imap-plain'), client);
-    c.write('r1 LOGIN carol "carol-pass"\r\n');
-    expect(await c.until(/^r1 /m)).toMatch(/r1 OK/);
-    await expectRelay(logs[relay], logFrom, 'carol', relay);
-    const mpid = await lastMailPid(dovA, 'imap', 'carol', dovFrom);
-    await c.selectNewMailbox('r', box, body);
+    const { c, logFrom, client, box, mpid } = await sessionWithMessage(relay, 4, 'carol', dovA, 'r', 'reset', bigMessage(8 * 1024 * 1024, 'reset mid-fetch'));
     // Not read: the reply backs up to the pair; then the client resets.
     c.socket.pause();
     c.write('r5 FETCH 1 BODY.PEEK[]\r\n');
@@ -1229,27 +1252,12 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     c.socket.resetAndDestroy();
     const ended = await sessionEnded(logs[relay], logFrom, client);
     expect(ended.reason as string).toMatch(/^client error/);
-    await waitFor(async () => ((await (await fetch(`${via(relay).admin.url}/sessions`)).json()) as { total: number }).total === 0, 5000, 'no sessions open on the proxy');
-    await waitFor(() => new RegExp(`imap\\(carol\\)<${mpid}><[^>]*>: Info: Disconnected`).test(dovA.log().slice(dovFrom)), 5000, `Dovecot's imap process ${mpid} disconnected`);
-    const again = await imapLogin(portOn(relay, 'imap-plain'), 'carol', 'carol-pass');
-    expect(again.answer).toMatch(/^a1 OK/);
-    again.c.send(`a2 DELETE ${box}`);
-    expect(await again.c.until(/^a2 /, 20_000)).toMatch(/^a2 OK/);
-    again.c.close();
+    await expectSessionGoneBothSides(relay, mpid, dovFrom);
+    await deleteMailbox(relay, 'carol', box);
   });
 
   it.each(RELAYS)('backend killed mid-FETCH of a large message (%s relay): the client gets what was relayed and a clean close, no reset', async (relay) => {
-    const logFrom = logs[relay].length;
-    const client = faultAddress(relay, 2);
-    const body = bigMessage(24 * 1024 * 1024, 'killed mid-fetch');
-    const box = `kill-${randomBytes(4).toString('hex')}`;
-    const dovFrom = dovB.log().length;
-    const c = await RawImap.connect(portOn(relay, 'imap-plain'), client);
-    c.write('k1 LOGIN dave "dave-pass"\r\n');
-    expect(await c.until(/^k1 /m)).toMatch(/k1 OK/);
-    await expectRelay(logs[relay], logFrom, 'dave', relay);
-    const mpid = await lastMailPid(dovB, 'imap', 'dave', dovFrom);
-    await c.selectNewMailbox('k', box, body);
+    const { c, logFrom, client, box, mpid } = await sessionWithMessage(relay, 2, 'dave', dovB, 'k', 'kill', bigMessage(24 * 1024 * 1024, 'killed mid-fetch'));
     const fetchFrom = c.consumed;
     // The client stops reading before it asks (its receive window stays small: loopback windows
     // grow to tens of MiB while read at speed): the reply fills the buffers on the way, the pair
@@ -1270,12 +1278,7 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
     expect(reply.length - literalStart).toBeLessThan(Number(m![1]));
     const ended = await sessionEnded(logs[relay], logFrom, client);
     expect(ended.reason as string).toMatch(/^backend/);
-    // Clean up the mailbox.
-    const again = await imapLogin(portOn(relay, 'imap-plain'), 'dave', 'dave-pass');
-    expect(again.answer).toMatch(/^a1 OK/);
-    again.c.send(`a2 DELETE ${box}`);
-    expect(await again.c.until(/^a2 /, 20_000)).toMatch(/^a2 OK/);
-    again.c.close();
+    await deleteMailbox(relay, 'dave', box);
   });
 
   it.each(RELAYS)('the bytes in the session end line are what the client sent and received past the login (1 MiB APPEND and FETCH, %s relay)', async (relay) => {
