@@ -361,8 +361,7 @@ export abstract class ClientSession implements SessionHandle {
   /** The native relay gave the session back: it ended, failed, idled out or outstayed its grace. */
   private nativeEnded(end: NativeRelayEnd): void {
     this.lent = null;
-    this.bytesIn = this.preIn + end.bytesIn;
-    this.bytesOut = this.preOut + end.bytesOut;
+    this.countRelayed(end);
     if (this.phase === 'closed') return;
     if (end.reason === 'idle') {
       readAgain(this.socket); // to see the client close after the goodbye
@@ -387,6 +386,12 @@ export abstract class ClientSession implements SessionHandle {
     this.socket.destroy();
   }
 
+  /** The session's byte counts from what the native relay moved (plus what was passed on before it). */
+  private countRelayed(moved: { bytesIn: number; bytesOut: number }): void {
+    this.bytesIn = this.preIn + moved.bytesIn;
+    this.bytesOut = this.preOut + moved.bytesOut;
+  }
+
   /** Takes a lent session back from the native relay (before its sockets are written or closed here). */
   private takeBack(): void {
     const lent = this.lent;
@@ -394,8 +399,7 @@ export abstract class ClientSession implements SessionHandle {
     this.lent = null;
     const r = lent.detach();
     if (r) {
-      this.bytesIn = this.preIn + r.bytesIn;
-      this.bytesOut = this.preOut + r.bytesOut;
+      this.countRelayed(r);
       if (r.unsent && !this.socket.destroyed && !this.socket.writableEnded) {
         this.bytesOut += r.unsent.length;
         this.socket.write(r.unsent);
@@ -410,10 +414,7 @@ export abstract class ClientSession implements SessionHandle {
     if (this.input) this.bytesOut = this.preOut + this.input.relayed;
     else if (this.lent) {
       const moved = this.lent.counters();
-      if (moved) {
-        this.bytesIn = this.preIn + moved.bytesIn;
-        this.bytesOut = this.preOut + moved.bytesOut;
-      }
+      if (moved) this.countRelayed(moved);
     }
     if (this.bytesIn === this.flushedIn && this.bytesOut === this.flushedOut) return;
     const bytes = this.ctx.metrics.bytes;
