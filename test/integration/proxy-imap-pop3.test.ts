@@ -1259,13 +1259,24 @@ describe(`proxy IMAP/POP3 front ends (directory: ${haveDirectory ? 'LDIF file' :
   it.each(RELAYS)('backend killed mid-FETCH of a large message (%s relay): the client gets what was relayed and a clean close, no reset', async (relay) => {
     const { c, logFrom, client, box, mpid } = await sessionWithMessage(relay, 2, 'dave', dovB, 'k', 'kill', bigMessage(24 * 1024 * 1024, 'killed mid-fetch'));
     const fetchFrom = c.consumed;
-    // The client stops reading before it asks (its receive window stays small: loopback windows
-    // grow to tens of MiB while read at speed): the reply fills the buffers on the way, the pair
-    // stops writing, and its mail process is killed in the middle of the literal.
-    c.socket.pause();
+    // The pair's mail process is killed, and the client stops reading, in the very callback that
+    // brings the literal's first bytes: the pair is still writing it. (Killing after a fixed wait
+    // with the client paused is not enough: while the proxy reads at speed the kernel grows its
+    // receive window from the pair up to tcp_rmem's maximum, 32 MiB on these machines, and the
+    // buffers on the way can then hold the whole 24 MiB reply.) What is already on its way backs
+    // up in the proxy, which must hand it all to the client before closing.
+    const killedInLiteral = new Promise<void>((resolve) => {
+      const onData = () => {
+        if (!/BODY\[\] \{\d+\}\r\n/.test(c.all.subarray(fetchFrom, fetchFrom + 200).toString('latin1'))) return;
+        c.socket.pause();
+        process.kill(mpid, 'SIGKILL');
+        c.socket.off('data', onData);
+        resolve();
+      };
+      c.socket.on('data', onData);
+    });
     c.write('k5 FETCH 1 BODY.PEEK[]\r\n');
-    await sleep(500);
-    process.kill(mpid, 'SIGKILL');
+    await Promise.race([killedInLiteral, sleep(20_000).then(() => Promise.reject(new Error('no literal in the FETCH reply')))]);
     await sleep(200);
     c.socket.resume();
     await Promise.race([c.closed, sleep(10_000).then(() => Promise.reject(new Error('client still open after the backend was killed')))]);
