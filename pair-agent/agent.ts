@@ -49,6 +49,8 @@ export interface PairAgentStatus {
   fencingDetail: string | null;
   peer: PeerStatus & { state: string | null };
   resources: string[];
+  /** A resource did not stop on this node: it may still run here, and the peer fences this node before taking over. */
+  unclean: boolean;
   lastTransition: { at: number; from: NodeState; to: NodeState; reason: string } | null;
   health: HealthRecord;
 }
@@ -128,10 +130,27 @@ class Agent implements PairAgent {
     if (optional.store) resources.push(optional.store);
     for (const r of c.resources) resources.push(new CommandResource(r, log));
     resources.push(new HealthEndpointResource(serviceAddress, c.healthPort, () => this.healthAnswer(), registry, log));
-    this.manager = new ResourceManager(resources, { monitorIntervalMs: c.monitor.intervalMs, maxRestarts: c.monitor.maxRestarts, failureWindowMs: c.monitor.failureWindowMs, log, registry });
+    this.manager = new ResourceManager(resources, {
+      monitorIntervalMs: c.monitor.intervalMs,
+      maxRestarts: c.monitor.maxRestarts,
+      failureWindowMs: c.monitor.failureWindowMs,
+      startTimeoutMs: c.monitor.startTimeoutMs,
+      stopTimeoutMs: c.monitor.stopTimeoutMs,
+      monitorTimeoutMs: c.monitor.timeoutMs,
+      log,
+      registry,
+    });
     this.manager.on('failed', () => {
       this.markFailed();
       this.changed('resources failed');
+    });
+    this.manager.on('unclean', () => {
+      this.m.unclean.set(1);
+      this.changed('a resource did not stop');
+    });
+    this.manager.on('clean', () => {
+      this.m.unclean.set(0);
+      this.changed('every resource stopped');
     });
     this.ping = c.ping ? new PingMonitor(c.ping, log) : null;
     this.ping?.on('change', () => this.changed('ping'));
@@ -141,6 +160,7 @@ class Agent implements PairAgent {
       nodeState: gauge(registry, 'pair_node_state', 'Current node state (1 for the current one)', ['state']),
       peerAlive: gauge(registry, 'pair_peer_alive', '1 while the peer is alive on the heartbeat'),
       fencingFailed: gauge(registry, 'pair_fencing_failed', '1 while the last fencing attempt failed'),
+      unclean: gauge(registry, 'pair_node_unclean', '1 while a resource did not stop on this node (the peer fences it before taking over)'),
     };
     this.setStateGauge();
   }
@@ -228,6 +248,7 @@ class Agent implements PairAgent {
       ping: this.ping ? this.ping.reachable : true,
       request: this.request,
       failed: this.resourcesFailed,
+      ...(this.manager.unclean ? { unclean: true as const } : {}),
     };
   }
 
@@ -246,7 +267,10 @@ class Agent implements PairAgent {
     const view = s.view && linkDisk ? { ...s.view, disk: linkDisk } : s.view;
     // Without the link, the peer's disk is its own word (see handOverReason): no hand-over to it.
     const linked = this.optional.volumePeerDisk ? linkDisk !== null && linkDisk !== undefined : true;
-    return { alive: s.alive && !stopped, everSeen: s.everSeen, view, linked };
+    // A peer whose resource did not stop may still run it: it counts as dead (it is fenced, then
+    // the resources are taken over), though it still sends heartbeats.
+    const unclean = s.alive && s.view?.unclean === true;
+    return { alive: s.alive && !stopped && !unclean, everSeen: s.everSeen, view, linked, ...(unclean ? { unclean } : {}) };
   }
 
   private facts(): Facts {
@@ -427,7 +451,7 @@ class Agent implements PairAgent {
         if (still()) this.commit({ to: 'standby', reason: 'resources stopped', kind: 'soft' });
         return;
       } catch (err) {
-        this.log.error({ err: (err as Error).message, attempt }, 'releasing: a resource did not stop; retrying (the peer cannot take over until it does)');
+        this.log.error({ err: (err as Error).message, attempt }, 'releasing: a resource did not stop; retrying (unclean: the peer fences this node before it takes over)');
         await new Promise((r) => setTimeout(r, Math.min(1000 * attempt, 5000)));
         if (!still()) return;
       }
@@ -537,6 +561,7 @@ class Agent implements PairAgent {
       fencingDetail: this.fencer.last?.detail ?? null,
       peer: { ...hb, state: hb.view?.state ?? null },
       resources: this.manager.resources.map((r) => r.name),
+      unclean: this.manager.unclean,
       lastTransition: this.lastTransition,
       health: this.health(),
     };

@@ -46,7 +46,7 @@ function target(o: TargetOpts): { url: string; token: string | undefined } {
 function render(s: PairAgentStatus): string {
   const h = s.health;
   const lines = [
-    `pair ${s.pair} node ${s.node}: ${s.state}${s.holds ? ' (holds the resources)' : ''}${s.maintenance ? ' [maintenance]' : ''}`,
+    `pair ${s.pair} node ${s.node}: ${s.state}${s.holds ? ' (holds the resources)' : ''}${s.maintenance ? ' [maintenance]' : ''}${s.unclean ? ' UNCLEAN: a resource did not stop (the peer fences this node before taking over)' : ''}`,
     `  pair state ${h.state}, primary ${h.primary ?? 'none'}, fencing ${s.fencing}${s.fencingDetail ? ` (${s.fencingDetail})` : ''}`,
     `  peer: ${s.peer.alive ? 'alive' : s.peer.everSeen ? 'dead' : 'never seen'}${s.peer.state ? `, ${s.peer.state}` : ''}; links ${s.peer.links.map((l) => `${l.peer} ${l.up ? 'up' : 'down'}`).join(', ')}`,
     `  request ${s.request}, ping ${s.ping ? 'ok' : 'no target reachable'}, resources ${s.resources.join(' -> ')}`,

@@ -82,6 +82,15 @@ export const pairAgentConfigSchema = z
         intervalMs: durationMs.default(2000),
         maxRestarts: z.number().int().min(0).default(3),
         failureWindowMs: durationMs.default(60_000),
+        /**
+         * Time bounds of resource actions. A start past its bound fails (the node releases, the
+         * peer may take over); a stop past its bound, or failed, leaves the node unclean and the
+         * peer fences it before taking over; a monitor past its bound is a failed monitor. The
+         * start bound covers the store's recovery, which replays its log after a crash.
+         */
+        startTimeoutMs: durationMs.min(100).default(300_000),
+        stopTimeoutMs: durationMs.min(100).default(120_000),
+        timeoutMs: durationMs.min(100).default(20_000),
       })
       .strict()
       .default({}),
@@ -121,6 +130,9 @@ export type PairAgentConfig = z.output<typeof pairAgentConfigSchema>;
 export function checkPairAgentConfig(c: PairAgentConfig): void {
   if (c.store && !c.volume && !c.sharedDisk) throw new ConfigError('store', 'the store needs a disk: configure `volume` (replicated) or `sharedDisk`');
   if (c.volume && c.sharedDisk) throw new ConfigError('sharedDisk', 'configure either `volume` or `sharedDisk`, not both');
+  if (c.store && c.monitor.stopTimeoutMs <= c.store.stopGraceMs) {
+    throw new ConfigError('monitor.stopTimeoutMs', `${c.monitor.stopTimeoutMs} ms leaves the store no time to stop: it must exceed store.stopGraceMs (${c.store.stopGraceMs} ms), which sessions get to finish`);
+  }
   checkFloatingIp(c.floatingIp);
   if (c.floatingIp.mode === 'loopback' && c.serviceAddress && !c.serviceAddress.startsWith('127.')) {
     throw new ConfigError('serviceAddress', `${c.serviceAddress} is not in 127.0.0.0/8, which loopback mode needs`);

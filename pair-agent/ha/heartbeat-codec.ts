@@ -33,6 +33,12 @@ export const nodeViewSchema = z
     request: z.enum(['none', 'standby', 'takeover']),
     /** Resources failed their monitor past the threshold on this node. */
     failed: z.boolean(),
+    /**
+     * A resource did not stop here (its stop failed or overran), so it may still run: the peer
+     * fences this node before it takes over. Sent only while true, so that a peer of the release
+     * before it (whose schema is strict) reads every other datagram as before.
+     */
+    unclean: z.literal(true).optional(),
   })
   .strict();
 

@@ -22,6 +22,8 @@ export interface SelfView {
   ping: boolean;
   request: OperatorRequest;
   failed: boolean;
+  /** A resource did not stop on this node (see heartbeat-codec.ts); absent means false. */
+  unclean?: true;
 }
 
 export interface Facts {
@@ -33,8 +35,10 @@ export interface Facts {
   initdeadOver: boolean;
   self: Omit<SelfView, 'state'> & { maintenance: boolean };
   peer: {
-    /** Heard within deadtime. */
+    /** Heard within deadtime, and not unclean (an unclean peer is fenced as a dead one is). */
     alive: boolean;
+    /** Heard within deadtime saying a resource did not stop there: it must be fenced before anyone takes over. */
+    unclean?: boolean;
     /** Heard at least once since this node started. */
     everSeen: boolean;
     /** The peer's last view (null when never heard). */
@@ -164,7 +168,8 @@ export function decide(state: NodeState, f: Facts): Decision | null {
         if (!diskUsable(f.self.disk)) return null; // never promote stale data; the operator decides
         if (f.self.failed) return null; // a start just failed here: the agent clears this after a backoff
         if (f.peerFenced) return { to: 'taking-over', reason: 'peer fenced', kind: 'hard' };
-        return { to: 'fencing', reason: f.peer.everSeen ? 'peer dead' : 'peer not seen within initdead', kind: 'hard' };
+        const why = f.peer.unclean ? 'peer unclean: a resource did not stop there' : f.peer.everSeen ? 'peer dead' : 'peer not seen within initdead';
+        return { to: 'fencing', reason: why, kind: 'hard' };
       }
       return null;
     }

@@ -17,6 +17,13 @@ describe('heartbeat codec', () => {
     const d = decodeHeartbeat(key, encodeHeartbeat(key, msg(7)), expectFrom);
     expect(d).toEqual({ ok: true, message: msg(7) });
   });
+  it('carries `unclean` only while true, so a clean view encodes as the release before it did', () => {
+    const unclean = { ...msg(8), view: { ...msg(8).view, unclean: true as const } };
+    expect(decodeHeartbeat(key, encodeHeartbeat(key, unclean), expectFrom)).toEqual({ ok: true, message: unclean });
+    expect(encodeHeartbeat(key, msg(8)).toString('latin1')).not.toContain('unclean');
+    const saysFalse = encodeHeartbeat(key, { ...msg(9), view: { ...msg(9).view, unclean: false } } as unknown as HeartbeatMessage);
+    expect(decodeHeartbeat(key, saysFalse, expectFrom)).toEqual({ ok: false, reason: 'malformed' });
+  });
   it('drops short, foreign, forged and malformed datagrams', () => {
     const good = encodeHeartbeat(key, msg(1));
     expect(decodeHeartbeat(key, Buffer.alloc(0), expectFrom)).toEqual({ ok: false, reason: 'short' });

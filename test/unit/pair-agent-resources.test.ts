@@ -37,8 +37,32 @@ class Fake implements Resource {
   }
 }
 
-const mgr = (rs: Resource[], maxRestarts = 2) =>
-  new ResourceManager(rs, { monitorIntervalMs: 60_000, maxRestarts, failureWindowMs: 60_000, log: silentLogger, registry: createRegistry({}, false) });
+const mgr = (rs: Resource[], maxRestarts = 2, bounds: { startTimeoutMs?: number; stopTimeoutMs?: number; monitorTimeoutMs?: number } = {}) =>
+  new ResourceManager(rs, { monitorIntervalMs: 60_000, maxRestarts, failureWindowMs: 60_000, ...bounds, log: silentLogger, registry: createRegistry({}, false) });
+
+/** A resource whose actions wait until the test lets them return (a hung disk, a stuck service). */
+class Stuck implements Resource {
+  readonly calls: string[] = [];
+  private readonly gates = new Map<string, () => void>();
+  hang = new Set<string>();
+  fail = new Set<string>();
+  constructor(readonly name: string) {}
+  private async act(action: string): Promise<void> {
+    this.calls.push(action);
+    if (this.hang.has(action)) await new Promise<void>((r) => this.gates.set(action, r));
+    if (this.fail.has(action)) throw new Error(`${this.name} ${action} broken`);
+  }
+  release(action: string): void {
+    this.hang.delete(action);
+    this.gates.get(action)?.();
+  }
+  start = () => this.act('start');
+  stop = () => this.act('stop');
+  async monitor(): Promise<MonitorResult> {
+    await this.act('monitor');
+    return 'running';
+  }
+}
 
 describe('resource manager', () => {
   it('starts in order and stops in reverse', async () => {
@@ -70,6 +94,81 @@ describe('resource manager', () => {
     expect(j.filter((x) => x === 'start svc').length).toBe(3); // first start + 2 restarts
     expect(failed).toBe('svc');
     expect(m.failed).toBe(true);
+    await m.stopAll();
+  });
+});
+
+describe('resource manager: action time bounds and unclean stops', () => {
+  const tick = () => new Promise((r) => setTimeout(r, 10));
+
+  it('a start past its bound fails the start and what started is stopped; the resource\'s stop waits for the overrun start, and is given up with it', async () => {
+    const j: string[] = [];
+    const stuck = new Stuck('store');
+    stuck.hang.add('start');
+    const m = mgr([new Fake('volume', j), stuck], 2, { startTimeoutMs: 100, stopTimeoutMs: 100 });
+    let unclean = '';
+    m.on('unclean', (n: string) => (unclean = n));
+    await expect(m.startAll()).rejects.toMatchObject({ code: 'TIMEOUT', message: 'store start did not return within 100 ms' });
+    // The clean-up stop of the store waited its bound for the start, which still runs: a stop that
+    // did not happen (the store may come up yet), so the node is unclean. The volume stopped.
+    expect(stuck.calls).toEqual(['start']);
+    expect(j).toEqual(['start volume', 'stop volume']);
+    expect(unclean).toBe('store');
+    expect(m.unclean).toBe(true);
+    // The start returns: the stop given up meanwhile is not begun late; the next one runs, and a
+    // good stop makes the node clean again.
+    stuck.release('start');
+    await tick();
+    expect(stuck.calls).toEqual(['start']);
+    let clean = false;
+    m.on('clean', () => (clean = true));
+    await m.stopAll();
+    expect(stuck.calls).toEqual(['start', 'stop']);
+    expect(m.unclean).toBe(false);
+    expect(clean).toBe(true);
+  });
+
+  it('a stop that fails or overruns leaves the node unclean until that resource stops', async () => {
+    const failing = new Stuck('svc');
+    const hanging = new Stuck('ip');
+    const m = mgr([hanging, failing], 2, { stopTimeoutMs: 100 });
+    await m.startAll();
+    failing.fail.add('stop');
+    hanging.hang.add('stop');
+    const events: string[] = [];
+    m.on('unclean', (n: string) => events.push(`unclean ${n}`));
+    m.on('clean', () => events.push('clean'));
+    // Every resource is tried; the first failure is thrown.
+    await expect(m.stopAll()).rejects.toThrow('svc stop broken');
+    expect(hanging.calls).toEqual(['start', 'stop']);
+    expect(events).toEqual(['unclean svc']);
+    expect(m.unclean).toBe(true);
+    // svc now stops; ip's first stop still hangs and its second waits for it: still unclean.
+    failing.fail.delete('stop');
+    await expect(m.stopAll()).rejects.toMatchObject({ code: 'TIMEOUT', message: expect.stringMatching(/^ip stop not begun within 100 ms: its stop begun \d+ ms ago has not returned$/) });
+    expect(hanging.calls).toEqual(['start', 'stop']);
+    expect(m.unclean).toBe(true);
+    hanging.release('stop');
+    await tick();
+    await m.stopAll();
+    expect(hanging.calls).toEqual(['start', 'stop', 'stop']);
+    expect(m.unclean).toBe(false);
+    expect(events).toEqual(['unclean svc', 'clean']);
+  });
+
+  it('a monitor past its bound is a failed monitor: the restart\'s stop waits for it, then the resource restarts', async () => {
+    const r = new Stuck('svc');
+    const m = mgr([r], 2, { monitorTimeoutMs: 100, stopTimeoutMs: 5000 });
+    await m.startAll();
+    r.hang.add('monitor');
+    const pass = m.monitorOnce();
+    await new Promise((res) => setTimeout(res, 250));
+    expect(r.calls).toEqual(['start', 'monitor']);
+    r.release('monitor');
+    await pass;
+    expect(r.calls).toEqual(['start', 'monitor', 'stop', 'start']);
+    expect(m.unclean).toBe(false);
+    expect(m.failed).toBe(false);
     await m.stopAll();
   });
 });

@@ -55,6 +55,15 @@ describe('peer death and fencing', () => {
     expect(decide('fencing', dead)).toBeNull();
     expect(decide('fencing', { ...dead, peerFenced: true })).toMatchObject({ to: 'taking-over' });
   });
+  it('an unclean peer (a resource did not stop there) is fenced as a dead one, though it still sends heartbeats, before anyone takes over', () => {
+    // The agent reports such a peer as not alive and unclean (agent.ts: peerFacts).
+    const unclean = facts({ peer: { alive: false, unclean: true, view: peerView({ state: 'releasing', holds: true, unclean: true }) } });
+    expect(decide('standby', unclean)).toMatchObject({ to: 'fencing', kind: 'hard', reason: 'peer unclean: a resource did not stop there' });
+    expect(decide('fencing', unclean)).toBeNull();
+    expect(decide('fencing', { ...unclean, peerFenced: true })).toMatchObject({ to: 'taking-over', reason: 'peer fenced' });
+    // Its stop went through after all (clean, standby): the fence is called off.
+    expect(decide('fencing', facts({ peer: { view: peerView({ state: 'standby' }) } }))).toMatchObject({ to: 'standby', reason: 'peer is alive again' });
+  });
   it('a peer that comes back during fencing ends the fencing', () => {
     expect(decide('fencing', facts())).toMatchObject({ to: 'standby' });
   });
