@@ -22,7 +22,7 @@ import { createFenceDevice, Fencer } from './fencing/index.ts';
 import { processState } from './fencing/process.ts';
 import { Heartbeat, splitHostPort, type PeerStatus } from './ha/heartbeat.ts';
 import type { NodeView } from './ha/heartbeat-codec.ts';
-import { checkTransition, decide, NODE_STATES, other, roleOf, STANDBY_HAND_OVER, type Decision, type Facts, type NodeId, type NodeState, type OperatorRequest } from './ha/state-machine.ts';
+import { checkTransition, decide, diskUsable, NODE_STATES, other, roleOf, STANDBY_HAND_OVER, type Decision, type Facts, type NodeId, type NodeState, type OperatorRequest } from './ha/state-machine.ts';
 import { CommandResource } from './resources/command.ts';
 import { FloatingIpResource } from './resources/floating-ip.ts';
 import { HealthEndpointResource } from './resources/health-endpoint.ts';
@@ -162,6 +162,7 @@ class Agent implements PairAgent {
       fencingFailed: gauge(registry, 'pair_fencing_failed', '1 while the last fencing attempt failed'),
       unclean: gauge(registry, 'pair_node_unclean', '1 while a resource did not stop on this node (the peer fences it before taking over)'),
     };
+    this.m.unclean.set(0);
     this.setStateGauge();
   }
 
@@ -215,6 +216,7 @@ class Agent implements PairAgent {
         this.request = 'none';
       }
       this.peerRequest = view.request;
+      if (view.outdatePeer) this.outdateForPeer();
       // A peer that said (signed, fresh) it stopped after releasing everything needs no fence.
       if (view.state === 'stopped' && !view.holds && !this.peerFenced) {
         this.peerFenced = true;
@@ -249,6 +251,7 @@ class Agent implements PairAgent {
       request: this.request,
       failed: this.resourcesFailed,
       ...(this.manager.unclean ? { unclean: true as const } : {}),
+      ...(this.optional.volumeAlone?.() ? { outdatePeer: true as const } : {}),
     };
   }
 
@@ -269,7 +272,8 @@ class Agent implements PairAgent {
     const linked = this.optional.volumePeerDisk ? linkDisk !== null && linkDisk !== undefined : true;
     // A peer whose resource did not stop may still run it: it counts as dead (it is fenced, then
     // the resources are taken over), though it still sends heartbeats.
-    const unclean = s.alive && s.view?.unclean === true;
+    // Not while it is in maintenance: its resources are the operator's then.
+    const unclean = s.alive && s.view?.unclean === true && s.view.state !== 'maintenance';
     return { alive: s.alive && !stopped && !unclean, everSeen: s.everSeen, view, linked, ...(unclean ? { unclean } : {}) };
   }
 
@@ -308,6 +312,7 @@ class Agent implements PairAgent {
     try {
       for (let i = 0; i < 10; i++) {
         this.again = false;
+        this.settlePeerFence();
         const f = this.facts();
         this.maybeBackgroundFence(f);
         const d = decide(this.current, f);
@@ -316,6 +321,32 @@ class Agent implements PairAgent {
       }
     } finally {
       this.evaluating = false;
+    }
+  }
+
+  /**
+   * Writes held by this primary's volume (it lost its link, or was promoted without its peer) go
+   * on once the peer cannot be promoted with the old data: fenced, or alive with a disk that is
+   * not UpToDate (it outdated itself at this node's request, or is mid-resync).
+   */
+  private settlePeerFence(): void {
+    if (!this.optional.volumeFencePending?.()) return;
+    if (this.peerFenced) {
+      this.optional.volumeSettlePeer!('fenced');
+      return;
+    }
+    const peer = this.peerFacts();
+    if (peer.alive && peer.view && !diskUsable(peer.view.disk)) this.optional.volumeSettlePeer!('outdated');
+  }
+
+  /** The primary lost its link to this node's volume and writes alone: this node's data is outdated. */
+  private outdateForPeer(): void {
+    if (!this.optional.volumeOutdate || this.holds || this.diskState() !== 'UpToDate') return;
+    try {
+      this.optional.volumeOutdate();
+      this.log.warn('the primary writes without this node (replication link lost): local disk marked Outdated');
+    } catch (err) {
+      this.log.info({ err: (err as Error).message }, 'outdate request from the primary not applied');
     }
   }
 
@@ -401,7 +432,10 @@ class Agent implements PairAgent {
         this.manager.stopMonitor();
         return;
       case 'primary':
-        if (from === 'maintenance') void this.manager.monitorOnce();
+        if (from === 'maintenance') void this.manager.recheckUnclean(true).then(() => this.manager.monitorOnce());
+        return;
+      case 'standby':
+        if (from === 'maintenance') void this.manager.recheckUnclean(false);
         return;
       default:
         return;
@@ -469,7 +503,10 @@ class Agent implements PairAgent {
       .then((ok) => {
         this.backgroundFence = false;
         this.m.fencingFailed.set(this.fencer.status === 'failed' ? 1 : 0);
-        if (ok) this.peerFenced = true;
+        if (ok) {
+          this.peerFenced = true;
+          this.evaluate();
+        }
         void this.publish(true);
       });
   }

@@ -39,6 +39,12 @@ export const nodeViewSchema = z
      * before it (whose schema is strict) reads every other datagram as before.
      */
     unclean: z.literal(true).optional(),
+    /**
+     * This node's volume is primary without a connected peer (it writes alone, and holds writes
+     * until the peer cannot be promoted with old data): the peer, if a secondary that is not
+     * connected either, marks its disk Outdated. Sent only while true.
+     */
+    outdatePeer: z.literal(true).optional(),
   })
   .strict();
 

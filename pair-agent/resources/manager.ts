@@ -43,6 +43,8 @@ export class ResourceManager extends EventEmitter {
   private failures: number[] = [];
   private monitoring = false;
   failed = false;
+  /** Counts `stopAll` calls: a start planned before one is not begun after it (startStillWanted). */
+  private stopGeneration = 0;
   /** Resources whose last stop failed or overran: they may still run here. */
   private readonly notStopped = new Set<string>();
   private readonly actions;
@@ -88,7 +90,7 @@ export class ResourceManager extends EventEmitter {
           reject(new PairgateError('TIMEOUT', `${r.name} ${action} did not return within ${ms} ms`, true));
         } else {
           const waited = before!;
-          reject(new PairgateError('TIMEOUT', `${r.name} ${action} not begun within ${ms} ms: its ${waited.action} begun ${Date.now() - waited.since} ms ago has not returned`, true));
+          reject(new PairgateError('TIMEOUT', `${r.name} ${action} not begun within ${ms} ms: an earlier ${waited.action} of it, asked for ${Date.now() - waited.since} ms ago, has not returned`, true));
         }
       }, ms);
       op.then(
@@ -133,6 +135,22 @@ export class ResourceManager extends EventEmitter {
     this.emit('unclean', resource);
   }
 
+  /**
+   * After maintenance (the operator had the resources by hand): a resource marked as not stopped
+   * is forgotten once its monitor gives a definite answer that is safe for the peer: stopped, or
+   * running on a node that holds the resources (the peer does not start them while it does).
+   */
+  async recheckUnclean(holding: boolean): Promise<void> {
+    for (const r of this.resources) {
+      if (!this.notStopped.has(r.name)) continue;
+      const state = await this.monitorResource(r);
+      if (state === 'stopped' || (holding && state === 'running')) {
+        this.opts.log.info({ resource: r.name, state }, 'after maintenance: the resource that did not stop is accounted for');
+        this.markStopped(r.name);
+      }
+    }
+  }
+
   private markStopped(resource: string): void {
     if (!this.notStopped.delete(resource) || this.unclean) return;
     this.opts.log.info({ resource }, 'the resource that did not stop has stopped: this node is clean again');
@@ -148,15 +166,28 @@ export class ResourceManager extends EventEmitter {
     }
   }
 
+  /**
+   * A start begun after a `stopAll` began would run after that stop (actions on a resource run in
+   * order) and leave the resource running on a node that says it released everything, while the
+   * peer starts it too. Starts check this before they are begun.
+   */
+  private startStillWanted(r: Resource, gen: number): void {
+    if (gen !== this.stopGeneration) throw new PairgateError('CONFLICT', `${r.name}: not started: the resources are being stopped`, true);
+  }
+
   private async restart(r: Resource): Promise<void> {
+    const gen = this.stopGeneration;
     await this.act(r, 'stop');
+    this.startStillWanted(r, gen);
     await this.act(r, 'start');
   }
 
   /** Starts every resource in order; on a failure stops the ones already started (reverse) and throws. */
   async startAll(): Promise<void> {
+    const gen = this.stopGeneration;
     for (const r of this.resources) {
       try {
+        this.startStillWanted(r, gen);
         await this.act(r, 'start');
         this.started.push(r);
       } catch (err) {
@@ -171,6 +202,7 @@ export class ResourceManager extends EventEmitter {
 
   /** Stops every resource in reverse order (all of them, even those not started here: stop is idempotent). Throws the first failure after trying all. */
   async stopAll(): Promise<void> {
+    this.stopGeneration += 1;
     this.stopMonitor();
     let first: unknown = null;
     for (const r of [...this.resources].reverse()) {

@@ -28,6 +28,14 @@ export interface OptionalResources {
   volumeDisk?: () => string;
   /** The peer's disk state as the replication link knows it, or null while not connected. */
   volumePeerDisk?: () => string | null;
+  /** Writes are held until the peer cannot be promoted with old data (the volume's fencing resource-and-stonith). */
+  volumeFencePending?: () => boolean;
+  /** The peer is outdated or fenced: held writes go on. */
+  volumeSettlePeer?: (how: 'outdated' | 'fenced') => void;
+  /** This node's volume is primary without a connected peer, with fencing on: the peer is to outdate itself. */
+  volumeAlone?: () => boolean;
+  /** Marks this node's (secondary) data Outdated at the primary's request; throws when it may not. */
+  volumeOutdate?: () => void;
   healthExtras?: () => HealthExtras;
   close?: () => Promise<void>;
 }

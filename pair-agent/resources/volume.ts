@@ -20,10 +20,12 @@ export interface VolumeLike {
   status(): unknown;
   close(): Promise<unknown>;
   on?(event: string, listener: (...args: unknown[]) => void): unknown;
+  peerSettled?(how: 'outdated' | 'fenced'): unknown;
+  outdate?(): unknown;
 }
 
-/** Volume events after which the node's view (disk state) and the health record change. */
-export const VOLUME_EVENTS = ['role', 'connection', 'disk', 'sync'] as const;
+/** Volume events after which the node's view (disk state, writes held for the peer) and the health record change. */
+export const VOLUME_EVENTS = ['role', 'connection', 'disk', 'sync', 'fence-peer'] as const;
 
 function field(obj: unknown, ...names: string[]): unknown {
   for (const n of names) {
@@ -76,7 +78,10 @@ export async function volumeResource(
   if (!schema || typeof open !== 'function') throw new ConfigError('volume', 'pair-agent/volume/index.ts does not export volumeConfigSchema and openReplicatedVolume');
   let cfg: unknown;
   try {
-    cfg = validateConfig(schema, raw, 'volume');
+    // Under the agent, a primary that loses its peer holds writes until the peer is outdated or
+    // fenced (the agent does both), as DRBD with fencing resource-and-stonith: otherwise writes
+    // acknowledged alone are missing on a peer that is promoted after this node dies.
+    cfg = validateConfig(schema, { fencing: 'resource-and-stonith', ...raw }, 'volume');
   } catch (err) {
     const e = err as ConfigError;
     throw new ConfigError(`volume.${e.key ?? ''}`.replace(/\.$/, ''), e.message.replace(/^[^:]*: /, ''));
@@ -87,6 +92,13 @@ export async function volumeResource(
   return {
     volume: resource,
     volumeDisk: () => volumeView(volume.status()).disk,
+    volumeFencePending: () => field(volume.status(), 'peerFence') != null,
+    volumeAlone: () => {
+      const v = volumeView(volume.status());
+      return (cfg as { fencing?: string }).fencing === 'resource-and-stonith' && v.role === 'primary' && (v.connection === 'Connecting' || v.connection === 'StandAlone');
+    },
+    volumeSettlePeer: (how) => void volume.peerSettled?.(how),
+    volumeOutdate: () => void volume.outdate?.(),
     volumePeerDisk: () => {
       const peer = field(volume.status(), 'peer');
       const disk = field(peer, 'disk');

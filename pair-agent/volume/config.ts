@@ -38,6 +38,14 @@ export const volumeConfigSchema = z
      * own; on one shared disk (both nodes on one machine) the extra writes cost more than they save.
      */
     dataFrameBytes: z.number().int().min(64 * 1024).max(1024 * 1024).multipleOf(BLOCK_SIZE, `a multiple of ${BLOCK_SIZE}`).default(1024 * 1024),
+    /**
+     * DRBD's `fencing`. `dont-care`: a primary that loses its link goes on writing alone at once.
+     * `resource-and-stonith`: it holds every write (and the acknowledgement of writes the peer had
+     * not confirmed) until it knows the peer cannot be promoted with the old data: the peer's disk
+     * marked Outdated (`outdate()`, asked over the pair agent's heartbeat), the peer fenced, or the
+     * link back; the pair agent does this and makes it the default under it (`peerSettled()`).
+     */
+    fencing: z.enum(['dont-care', 'resource-and-stonith']).default('dont-care'),
     afterSb0Pri: z.enum(['disconnect', 'discard-zero-changes', 'discard-younger-primary', 'discard-least-changes']).default('disconnect'),
     afterSb1Pri: z.enum(['disconnect', 'consensus', 'discard-secondary']).default('disconnect'),
     pingIntervalMs: durationMs.min(10).default(200),

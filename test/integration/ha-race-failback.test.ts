@@ -24,9 +24,9 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-/** A TCP relay to `port` that refuses (closes at once) every new connection while `refusing`. */
-async function tcpRelay(port: number): Promise<{ port: number; refusing: boolean }> {
-  const state = { port: 0, refusing: false };
+/** A TCP relay to `port` that refuses (closes at once) every new connection while `refusing`; `cut()` ends those it carries. */
+async function tcpRelay(port: number): Promise<{ port: number; refusing: boolean; cut(): void }> {
+  const state = { port: 0, refusing: false, cut: () => relay.clients.forEach((c) => c.destroy()) };
   const relay = await startTcpRelay(port, { refuse: () => state.refusing });
   cleanups.push(() => relay.close());
   state.port = relay.port;
@@ -63,10 +63,12 @@ describe('failback with a replicated volume', () => {
     const standby = await pair!.b.post('/standby');
     expect(standby.status).toBe(409);
     expect(JSON.stringify(standby.body)).toMatch(/replicated volume is not connected/);
-    // Likewise a takeover on a: it would wait unseen, and move the resources whenever the link came back.
+    // b, primary without its link, had a mark its data Outdated (over the heartbeat): a takeover
+    // on a is refused for that, and would have been for the link anyway.
+    await waitFor(async () => (await vstatus('a'))?.disk === 'Outdated', 5000, "a's disk Outdated at b's request");
     const takeover = await pair!.a.post('/takeover');
     expect(takeover.status).toBe(409);
-    expect(JSON.stringify(takeover.body)).toMatch(/replicated volume is not connected/);
+    expect(JSON.stringify(takeover.body)).toMatch(/local disk is Outdated: refusing to take over/);
     expect(((await pair!.a.status()) as unknown as { request: string }).request).toBe('none');
     // The link comes back: a resyncs from b, and only then does b hand back.
     relay.refusing = false;
@@ -76,6 +78,47 @@ describe('failback with a replicated volume', () => {
     const sa = await vstatus('a');
     expect(sa?.splitBrain).toBe(false);
     const digests = ((await adminCall(url('a'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { blockDigests: string[] }).blockDigests;
+    expect(digests[100]).toBe(createHash('sha256').update(block(100)).digest('hex').slice(0, 32));
+  });
+
+  it('the replication link cut under the primary: its writes wait until the peer outdates itself; with the primary dead, the outdated peer never serves; the primary back, the peer resyncs', async () => {
+    const { relay, url, vstatus } = await volumePairThroughRelay({});
+    await waitFor(async () => (await vstatus('a'))?.role === 'primary' && (await vstatus('b'))?.connection === 'Connected', 20_000, 'a primary volume, b connected');
+    relay.refusing = true;
+    relay.cut();
+    // a writes alone from now on: b marks its data Outdated at a's request (over the heartbeat).
+    await waitFor(async () => (await vstatus('b'))?.disk === 'Outdated', 5000, "b's disk Outdated at a's request").catch((err: Error) => {
+      throw new Error(`${err.message}\n${pair!.logs()}`);
+    });
+    expect((await adminCall(url('a'), 'POST', '/write', { offset: 100 * BS, data: block(100).toString('base64') }, { timeoutMs: 5000 })).status).toBe(200);
+    expect((await vstatus('a'))?.peerFence).toBeNull();
+    // That write is on a alone. a dies: b must not serve its old data (the write would be lost).
+    pair!.a.proc!.kill('SIGKILL');
+    await pair!.a.proc!.exited;
+    const seen: string[] = [];
+    const until = Date.now() + 3000;
+    while (Date.now() < until) {
+      const [sb, vb] = [await pair!.b.status(), await vstatus('b')];
+      if (sb && sb.state !== 'standby') seen.push(`b ${sb.state}`);
+      if (vb && vb.role !== 'secondary') seen.push(`b's volume ${vb.role}`);
+      await sleep(50);
+    }
+    expect([...new Set(seen)], pair!.logs()).toEqual([]);
+    expect((await pair!.b.status())?.health.state).toBe('down');
+    // a comes back and serves; with the link back, b resyncs from a and has the write.
+    relay.refusing = false;
+    await pair!.a.start();
+    await waitFor(
+      async () => {
+        const [pa, sb] = [await pair!.a.status(), await vstatus('b')];
+        return pa?.state === 'primary' && sb?.disk === 'UpToDate' && sb.connection === 'Connected';
+      },
+      30_000,
+      'a primary, b resynced',
+    ).catch((err: Error) => {
+      throw new Error(`${err.message}\n${pair!.logs()}`);
+    });
+    const digests = ((await adminCall(url('b'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { blockDigests: string[] }).blockDigests;
     expect(digests[100]).toBe(createHash('sha256').update(block(100)).digest('hex').slice(0, 32));
   });
 
@@ -112,9 +155,12 @@ describe('failback with a replicated volume', () => {
 /** A pair with replicated volumes, a's link to b through a relay that can refuse connections (b never dials a). */
 async function volumePairThroughRelay(extra: Record<string, unknown>) {
   // The node with the lower address dials: a, through the relay (b never dials a).
-  const repl = { b: await freePort(), a: 0 };
+  // Two ports, the lower (as the addresses sort) for a: a port for a below a b picked alone may
+  // not be found (b = 20003, say).
+  const [x, y] = [await freePort(), await freePort()];
+  const repl = addr(x) < addr(y) ? { a: x, b: y } : { a: y, b: x };
   const relay = await tcpRelay(repl.b);
-  for (let i = 0; i < 200 && !(repl.a && addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)); i++) repl.a = await freePort();
+  for (let i = 0; i < 200 && !(addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)); i++) repl.a = await freePort();
   expect(addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)).toBe(true);
   const admin = { a: await freePort(), b: await freePort() };
   const volume = (id: NodeId) => (dir: string) => ({

@@ -412,15 +412,19 @@ describe('splicing', () => {
     c.socket.write(`BULK ${total}\n`);
     await sleep(400);
     const srv = [...bs[0]!.sockets].find((s) => (s as net.Socket & { bulkQueued?: number }).bulkQueued)! as net.Socket & { bulkQueued?: number };
-    const queued = srv.bulkQueued!;
-    // The backend could hand over only what the kernel and the stream buffers hold, not 64 MiB,
-    // and then it is held: no more goes out while the client does not read. (How much the kernel
-    // holds varies run to run: loopback receive windows autotune up to tcp_rmem's maximum, 32 MiB
-    // on these machines; 10-15 MiB here, and up to 25 MiB on a proxy's path in CI. So the bound is
-    // the whole transfer, not a guess at the buffers.)
-    expect(queued).toBeLessThan(total);
-    await sleep(300);
+    // The backend hands over what the kernel and the stream buffers hold, then it is held: no
+    // more goes out while the client does not read. (How much the kernel holds varies run to run:
+    // loopback receive windows autotune up to tcp_rmem's maximum, 32 MiB on these machines; 10-15
+    // MiB here, and up to 25 MiB on a proxy's path in CI. So the bound is the whole transfer, not
+    // a guess at the buffers.)
+    let queued = srv.bulkQueued!;
+    for (let i = 0; i < 25; i++) {
+      await sleep(200);
+      if (srv.bulkQueued === queued) break;
+      queued = srv.bulkQueued!;
+    }
     expect(srv.bulkQueued, 'the backend held while the client does not read').toBe(queued);
+    expect(queued).toBeLessThan(total);
     let got = 0;
     c.socket.removeAllListeners('data');
     c.socket.on('data', (d: Buffer) => {

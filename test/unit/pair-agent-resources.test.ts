@@ -145,7 +145,7 @@ describe('resource manager: action time bounds and unclean stops', () => {
     expect(m.unclean).toBe(true);
     // svc now stops; ip's first stop still hangs and its second waits for it: still unclean.
     failing.fail.delete('stop');
-    await expect(m.stopAll()).rejects.toMatchObject({ code: 'TIMEOUT', message: expect.stringMatching(/^ip stop not begun within 100 ms: its stop begun \d+ ms ago has not returned$/) });
+    await expect(m.stopAll()).rejects.toMatchObject({ code: 'TIMEOUT', message: expect.stringMatching(/^ip stop not begun within 100 ms: an earlier stop of it, asked for \d+ ms ago, has not returned$/) });
     expect(hanging.calls).toEqual(['start', 'stop']);
     expect(m.unclean).toBe(true);
     hanging.release('stop');
@@ -170,6 +170,21 @@ describe('resource manager: action time bounds and unclean stops', () => {
     expect(m.unclean).toBe(false);
     expect(m.failed).toBe(false);
     await m.stopAll();
+  });
+
+  it('a release during a monitor\'s restart: the restart does not start the resource again after the release stopped it', async () => {
+    const r = new Stuck('svc');
+    const m = mgr([r], 2, { monitorTimeoutMs: 100, stopTimeoutMs: 5000 });
+    await m.startAll();
+    r.hang.add('monitor');
+    const pass = m.monitorOnce();
+    await new Promise((res) => setTimeout(res, 250));
+    // The monitor overran; its restart's stop waits for it. Now the node releases.
+    const release = m.stopAll();
+    r.release('monitor');
+    await Promise.all([pass, release]);
+    expect(r.calls).toEqual(['start', 'monitor', 'stop', 'stop']);
+    expect(m.unclean).toBe(false);
   });
 });
 
@@ -250,14 +265,15 @@ describe('replicated volume resource (adapter over pair-agent/volume exports)', 
     let seen: Record<string, unknown> | null = null;
     const changes: string[] = [];
     const mod = {
-      volumeConfigSchema: z.object({ name: z.string() }).strict(),
+      volumeConfigSchema: z.object({ name: z.string(), fencing: z.string() }).strict(),
       openReplicatedVolume: async (c: Record<string, unknown>) => {
         seen = c;
         return vol;
       },
     };
     const opt = await volumeResource(mod, { name: 'v' }, { log: silentLogger, registry: createRegistry({}, false), onChange: (w) => changes.push(w) });
-    expect(seen).toEqual({ name: 'v' });
+    // Under the agent, a volume holds writes for its peer by default (fencing resource-and-stonith).
+    expect(seen).toEqual({ name: 'v', fencing: 'resource-and-stonith' });
     const r = opt.volume!;
     expect(await r.monitor()).toBe('stopped');
     await r.start();
