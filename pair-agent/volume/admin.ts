@@ -20,6 +20,12 @@ export function volumeRoutes(volume: ReplicatedVolume) {
     'POST /connect': () => volume.connect(),
     'POST /disconnect': () => volume.disconnect(),
     'POST /verify': () => volume.verify(),
+    'POST /outdate': () => volume.outdate(),
+    'POST /resume-io': ({ body }: { body: unknown }) => {
+      const peer = (body as { peer?: unknown })?.peer;
+      if (peer !== 'outdated' && peer !== 'fenced') throw new BadInputError('POST /resume-io needs {"peer": "outdated"|"fenced"}: say how the peer was made safe');
+      return volume.peerSettled(peer);
+    },
     'POST /resolve': ({ body }: { body: unknown }) => volume.resolve({ discardMyData: (body as { discardMyData?: boolean })?.discardMyData === true }),
     'GET /digest': async () => {
       const blocks = await volume.blockDigests();

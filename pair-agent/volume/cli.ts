@@ -72,6 +72,7 @@ function printStatus(s: VolumeStatus): void {
   const lines = [
     `volume ${s.name} (${mib(s.sizeBytes)}) on ${s.node}`,
     `  role ${s.role}, disk ${s.disk}, connection ${s.connection}, protocol ${s.protocol}${s.splitBrain ? ', SPLIT BRAIN (resolve by hand)' : ''}`,
+    ...(s.peerFence ? [`  WRITES HELD for ${Math.round((Date.now() - s.peerFence.since) / 1000)} s (${s.peerFence.reason}) until the peer is outdated or fenced`] : []),
     `  peer ${s.peer ? `${s.peer.name}: ${s.peer.role}, ${s.peer.disk}` : 'not connected'}`,
     `  out of sync ${mib(s.outOfSyncBytes)}${s.resync ? `; resync ${s.resync.direction}: ${mib(s.resync.bytesLeft)} left of ${mib(s.resync.totalBytes)}, ${mib(s.resync.rateBytesPerSec)}/s, ETA ${s.resync.etaSec ?? '?'} s` : ''}`,
     `  uuids current ${s.uuids.current} bitmap ${s.uuids.bitmap} history ${s.uuids.history.join(' ')}`,
@@ -184,6 +185,14 @@ export function register(program: Command): void {
       const r = (await call(t, 'POST', '/verify', {}, 30 * 60_000)) as { checkedBlocks: number; outOfSyncBlocks: number };
       process.stdout.write(`verified ${r.checkedBlocks} blocks: ${r.outOfSyncBlocks} out of sync${r.outOfSyncBlocks ? ' (resyncing from this node)' : ''}\n`);
       if (r.outOfSyncBlocks) printStatus(await waitInSync(t, 600_000));
+    });
+  withTarget(vol.command('outdate').description('mark this secondary\'s data Outdated (its primary writes without it): not promoted until resynced'))
+    .action(async (o) => printStatus((await call(target(o), 'POST', '/outdate')) as VolumeStatus));
+  withTarget(vol.command('resume-io').description('fencing resource-and-stonith: let a primary\'s held writes go on once the peer is outdated or fenced by hand'))
+    .requiredOption('--peer <how>', 'how the peer was made safe: outdated | fenced')
+    .action(async (o: { peer: string; config?: string; admin?: string; token?: string }) => {
+      if (o.peer !== 'outdated' && o.peer !== 'fenced') throw new BadInputError('--peer must be outdated or fenced');
+      printStatus((await call(target(o), 'POST', '/resume-io', { peer: o.peer })) as VolumeStatus);
     });
   withTarget(vol.command('resolve').description('settle a split brain: this node\'s changes are discarded at the next connection'))
     .option('--discard-my-data', 'required: this node becomes the sync target', false)
