@@ -21,7 +21,7 @@ import { checkPairAgentConfig, pairAgentConfigSchema, type PairAgentConfig } fro
 import { createFenceDevice, Fencer } from './fencing/index.ts';
 import { processState } from './fencing/process.ts';
 import { Heartbeat, splitHostPort, type PeerStatus } from './ha/heartbeat.ts';
-import type { NodeView } from './ha/heartbeat-codec.ts';
+import type { HeartbeatRequest, NodeView } from './ha/heartbeat-codec.ts';
 import { checkTransition, decide, diskUsable, NODE_STATES, other, roleOf, STANDBY_HAND_OVER, type Decision, type Facts, type NodeId, type NodeState, type OperatorRequest } from './ha/state-machine.ts';
 import { CommandResource } from './resources/command.ts';
 import { FloatingIpResource } from './resources/floating-ip.ts';
@@ -119,6 +119,7 @@ class Agent implements PairAgent {
       deadtimeMs: c.heartbeat.deadtimeMs,
       initdeadMs: c.heartbeat.initdeadMs,
       view: () => this.selfView(),
+      requests: () => (this.optional.volumeAlone?.() ? ['outdate'] : []),
       log,
       registry,
     });
@@ -204,6 +205,9 @@ class Agent implements PairAgent {
       this.changed('peer restarted');
     });
     this.heartbeat.on('peer-dead', () => this.changed('peer dead'));
+    this.heartbeat.on('peer-request', (request: HeartbeatRequest) => {
+      if (request === 'outdate') this.outdateForPeer();
+    });
     this.heartbeat.on('peer-view', (view: NodeView) => {
       if (view.holds) this.peerHeldOnce = true;
       if (view.state === 'primary') this.standbyHandOverPending = false;
@@ -216,7 +220,6 @@ class Agent implements PairAgent {
         this.request = 'none';
       }
       this.peerRequest = view.request;
-      if (view.outdatePeer) this.outdateForPeer();
       // A peer that said (signed, fresh) it stopped after releasing everything needs no fence.
       if (view.state === 'stopped' && !view.holds && !this.peerFenced) {
         this.peerFenced = true;
@@ -251,7 +254,6 @@ class Agent implements PairAgent {
       request: this.request,
       failed: this.resourcesFailed,
       ...(this.manager.unclean ? { unclean: true as const } : {}),
-      ...(this.optional.volumeAlone?.() ? { outdatePeer: true as const } : {}),
     };
   }
 
@@ -330,13 +332,17 @@ class Agent implements PairAgent {
    * not UpToDate (it outdated itself at this node's request, or is mid-resync).
    */
   private settlePeerFence(): void {
-    if (!this.optional.volumeFencePending?.()) return;
+    const since = this.optional.volumeFenceSince?.() ?? null;
+    if (since === null) return;
     if (this.peerFenced) {
       this.optional.volumeSettlePeer!('fenced');
       return;
     }
+    // Only a view heard after the writes were held: an older one may say Inconsistent from a
+    // resync that has finished since.
     const peer = this.peerFacts();
-    if (peer.alive && peer.view && !diskUsable(peer.view.disk)) this.optional.volumeSettlePeer!('outdated');
+    const heardAt = this.heartbeat.status().lastHeardAt ?? 0;
+    if (peer.alive && peer.view && heardAt > since && !diskUsable(peer.view.disk)) this.optional.volumeSettlePeer!('outdated');
   }
 
   /** The primary lost its link to this node's volume and writes alone: this node's data is outdated. */
@@ -426,6 +432,8 @@ class Agent implements PairAgent {
         return;
       case 'releasing':
         this.fencer.cancel();
+        // Writes held for the peer would keep the store from stopping: they fail (never acknowledged).
+        this.optional.volumeFailHeld?.('the node releases its resources');
         void this.release(still);
         return;
       case 'maintenance':
@@ -666,6 +674,7 @@ class Agent implements PairAgent {
     if (this.tickTimer) clearInterval(this.tickTimer);
     if (this.publishTimer) clearInterval(this.publishTimer);
     if (from !== 'maintenance' && this.holds) {
+      this.optional.volumeFailHeld?.('the agent stops');
       try {
         await this.manager.stopAll();
         this.holds = false;

@@ -39,12 +39,6 @@ export const nodeViewSchema = z
      * before it (whose schema is strict) reads every other datagram as before.
      */
     unclean: z.literal(true).optional(),
-    /**
-     * This node's volume is primary without a connected peer (it writes alone, and holds writes
-     * until the peer cannot be promoted with old data): the peer, if a secondary that is not
-     * connected either, marks its disk Outdated. Sent only while true.
-     */
-    outdatePeer: z.literal(true).optional(),
   })
   .strict();
 
@@ -94,6 +88,59 @@ export function decodeHeartbeat(key: Buffer, data: Buffer, expect: { pair: strin
     return { ok: false, reason: 'malformed' };
   }
   const body = bodySchema.safeParse(parsed);
+  if (!body.success) return { ok: false, reason: 'malformed' };
+  if (body.data.pair !== expect.pair || body.data.node !== expect.peer) return { ok: false, reason: 'unknown-node' };
+  return { ok: true, message: body.data };
+}
+
+/**
+ * A request to the peer, in a datagram of its own beside the view (same framing and signature,
+ * version byte 2), so that a peer of a release without requests drops it as `bad-magic` and still
+ * reads every view: for it nothing changes.
+ *
+ *   outdate: this node's volume is primary without a connected peer (it writes alone, and holds
+ *            writes until the peer cannot be promoted with old data); the peer, if a secondary not
+ *            connected either, marks its disk Outdated.
+ */
+export const REQUEST_VERSION = 2;
+export const HEARTBEAT_REQUESTS = ['outdate'] as const;
+export type HeartbeatRequest = (typeof HEARTBEAT_REQUESTS)[number];
+
+const requestSchema = z
+  .object({
+    pair: z.string().min(1).max(64),
+    node: z.enum(['a', 'b']),
+    gen: z.number().int().nonnegative(),
+    seq: z.number().int().nonnegative(),
+    request: z.enum(HEARTBEAT_REQUESTS),
+  })
+  .strict();
+
+export type RequestMessage = z.infer<typeof requestSchema>;
+
+export function encodeRequest(key: Buffer, message: RequestMessage): Buffer {
+  const head = Buffer.concat([MAGIC, Buffer.from([REQUEST_VERSION]), Buffer.from(JSON.stringify(message), 'utf8')]);
+  return Buffer.concat([head, mac(key, head)]);
+}
+
+/** Whether `data` claims to be a request datagram (it is checked by decodeRequest). */
+export function isRequestDatagram(data: Buffer): boolean {
+  return data.length > HEADER_LEN && data.subarray(0, MAGIC.length).equals(MAGIC) && data[MAGIC.length] === REQUEST_VERSION;
+}
+
+export function decodeRequest(key: Buffer, data: Buffer, expect: { pair: string; peer: 'a' | 'b' }): { ok: true; message: RequestMessage } | { ok: false; reason: DropReason } {
+  if (data.length > MAX_DATAGRAM) return { ok: false, reason: 'oversize' };
+  if (data.length < HEADER_LEN + 2 + MAC_LEN) return { ok: false, reason: 'short' };
+  if (!isRequestDatagram(data)) return { ok: false, reason: 'bad-magic' };
+  const head = data.subarray(0, data.length - MAC_LEN);
+  if (!timingSafeEqual(data.subarray(data.length - MAC_LEN), mac(key, head))) return { ok: false, reason: 'forged' };
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(head.subarray(HEADER_LEN).toString('utf8'));
+  } catch {
+    return { ok: false, reason: 'malformed' };
+  }
+  const body = requestSchema.safeParse(parsed);
   if (!body.success) return { ok: false, reason: 'malformed' };
   if (body.data.pair !== expect.pair || body.data.node !== expect.peer) return { ok: false, reason: 'unknown-node' };
   return { ok: true, message: body.data };

@@ -9,7 +9,7 @@ import dgram from 'node:dgram';
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../../common/log.ts';
 import { counter, type MetricsRegistry } from '../../common/metrics.ts';
-import { decodeHeartbeat, encodeHeartbeat, ReplayGuard, type NodeView } from './heartbeat-codec.ts';
+import { decodeHeartbeat, decodeRequest, encodeHeartbeat, encodeRequest, isRequestDatagram, ReplayGuard, type HeartbeatRequest, type NodeView } from './heartbeat-codec.ts';
 import type { NodeId } from './state-machine.ts';
 import { other } from './state-machine.ts';
 
@@ -32,6 +32,8 @@ export interface HeartbeatOptions extends HeartbeatTimings {
   /** The peer's addresses (host:port). With as many as `listen`, link i is listen[i] <-> peers[i]. */
   peers: string[];
   view: () => NodeView;
+  /** Requests to the peer, sent beside every view while returned (heartbeat-codec.ts); emitted on the peer as 'peer-request'. */
+  requests?: () => HeartbeatRequest[];
   log: Logger;
   registry: MetricsRegistry;
   /** Generation of this start; defaults to the start time in ms (grows across restarts). */
@@ -114,24 +116,50 @@ export class Heartbeat extends EventEmitter {
   send(): Promise<void> {
     if (this.sockets.length === 0) return Promise.resolve();
     this.seq += 1;
-    const data = encodeHeartbeat(this.opts.key, { pair: this.opts.pair, node: this.opts.node, gen: this.generation, seq: this.seq, view: this.opts.view() });
+    const datagrams = [encodeHeartbeat(this.opts.key, { pair: this.opts.pair, node: this.opts.node, gen: this.generation, seq: this.seq, view: this.opts.view() })];
+    for (const request of this.opts.requests?.() ?? []) {
+      this.seq += 1;
+      datagrams.push(encodeRequest(this.opts.key, { pair: this.opts.pair, node: this.opts.node, gen: this.generation, seq: this.seq, request }));
+    }
     const paired = this.opts.peers.length === this.sockets.length;
-    return Promise.all(
-      this.opts.peers.map(
-        (peer, i) =>
+    const sends: Array<Promise<void>> = [];
+    for (const data of datagrams) {
+      for (const [i, peer] of this.opts.peers.entries()) {
+        const sock = paired ? this.sockets[i]! : this.sockets[0]!;
+        const { host, port } = splitHostPort(peer);
+        sends.push(
           new Promise<void>((resolve) => {
-            const sock = paired ? this.sockets[i]! : this.sockets[0]!;
-            const { host, port } = splitHostPort(peer);
             sock.send(data, port, host, (err) => {
               if (err) this.opts.log.debug({ err: err.message, peer }, 'heartbeat send failed');
               resolve();
             });
           }),
-      ),
-    ).then(() => undefined);
+        );
+      }
+    }
+    return Promise.all(sends).then(() => undefined);
+  }
+
+  /** A request datagram: signed and fresh like a view, but it says nothing about membership. */
+  private receiveRequest(msg: Buffer, rinfo: dgram.RemoteInfo): void {
+    const decoded = decodeRequest(this.opts.key, msg, { pair: this.opts.pair, peer: this.peerId });
+    if (!decoded.ok) {
+      this.drop(decoded.reason, rinfo);
+      return;
+    }
+    const fresh = this.guard.check(decoded.message);
+    if (!fresh.ok) {
+      this.drop(fresh.reason, rinfo);
+      return;
+    }
+    if (this.alive) this.emit('peer-request', decoded.message.request);
   }
 
   private receive(link: number, msg: Buffer, rinfo: dgram.RemoteInfo): void {
+    if (isRequestDatagram(msg)) {
+      this.receiveRequest(msg, rinfo);
+      return;
+    }
     const decoded = decodeHeartbeat(this.opts.key, msg, { pair: this.opts.pair, peer: this.peerId });
     if (!decoded.ok) {
       this.drop(decoded.reason, rinfo);

@@ -24,8 +24,6 @@ export interface SelfView {
   failed: boolean;
   /** A resource did not stop on this node (see heartbeat-codec.ts); absent means false. */
   unclean?: true;
-  /** This primary holds writes until the peer's disk is Outdated (see heartbeat-codec.ts). */
-  outdatePeer?: true;
 }
 
 export interface Facts {

@@ -175,8 +175,9 @@ export class ResourceManager extends EventEmitter {
     if (gen !== this.stopGeneration) throw new PairgateError('CONFLICT', `${r.name}: not started: the resources are being stopped`, true);
   }
 
-  private async restart(r: Resource): Promise<void> {
-    const gen = this.stopGeneration;
+  /** Stops and starts `r`, unless a stopAll has begun since `gen` (taken when the caller's pass began). */
+  private async restart(r: Resource, gen: number): Promise<void> {
+    this.startStillWanted(r, gen);
     await this.act(r, 'stop');
     this.startStillWanted(r, gen);
     await this.act(r, 'start');
@@ -232,6 +233,7 @@ export class ResourceManager extends EventEmitter {
   async monitorOnce(): Promise<void> {
     if (this.monitoring || this.failed) return;
     this.monitoring = true;
+    const gen = this.stopGeneration;
     try {
       for (const r of this.started) {
         const result = await this.monitorResource(r);
@@ -249,7 +251,7 @@ export class ResourceManager extends EventEmitter {
         }
         this.opts.log.warn({ resource: r.name, result, restart: this.failures.length }, 'resource monitor failed: restarting it here');
         try {
-          await this.restart(r);
+          await this.restart(r, gen);
         } catch {
           // counted; the next pass sees it again
         }
@@ -269,14 +271,16 @@ export class ResourceManager extends EventEmitter {
     this.failed = false;
     this.failures = [];
     this.monitoring = true;
+    const gen = this.stopGeneration;
     try {
       this.opts.log.info('restarting what is not running, then monitoring again');
       for (const r of this.started) {
         const state = await this.monitorResource(r);
         if (state === 'running') continue;
         try {
-          await this.restart(r);
+          await this.restart(r, gen);
         } catch {
+          if (gen !== this.stopGeneration) return; // released meanwhile: nothing failed
           this.failed = true;
           this.emit('failed', r.name);
           return;

@@ -28,8 +28,10 @@ export interface OptionalResources {
   volumeDisk?: () => string;
   /** The peer's disk state as the replication link knows it, or null while not connected. */
   volumePeerDisk?: () => string | null;
-  /** Writes are held until the peer cannot be promoted with old data (the volume's fencing resource-and-stonith). */
-  volumeFencePending?: () => boolean;
+  /** Since when writes are held until the peer cannot be promoted with old data (fencing resource-and-stonith), or null. */
+  volumeFenceSince?: () => number | null;
+  /** Fails the held writes (never acknowledged): the node releases or stops. */
+  volumeFailHeld?: (why: string) => void;
   /** The peer is outdated or fenced: held writes go on. */
   volumeSettlePeer?: (how: 'outdated' | 'fenced') => void;
   /** This node's volume is primary without a connected peer, with fencing on: the peer is to outdate itself. */

@@ -21,6 +21,7 @@ export interface VolumeLike {
   close(): Promise<unknown>;
   on?(event: string, listener: (...args: unknown[]) => void): unknown;
   peerSettled?(how: 'outdated' | 'fenced'): unknown;
+  failHeldWrites?(why: string): unknown;
   outdate?(): unknown;
 }
 
@@ -92,7 +93,11 @@ export async function volumeResource(
   return {
     volume: resource,
     volumeDisk: () => volumeView(volume.status()).disk,
-    volumeFencePending: () => field(volume.status(), 'peerFence') != null,
+    volumeFenceSince: () => {
+      const since = field(field(volume.status(), 'peerFence'), 'since');
+      return typeof since === 'number' ? since : null;
+    },
+    volumeFailHeld: (why) => volume.failHeldWrites?.(why),
     volumeAlone: () => {
       const v = volumeView(volume.status());
       return (cfg as { fencing?: string }).fencing === 'resource-and-stonith' && v.role === 'primary' && (v.connection === 'Connecting' || v.connection === 'StandAlone');

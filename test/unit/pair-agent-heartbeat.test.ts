@@ -1,6 +1,6 @@
 /** Heartbeat datagrams: round trip, and every kind of bad datagram dropped with its reason. */
 import { describe, expect, it } from 'vitest';
-import { decodeHeartbeat, encodeHeartbeat, ReplayGuard, type HeartbeatMessage } from '../../pair-agent/ha/heartbeat-codec.ts';
+import { decodeHeartbeat, decodeRequest, encodeHeartbeat, encodeRequest, ReplayGuard, type HeartbeatMessage } from '../../pair-agent/ha/heartbeat-codec.ts';
 
 const key = Buffer.from('k'.repeat(32));
 const msg = (seq: number, gen = 1000): HeartbeatMessage => ({
@@ -23,6 +23,16 @@ describe('heartbeat codec', () => {
     expect(encodeHeartbeat(key, msg(8)).toString('latin1')).not.toContain('unclean');
     const saysFalse = encodeHeartbeat(key, { ...msg(9), view: { ...msg(9).view, unclean: false } } as unknown as HeartbeatMessage);
     expect(decodeHeartbeat(key, saysFalse, expectFrom)).toEqual({ ok: false, reason: 'malformed' });
+  });
+  it('requests travel in datagrams of their own: signed, and dropped as bad-magic by a view decoder (a peer of the release before)', () => {
+    const req = { pair: 'pair-01', node: 'a' as const, gen: 1000, seq: 10, request: 'outdate' as const };
+    const d = encodeRequest(key, req);
+    expect(decodeRequest(key, d, expectFrom)).toEqual({ ok: true, message: req });
+    expect(decodeHeartbeat(key, d, expectFrom)).toEqual({ ok: false, reason: 'bad-magic' });
+    expect(decodeRequest(Buffer.from('other key'), d, expectFrom)).toEqual({ ok: false, reason: 'forged' });
+    expect(decodeRequest(key, d, { pair: 'pair-01', peer: 'b' })).toEqual({ ok: false, reason: 'unknown-node' });
+    expect(decodeRequest(key, encodeRequest(key, { ...req, request: 'promote' } as unknown as typeof req), expectFrom)).toEqual({ ok: false, reason: 'malformed' });
+    expect(decodeRequest(key, encodeHeartbeat(key, msg(1)), expectFrom)).toEqual({ ok: false, reason: 'bad-magic' });
   });
   it('drops short, foreign, forged and malformed datagrams', () => {
     const good = encodeHeartbeat(key, msg(1));

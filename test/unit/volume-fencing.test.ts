@@ -61,6 +61,36 @@ describe('volume fencing resource-and-stonith', () => {
     expect(await b.blockDigests()).toEqual(await a.blockDigests());
   });
 
+  it('demoted while writes are held: the held writes fail (never acknowledged), and new ones are refused', async () => {
+    const { a, b, pauseRelay, resumeRelay } = await pairThroughPausableRelay(cleanups, settings('resource-and-stonith'));
+    await a.write(0, Buffer.alloc(4096, 1));
+    pauseRelay();
+    const inFlight = a.write(4096, Buffer.alloc(4096, 2));
+    inFlight.catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 50));
+    b.disconnect();
+    await waitFor(() => a.status().peerFence !== null || undefined, 5000, 'a to hold writes');
+    resumeRelay();
+    const fresh = a.write(8192, Buffer.alloc(4096, 3));
+    fresh.catch(() => undefined);
+    await a.demote();
+    await expect(inFlight).rejects.toThrow(/not acknowledged: held for the peer, then the volume was demoted/);
+    await expect(fresh).rejects.toThrow(/held for the peer, and the volume was demoted or closed/);
+    expect(a.status().peerFence).toBeNull();
+    // What was not acknowledged stays out of sync, for the next resync.
+    expect(a.status().outOfSyncBytes).toBeGreaterThanOrEqual(4096);
+  });
+
+  it('a secondary that leaves its primary on purpose marks its data Outdated; the node that outdated its peer refuses to be outdated', async () => {
+    const { a, b } = await pairThroughPausableRelay(cleanups, settings('resource-and-stonith'));
+    b.disconnect();
+    expect(b.status().disk).toBe('Outdated');
+    await waitFor(() => a.status().peerFence !== null || undefined, 5000, 'a to hold writes');
+    a.peerSettled('outdated');
+    await a.demote();
+    expect(() => a.outdate()).toThrow(/wrote without its peer after outdating it/);
+  });
+
   it('dont-care (the default, standalone): writes go on alone at once', async () => {
     const { a, b } = await pairThroughPausableRelay(cleanups, settings('dont-care'));
     b.disconnect();
