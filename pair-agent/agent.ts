@@ -338,11 +338,12 @@ class Agent implements PairAgent {
       this.optional.volumeSettlePeer!('fenced');
       return;
     }
-    // Only a view heard after the writes were held: an older one may say Inconsistent from a
-    // resync that has finished since.
-    const peer = this.peerFacts();
-    const heardAt = this.heartbeat.status().lastHeardAt ?? 0;
-    if (peer.alive && peer.view && heardAt > since && !diskUsable(peer.view.disk)) this.optional.volumeSettlePeer!('outdated');
+    // The peer's own word on its heartbeat (its metadata), heard after the writes were held: not
+    // the replication link's view of its disk (a sync source marks the target Inconsistent before
+    // the target has stored it), nor an older datagram (Inconsistent from a resync since finished).
+    const hb = this.heartbeat.status();
+    const alive = this.peerFacts().alive;
+    if (alive && hb.view && (hb.lastHeardAt ?? 0) > since && !diskUsable(hb.view.disk)) this.optional.volumeSettlePeer!('outdated');
   }
 
   /** The primary lost its link to this node's volume and writes alone: this node's data is outdated. */

@@ -61,6 +61,9 @@ export class Heartbeat extends EventEmitter {
   private sockets: dgram.Socket[] = [];
   private timer: NodeJS.Timeout | null = null;
   private readonly guard = new ReplayGuard();
+  /** Requests have their own sequence and guard: one arriving first on a faster link must not make a view of a lower sequence a replay. */
+  private requestSeq = 0;
+  private readonly requestGuard = new ReplayGuard();
   private lastHeard: number | null = null;
   private linkHeard: number[];
   private peerView: NodeView | null = null;
@@ -118,8 +121,8 @@ export class Heartbeat extends EventEmitter {
     this.seq += 1;
     const datagrams = [encodeHeartbeat(this.opts.key, { pair: this.opts.pair, node: this.opts.node, gen: this.generation, seq: this.seq, view: this.opts.view() })];
     for (const request of this.opts.requests?.() ?? []) {
-      this.seq += 1;
-      datagrams.push(encodeRequest(this.opts.key, { pair: this.opts.pair, node: this.opts.node, gen: this.generation, seq: this.seq, request }));
+      this.requestSeq += 1;
+      datagrams.push(encodeRequest(this.opts.key, { pair: this.opts.pair, node: this.opts.node, gen: this.generation, seq: this.requestSeq, request }));
     }
     const paired = this.opts.peers.length === this.sockets.length;
     const sends: Array<Promise<void>> = [];
@@ -147,7 +150,7 @@ export class Heartbeat extends EventEmitter {
       this.drop(decoded.reason, rinfo);
       return;
     }
-    const fresh = this.guard.check(decoded.message);
+    const fresh = this.requestGuard.check(decoded.message);
     if (!fresh.ok) {
       this.drop(fresh.reason, rinfo);
       return;

@@ -237,7 +237,7 @@ export class ResourceManager extends EventEmitter {
     try {
       for (const r of this.started) {
         const result = await this.monitorResource(r);
-        if (!this.timer) return; // stopped meanwhile
+        if (!this.timer || gen !== this.stopGeneration) return; // stopped (and maybe started again) meanwhile
         this.actions.inc({ resource: r.name, action: 'monitor', outcome: result === 'running' ? 'ok' : 'failed' });
         if (result === 'running') continue;
         const now = Date.now();

@@ -15,6 +15,7 @@ export function volumeMetrics(registry: MetricsRegistry, volume: string) {
     diskUpToDate: g('volume_disk_up_to_date', 'Local data is UpToDate (1) or not (0: Inconsistent, Failed)'),
     connected: g('replication_connected', 'Replication link connected (1) or not (0)'),
     splitBrain: g('replication_split_brain', 'A split brain waits for the operator (1)'),
+    writesHeld: g('volume_writes_held', 'Writes held until the peer is outdated or fenced (1; fencing resource-and-stonith)'),
     outOfSync: g('replication_out_of_sync_bytes', 'Bytes marked out of sync with the peer'),
     resyncRate: g('replication_resync_bytes_per_second', 'Current resync rate'),
     resyncProgress: g('replication_resync_progress_ratio', 'Resync progress, 0..1 (1 when none runs)'),

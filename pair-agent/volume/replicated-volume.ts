@@ -91,7 +91,7 @@ export interface VolumeStatus {
   protocol: 'A' | 'B' | 'C';
   splitBrain: boolean;
   /** Writes held (fencing resource-and-stonith) since the link was lost, until the peer is outdated or fenced. */
-  peerFence: { since: number; reason: string } | null;
+  peerFence: { since: number; reason: string; failed: boolean } | null;
   sizeBytes: number;
   outOfSyncBytes: number;
   peer: { name: string; role: Role; disk: DiskState } | null;
@@ -164,7 +164,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
    * resource-and-stonith): `ended` resolves true when they may go on, false when they fail; `held`
    * are writes the peer never confirmed, acknowledged or failed with them.
    */
-  private peerFence: { since: number; reason: string; ended: Promise<boolean>; end: (go: boolean) => void; held: PendingWrite[] } | null = null;
+  private peerFence: { since: number; reason: string; ended: Promise<boolean>; end: (go: boolean) => void; held: PendingWrite[]; failed: boolean; warnedAt: number } | null = null;
   private discardMyData = false;
   private link: Link | null = null;
   private server: net.Server | null = null;
@@ -269,7 +269,10 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       await dev.close();
       throw err;
     }
-    v.metaTimer = setInterval(() => void v.flushMetaIfDirty(), META_FLUSH_MS);
+    v.metaTimer = setInterval(() => {
+      v.warnIfHeld();
+      void v.flushMetaIfDirty();
+    }, META_FLUSH_MS);
     v.metaTimer.unref();
     v.updateGauges();
     return v;
@@ -326,7 +329,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     }
     // Held for the peer: checked in the same tick as `replicating()` below, after every await.
     while (this.peerFence) {
-      if (!(await this.peerFence.ended)) throw new UnavailableError(`volume ${this.config.name}: write not made: it was held for the peer, and the volume was demoted or closed meanwhile`);
+      if (!(await this.peerFence.ended)) throw new UnavailableError(`volume ${this.config.name}: write not made: held for the peer, then the held writes failed (the volume is being demoted, closed or released)`);
       this.checkUsable('writes');
     }
     // The local write goes to the I/O threads first; the frame is checksummed and copied to the
@@ -573,10 +576,12 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
 
   async demote(): Promise<VolumeStatus> {
     if (this.role === 'secondary') return this.status();
-    this.failHeldWrites('the volume was demoted');
+    this.failHeldWrites('the volume is being demoted');
     await this.dev.flush().catch(() => undefined);
     // Writes still waiting for the peer are complete locally; they resolve now.
     this.role = 'secondary';
+    // A secondary takes no writes: the (failed) hold has nothing left to refuse.
+    this.peerFence = null;
     this.meta.flags.primaryCrashed = false;
     this.meta.activityLog = [];
     this.persistMeta();
@@ -627,7 +632,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     if (this.config.fencing !== 'resource-and-stonith' || this.peerFence) return;
     let end!: (go: boolean) => void;
     const ended = new Promise<boolean>((r) => (end = r));
-    this.peerFence = { since: Date.now(), reason, ended, end, held: [] };
+    this.peerFence = { since: Date.now(), reason, ended, end, held: [], failed: false, warnedAt: Date.now() };
     this.log.warn({ volume: this.config.name, reason }, 'volume: writes held until the peer is outdated or fenced (fencing resource-and-stonith)');
     this.emit('fence-peer', reason);
   }
@@ -636,10 +641,23 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     const fence = this.peerFence;
     if (!fence) return;
     this.peerFence = null;
-    this.log.warn({ volume: this.config.name, why, heldMs: Date.now() - fence.since, inFlight: fence.held.length }, 'volume: held writes go on');
-    for (const p of fence.held) p.done();
-    fence.end(true);
+    if (!fence.failed) {
+      this.log.warn({ volume: this.config.name, why, heldMs: Date.now() - fence.since, inFlight: fence.held.length }, 'volume: held writes go on');
+      for (const p of fence.held) p.done();
+      fence.end(true);
+    } else {
+      this.log.warn({ volume: this.config.name, why }, 'volume: writes accepted again');
+    }
     this.emit('fence-peer', null);
+    this.updateGauges();
+  }
+
+  /** Says, every 10 s, that writes are still held, and why (the hold has no bound of its own). */
+  private warnIfHeld(): void {
+    const fence = this.peerFence;
+    if (!fence || fence.failed || Date.now() - fence.warnedAt < 10_000) return;
+    fence.warnedAt = Date.now();
+    this.log.warn({ volume: this.config.name, reason: fence.reason, heldMs: Date.now() - fence.since, inFlight: fence.held.length }, 'volume: writes still held: waiting for the peer to be outdated or fenced, or for the link (pairgate volume resume-io by hand)');
   }
 
   /**
@@ -648,13 +666,16 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
    */
   failHeldWrites(why: string): void {
     const fence = this.peerFence;
-    if (!fence) return;
-    this.peerFence = null;
-    this.log.warn({ volume: this.config.name, why, heldMs: Date.now() - fence.since, inFlight: fence.held.length }, 'volume: held writes failed (never acknowledged)');
+    if (!fence || fence.failed) return;
+    // The fence stays, failed: writes after these are refused too until the volume is demoted or
+    // closed, the link is back or the peer is settled (they would be acknowledged alone).
+    fence.failed = true;
+    fence.reason = `${fence.reason}; held writes failed: ${why}`;
+    this.log.warn({ volume: this.config.name, why, heldMs: Date.now() - fence.since, inFlight: fence.held.length }, 'volume: held writes failed (never acknowledged); no write is accepted until the peer is settled or the volume demoted');
     const err = new UnavailableError(`volume ${this.config.name}: write not acknowledged: held for the peer, then ${why}`);
-    for (const p of fence.held) p.fail(err);
+    for (const p of fence.held.splice(0)) p.fail(err);
     fence.end(false);
-    this.emit('fence-peer', null);
+    this.updateGauges();
   }
 
   /**
@@ -726,7 +747,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
       connection: this.connection,
       protocol: this.config.protocol,
       splitBrain: this.splitBrain,
-      peerFence: this.peerFence ? { since: this.peerFence.since, reason: this.peerFence.reason } : null,
+      peerFence: this.peerFence ? { since: this.peerFence.since, reason: this.peerFence.reason, failed: this.peerFence.failed } : null,
       sizeBytes: this.size,
       outOfSyncBytes,
       peer,
@@ -746,6 +767,7 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     this.metrics.resyncProgress.set(s.resync ? 1 - s.resync.bytesLeft / Math.max(1, s.resync.totalBytes) : 1);
     this.metrics.diskUpToDate.set(s.disk === 'UpToDate' ? 1 : 0);
     this.metrics.splitBrain.set(s.splitBrain ? 1 : 0);
+    this.metrics.writesHeld.set(s.peerFence && !s.peerFence.failed ? 1 : 0);
   }
 
   // --- metadata ----------------------------------------------------------------------------
@@ -1661,14 +1683,18 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     const wasConnected = link.decided;
     if (wasConnected || link.authenticated) this.log.warn({ volume: this.config.name, reason }, 'volume: replication link lost');
     else this.log.warn({ volume: this.config.name, reason, remote: link.socket.remoteAddress }, 'volume: connection refused or failed before the handshake finished');
-    if (wasConnected && this.role === 'primary') this.holdWritesForPeer('replication link lost');
+    if (wasConnected && this.role === 'primary' && !this.closed) this.holdWritesForPeer('replication link lost');
     // Writes the peer never confirmed: complete locally, out of sync until the next resync; with
-    // fencing, acknowledged only once the peer cannot be promoted without them.
+    // fencing, acknowledged only once the peer cannot be promoted without them (and never when
+    // the volume closes meanwhile).
     const fence = this.peerFence;
+    const closing = this.closed && this.config.fencing === 'resource-and-stonith';
     for (const [seq, p] of this.pending) {
       this.pending.delete(seq);
       this.meta.bitmap.setRange(p.first, p.blocks);
-      if (fence) fence.held.push(p);
+      if (closing) p.fail(new UnavailableError(`volume ${this.config.name}: write not acknowledged: the volume closed before the peer confirmed it`));
+      else if (fence?.failed) p.fail(new UnavailableError(`volume ${this.config.name}: write not acknowledged: the peer never confirmed it, and held writes have failed`));
+      else if (fence) fence.held.push(p);
       else p.done();
     }
     for (const w of this.verifyWaiters.values()) w(Buffer.alloc(0));

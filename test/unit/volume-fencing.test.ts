@@ -61,7 +61,7 @@ describe('volume fencing resource-and-stonith', () => {
     expect(await b.blockDigests()).toEqual(await a.blockDigests());
   });
 
-  it('demoted while writes are held: the held writes fail (never acknowledged), and new ones are refused', async () => {
+  it('released while writes are held: the held writes fail (never acknowledged), and so does every write until the demotion', async () => {
     const { a, b, pauseRelay, resumeRelay } = await pairThroughPausableRelay(cleanups, settings('resource-and-stonith'));
     await a.write(0, Buffer.alloc(4096, 1));
     pauseRelay();
@@ -73,9 +73,14 @@ describe('volume fencing resource-and-stonith', () => {
     resumeRelay();
     const fresh = a.write(8192, Buffer.alloc(4096, 3));
     fresh.catch(() => undefined);
+    // The pair agent releases: the held writes fail, and so does any write before the demotion
+    // (it would be acknowledged alone while the peer may still be promoted).
+    a.failHeldWrites('the node releases its resources');
+    await expect(inFlight).rejects.toThrow(/not acknowledged: held for the peer, then the node releases its resources/);
+    await expect(fresh).rejects.toThrow(/held for the peer, then the held writes failed/);
+    await expect(a.write(12_288, Buffer.alloc(4096, 4))).rejects.toThrow(/held for the peer, then the held writes failed/);
+    expect(a.status().peerFence).toMatchObject({ failed: true });
     await a.demote();
-    await expect(inFlight).rejects.toThrow(/not acknowledged: held for the peer, then the volume was demoted/);
-    await expect(fresh).rejects.toThrow(/held for the peer, and the volume was demoted or closed/);
     expect(a.status().peerFence).toBeNull();
     // What was not acknowledged stays out of sync, for the next resync.
     expect(a.status().outOfSyncBytes).toBeGreaterThanOrEqual(4096);
