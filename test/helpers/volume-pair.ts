@@ -12,7 +12,7 @@ import { silentLogger } from '../../common/log.ts';
 import { createRegistry } from '../../common/metrics.ts';
 import { volumeConfigSchema } from '../../pair-agent/volume/config.ts';
 import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
-import { startTcpRelay, waitFor } from './net.ts';
+import { freePort, startTcpRelay, waitFor } from './net.ts';
 
 export type Cleanups = Array<() => Promise<void> | void>;
 
@@ -55,7 +55,8 @@ export async function pairThroughPausableRelay(cleanups: Cleanups, settings: Rec
   cleanups.push(() => relay.close());
   const relayPort = relay.port;
   // The node whose address sorts lower dials: a, through the relay.
-  for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayPort}`); i++) listen.a = await anyFreePort();
+  // A port below the ephemeral range (where the relay's is), so that a's address sorts lower.
+  for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayPort}`); i++) listen.a = await freePort();
   const { a, b } = await openPromotedPair(cleanups, dir, listen, relayPort, { pingIntervalMs: 1000, pingTimeoutMs: 10_000, ...settings });
   return {
     a,

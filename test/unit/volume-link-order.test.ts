@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ReplicatedVolume } from '../../pair-agent/volume/replicated-volume.ts';
 import { FrameDecoder, FrameType } from '../../pair-agent/volume/wire.ts';
-import { startTcpRelay, waitFor } from '../helpers/net.ts';
+import { freePort, startTcpRelay, waitFor } from '../helpers/net.ts';
 import { anyFreePort, openPromotedPair, pairThroughPausableRelay } from '../helpers/volume-pair.ts';
 
 let cleanups: Array<() => Promise<void> | void> = [];
@@ -35,7 +35,8 @@ describe('frame order on the replication link', () => {
     const fromA: FrameType[] = [];
     const listen = { a: 0, b: await anyFreePort() };
     const relayToB = await recordingRelay(listen.b, fromA);
-    for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayToB}`); i++) listen.a = await anyFreePort();
+    // A port below the ephemeral range (where the relay's is), so that a's address sorts lower.
+    for (let i = 0; i < 100 && !(listen.a && `127.0.0.1:${listen.a}` < `127.0.0.1:${relayToB}`); i++) listen.a = await freePort();
     expect(`127.0.0.1:${listen.a}` < `127.0.0.1:${relayToB}`).toBe(true);
     const { a } = await openPromotedPair(cleanups, dir, listen, relayToB, { name: 'order', sizeBytes: 8 * 1024 * 1024, secret: 'link-order-secret-0123', protocol: 'C' });
     // A first write to the extent, so that the second needs no activity-log write and sends in this tick.
