@@ -64,33 +64,47 @@ function mac(key: Buffer, data: Buffer): Buffer {
   return createHmac('sha256', key).update(data).digest();
 }
 
-export function encodeHeartbeat(key: Buffer, message: HeartbeatMessage): Buffer {
-  const body = Buffer.from(JSON.stringify(message), 'utf8');
-  const head = Buffer.concat([MAGIC, Buffer.from([VERSION]), body]);
+/** "PGHB" | version | JSON body | HMAC-SHA256 over everything before. */
+function encodeFrame(key: Buffer, version: number, body: unknown): Buffer {
+  const head = Buffer.concat([MAGIC, Buffer.from([version]), Buffer.from(JSON.stringify(body), 'utf8')]);
   return Buffer.concat([head, mac(key, head)]);
 }
 
 /**
- * Checks the frame and the signature, then the body. Says nothing about replays: that needs the
- * receiver's memory of the peer's last generation and sequence (ReplayGuard).
+ * Checks the frame and the signature, then the body against `schema` and the expected sender.
+ * Says nothing about replays: that needs the receiver's memory of the peer's last generation and
+ * sequence (ReplayGuard).
  */
-export function decodeHeartbeat(key: Buffer, data: Buffer, expect: { pair: string; peer: 'a' | 'b' }): DecodeResult {
+function decodeFrame<T extends { pair: string; node: string }>(
+  key: Buffer,
+  data: Buffer,
+  version: number,
+  schema: z.ZodType<T>,
+  expect: { pair: string; peer: 'a' | 'b' },
+): { ok: true; message: T } | { ok: false; reason: DropReason } {
   if (data.length > MAX_DATAGRAM) return { ok: false, reason: 'oversize' };
   if (data.length < HEADER_LEN + 2 + MAC_LEN) return { ok: false, reason: 'short' };
-  if (!data.subarray(0, MAGIC.length).equals(MAGIC) || data[MAGIC.length] !== VERSION) return { ok: false, reason: 'bad-magic' };
+  if (!data.subarray(0, MAGIC.length).equals(MAGIC) || data[MAGIC.length] !== version) return { ok: false, reason: 'bad-magic' };
   const head = data.subarray(0, data.length - MAC_LEN);
-  const given = data.subarray(data.length - MAC_LEN);
-  if (!timingSafeEqual(given, mac(key, head))) return { ok: false, reason: 'forged' };
+  if (!timingSafeEqual(data.subarray(data.length - MAC_LEN), mac(key, head))) return { ok: false, reason: 'forged' };
   let parsed: unknown;
   try {
     parsed = JSON.parse(head.subarray(HEADER_LEN).toString('utf8'));
   } catch {
     return { ok: false, reason: 'malformed' };
   }
-  const body = bodySchema.safeParse(parsed);
+  const body = schema.safeParse(parsed);
   if (!body.success) return { ok: false, reason: 'malformed' };
   if (body.data.pair !== expect.pair || body.data.node !== expect.peer) return { ok: false, reason: 'unknown-node' };
   return { ok: true, message: body.data };
+}
+
+export function encodeHeartbeat(key: Buffer, message: HeartbeatMessage): Buffer {
+  return encodeFrame(key, VERSION, message);
+}
+
+export function decodeHeartbeat(key: Buffer, data: Buffer, expect: { pair: string; peer: 'a' | 'b' }): DecodeResult {
+  return decodeFrame(key, data, VERSION, bodySchema, expect);
 }
 
 /**
@@ -119,31 +133,16 @@ const requestSchema = z
 export type RequestMessage = z.infer<typeof requestSchema>;
 
 export function encodeRequest(key: Buffer, message: RequestMessage): Buffer {
-  const head = Buffer.concat([MAGIC, Buffer.from([REQUEST_VERSION]), Buffer.from(JSON.stringify(message), 'utf8')]);
-  return Buffer.concat([head, mac(key, head)]);
+  return encodeFrame(key, REQUEST_VERSION, message);
 }
 
-/** Whether `data` claims to be a request datagram (it is checked by decodeRequest). */
+/** Whether `data` claims to be a request datagram (decodeRequest checks it). */
 export function isRequestDatagram(data: Buffer): boolean {
   return data.length > HEADER_LEN && data.subarray(0, MAGIC.length).equals(MAGIC) && data[MAGIC.length] === REQUEST_VERSION;
 }
 
 export function decodeRequest(key: Buffer, data: Buffer, expect: { pair: string; peer: 'a' | 'b' }): { ok: true; message: RequestMessage } | { ok: false; reason: DropReason } {
-  if (data.length > MAX_DATAGRAM) return { ok: false, reason: 'oversize' };
-  if (data.length < HEADER_LEN + 2 + MAC_LEN) return { ok: false, reason: 'short' };
-  if (!isRequestDatagram(data)) return { ok: false, reason: 'bad-magic' };
-  const head = data.subarray(0, data.length - MAC_LEN);
-  if (!timingSafeEqual(data.subarray(data.length - MAC_LEN), mac(key, head))) return { ok: false, reason: 'forged' };
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(head.subarray(HEADER_LEN).toString('utf8'));
-  } catch {
-    return { ok: false, reason: 'malformed' };
-  }
-  const body = requestSchema.safeParse(parsed);
-  if (!body.success) return { ok: false, reason: 'malformed' };
-  if (body.data.pair !== expect.pair || body.data.node !== expect.peer) return { ok: false, reason: 'unknown-node' };
-  return { ok: true, message: body.data };
+  return decodeFrame(key, data, REQUEST_VERSION, requestSchema, expect);
 }
 
 /**

@@ -143,53 +143,52 @@ export class Heartbeat extends EventEmitter {
     return Promise.all(sends).then(() => undefined);
   }
 
-  /** A request datagram: signed and fresh like a view, but it says nothing about membership. */
-  private receiveRequest(msg: Buffer, rinfo: dgram.RemoteInfo): void {
-    const decoded = decodeRequest(this.opts.key, msg, { pair: this.opts.pair, peer: this.peerId });
+  /** A decoded datagram that is also fresh by `guard`, or null (dropped and counted). */
+  private accept<T extends { gen: number; seq: number }>(
+    decoded: { ok: true; message: T } | { ok: false; reason: string },
+    guard: ReplayGuard,
+    rinfo: dgram.RemoteInfo,
+  ): { message: T; restarted: boolean } | null {
     if (!decoded.ok) {
       this.drop(decoded.reason, rinfo);
-      return;
+      return null;
     }
-    const fresh = this.requestGuard.check(decoded.message);
+    const fresh = guard.check(decoded.message);
     if (!fresh.ok) {
       this.drop(fresh.reason, rinfo);
-      return;
+      return null;
     }
-    if (this.alive) this.emit('peer-request', decoded.message.request);
+    return { message: decoded.message, restarted: fresh.restarted };
   }
 
   private receive(link: number, msg: Buffer, rinfo: dgram.RemoteInfo): void {
+    const expect = { pair: this.opts.pair, peer: this.peerId };
     if (isRequestDatagram(msg)) {
-      this.receiveRequest(msg, rinfo);
+      // Signed and fresh like a view, but it says nothing about membership.
+      const request = this.accept(decodeRequest(this.opts.key, msg, expect), this.requestGuard, rinfo);
+      if (request && this.alive) this.emit('peer-request', request.message.request);
       return;
     }
-    const decoded = decodeHeartbeat(this.opts.key, msg, { pair: this.opts.pair, peer: this.peerId });
-    if (!decoded.ok) {
-      this.drop(decoded.reason, rinfo);
-      return;
-    }
-    const fresh = this.guard.check(decoded.message);
-    if (!fresh.ok) {
-      this.drop(fresh.reason, rinfo);
-      return;
-    }
+    const accepted = this.accept(decodeHeartbeat(this.opts.key, msg, expect), this.guard, rinfo);
+    if (!accepted) return;
+    const { message, restarted } = accepted;
     const now = Date.now();
     this.lastHeard = now;
     this.linkHeard[link] = now;
     const prev = this.peerView;
-    this.peerView = decoded.message.view;
+    this.peerView = message.view;
     // membership first, events after: a listener must see the peer alive
     const wasAlive = this.alive;
     const wasWarned = this.warned;
     this.alive = true;
     this.everSeen = true;
     this.warned = false;
-    if (fresh.restarted) {
-      this.opts.log.info({ generation: decoded.message.gen }, 'peer restarted (new generation)');
-      this.emit('peer-restarted', decoded.message.gen);
+    if (restarted) {
+      this.opts.log.info({ generation: message.gen }, 'peer restarted (new generation)');
+      this.emit('peer-restarted', message.gen);
     }
     if (!wasAlive) {
-      this.opts.log.info({ peer: this.peerId, generation: decoded.message.gen, state: decoded.message.view.state }, 'peer is alive');
+      this.opts.log.info({ peer: this.peerId, generation: message.gen, state: message.view.state }, 'peer is alive');
       this.emit('peer-alive');
     } else if (wasWarned) {
       this.opts.log.info({ peer: this.peerId }, 'peer heard again after warntime');

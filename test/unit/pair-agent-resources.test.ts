@@ -156,7 +156,8 @@ describe('resource manager: action time bounds and unclean stops', () => {
     expect(events).toEqual(['unclean svc', 'clean']);
   });
 
-  it('a monitor past its bound is a failed monitor: the restart\'s stop waits for it, then the resource restarts', async () => {
+  /** A started resource whose monitor hangs past its 100 ms bound: the pass is waiting in the restart's stop. */
+  const overrunMonitor = async () => {
     const r = new Stuck('svc');
     const m = mgr([r], 2, { monitorTimeoutMs: 100, stopTimeoutMs: 5000 });
     await m.startAll();
@@ -164,6 +165,11 @@ describe('resource manager: action time bounds and unclean stops', () => {
     const pass = m.monitorOnce();
     await new Promise((res) => setTimeout(res, 250));
     expect(r.calls).toEqual(['start', 'monitor']);
+    return { r, m, pass };
+  };
+
+  it('a monitor past its bound is a failed monitor: the restart\'s stop waits for it, then the resource restarts', async () => {
+    const { r, m, pass } = await overrunMonitor();
     r.release('monitor');
     await pass;
     expect(r.calls).toEqual(['start', 'monitor', 'stop', 'start']);
@@ -173,12 +179,7 @@ describe('resource manager: action time bounds and unclean stops', () => {
   });
 
   it('a release during a monitor\'s restart: the restart does not start the resource again after the release stopped it', async () => {
-    const r = new Stuck('svc');
-    const m = mgr([r], 2, { monitorTimeoutMs: 100, stopTimeoutMs: 5000 });
-    await m.startAll();
-    r.hang.add('monitor');
-    const pass = m.monitorOnce();
-    await new Promise((res) => setTimeout(res, 250));
+    const { r, m, pass } = await overrunMonitor();
     // The monitor overran; its restart's stop waits for it. Now the node releases.
     const release = m.stopAll();
     r.release('monitor');
