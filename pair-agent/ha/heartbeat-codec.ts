@@ -44,15 +44,15 @@ export const nodeViewSchema = z
 
 export type NodeView = z.infer<typeof nodeViewSchema>;
 
-const bodySchema = z
-  .object({
-    pair: z.string().min(1).max(64),
-    node: z.enum(['a', 'b']),
-    gen: z.number().int().nonnegative(),
-    seq: z.number().int().nonnegative(),
-    view: nodeViewSchema,
-  })
-  .strict();
+/** Who sent a datagram, and its place in the sender's sequence (ReplayGuard). */
+const envelope = {
+  pair: z.string().min(1).max(64),
+  node: z.enum(['a', 'b']),
+  gen: z.number().int().nonnegative(),
+  seq: z.number().int().nonnegative(),
+};
+
+const bodySchema = z.object({ ...envelope, view: nodeViewSchema }).strict();
 
 export type HeartbeatMessage = z.infer<typeof bodySchema>;
 
@@ -120,15 +120,7 @@ export const REQUEST_VERSION = 2;
 export const HEARTBEAT_REQUESTS = ['outdate'] as const;
 export type HeartbeatRequest = (typeof HEARTBEAT_REQUESTS)[number];
 
-const requestSchema = z
-  .object({
-    pair: z.string().min(1).max(64),
-    node: z.enum(['a', 'b']),
-    gen: z.number().int().nonnegative(),
-    seq: z.number().int().nonnegative(),
-    request: z.enum(HEARTBEAT_REQUESTS),
-  })
-  .strict();
+const requestSchema = z.object({ ...envelope, request: z.enum(HEARTBEAT_REQUESTS) }).strict();
 
 export type RequestMessage = z.infer<typeof requestSchema>;
 
