@@ -94,6 +94,8 @@ class Agent implements PairAgent {
   private admin: AdminServer | null = null;
   private bus: RedisBus | null = null;
   private backgroundFence = false;
+  /** Why this node last refused the peer's outdate request (logged once per reason). */
+  private lastOutdateRefusal = '';
   private readonly heartbeat: Heartbeat;
   private readonly fencer: Fencer;
   private readonly manager: ResourceManager;
@@ -353,7 +355,10 @@ class Agent implements PairAgent {
       this.optional.volumeOutdate();
       this.log.warn('the primary writes without this node (replication link lost): local disk marked Outdated');
     } catch (err) {
-      this.log.info({ err: (err as Error).message }, 'outdate request from the primary not applied');
+      // The request repeats every keepalive while the primary is alone: say why once, not each time.
+      const why = (err as Error).message;
+      if (why !== this.lastOutdateRefusal) this.log.info({ err: why }, 'outdate request from the primary not applied');
+      this.lastOutdateRefusal = why;
     }
   }
 

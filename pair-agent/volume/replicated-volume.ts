@@ -1329,7 +1329,10 @@ export class ReplicatedVolume extends EventEmitter implements BlockDevice {
     this.connection = c;
     if (c === 'Connected') {
       // Connected (after any resync): the peer has every write: nothing to hold for.
-      this.meta.flags.peerWasOutdated = false;
+      if (this.meta.flags.peerWasOutdated) {
+        this.meta.flags.peerWasOutdated = false;
+        this.metaDirty = true;
+      }
       this.releaseWrites('the peer is connected again');
     }
     this.log.info({ volume: this.config.name, connection: c }, 'volume: connection state');
