@@ -32,7 +32,7 @@ export interface VolumeNode {
 
 export async function volumePair(
   dir: string,
-  opts: { sizeBytes?: number; protocol?: 'A' | 'B' | 'C'; afterSb0Pri?: string; afterSb1Pri?: string; resyncRateBytesPerSec?: number; start?: Array<'a' | 'b'> } = {},
+  opts: { sizeBytes?: number; protocol?: 'A' | 'B' | 'C'; afterSb0Pri?: string; afterSb1Pri?: string; resyncRateBytesPerSec?: number; fencing?: 'dont-care' | 'resource-and-stonith'; start?: Array<'a' | 'b'> } = {},
 ): Promise<{ a: VolumeNode; b: VolumeNode; stop(): Promise<void> }> {
   const ports = { a: await freePort(), b: await freePort() };
   const make = async (name: 'a' | 'b'): Promise<VolumeNode> => {
@@ -53,6 +53,7 @@ export async function volumePair(
       ...(opts.afterSb0Pri ? { afterSb0Pri: opts.afterSb0Pri } : {}),
       ...(opts.afterSb1Pri ? { afterSb1Pri: opts.afterSb1Pri } : {}),
       ...(opts.resyncRateBytesPerSec ? { resyncRateBytesPerSec: opts.resyncRateBytesPerSec } : {}),
+      ...(opts.fencing ? { fencing: opts.fencing } : {}),
       admin: { host: '127.0.0.1', port: adminPort },
     };
     const configFile = join(dir, `${name}.yaml`);

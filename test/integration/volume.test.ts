@@ -190,6 +190,34 @@ describe('replicated volume (two processes)', () => {
     expect((await p.a.post('/primary')).status).toBe(409);
   });
 
+  it('fencing resource-and-stonith by hand: the primary holds writes when its peer leaves until `resume-io`; the peer that left is Outdated, refuses to serve, and resyncs', async () => {
+    const { a, b } = await pair({ fencing: 'resource-and-stonith' });
+    await inSync(a, b);
+    expect((await a.post('/primary')).status).toBe(200);
+    await write(a, 1, block(1));
+    // b leaves its primary on purpose: it marks its own data Outdated (DRBD's disconnect).
+    await b.post('/disconnect');
+    expect((await b.status()).disk).toBe('Outdated');
+    expect((await b.post('/primary')).status).toBe(409);
+    await waitFor(async () => (await a.status()).peerFence !== null, 5000, 'a to hold writes');
+    // A write now waits: nobody has told a that b cannot be promoted.
+    await expect(a.post('/write', { offset: 2 * BS, data: block(2).toString('base64') }, 1000)).rejects.toThrow(/timeout/i);
+    expect((await a.metrics())).toMatch(/pairgate_volume_writes_held\{[^}]*\} 1/);
+    // The operator says b is outdated (it is): the held write goes on, and new ones too.
+    const bad = await a.post('/resume-io', { peer: 'nonsense' });
+    expect(bad.status).toBe(409); // the admin API's answer to bad input
+    expect(JSON.stringify(bad.body)).toMatch(/say how the peer was made safe/);
+    expect((await a.post('/resume-io', { peer: 'outdated' })).status).toBe(200);
+    await write(a, 3, block(3));
+    // b resyncs from a, then has every block a acknowledged.
+    await b.post('/connect');
+    await inSync(a, b);
+    expect((await b.status()).disk).toBe('UpToDate');
+    const [da, db] = await Promise.all([a.digests(), b.digests()]);
+    expect(db).toEqual(da);
+    expect(db[3]).toBe(digestOf(block(3)));
+  });
+
   it('an Inconsistent node (resync cut short) never serves as a sync source, not even to a fresh peer', async () => {
     // Slow resync (128 changed blocks take 2 s), so that it can be cut short. If the first
     // handshake is lost half-way (under load), the two fresh volumes meet again by a full sync
