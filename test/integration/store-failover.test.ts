@@ -5,7 +5,10 @@
  * acknowledged delivery is there with the same UID and UIDVALIDITY (read back through POP3
  * UIDL, which encodes both). Then the killed node comes back, resyncs as secondary, and the
  * resources are handed back to it: the store it recovers from the resynced copy holds every
- * acknowledged message too (including those delivered while it was away).
+ * acknowledged message too (including those delivered while it was away). Last, the replication
+ * link is cut under the primary while deliveries run, and the primary is killed: the standby,
+ * outdated at the primary's request, must not serve its old copy (the deliveries acknowledged
+ * after the cut exist only on the killed node); the killed node comes back and serves them all.
  * (The shared-disk mode's failover is covered by pair-agent-store.test.ts.)
  */
 import { createHash } from 'node:crypto';
@@ -14,7 +17,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminCall } from '../../common/admin-http.ts';
 import type { VolumeStatus } from '../../pair-agent/volume/index.ts';
-import { freePort, waitFor } from '../helpers/net.ts';
+import { freePort, sleep, startTcpRelay, waitFor, type TcpRelay } from '../helpers/net.ts';
 import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
 
 const MASTER = { user: 'proxy-master', secret: 'master-secret-123' };
@@ -24,20 +27,27 @@ const MAX_PER_LOOP = 2000;
 let pair: TestPair;
 let ports: { lmtp: number; pop3: number; imap: number };
 const volPorts = { a: { repl: 0, admin: 0 }, b: { repl: 0, admin: 0 } };
+/** a's replication link to b runs through this relay (a dials: its address sorts lowest), so that a test can cut it. */
+let relay: TcpRelay;
+let refusing = false;
+const addr = (port: number) => `127.0.0.1:${port}`;
 
 beforeAll(async () => {
   ports = { lmtp: await freePort(), pop3: await freePort(), imap: await freePort() };
   for (const id of ['a', 'b'] as const) volPorts[id] = { repl: await freePort(), admin: await freePort() };
+  if (addr(volPorts.b.repl) < addr(volPorts.a.repl)) [volPorts.a.repl, volPorts.b.repl] = [volPorts.b.repl, volPorts.a.repl];
+  relay = await startTcpRelay(volPorts.b.repl, { refuse: () => refusing });
+  for (let i = 0; i < 200 && !(addr(volPorts.a.repl) < addr(relay.port) && addr(volPorts.a.repl) < addr(volPorts.b.repl)); i++) volPorts.a.repl = await freePort();
+  expect(addr(volPorts.a.repl) < addr(relay.port) && addr(volPorts.a.repl) < addr(volPorts.b.repl)).toBe(true);
   const node = (id: NodeId) => (dir: string) => {
-    const peer: NodeId = id === 'a' ? 'b' : 'a';
     return {
       volume: {
         name: 'pair-t-mail',
         dataFile: join(dir, `${id}.data`),
         metaFile: join(dir, `${id}.meta`),
         sizeBytes: 32 * 1024 * 1024,
-        listen: `127.0.0.1:${volPorts[id].repl}`,
-        peer: `127.0.0.1:${volPorts[peer].repl}`,
+        listen: addr(volPorts[id].repl),
+        peer: id === 'a' ? addr(relay.port) : addr(volPorts.a.repl),
         secret: 'store-failover-volume-secret',
         protocol: 'C',
         pingIntervalMs: 100,
@@ -54,6 +64,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await stopLoops(); // a failed step may leave delivery loops running
   await pair?.stop();
+  await relay?.close();
 });
 
 async function volumeStatus(id: NodeId): Promise<VolumeStatus | null> {
@@ -212,6 +223,7 @@ const uvBefore = new Map<string, string>();
 let stop = false;
 let loops: Array<Promise<void>> = [];
 let failedOver = false;
+let handedBack = false;
 
 /** One delivery stream: acknowledged deliveries go to `acked`; bounded by MAX_PER_LOOP and by `stop`. */
 const deliverLoop = async (w: number) => {
@@ -324,5 +336,51 @@ describe('store failover with the pair agent on the replicated volume (protocol 
     }
     await expectAllPresent(acked, uvBefore, 'after the handback to a');
     console.log(`store handback: ${acked.length} acknowledged deliveries (${onB} before a came back) all present with their UIDs on a`);
+    handedBack = true;
   }, 120_000);
+
+  it('the replication link cut under the primary, then the primary killed: the outdated standby never serves its old copy; the primary back serves every acknowledged delivery', async (ctx) => {
+    if (!handedBack) ctx.skip();
+    await waitFor(async () => (await volumeStatus('b'))?.connection === 'Connected' && (await volumeStatus('b'))?.disk === 'UpToDate', 15_000, 'b an UpToDate secondary');
+    stop = false;
+    loops = [4, 5].map(deliverLoop);
+    try {
+      const beforeCut = acked.length;
+      await waitFor(() => acked.length >= beforeCut + 10, 20_000, 'deliveries before the cut');
+      refusing = true;
+      for (const c of relay.clients) c.destroy();
+      // b marks its copy Outdated at a's request; a's held writes go on, alone.
+      await waitFor(async () => (await volumeStatus('b'))?.disk === 'Outdated', 5000, "b's copy Outdated");
+      const atCut = acked.length;
+      await waitFor(() => acked.length >= atCut + 20, 20_000, 'deliveries on a alone after the cut');
+      const aloneAcked = acked.length - atCut;
+      pair.a.proc!.kill('SIGKILL');
+      await pair.a.proc!.exited;
+      // Deliveries acknowledged after the cut are on a's disk only: b must not serve.
+      const seen = new Set<string>();
+      const until = Date.now() + 3000;
+      while (Date.now() < until) {
+        const [sb, vb, h] = [await pair.b.status(), await volumeStatus('b'), await pair.floatingHealth(200)];
+        if (sb && sb.state !== 'standby') seen.add(`b ${sb.state}`);
+        if (vb && vb.role !== 'secondary') seen.add(`b's volume ${vb.role}`);
+        if (h) seen.add(`something serves the floating address (primary ${h.body.primary})`);
+        await sleep(100);
+      }
+      expect([...seen], pair.logs()).toEqual([]);
+      // a comes back (the link still cut) and serves again from its own copy: every delivery is there.
+      await pair.a.start();
+      await waitFor(async () => (await pair.floatingHealth(200))?.body.primary === 'a', 30_000, 'a primary again').catch((err: Error) => {
+        throw new Error(`${err.message}\n${pair.logs()}`);
+      });
+      const back = acked.length;
+      await waitFor(() => acked.length >= back + 10, 20_000, 'deliveries on a after its return');
+      // The link back: b resyncs from a.
+      refusing = false;
+      await waitFor(async () => (await volumeStatus('b'))?.disk === 'UpToDate' && (await volumeStatus('b'))?.connection === 'Connected', 30_000, 'b resynced');
+      console.log(`link cut, then the primary killed: ${aloneAcked} deliveries acknowledged on a alone; b stayed standby (Outdated); ${acked.length} in all present on a after its return`);
+    } finally {
+      await stopLoops();
+    }
+    await expectAllPresent(acked, uvBefore, 'after the link cut and the kill of a');
+  }, 150_000);
 });
