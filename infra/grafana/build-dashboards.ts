@@ -113,6 +113,14 @@ export const DASHBOARDS: Dashboard[] = [
       { title: 'Replication out-of-sync bytes', exprs: [['max by (pair, node) (pairgate_replication_out_of_sync_bytes)', '{{pair}}/{{node}}']], unit: 'bytes', description: 'Non-zero while disconnected or resyncing; a pair is only fully redundant at 0.' },
       { title: 'Resync rate', exprs: [['max by (pair, node) (pairgate_replication_resync_bytes_per_second)', '{{pair}}/{{node}}']], unit: 'Bps' },
       { title: 'Volume write latency p99', exprs: [['histogram_quantile(0.99, sum by (le, pair) (rate(pairgate_volume_write_seconds_bucket[5m])))', '{{pair}}']], unit: 's' },
+      {
+        title: 'Unclean nodes and held writes',
+        exprs: [
+          ['max by (pair, node) (pairgate_pair_node_unclean)', 'unclean {{pair}}/{{node}}'],
+          ['max by (pair, node) (pairgate_volume_writes_held)', 'writes held {{pair}}/{{node}}'],
+        ],
+        description: 'unclean: a resource did not stop on that node; its peer fences it before taking over. writes held: a primary lost its replication link and waits for the peer to be outdated or fenced (seconds at most; longer needs a human: pairgate volume status).',
+      },
     ],
   },
   {
