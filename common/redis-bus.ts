@@ -24,6 +24,12 @@ export const keys = {
    * logins and deliveries for that user until it is gone.
    */
   userMove: (uid: string) => `${KEY_PREFIX}usermove:${uid}`,
+  /**
+   * Set by a primary that wrote without its peer once the peer was outdated or fenced: which node's
+   * replica is older. A node that starts alone reads it before it takes over (its own metadata
+   * may still say UpToDate: fenced by a reboot, it never heard that it was outdated).
+   */
+  pairOutdated: (pair: string) => `${KEY_PREFIX}pair:${pair}:outdated`,
   /** Directory cache entries; not in the contract table because only `directory/` reads them. */
   directory: (kind: string, id: string) => `${KEY_PREFIX}dir:${kind}:${id}`,
 };

@@ -88,6 +88,11 @@ class Agent implements PairAgent {
   private again = false;
   private epoch = 0;
   private publishTimer: NodeJS.Timeout | null = null;
+  private markTimer: NodeJS.Timeout | null = null;
+  /** The peer marked this node's replica older in Redis (keys.pairOutdated): as Outdated until the volumes meet. */
+  private outdatedByPeer = false;
+  /** A mark naming the peer may be in Redis (written here, or left from before this start): cleared once the peer is in sync. */
+  private markMayExist = true;
   private tickTimer: NodeJS.Timeout | null = null;
   private lastPublished = '';
   private lastTransition: { at: number; from: NodeState; to: NodeState; reason: string } | null = null;
@@ -235,6 +240,9 @@ class Agent implements PairAgent {
     // initdead and other timers: re-evaluate every keepalive
     this.tickTimer = setInterval(() => this.evaluate(), this.config.heartbeat.keepaliveMs);
     this.publishTimer = setInterval(() => void this.publish(false), HEALTH_PUBLISH_INTERVAL_MS);
+    // Before the first decision: a node starting alone must know whether its peer marked it older.
+    await this.followOutdatedMark();
+    this.markTimer = setInterval(() => void this.followOutdatedMark(), OUTDATED_MARK_INTERVAL_MS);
     this.log.info({ admin: this.admin.url, generation: this.heartbeat.generation, initdeadMs: c.heartbeat.initdeadMs }, 'pair-agent started');
     this.evaluate();
   }
@@ -260,7 +268,63 @@ class Agent implements PairAgent {
   }
 
   private diskState(): string {
-    return this.optional.volumeDisk?.() ?? 'none';
+    const disk = this.optional.volumeDisk?.() ?? 'none';
+    // Its own metadata cannot know (fenced by a reboot, it never heard it was outdated).
+    return disk === 'UpToDate' && this.outdatedByPeer ? 'Outdated' : disk;
+  }
+
+  /**
+   * The outdated mark in Redis (keys.pairOutdated), for the case the volume's own Outdated state
+   * cannot cover: this node fenced (rebooted) while its peer wrote alone, the peer then lost, and
+   * this node starting alone with metadata that says UpToDate. Read while the peer is away; dropped
+   * here once the volumes meet (their handshake decides) or the operator promotes this node's
+   * volume by hand; deleted by the holder once its peer is in sync again.
+   */
+  private async followOutdatedMark(): Promise<void> {
+    if (!this.bus || !this.optional.volumeDisk || this.current === 'stopped') return;
+    const key = keys.pairOutdated(this.config.pair);
+    const linked = this.peerFacts().linked !== false;
+    if (this.outdatedByPeer && (linked || this.optional.volumeRole?.() === 'primary')) {
+      this.outdatedByPeer = false;
+      this.log.info({ why: linked ? 'the volumes met' : 'the volume was promoted by hand' }, "the peer's mark on this replica no longer applies");
+      await this.bus.del(key).catch(() => undefined);
+      this.changed('outdated mark dropped');
+      return;
+    }
+    if (this.holds && this.markMayExist && this.optional.volumePeerDisk?.() === 'UpToDate') {
+      try {
+        await this.bus.del(key);
+        this.markMayExist = false;
+      } catch {
+        // tried again next round
+      }
+      return;
+    }
+    if (this.peerFacts().alive || this.holds) return;
+    try {
+      const raw = await this.bus.get(key);
+      const mark = raw ? (JSON.parse(raw) as { node?: unknown; by?: unknown; at?: unknown }) : null;
+      const marked = mark?.node === this.config.node;
+      if (marked === this.outdatedByPeer) return;
+      this.outdatedByPeer = marked;
+      if (marked) this.log.warn({ by: mark?.by, at: mark?.at }, "the peer marked this node's replica older (it wrote without it): treated as Outdated, no takeover alone; `pairgate volume primary --force` only if the peer's data is lost");
+      this.changed('outdated mark');
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, 'the outdated mark could not be read from Redis: going by the local metadata');
+    }
+  }
+
+  /** Marks the peer's replica older in Redis, for a peer that restarts alone before the two volumes meet. */
+  private async writeOutdatedMark(how: 'outdated' | 'fenced'): Promise<void> {
+    if (!this.bus) return;
+    const peer = other(this.config.node);
+    this.markMayExist = true;
+    try {
+      await this.bus.set(keys.pairOutdated(this.config.pair), JSON.stringify({ node: peer, by: this.config.node, how, at: Date.now() }));
+      this.log.info({ peer, how }, "the peer's replica is marked older in Redis (this node writes without it)");
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, "the peer's replica could not be marked older in Redis: should it restart alone, it goes by its own metadata");
+    }
   }
 
   /** The peer as the state machine sees it: a peer that said it stopped is treated as gone. */
@@ -337,6 +401,7 @@ class Agent implements PairAgent {
     const since = this.optional.volumeFenceSince?.() ?? null;
     if (since === null) return;
     if (this.peerFenced) {
+      void this.writeOutdatedMark('fenced');
       this.optional.volumeSettlePeer!('fenced');
       return;
     }
@@ -345,7 +410,10 @@ class Agent implements PairAgent {
     // the target has stored it), nor an older datagram (Inconsistent from a resync since finished).
     const hb = this.heartbeat.status();
     const alive = this.peerFacts().alive;
-    if (alive && hb.view && (hb.lastHeardAt ?? 0) > since && !diskUsable(hb.view.disk)) this.optional.volumeSettlePeer!('outdated');
+    if (alive && hb.view && (hb.lastHeardAt ?? 0) > since && !diskUsable(hb.view.disk)) {
+      void this.writeOutdatedMark('outdated');
+      this.optional.volumeSettlePeer!('outdated');
+    }
   }
 
   /** The primary lost its link to this node's volume and writes alone: this node's data is outdated. */
@@ -679,6 +747,7 @@ class Agent implements PairAgent {
     this.fencer.cancel();
     if (this.tickTimer) clearInterval(this.tickTimer);
     if (this.publishTimer) clearInterval(this.publishTimer);
+    if (this.markTimer) clearInterval(this.markTimer);
     if (from !== 'maintenance' && this.holds) {
       this.optional.volumeFailHeld?.('the agent stops');
       try {
@@ -712,6 +781,9 @@ class Agent implements PairAgent {
     await this.bus?.close();
   }
 }
+
+/** How often the outdated mark in Redis is followed (read while the peer is away, cleared once it is in sync). */
+const OUTDATED_MARK_INTERVAL_MS = 1000;
 
 /** Hand-overs tried again under one operator standby after the peer failed to start the resources. */
 const MAX_STANDBY_RETAKES = 3;

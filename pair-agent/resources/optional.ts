@@ -26,6 +26,8 @@ export interface OptionalResources {
   volume?: Resource;
   store?: Resource;
   volumeDisk?: () => string;
+  /** The volume's role (primary / secondary). */
+  volumeRole?: () => string;
   /** The peer's disk state as the replication link knows it, or null while not connected. */
   volumePeerDisk?: () => string | null;
   /** Since when writes are held until the peer cannot be promoted with old data (fencing resource-and-stonith), or null. */

@@ -93,6 +93,7 @@ export async function volumeResource(
   return {
     volume: resource,
     volumeDisk: () => volumeView(volume.status()).disk,
+    volumeRole: () => volumeView(volume.status()).role,
     volumeFenceSince: () => {
       const since = field(field(volume.status(), 'peerFence'), 'since');
       return typeof since === 'number' ? since : null;
