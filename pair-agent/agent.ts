@@ -91,8 +91,10 @@ class Agent implements PairAgent {
   private markTimer: NodeJS.Timeout | null = null;
   /** The peer marked this node's replica older in Redis (keys.pairOutdated): as Outdated until the volumes meet. */
   private outdatedByPeer = false;
-  /** A mark naming the peer may be in Redis (written here, or left from before this start): cleared once the peer is in sync. */
-  private markMayExist = true;
+  /** A mark naming the peer may be in Redis (written here, or before this start): deleted once the peer is in sync. */
+  private markWritten = true;
+  /** The mark has been read (or Redis stayed unreachable through initdead, or there is none to read). */
+  private markKnown = false;
   private tickTimer: NodeJS.Timeout | null = null;
   private lastPublished = '';
   private lastTransition: { at: number; from: NodeState; to: NodeState; reason: string } | null = null;
@@ -240,8 +242,8 @@ class Agent implements PairAgent {
     // initdead and other timers: re-evaluate every keepalive
     this.tickTimer = setInterval(() => this.evaluate(), this.config.heartbeat.keepaliveMs);
     this.publishTimer = setInterval(() => void this.publish(false), HEALTH_PUBLISH_INTERVAL_MS);
-    // Before the first decision: a node starting alone must know whether its peer marked it older.
-    await this.followOutdatedMark();
+    // Read before the node may take over alone (diskState() until then); Redis may still be connecting.
+    void this.followOutdatedMark();
     this.markTimer = setInterval(() => void this.followOutdatedMark(), OUTDATED_MARK_INTERVAL_MS);
     this.log.info({ admin: this.admin.url, generation: this.heartbeat.generation, initdeadMs: c.heartbeat.initdeadMs }, 'pair-agent started');
     this.evaluate();
@@ -269,48 +271,70 @@ class Agent implements PairAgent {
 
   private diskState(): string {
     const disk = this.optional.volumeDisk?.() ?? 'none';
-    // Its own metadata cannot know (fenced by a reboot, it never heard it was outdated).
-    return disk === 'UpToDate' && this.outdatedByPeer ? 'Outdated' : disk;
+    if (disk !== 'UpToDate') return disk;
+    // Its own metadata cannot know (fenced by a reboot, it never heard it was outdated). Until the
+    // mark has been read, a node alone does not take over on its metadata either.
+    if (this.outdatedByPeer || (!this.markKnown && !this.peerFacts().alive)) return 'Outdated';
+    return disk;
   }
 
   /**
    * The outdated mark in Redis (keys.pairOutdated), for the case the volume's own Outdated state
    * cannot cover: this node fenced (rebooted) while its peer wrote alone, the peer then lost, and
-   * this node starting alone with metadata that says UpToDate. Read while the peer is away; dropped
-   * here once the volumes meet (their handshake decides) or the operator promotes this node's
-   * volume by hand; deleted by the holder once its peer is in sync again.
+   * this node starting alone with metadata that says UpToDate. Read until known, then while the
+   * peer is away. It applies while it names this node and its data generation is not among this
+   * node's (after a resync from the holder it is): the replica is then Outdated, in its metadata
+   * too. Dropped here once the volumes meet or the operator promotes this volume by hand.
    */
   private async followOutdatedMark(): Promise<void> {
-    if (!this.bus || !this.optional.volumeDisk || this.current === 'stopped') return;
+    if (this.current === 'stopped') return;
+    if (!this.bus || !this.optional.volumeDisk) {
+      this.markKnown = true;
+      return;
+    }
     const key = keys.pairOutdated(this.config.pair);
     const linked = this.peerFacts().linked !== false;
     if (this.outdatedByPeer && (linked || this.optional.volumeRole?.() === 'primary')) {
       this.outdatedByPeer = false;
       this.log.info({ why: linked ? 'the volumes met' : 'the volume was promoted by hand' }, "the peer's mark on this replica no longer applies");
-      await this.bus.del(key).catch(() => undefined);
       this.changed('outdated mark dropped');
       return;
     }
-    if (this.holds && this.markMayExist && this.optional.volumePeerDisk?.() === 'UpToDate') {
-      try {
-        await this.bus.del(key);
-        this.markMayExist = false;
-      } catch {
-        // tried again next round
+    if (this.holds) {
+      // The peer in sync again: the mark is spent (a stale one is harmless: see applies()).
+      if (this.markWritten && this.optional.volumePeerDisk?.() === 'UpToDate') {
+        this.markWritten = false;
+        await this.bus.del(key).catch(() => undefined);
       }
       return;
     }
-    if (this.peerFacts().alive || this.holds) return;
+    if (this.markKnown && this.peerFacts().alive) return;
     try {
       const raw = await this.bus.get(key);
-      const mark = raw ? (JSON.parse(raw) as { node?: unknown; by?: unknown; at?: unknown }) : null;
-      const marked = mark?.node === this.config.node;
-      if (marked === this.outdatedByPeer) return;
-      this.outdatedByPeer = marked;
-      if (marked) this.log.warn({ by: mark?.by, at: mark?.at }, "the peer marked this node's replica older (it wrote without it): treated as Outdated, no takeover alone; `pairgate volume primary --force` only if the peer's data is lost");
+      const mark = raw ? (JSON.parse(raw) as { node?: unknown; by?: unknown; at?: unknown; uuid?: unknown }) : null;
+      const generations = this.optional.volumeUuids?.() ?? [];
+      const applies = mark?.node === this.config.node && typeof mark.uuid === 'string' && !generations.includes(mark.uuid);
+      if (!this.markKnown) {
+        this.markKnown = true;
+        this.changed('outdated mark read');
+      }
+      if (applies === this.outdatedByPeer) return;
+      this.outdatedByPeer = applies;
+      if (applies) {
+        this.log.warn({ by: mark?.by, at: mark?.at }, "the peer marked this node's replica older (it wrote without it): Outdated, no takeover alone; `pairgate volume primary --force` only if the peer's data is lost");
+        try {
+          this.optional.volumeOutdate?.(); // durable: a Redis outage later must not undo it
+        } catch (err) {
+          this.log.info({ err: (err as Error).message }, 'the replica could not be marked Outdated in its metadata');
+        }
+      }
       this.changed('outdated mark');
     } catch (err) {
-      this.log.warn({ err: (err as Error).message }, 'the outdated mark could not be read from Redis: going by the local metadata');
+      if (!this.markKnown && Date.now() - this.startedAt >= this.config.heartbeat.initdeadMs) {
+        this.markKnown = true;
+        this.log.warn({ err: (err as Error).message }, 'the outdated mark could not be read from Redis within initdead: going by the local metadata');
+        this.changed('outdated mark unknown');
+      }
     }
   }
 
@@ -318,9 +342,11 @@ class Agent implements PairAgent {
   private async writeOutdatedMark(how: 'outdated' | 'fenced'): Promise<void> {
     if (!this.bus) return;
     const peer = other(this.config.node);
-    this.markMayExist = true;
+    // The generation this node writes now: a peer that has it (resynced since) is not older.
+    const uuid = this.optional.volumeUuids?.()[0];
+    this.markWritten = true;
     try {
-      await this.bus.set(keys.pairOutdated(this.config.pair), JSON.stringify({ node: peer, by: this.config.node, how, at: Date.now() }));
+      await this.bus.set(keys.pairOutdated(this.config.pair), JSON.stringify({ node: peer, by: this.config.node, how, uuid, at: Date.now() }));
       this.log.info({ peer, how }, "the peer's replica is marked older in Redis (this node writes without it)");
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, "the peer's replica could not be marked older in Redis: should it restart alone, it goes by its own metadata");
@@ -418,7 +444,9 @@ class Agent implements PairAgent {
 
   /** The primary lost its link to this node's volume and writes alone: this node's data is outdated. */
   private outdateForPeer(): void {
-    if (!this.optional.volumeOutdate || this.holds || this.diskState() !== 'UpToDate') return;
+    // The volume's own word, not diskState(): a replica the peer's Redis mark already treats as
+    // Outdated must still be outdated in its metadata, which outlives a Redis outage.
+    if (!this.optional.volumeOutdate || this.holds || this.optional.volumeDisk?.() !== 'UpToDate') return;
     try {
       this.optional.volumeOutdate();
       this.log.warn('the primary writes without this node (replication link lost): local disk marked Outdated');
@@ -703,6 +731,7 @@ class Agent implements PairAgent {
 
   async takeover(): Promise<PairAgentStatus> {
     if (this.maintenanceOn) throw new PairgateError('CONFLICT', 'the node is in maintenance: switch maintenance off first', false);
+    if (this.outdatedByPeer) throw new PairgateError('CONFLICT', "the peer marked this replica older in Redis (it wrote without it): refusing to take over; `pairgate volume primary --force` only if the peer's data is lost", false);
     if (this.diskState() !== 'UpToDate' && this.diskState() !== 'none') throw new PairgateError('CONFLICT', `local disk is ${this.diskState()}: refusing to take over`, false);
     // The peer hands over to no node whose volume has not met its own (handOverReason), as for
     // standby: say so now, rather than keep a request that would move the resources whenever the
@@ -783,7 +812,7 @@ class Agent implements PairAgent {
 }
 
 /** How often the outdated mark in Redis is followed (read while the peer is away, cleared once it is in sync). */
-const OUTDATED_MARK_INTERVAL_MS = 1000;
+const OUTDATED_MARK_INTERVAL_MS = 250;
 
 /** Hand-overs tried again under one operator standby after the peer failed to start the resources. */
 const MAX_STANDBY_RETAKES = 3;

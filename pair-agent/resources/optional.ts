@@ -28,6 +28,8 @@ export interface OptionalResources {
   volumeDisk?: () => string;
   /** The volume's role (primary / secondary). */
   volumeRole?: () => string;
+  /** The volume's data generation UUIDs: current first, then bitmap and history. */
+  volumeUuids?: () => string[];
   /** The peer's disk state as the replication link knows it, or null while not connected. */
   volumePeerDisk?: () => string | null;
   /** Since when writes are held until the peer cannot be promoted with old data (fencing resource-and-stonith), or null. */

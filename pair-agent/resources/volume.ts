@@ -94,6 +94,11 @@ export async function volumeResource(
     volume: resource,
     volumeDisk: () => volumeView(volume.status()).disk,
     volumeRole: () => volumeView(volume.status()).role,
+    volumeUuids: () => {
+      const u = field(volume.status(), 'uuids') as { current?: unknown; bitmap?: unknown; history?: unknown } | undefined;
+      const all = [u?.current, u?.bitmap, ...(Array.isArray(u?.history) ? u.history : [])];
+      return all.filter((x): x is string => typeof x === 'string' && !/^0+$/.test(x));
+    },
     volumeFenceSince: () => {
       const since = field(field(volume.status(), 'peerFence'), 'since');
       return typeof since === 'number' ? since : null;

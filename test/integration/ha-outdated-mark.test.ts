@@ -3,7 +3,8 @@
  * alone, then a is lost too, and b starts first. b's metadata still says UpToDate (it never heard
  * that it was outdated). a marked b's replica older in Redis when it went on alone; b reads the
  * mark at start and never takes over alone. a comes back and serves; once the two volumes have
- * met and resynced, the mark is gone.
+ * met and resynced, the mark is gone; and a mark b has outrun (it holds that generation) does not
+ * hold b back.
  */
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
@@ -105,5 +106,18 @@ describe('the outdated mark in Redis', () => {
     await waitFor(async () => (await bus.get(markKey)) === null, 5000, 'the mark gone');
     const digests = ((await adminCall(url('b'), 'GET', '/digest', undefined, { timeoutMs: 10_000 })).body as { blockDigests: string[] }).blockDigests;
     expect(digests[100]).toBe(createHash('sha256').update(block(100)).digest('hex').slice(0, 32));
+    // A mark left behind (its holder lost before it could delete it) whose generation b has since
+    // received does not hold b back: b, restarted alone after a is lost, takes over.
+    const generation = (await vstatus('a'))!.uuids.current;
+    expect((await vstatus('b'))!.uuids.current).toBe(generation);
+    pair.b.proc!.kill('SIGKILL');
+    await pair.b.proc!.exited;
+    await bus.set(markKey, JSON.stringify({ node: 'b', by: 'a', how: 'fenced', uuid: generation, at: Date.now() }));
+    pair.a.proc!.kill('SIGKILL');
+    await pair.a.proc!.exited;
+    await pair.b.start();
+    await waitFor(async () => (await pair.floatingHealth(200))?.body.primary === 'b', 20_000, 'b serving despite a mark it has outrun').catch((err: Error) => {
+      throw new Error(`${err.message}\n${pair.logs()}`);
+    });
   }, 90_000);
 });
