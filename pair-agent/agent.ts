@@ -95,6 +95,8 @@ class Agent implements PairAgent {
   private markWritten = true;
   /** The mark has been read (or Redis stayed unreachable through initdead, or there is none to read). */
   private markKnown = false;
+  /** A read of the mark is on its way (a slow Redis must not pile reads up). */
+  private markReading = false;
   private tickTimer: NodeJS.Timeout | null = null;
   private lastPublished = '';
   private lastTransition: { at: number; from: NodeState; to: NodeState; reason: string } | null = null;
@@ -301,14 +303,16 @@ class Agent implements PairAgent {
       return;
     }
     if (this.holds) {
-      // The peer in sync again: the mark is spent (a stale one is harmless: see applies()).
+      // The peer in sync again: the mark is spent (one left behind is harmless: a node that has
+      // its generation ignores it, see `applies` below).
       if (this.markWritten && this.optional.volumePeerDisk?.() === 'UpToDate') {
         this.markWritten = false;
         await this.bus.del(key).catch(() => undefined);
       }
       return;
     }
-    if (this.markKnown && this.peerFacts().alive) return;
+    if ((this.markKnown && this.peerFacts().alive) || this.markReading) return;
+    this.markReading = true;
     try {
       const raw = await this.bus.get(key);
       const mark = raw ? (JSON.parse(raw) as { node?: unknown; by?: unknown; at?: unknown; uuid?: unknown }) : null;
@@ -335,6 +339,8 @@ class Agent implements PairAgent {
         this.log.warn({ err: (err as Error).message }, 'the outdated mark could not be read from Redis within initdead: going by the local metadata');
         this.changed('outdated mark unknown');
       }
+    } finally {
+      this.markReading = false;
     }
   }
 
