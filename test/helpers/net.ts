@@ -143,3 +143,18 @@ export async function startTcpRelay(targetPort: number, opts: { refuse?: () => b
       }),
   };
 }
+
+/**
+ * Ports for two nodes' replication with a's link to b through a relay (`opts` as startTcpRelay's):
+ * the node whose address sorts lower dials, so a's port is picked to sort below both b's and the
+ * relay's (callers check that one was found), and b never dials a.
+ */
+export async function relayedLinkPorts(opts: Parameters<typeof startTcpRelay>[1] = {}): Promise<{ a: number; b: number; relay: TcpRelay }> {
+  const addr = (port: number) => `127.0.0.1:${port}`;
+  // Two ports, the lower for a: a port for a below a b picked alone may not be found (b = 20003, say).
+  const [x, y] = [await freePort(), await freePort()];
+  const ports = addr(x) < addr(y) ? { a: x, b: y } : { a: y, b: x };
+  const relay = await startTcpRelay(ports.b, opts);
+  for (let i = 0; i < 200 && !(addr(ports.a) < addr(relay.port) && addr(ports.a) < addr(ports.b)); i++) ports.a = await freePort();
+  return { ...ports, relay };
+}

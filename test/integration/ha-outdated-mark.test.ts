@@ -11,11 +11,10 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminCall } from '../../common/admin-http.ts';
 import { RedisBus, keys } from '../../common/redis-bus.ts';
-import type { VolumeStatus } from '../../pair-agent/volume/index.ts';
 import { freePort, sleep, waitFor } from '../helpers/net.ts';
 import { startRedis, type RedisServer } from '../helpers/redis.ts';
 import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
-import { block } from './volume-harness.ts';
+import { block, volumeStatusAt } from './volume-harness.ts';
 
 let redis: RedisServer;
 let bus: RedisBus;
@@ -24,13 +23,7 @@ const BS = 4096;
 const admin = { a: 0, b: 0 };
 const url = (id: NodeId) => `http://127.0.0.1:${admin[id]}`;
 
-async function vstatus(id: NodeId): Promise<VolumeStatus | null> {
-  try {
-    return (await adminCall(url(id), 'GET', '/status', undefined, { timeoutMs: 500 })).body as VolumeStatus;
-  } catch {
-    return null;
-  }
-}
+const vstatus = (id: NodeId) => volumeStatusAt(url(id));
 
 beforeAll(async () => {
   redis = await startRedis();

@@ -11,10 +11,9 @@ import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { adminCall } from '../../common/admin-http.ts';
-import type { VolumeStatus } from '../../pair-agent/volume/index.ts';
-import { freePort, sleep, startTcpRelay, waitFor } from '../helpers/net.ts';
+import { freePort, relayedLinkPorts, sleep, waitFor } from '../helpers/net.ts';
 import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
-import { block } from './volume-harness.ts';
+import { block, volumeStatusAt } from './volume-harness.ts';
 
 let pair: TestPair | null = null;
 const cleanups: Array<() => Promise<void>> = [];
@@ -24,13 +23,16 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-/** A TCP relay to `port` that refuses (closes at once) every new connection while `refusing`; `cut()` ends those it carries. */
-async function tcpRelay(port: number): Promise<{ port: number; refusing: boolean; cut(): void }> {
-  const state = { port: 0, refusing: false, cut: () => relay.clients.forEach((c) => c.destroy()) };
-  const relay = await startTcpRelay(port, { refuse: () => state.refusing });
-  cleanups.push(() => relay.close());
-  state.port = relay.port;
-  return state;
+/**
+ * Replication ports for a and b, a's link through a relay that refuses (closes at once) every new
+ * connection while `refusing`; `cut()` ends those it carries.
+ */
+async function tcpRelayLink(): Promise<{ repl: { a: number; b: number }; relay: { port: number; refusing: boolean; cut(): void } }> {
+  const state = { port: 0, refusing: false, cut: () => link.relay.clients.forEach((c) => c.destroy()) };
+  const link = await relayedLinkPorts({ refuse: () => state.refusing });
+  cleanups.push(() => link.relay.close());
+  state.port = link.relay.port;
+  return { repl: { a: link.a, b: link.b }, relay: state };
 }
 
 const BS = 4096;
@@ -155,12 +157,7 @@ describe('failback with a replicated volume', () => {
 /** A pair with replicated volumes, a's link to b through a relay that can refuse connections (b never dials a). */
 async function volumePairThroughRelay(extra: Record<string, unknown>) {
   // The node with the lower address dials: a, through the relay (b never dials a).
-  // Two ports, the lower (as the addresses sort) for a: a port for a below a b picked alone may
-  // not be found (b = 20003, say).
-  const [x, y] = [await freePort(), await freePort()];
-  const repl = addr(x) < addr(y) ? { a: x, b: y } : { a: y, b: x };
-  const relay = await tcpRelay(repl.b);
-  for (let i = 0; i < 200 && !(addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)); i++) repl.a = await freePort();
+  const { repl, relay } = await tcpRelayLink();
   expect(addr(repl.a) < addr(relay.port) && addr(repl.a) < addr(repl.b)).toBe(true);
   const admin = { a: await freePort(), b: await freePort() };
   const volume = (id: NodeId) => (dir: string) => ({
@@ -180,13 +177,7 @@ async function volumePairThroughRelay(extra: Record<string, unknown>) {
     },
   });
   const url = (id: NodeId) => `http://127.0.0.1:${admin[id]}`;
-  const vstatus = async (id: NodeId): Promise<VolumeStatus | null> => {
-    try {
-      return (await adminCall(url(id), 'GET', '/status', undefined, { timeoutMs: 500 })).body as VolumeStatus;
-    } catch {
-      return null;
-    }
-  };
+  const vstatus = (id: NodeId) => volumeStatusAt(url(id));
   pair = await startPair({ a: volume('a'), b: volume('b') });
   return { relay, url, vstatus };
 }

@@ -15,10 +15,9 @@ import { createHash } from 'node:crypto';
 import net from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { adminCall } from '../../common/admin-http.ts';
-import type { VolumeStatus } from '../../pair-agent/volume/index.ts';
-import { freePort, sleep, startTcpRelay, waitFor, type TcpRelay } from '../helpers/net.ts';
+import { freePort, relayedLinkPorts, sleep, waitFor, type TcpRelay } from '../helpers/net.ts';
 import { startPair, type NodeId, type TestPair } from './pair-agent-harness.ts';
+import { volumeStatusAt } from './volume-harness.ts';
 
 const MASTER = { user: 'proxy-master', secret: 'master-secret-123' };
 const USERS = ['fa', 'fb', 'fc'];
@@ -34,10 +33,9 @@ const addr = (port: number) => `127.0.0.1:${port}`;
 
 beforeAll(async () => {
   ports = { lmtp: await freePort(), pop3: await freePort(), imap: await freePort() };
-  for (const id of ['a', 'b'] as const) volPorts[id] = { repl: await freePort(), admin: await freePort() };
-  if (addr(volPorts.b.repl) < addr(volPorts.a.repl)) [volPorts.a.repl, volPorts.b.repl] = [volPorts.b.repl, volPorts.a.repl];
-  relay = await startTcpRelay(volPorts.b.repl, { refuse: () => refusing });
-  for (let i = 0; i < 200 && !(addr(volPorts.a.repl) < addr(relay.port) && addr(volPorts.a.repl) < addr(volPorts.b.repl)); i++) volPorts.a.repl = await freePort();
+  const link = await relayedLinkPorts({ refuse: () => refusing });
+  relay = link.relay;
+  for (const id of ['a', 'b'] as const) volPorts[id] = { repl: link[id], admin: await freePort() };
   expect(addr(volPorts.a.repl) < addr(relay.port) && addr(volPorts.a.repl) < addr(volPorts.b.repl)).toBe(true);
   const node = (id: NodeId) => (dir: string) => {
     return {
@@ -67,13 +65,7 @@ afterAll(async () => {
   await relay?.close();
 });
 
-async function volumeStatus(id: NodeId): Promise<VolumeStatus | null> {
-  try {
-    return (await adminCall(`http://127.0.0.1:${volPorts[id].admin}`, 'GET', '/status', undefined, { timeoutMs: 500 })).body as VolumeStatus;
-  } catch {
-    return null;
-  }
-}
+const volumeStatus = (id: NodeId) => volumeStatusAt(`http://127.0.0.1:${volPorts[id].admin}`);
 
 /** A line client for SMTP-style replies (multi-line replies folded to their last line). */
 function lineClient(sock: net.Socket) {

@@ -30,6 +30,15 @@ export interface VolumeNode {
   metrics(): Promise<string>;
 }
 
+/** A volume's status from its admin API at `url`, or null when it does not answer within 500 ms (a node down or starting). */
+export async function volumeStatusAt(url: string): Promise<VolumeStatus | null> {
+  try {
+    return (await adminCall(url, 'GET', '/status', undefined, { timeoutMs: 500 })).body as VolumeStatus;
+  } catch {
+    return null;
+  }
+}
+
 export async function volumePair(
   dir: string,
   opts: { sizeBytes?: number; protocol?: 'A' | 'B' | 'C'; afterSb0Pri?: string; afterSb1Pri?: string; resyncRateBytesPerSec?: number; fencing?: 'dont-care' | 'resource-and-stonith'; start?: Array<'a' | 'b'> } = {},
